@@ -1,0 +1,36 @@
+"""Re-rotate cached keys from (position, RoPE row) to (new position, new RoPE row).
+
+The rotation angle is the difference of the two angles, computed in fp32, and the key is
+rotated once by it: never un-rotated and re-rotated in the cache dtype, which would round
+twice. A change of YaRN attention factor rescales the key by new/old.
+"""
+
+import torch
+
+from .rotary import rotate_by
+
+
+def rerotate_keys_reference(
+    k_cache: torch.Tensor,
+    slots: torch.Tensor,
+    old_positions: torch.Tensor,
+    new_positions: torch.Tensor,
+    old_inv_freq: torch.Tensor,
+    new_inv_freq: torch.Tensor,
+    old_attention_factor: torch.Tensor,
+    new_attention_factor: torch.Tensor,
+) -> None:
+    """k_cache [num_layers, num_blocks, block_size, Hkv, D] (any strides), rotated in place
+    at slots [N] for every layer. Per slot: old/new positions [N], old/new inv_freq [N, D/2],
+    old/new attention_factor [N]."""
+    block_size = k_cache.shape[2]
+    slots = slots.long()
+    blocks, offsets = slots // block_size, slots % block_size
+    old_angles = old_positions.to(torch.float32)[:, None] * old_inv_freq.to(torch.float32)
+    new_angles = new_positions.to(torch.float32)[:, None] * new_inv_freq.to(torch.float32)
+    delta = new_angles - old_angles
+    ratio = (new_attention_factor.to(torch.float32) / old_attention_factor.to(torch.float32))[:, None]
+    cos, sin = torch.cos(delta) * ratio, torch.sin(delta) * ratio
+    for layer in range(k_cache.shape[0]):
+        keys = k_cache[layer, blocks, offsets]
+        k_cache[layer, blocks, offsets] = rotate_by(keys, cos, sin)
