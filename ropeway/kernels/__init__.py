@@ -1,7 +1,8 @@
 """Ops used by the model, each with one signature and two implementations.
 
 Torch reference versions run on CPU and are the ground truth in tests; Triton versions
-run on CUDA tensors. The public functions below pick by the tensors' device.
+run on CUDA tensors. The public functions below pick by the tensors' device, and import
+the Triton modules only then, so a CPU server never imports triton.
 """
 
 from .attention import paged_attention_reference
@@ -11,23 +12,40 @@ from .rotary import apply_rotary_reference
 
 
 def apply_rotary(q, k, positions, seq_index, inv_freq, attention_factor) -> None:
-    apply_rotary_reference(q, k, positions, seq_index, inv_freq, attention_factor)
+    if q.is_cuda:
+        from .triton_rotary import apply_rotary_triton
+        apply_rotary_triton(q, k, positions, seq_index, inv_freq, attention_factor)
+    else:
+        apply_rotary_reference(q, k, positions, seq_index, inv_freq, attention_factor)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+    if k.is_cuda:
+        from .triton_kv_cache import write_kv_triton
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                     max_query_len=None, max_seq_len=None):
+    if q.is_cuda:
+        from .triton_attention import paged_attention_triton
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
+                                      query_start_loc, scale, max_query_len, max_seq_len)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
                                      query_start_loc, scale, max_query_len, max_seq_len)
 
 
 def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
                   old_attention_factor, new_attention_factor) -> None:
-    rerotate_keys_reference(k_cache, slots, old_positions, new_positions, old_inv_freq,
-                            new_inv_freq, old_attention_factor, new_attention_factor)
+    if k_cache.is_cuda:
+        from .triton_rerotate import rerotate_keys_triton
+        rerotate_keys_triton(k_cache, slots, old_positions, new_positions, old_inv_freq,
+                             new_inv_freq, old_attention_factor, new_attention_factor)
+    else:
+        rerotate_keys_reference(k_cache, slots, old_positions, new_positions, old_inv_freq,
+                                new_inv_freq, old_attention_factor, new_attention_factor)
 
 
 __all__ = ["apply_rotary", "write_kv", "paged_attention", "rerotate_keys"]

@@ -1,0 +1,259 @@
+"""Triton paged attention for a flat batch mixing prefill chunks and decodes, in one launch.
+
+Same semantics as attention.paged_attention_reference. The grid is
+(query tile, KV head, KV split):
+- A query tile holds up to BLOCK_Q queries of one sequence times the GROUP query heads that
+  share a KV head, packed as BLOCK_M rows, so every KV tile is read once per KV head for
+  all of them (GQA packing; a decode is one query, so its rows are its group's heads).
+- Tiles are numbered without a device-side prefix sum: sequence s owns tiles from
+  query_start_loc[s] // BLOCK_Q + s, an upper bound on the tiles before it, and a program
+  finds its sequence by binary search. Tiles past a sequence's queries exit at once.
+- With NUM_SPLITS > 1 (flash-decoding) each program covers one slice of the keys and
+  writes a partial output and its log-sum-exp; a second kernel merges the slices. This is
+  what lets a few long decodes fill the GPU.
+- Keys are gathered per token through the block table, so the KV tile (BLOCK_N) is
+  independent of the cache's page size.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2_E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int
+    block_n: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The last sequence whose first tile is <= tile (branch-free binary search)."""
+    lo = tl.zeros((), dtype=tl.int32)
+    hi = lo + num_seqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(first_tile <= tile, mid, lo)
+        hi = tl.where(first_tile <= tile, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr,
+                    kv_head, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+                    scale_log2e, row_limit, kv_stop, dims, dim_mask,
+                    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over keys kv_start..kv_start+BLOCK_N. MASKED tiles also mask
+    keys at or past kv_stop and keys a row may not see (key > row_limit)."""
+    keys = kv_start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        key_valid = keys < kv_stop
+        block = tl.load(block_table_ptr + keys // PAGE_SIZE, mask=key_valid, other=0).to(tl.int64)
+        load_mask = key_valid[:, None] & dim_mask[None, :]
+    else:
+        block = tl.load(block_table_ptr + keys // PAGE_SIZE).to(tl.int64)
+        load_mask = dim_mask[None, :]
+    offset = (keys % PAGE_SIZE)[:, None]
+    k = tl.load(k_cache_ptr + block[:, None] * stride_kb + offset * stride_ko
+                + kv_head * stride_kh + dims[None, :], mask=load_mask, other=0.0)
+    v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset * stride_vo
+                + kv_head * stride_vh + dims[None, :], mask=load_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    if MASKED:
+        visible = (keys[None, :] <= row_limit[:, None]) & key_valid[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A row that sees no key of this slice yet keeps m = -inf; shift by 0 instead so
+        # exp2 gives 0 rather than NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_shift = m_new
+    p = tl.exp2(scores - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _paged_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
+        block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+        scale_log2e, num_seqs, num_tiles,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+        PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Late tiles of a causal prefill have the most keys: start them first.
+    tile = num_tiles - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq = _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    num_queries = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_first = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    if q_first >= num_queries:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - num_queries
+
+    rows = tl.arange(0, BLOCK_M)
+    q_index = q_first + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (rows < BLOCK_Q * GROUP) & (q_index < num_queries)
+    token = (q_start + q_index).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    q_mask = row_valid[:, None] & dim_mask[None, :]
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+                mask=q_mask, other=0.0)
+    row_limit = context_len + q_index
+
+    # Keys this tile needs, this program's slice of them, and the prefix of the slice that
+    # every row sees (no masks there).
+    q_last = tl.minimum(q_first + BLOCK_Q, num_queries) - 1
+    kv_end = context_len + q_last + 1
+    slice_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    kv_lo = split * slice_len
+    kv_hi = tl.minimum(kv_lo + slice_len, kv_end)
+    seen_by_all = tl.minimum(kv_hi, context_len + q_first + 1)
+    unmasked_hi = kv_lo + tl.maximum(seen_by_all - kv_lo, 0) // BLOCK_N * BLOCK_N
+
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for kv_start in range(kv_lo, unmasked_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(
+            acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+            stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+            scale_log2e, row_limit, kv_hi, dims, dim_mask,
+            PAGE_SIZE, BLOCK_N, False, DOT_PRECISION)
+    for kv_start in range(unmasked_hi, kv_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_kv_tile(
+            acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
+            stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
+            scale_log2e, row_limit, kv_hi, dims, dim_mask,
+            PAGE_SIZE, BLOCK_N, True, DOT_PRECISION)
+
+    # l_i is 0 only for a slice with no key a row may see; its partial weighs 0 in the merge.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        partial_row = (token * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
+        tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], out, mask=q_mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+        tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ot, stride_oh,
+                         num_q_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    dim_mask = dims < HEAD_DIM
+    row = (token * num_q_heads + head) * NUM_SPLITS + splits
+    lse = tl.load(partial_lse_ptr + row)
+    weight = tl.exp2(lse - tl.max(lse, 0))
+    part = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+                   mask=dim_mask[None, :], other=0.0)
+    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dim_mask)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def choose_config(q: torch.Tensor, num_kv_heads: int, num_seqs: int, max_query_len: int,
+                  max_seq_len: int) -> AttentionConfig:
+    """Tiles and KV splits from host-side sizes only (no device sync).
+
+    Decode-only batches use 16-row tiles (a GQA group padded to the smallest tensor-core
+    tile) and split the keys until the grid covers the GPU a few times over; batches with
+    prefill chunks use 128-row tiles and no splits, since their query tiles fill it."""
+    group = q.shape[1] // num_kv_heads
+    if max_query_len * group <= 16:
+        block_m = max(16, triton.next_power_of_2(group))
+        block_n = 64
+        tiles = num_seqs * num_kv_heads
+        target = 4 * _sm_count(q.device)
+        num_splits = 1
+        # Each slice keeps at least 512 keys so the merge stays cheap next to the reads.
+        while tiles * num_splits < target and num_splits * 1024 <= max_seq_len:
+            num_splits *= 2
+        return AttentionConfig(block_m, block_n, num_splits, num_warps=4, num_stages=3)
+    block_m = max(128, triton.next_power_of_2(group))
+    return AttentionConfig(block_m, block_n=64, num_splits=1, num_warps=8, num_stages=3)
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           query_start_loc: torch.Tensor, scale: float,
+                           max_query_len: int | None = None, max_seq_len: int | None = None,
+                           config: AttentionConfig | None = None) -> torch.Tensor:
+    """See attention.paged_attention_reference. Without the hints, the grid is sized from
+    shapes (all tokens in one sequence; the block table's full capacity)."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_seqs = block_tables.shape[0]
+    out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    if max_query_len is None:
+        max_query_len = num_tokens
+    if max_seq_len is None:
+        max_seq_len = block_tables.shape[1] * page_size
+    if config is None:
+        config = choose_config(q, num_kv_heads, num_seqs, max_query_len, max_seq_len)
+    group = num_q_heads // num_kv_heads
+    block_q = config.block_m // group
+    num_tiles = min(num_tokens // block_q + num_seqs,
+                    num_seqs * triton.cdiv(max_query_len, block_q))
+    if config.num_splits > 1:
+        partial_out = torch.empty((num_tokens, num_q_heads, config.num_splits, head_dim),
+                                  dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((num_tokens, num_q_heads, config.num_splits),
+                                  dtype=torch.float32, device=q.device)
+    else:
+        partial_out = partial_lse = out
+    block_d = triton.next_power_of_2(head_dim)
+    _paged_attention_kernel[(num_tiles, num_kv_heads, config.num_splits)](
+        q, k_cache, v_cache, out, partial_out, partial_lse,
+        block_tables, seq_lens, query_start_loc,
+        scale * LOG2_E, num_seqs, num_tiles,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
+        PAGE_SIZE=page_size, NUM_SPLITS=config.num_splits,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if config.num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_q_heads)](
+            partial_out, partial_lse, out, out.stride(0), out.stride(1), num_q_heads,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=config.num_splits, num_warps=4)
+    return out

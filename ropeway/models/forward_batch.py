@@ -1,0 +1,21 @@
+"""The flat batch one model step runs on: tokens of many sequences, no padding."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor        # [T] token ids of every scheduled token, sequence after sequence
+    positions: torch.Tensor        # [T] each token's RoPE position
+    seq_index: torch.Tensor        # [T] the sequence (row) each token belongs to
+    slot_mapping: torch.Tensor     # [T] cache slot each token's K/V is written to
+    query_start_loc: torch.Tensor  # [S+1] where each sequence's tokens start in the flat batch
+    seq_lens: torch.Tensor         # [S] tokens in each sequence's cache after this step
+    block_tables: torch.Tensor     # [S, max_blocks] int32 block ids
+    inv_freq: torch.Tensor         # [S, head_dim/2] fp32: each sequence's RoPE row
+    attention_factor: torch.Tensor # [S] fp32: YaRN's cos/sin scale, 1.0 otherwise
+    logits_indices: torch.Tensor   # [R] tokens whose next-token logits are needed
+    max_query_len: int
+    max_seq_len: int
