@@ -1,0 +1,128 @@
+"""Triton kernels against the torch reference, on CPU under TRITON_INTERPRET=1 (conftest).
+
+Grids stay at tens of programs: each costs about a millisecond in the interpreter.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernel_cases import paged_case, rope_rows  # noqa: E402
+from ropeway.kernels.attention import paged_attention_reference  # noqa: E402
+from ropeway.kernels.kv_cache import write_kv_reference  # noqa: E402
+from ropeway.kernels.rerotate import rerotate_keys_reference  # noqa: E402
+from ropeway.kernels.rotary import apply_rotary_reference  # noqa: E402
+from ropeway.kernels.triton_attention import AttentionConfig, paged_attention_triton  # noqa: E402
+from ropeway.kernels.triton_kv_cache import write_kv_triton  # noqa: E402
+from ropeway.kernels.triton_rerotate import rerotate_keys_triton  # noqa: E402
+from ropeway.kernels.triton_rotary import apply_rotary_triton  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def assert_close(actual, expected, dtype):
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_mixes_rope_rows_on_strided_views(dtype):
+    gen = torch.Generator().manual_seed(0)
+    num_tokens, num_q_heads, num_kv_heads, head_dim = 12, 9, 3, 64
+    inv_freq, factors = rope_rows(3, head_dim, "cpu", gen)
+    # q and k are views into one fused projection output, as the model produces them.
+    qkv = torch.randn(num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
+    q = qkv[:, :num_q_heads * head_dim].view(num_tokens, num_q_heads, head_dim)
+    k = qkv[:, num_q_heads * head_dim:(num_q_heads + num_kv_heads) * head_dim].view(
+        num_tokens, num_kv_heads, head_dim)
+    positions = torch.randint(0, 5000, (num_tokens,), generator=gen)
+    seq_index = torch.tensor([0] * 5 + [2] * 4 + [1] * 3, dtype=torch.int32)
+    q_ref, k_ref = q.clone(), k.clone()
+    apply_rotary_reference(q_ref, k_ref, positions, seq_index, inv_freq, factors)
+    apply_rotary_triton(q, k, positions, seq_index, inv_freq, factors)
+    assert_close(q, q_ref, dtype)
+    assert_close(k, k_ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_scatters_by_slot_and_skips_padding(dtype):
+    gen = torch.Generator().manual_seed(1)
+    num_blocks, page_size, num_kv_heads, head_dim = 6, 16, 3, 64
+    kv = torch.randn(10, 2, num_kv_heads, head_dim, generator=gen).to(dtype)
+    k, v = kv[:, 0], kv[:, 1]
+    slot_mapping = torch.randperm(num_blocks * page_size, generator=gen)[:10]
+    slot_mapping[4] = -1
+    caches = [torch.randn(num_blocks, page_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+              for _ in range(2)]
+    k_ref, v_ref = caches[0].clone(), caches[1].clone()
+    write_kv_reference(k, v, k_ref, v_ref, slot_mapping)
+    write_kv_triton(k, v, caches[0], caches[1], slot_mapping)
+    assert torch.equal(caches[0], k_ref)
+    assert torch.equal(caches[1], v_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rerotate_moves_keys_across_rope_rows_in_every_layer(dtype):
+    gen = torch.Generator().manual_seed(2)
+    num_layers, num_blocks, page_size, num_kv_heads, head_dim = 2, 5, 16, 3, 64
+    # k_cache is the key half of a [layers, 2, ...] KV tensor: not contiguous.
+    kv = torch.randn(num_layers, 2, num_blocks, page_size, num_kv_heads, head_dim, generator=gen)
+    k_cache = kv.to(dtype)[:, 0]
+    slots = torch.randperm(num_blocks * page_size, generator=gen)[:7]
+    old_positions = torch.randint(0, 20000, (7,), generator=gen)
+    new_positions = old_positions - torch.randint(0, 4000, (7,), generator=gen)
+    old_inv_freq, old_factors = rope_rows(7, head_dim, "cpu", gen)
+    new_inv_freq, new_factors = rope_rows(7, head_dim, "cpu", gen)
+    expected = k_cache.clone()
+    rerotate_keys_reference(expected, slots, old_positions, new_positions, old_inv_freq,
+                            new_inv_freq, old_factors, new_factors)
+    rerotate_keys_triton(k_cache, slots, old_positions, new_positions, old_inv_freq,
+                         new_inv_freq, old_factors, new_factors)
+    assert_close(k_cache, expected, dtype)
+
+
+# (seq_len, query_len) per sequence: a full prefill, a chunk after a cached prefix, decodes
+# with partial and exactly full last blocks, and a sequence with no queries this step.
+MIXED = [(37, 37), (50, 13), (29, 1), (32, 1), (20, 0)]
+DECODES = [(70, 1), (5, 1), (131, 1)]
+
+ATTENTION_CASES = [
+    # (name, sequences, q heads, kv heads, head dim, page size, config or None for default)
+    ("mixed-default", MIXED, 4, 1, 64, 16, None),
+    ("mixed-gqa3-small-tiles", MIXED, 6, 2, 64, 16, AttentionConfig(16, 16, 1, 4, 1)),
+    ("mixed-gqa1-split", MIXED, 2, 2, 64, 32, AttentionConfig(16, 32, 2, 4, 1)),
+    ("decode-gqa4-split", DECODES, 8, 2, 128, 16, AttentionConfig(16, 16, 4, 4, 1)),
+    ("decode-gqa3-default", DECODES, 6, 2, 64, 64, None),
+    ("one-sequence-chunk-split", [(45, 20)], 4, 1, 64, 16, AttentionConfig(32, 16, 2, 4, 1)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,sequences,num_q_heads,num_kv_heads,head_dim,page_size,config",
+                         ATTENTION_CASES, ids=[case[0] for case in ATTENTION_CASES])
+def test_paged_attention_matches_reference(dtype, name, sequences, num_q_heads, num_kv_heads,
+                                           head_dim, page_size, config):
+    gen = torch.Generator().manual_seed(3)
+    seq_lens = [s for s, _ in sequences]
+    query_lens = [n for _, n in sequences]
+    case = paged_case(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page_size,
+                      dtype, "cpu", gen)
+    out = paged_attention_triton(**case, max_query_len=max(query_lens),
+                                 max_seq_len=max(seq_lens), config=config)
+    fp32_case = {key: value.float() if value.is_floating_point() else value
+                 for key, value in case.items() if key != "scale"}
+    expected = paged_attention_reference(**fp32_case, scale=case["scale"])
+    assert_close(out, expected, dtype)
+
+
+def test_cpu_dispatch_never_imports_triton():
+    code = ("import sys, torch; from ropeway import kernels; "
+            "q = torch.randn(1, 1, 4); kernels.apply_rotary(q, q.clone(), torch.zeros(1), "
+            "torch.zeros(1, dtype=torch.int32), torch.ones(1, 2), torch.ones(1)); "
+            "assert 'triton' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
