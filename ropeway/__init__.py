@@ -1,0 +1,9 @@
+"""ropeway: a long-context LLM inference server."""
+
+from .config import EngineConfig
+from .engine import LLM, LLMEngine
+from .outputs import CompletionOutput, RequestOutput
+from .sampling_params import InvalidParameter, SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "InvalidParameter",
+           "RequestOutput", "CompletionOutput"]

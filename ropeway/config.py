@@ -1,0 +1,46 @@
+"""Engine configuration: one frozen dataclass, built from CLI flags or keyword arguments."""
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None              # GGUF file or HF directory; None: the built-in default
+    dtype: str = "auto"                   # float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA)
+    device: str = "auto"                  # cpu | cuda | auto
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None  # KV pool size; default 1 GiB on CPU
+    gpu_memory_utilization: float = 0.9   # on CUDA without a byte budget: this fraction of free memory
+    max_model_len: int | None = None      # default: the model's trained context (capped by the pool)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    prefill_chunk_size: int | None = None  # default: the whole token budget
+    enable_prefix_caching: bool = True
+    seed: int = 0                         # seeds the streams of requests that give no seed
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
+        if self.block_size not in (8, 16, 32, 64, 128, 256):
+            raise ValueError("block_size must be a power of two from 8 to 256")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be at least max_num_seqs, "
+                             "so every running sequence can decode each step")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]

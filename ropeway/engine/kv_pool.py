@@ -1,0 +1,50 @@
+"""Sizing and allocating the paged KV pool from a memory budget."""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ropeway.models import ModelConfig
+
+log = logging.getLogger("ropeway")
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class KVPoolShape:
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+
+def plan_kv_pool(model: ModelConfig, dtype: torch.dtype, device: torch.device, block_size: int,
+                 budget_bytes: int | None, gpu_memory_utilization: float) -> KVPoolShape:
+    element = torch.tensor([], dtype=dtype).element_size()
+    bytes_per_block = block_size * model.kv_bytes_per_token_per_dtype_byte * element
+    if budget_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget_bytes = int(free * gpu_memory_utilization)
+        else:
+            budget_bytes = DEFAULT_CPU_KV_BYTES
+    num_blocks = budget_bytes // bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(f"a KV budget of {budget_bytes} bytes holds no block of {bytes_per_block} bytes")
+    return KVPoolShape(num_blocks, block_size, bytes_per_block)
+
+
+def allocate_kv_cache(model: ModelConfig, shape: KVPoolShape, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]."""
+    return torch.zeros(model.num_layers, 2, shape.num_blocks, shape.block_size, model.num_kv_heads,
+                       model.head_dim, dtype=dtype, device=device)

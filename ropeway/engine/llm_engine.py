@@ -1,0 +1,211 @@
+"""The synchronous engine: requests in, one scheduler step and one model step at a time."""
+
+import itertools
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ropeway.config import EngineConfig
+from ropeway.models import LlamaModel, load_model_files
+from ropeway.outputs import RequestOutput, TokenLogprob
+from ropeway.sampling_params import InvalidParameter, SamplingParams
+from ropeway.scheduler import BlockManager, Scheduler, SchedulerConfig, Sequence, model_rope_plan
+
+from .detokenizer import IncrementalDetokenizer
+from .kv_pool import allocate_kv_cache, plan_kv_pool
+from .model_runner import ModelRunner
+from .request_state import ChoiceState, RequestState
+from .sampler import SamplingRow, sample
+
+log = logging.getLogger("ropeway")
+
+_SEED_MASK = (1 << 63) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+@dataclass
+class EngineCounters:
+    """Monotonic totals since start-up (the server exports them as Prometheus counters)."""
+    prompt_tokens: int = 0       # prompt tokens of admitted requests
+    generation_tokens: int = 0   # sampled tokens
+    steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        started = time.perf_counter()
+        model_config, weights, self.tokenizer = load_model_files(config.model, self.dtype)
+        self.model_config = model_config
+        self.model = LlamaModel(model_config, weights, self.device)
+        del weights
+        self.pool = plan_kv_pool(model_config, self.dtype, self.device, config.block_size,
+                                 config.kv_cache_memory_bytes, config.gpu_memory_utilization)
+        wanted_len = config.max_model_len or model_config.max_position_embeddings
+        # One sequence must always fit in the pool on its own, or preemption could not help it.
+        self.max_model_len = min(wanted_len, self.pool.num_tokens)
+        if self.max_model_len < wanted_len:
+            log.warning("max_model_len lowered from %d to %d tokens: the KV pool holds no more",
+                        wanted_len, self.max_model_len)
+        self.kv_cache = allocate_kv_cache(model_config, self.pool, self.dtype, self.device)
+        self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
+        budget = config.max_num_batched_tokens
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
+                            prefill_chunk_size=min(config.prefill_chunk_size or budget, budget)),
+            self.block_manager,
+        )
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
+        self.default_rope_plan = model_rope_plan(model_config.rope_theta, model_config.head_dim)
+        self.requests: dict[str, RequestState] = {}
+        self.counters = EngineCounters()
+        self._arrivals = itertools.count()
+        self._seq_ids = itertools.count()
+        self._seed_source = random.Random(config.seed)
+        log.info("model %s (%s, %d layers) on %s in %s, loaded in %.1f s", model_config.name,
+                 model_config.architecture, model_config.num_layers, self.device,
+                 str(self.dtype).removeprefix("torch."), time.perf_counter() - started)
+        log.info("KV pool: %d blocks of %d tokens = %d tokens, %.1f MiB; max_model_len %d",
+                 self.pool.num_blocks, self.pool.block_size, self.pool.num_tokens,
+                 self.pool.num_bytes / 2**20, self.max_model_len)
+
+    # ----- requests -----
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "prompt") -> None:
+        """Refuse what cannot fit in the context limit, with the message OpenAI clients expect."""
+        if num_prompt_tokens == 0:
+            raise InvalidParameter(param, "the prompt is empty")
+        requested = num_prompt_tokens + (max_tokens or 1)
+        if requested > self.max_model_len:
+            detail = (f" ({num_prompt_tokens} in the prompt, {max_tokens} in the completion)"
+                      if max_tokens else "")
+            raise InvalidParameter(param, f"This model's maximum context length is {self.max_model_len} tokens; "
+                                          f"your request has {requested}{detail}. Shorten the prompt or max_tokens.")
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+            vocab = self.model_config.vocab_size
+            if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+                raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
+        self.check_length(len(token_ids), params.max_tokens)
+        max_total = min(len(token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        arrival = next(self._arrivals)
+        choices = []
+        for index in range(params.n):
+            seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, choice_index=index,
+                           prompt_token_ids=token_ids, rope_plan=self.default_rope_plan,
+                           arrival=arrival, max_total_tokens=max_total)
+            choices.append(ChoiceState(
+                seq=seq,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.stop,
+                                                   params.include_stop_str_in_output, params.skip_special_tokens),
+                seed=self._choice_seed(params.seed, index),
+                logprobs=[] if params.logprobs is not None else None,
+            ))
+        self.requests[request_id] = RequestState(request_id, text, token_ids, params, choices)
+        self.scheduler.add([c.seq for c in choices])
+        self.counters.prompt_tokens += len(token_ids)
+
+    def _choice_seed(self, seed: int | None, index: int) -> int:
+        if seed is None:
+            return self._seed_source.getrandbits(63)
+        return (seed + index * _GOLDEN) & _SEED_MASK
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks now; returns its last output (finish_reason 'abort')."""
+        state = self.requests.pop(request_id, None)
+        if state is None:
+            return None
+        for choice in state.choices:
+            if choice.finish_reason is None:
+                choice.finish_reason = "abort"
+                self.scheduler.finish(choice.seq)
+        return state.make_output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ----- one step -----
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that progressed."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        now = time.monotonic()
+        for item in plan.scheduled:
+            metrics = self.requests[item.seq.request_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
+        samplers = [item.seq for item in plan.scheduled if item.samples]
+        logits = self.runner.execute(plan)
+        self.scheduler.update_after_step(plan)
+        self.counters.steps += 1
+        if not samplers:
+            return []
+        choices = [self._choice_of(seq) for seq in samplers]
+        rows = [SamplingRow(self.requests[s.request_id].params, c.seed, s.prompt_token_ids, s.output_token_ids)
+                for s, c in zip(samplers, choices)]
+        result = sample(logits, rows)
+        now = time.monotonic()
+        touched: dict[str, RequestState] = {}
+        for row, (seq, choice) in enumerate(zip(samplers, choices)):
+            state = self.requests[seq.request_id]
+            self._accept_token(state, choice, result.token_ids[row], result, row)
+            if state.metrics.first_token_time is None:
+                state.metrics.first_token_time = now
+            state.metrics.last_token_time = now
+            touched[state.request_id] = state
+        self.counters.generation_tokens += len(samplers)
+        outputs = []
+        for state in touched.values():
+            if state.finished:
+                state.metrics.finished_time = now
+                del self.requests[state.request_id]
+            outputs.append(state.make_output())
+        return outputs
+
+    def _choice_of(self, seq: Sequence) -> ChoiceState:
+        return self.requests[seq.request_id].choices[seq.choice_index]
+
+    def _accept_token(self, state: RequestState, choice: ChoiceState, token: int, result, row: int) -> None:
+        params, seq = state.params, choice.seq
+        seq.token_ids.append(token)
+        if choice.logprobs is not None:
+            text = self.tokenizer.token_to_text
+            top = [(t, text(t), lp) for t, lp in zip(result.top_token_ids[row][: params.logprobs],
+                                                      result.top_logprobs[row][: params.logprobs])]
+            choice.logprobs.append(TokenLogprob(token, text(token), result.logprobs[row], top))
+            choice.cumulative_logprob += result.logprobs[row]
+        if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+            choice.finish_reason = "stop"
+        elif token in params.stop_token_ids:
+            choice.finish_reason, choice.stop_reason = "stop", token
+        else:
+            choice.detokenizer.append(token)
+            if choice.detokenizer.stop_reason is not None:
+                choice.finish_reason, choice.stop_reason = "stop", choice.detokenizer.stop_reason
+        if choice.finish_reason is None and seq.num_tokens >= seq.max_total_tokens:
+            choice.finish_reason = "length"
+        if choice.finish_reason is not None:
+            self.scheduler.finish(seq)
+
+    # ----- introspection for metrics and tests -----
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting

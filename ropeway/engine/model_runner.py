@@ -1,0 +1,68 @@
+"""Turns a scheduler step into one flat model batch and runs it."""
+
+import numpy as np
+import torch
+
+from ropeway.models import ForwardBatch, LlamaModel
+from ropeway.scheduler import RopePlan, SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.device = model.device
+        self._rope_rows: dict[RopePlan, torch.Tensor] = {}
+
+    def rope_row(self, plan: RopePlan) -> torch.Tensor:
+        row = self._rope_rows.get(plan)
+        if row is None:
+            row = self._rope_rows[plan] = plan.inv_freq()
+        return row
+
+    def build_batch(self, step: SchedulerOutput) -> ForwardBatch:
+        items = step.scheduled
+        num_new = np.array([i.num_new_tokens for i in items], dtype=np.int64)
+        computed = np.array([i.seq.num_computed_tokens for i in items], dtype=np.int64)
+        seq_lens = computed + num_new
+        query_start = np.zeros(len(items) + 1, dtype=np.int64)
+        np.cumsum(num_new, out=query_start[1:])
+        total = int(query_start[-1])
+
+        input_ids = np.empty(total, dtype=np.int64)
+        for i, item in enumerate(items):
+            input_ids[query_start[i] : query_start[i + 1]] = item.seq.token_ids[computed[i] : seq_lens[i]]
+        seq_index = np.repeat(np.arange(len(items)), num_new)
+        # Position of each token: its sequence's computed count plus its offset in the chunk.
+        positions = computed[seq_index] + (np.arange(total) - query_start[:-1][seq_index])
+
+        max_blocks = max(len(i.seq.block_table) for i in items)
+        block_tables = np.zeros((len(items), max_blocks), dtype=np.int32)
+        for i, item in enumerate(items):
+            block_tables[i, : len(item.seq.block_table)] = item.seq.block_table
+        slot_mapping = (block_tables[seq_index, positions // self.block_size].astype(np.int64)
+                        * self.block_size + positions % self.block_size)
+        samples = np.array([i.samples for i in items], dtype=bool)
+        logits_indices = (query_start[1:] - 1)[samples]
+
+        to = lambda a, dtype=torch.int64: torch.from_numpy(a).to(device=self.device, dtype=dtype)
+        return ForwardBatch(
+            input_ids=to(input_ids),
+            positions=to(positions),
+            seq_index=to(seq_index, torch.int32),
+            slot_mapping=to(slot_mapping),
+            query_start_loc=to(query_start, torch.int32),
+            seq_lens=to(seq_lens, torch.int32),
+            block_tables=to(block_tables, torch.int32),
+            inv_freq=torch.stack([self.rope_row(i.seq.rope_plan) for i in items]).to(self.device),
+            attention_factor=torch.tensor([i.seq.rope_plan.attention_factor for i in items],
+                                          dtype=torch.float32, device=self.device),
+            logits_indices=to(logits_indices),
+            max_query_len=int(num_new.max()),
+            max_seq_len=int(seq_lens.max()),
+        )
+
+    def execute(self, step: SchedulerOutput) -> torch.Tensor:
+        """Logits [number of sampling sequences, vocab], in the order they were scheduled."""
+        return self.model.forward(self.build_batch(step), self.kv_cache)

@@ -1,0 +1,127 @@
+"""Paged KV blocks: a free list, reference counts, and prefix caching by content hash.
+
+A full block's hash chains its parent's hash, its tokens and the RoPE plan's key, so a hit
+means the whole prefix up to and including that block is identical and was computed under
+the same plan. Freed blocks keep their hash and stay findable until the pool reuses them,
+least recently freed first.
+"""
+
+import hashlib
+from array import array
+from collections import OrderedDict
+
+from .sequence import Sequence
+
+
+def block_hash(parent: bytes, tokens: list[int], plan_key: bytes) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(parent)
+    digest.update(plan_key)
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.hash_of_block: list[bytes | None] = [None] * num_blocks
+        self.block_of_hash: dict[bytes, int] = {}
+        # Insertion order is reuse order: the front is the least recently freed block.
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0     # of those, tokens found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_blocks)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ----- prefix cache -----
+
+    def full_block_hashes(self, seq: Sequence, num_tokens: int) -> list[bytes]:
+        """Chained hashes of the full blocks among the first num_tokens tokens of seq,
+        extended incrementally: full blocks never change."""
+        hashes = seq.block_hashes
+        key = seq.rope_plan.cache_key
+        for start in range(len(hashes) * self.block_size, num_tokens - self.block_size + 1, self.block_size):
+            parent = hashes[-1] if hashes else b""
+            hashes.append(block_hash(parent, seq.token_ids[start : start + self.block_size], key))
+        return hashes[: num_tokens // self.block_size]
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks holding the longest cached prefix of seq. At least one token is left to
+        compute, since its logits are what the step is for."""
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for h in self.full_block_hashes(seq, seq.num_tokens - 1):
+            block = self.block_of_hash.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.prefix_queries += num_tokens
+        self.prefix_hits += num_hit_tokens
+
+    def register_full_blocks(self, seq: Sequence) -> None:
+        """Make seq's blocks that are full of computed tokens findable by later requests."""
+        if not self.enable_prefix_caching:
+            return
+        hashes = self.full_block_hashes(seq, seq.num_computed_tokens)
+        for block, h in zip(seq.block_table, hashes):
+            if self.hash_of_block[block] is None and h not in self.block_of_hash:
+                self.hash_of_block[block] = h
+                self.block_of_hash[h] = block
+
+    # ----- allocation -----
+
+    def blocks_to_grow(self, seq: Sequence, num_new_tokens: int) -> int:
+        """New blocks seq needs to hold num_computed + num_new tokens."""
+        return max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
+
+    def can_admit(self, cached: list[int], num_new_tokens: int) -> bool:
+        """Whether a waiting sequence fits: its cached prefix blocks (taken out of the free
+        list if nobody holds them) plus fresh blocks for num_new_tokens after that prefix."""
+        revived = sum(1 for b in cached if self.ref_counts[b] == 0)
+        fresh = self.blocks_needed(len(cached) * self.block_size + num_new_tokens) - len(cached)
+        return fresh + revived <= len(self.free_blocks)
+
+    def take_cached(self, seq: Sequence, cached: list[int]) -> None:
+        """Give seq the cached prefix blocks (shared, no copies)."""
+        for block in cached:
+            if self.ref_counts[block] == 0:
+                del self.free_blocks[block]
+            self.ref_counts[block] += 1
+        seq.block_table = list(cached)
+        seq.num_computed_tokens = len(cached) * self.block_size
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Grow seq's block table to hold num_computed + num_new tokens."""
+        for _ in range(self.blocks_to_grow(seq, num_new_tokens)):
+            block, _ = self.free_blocks.popitem(last=False)
+            old_hash = self.hash_of_block[block]
+            if old_hash is not None:
+                del self.block_of_hash[old_hash]
+                self.hash_of_block[block] = None
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+
+    def free(self, seq: Sequence) -> None:
+        # Tail blocks first, so a shared prefix outlives the suffixes in the LRU order.
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0

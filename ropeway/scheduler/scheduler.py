@@ -1,0 +1,170 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+Each step spends a token budget: running sequences first (a decode costs one token, an
+unfinished prompt one chunk), then waiting sequences in arrival order. A long prompt
+therefore delays running decodes by at most one chunk. When blocks run out, the newest
+running sequence is preempted: its blocks are freed and it waits at the front of the
+queue to be recomputed (often mostly from the prefix cache). Admission is strictly
+first-come first-served, so nobody starves.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    prefill_chunk_size: int = 512
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_chunk_size < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and prefill_chunk_size must be >= 1")
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step computes the sequence's last token, so its logits give the next one."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        # Choices 2..n of a request wait here until choice 1 has computed the prompt, then
+        # find it in the prefix cache instead of computing it again.
+        self.held_siblings: dict[int, list[Sequence]] = {}
+        self.num_preemptions = 0
+
+    # ----- queue management -----
+
+    def add(self, seqs: list[Sequence]) -> None:
+        """Queue the choices of one request; all but the first wait for the shared prompt."""
+        first, rest = seqs[0], seqs[1:]
+        self.waiting.append(first)
+        if rest:
+            if self.block_manager.enable_prefix_caching:
+                self.held_siblings[first.seq_id] = rest
+            else:
+                self.waiting.extend(rest)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence that finished or was aborted, and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release_siblings(seq)
+        for group in self.held_siblings.values():
+            if seq in group:
+                group.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or self.num_waiting > 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(len(g) for g in self.held_siblings.values())
+
+    # ----- one step -----
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed_tokens, self.config.prefill_chunk_size, budget)
+            while bm.blocks_to_grow(seq, n) > bm.num_free_blocks:
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                for item in [i for i in out.scheduled if i.seq is victim]:
+                    out.scheduled.remove(item)
+                    budget += item.num_new_tokens
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            bm.allocate(seq, n)
+            out.scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+
+        # A step that had to preempt admits nobody: the pool is already over-committed.
+        while (self.waiting and budget > 0 and not out.preempted
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            cached = bm.find_cached_prefix(seq)
+            n = min(seq.num_tokens - len(cached) * bm.block_size, self.config.prefill_chunk_size, budget)
+            if not bm.can_admit(cached, n):
+                break
+            self.waiting.popleft()
+            bm.take_cached(seq, cached)
+            bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt_tokens = seq.num_computed_tokens
+            bm.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSequence(seq, n))
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        # Back in arrival order among the waiting, ahead of anything that came later.
+        position = 0
+        while position < len(self.waiting) and self.waiting[position].arrival < seq.arrival:
+            position += 1
+        self.waiting.insert(position, seq)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Account the computed tokens (call before appending sampled tokens)."""
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.register_full_blocks(seq)
+            if seq.prompt_done:
+                self._release_siblings(seq)
+
+    def _release_siblings(self, seq: Sequence) -> None:
+        siblings = self.held_siblings.pop(seq.seq_id, None)
+        if siblings:
+            for sibling in reversed(siblings):
+                self.waiting.appendleft(sibling)

@@ -1,0 +1,109 @@
+"""Triton kernels in bf16 on CUDA against an fp64 reference, on fresh random inputs.
+
+Skipped without CUDA. Also runs as `python tests/test_kernels_gpu.py` on a machine with
+pytest installed. Errors are ||out - ref|| / ||ref||; bf16 keeps 8 bits of mantissa, so
+rounding alone gives a few 1e-3.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from kernel_cases import paged_case, rope_rows
+from ropeway.kernels import apply_rotary, paged_attention, rerotate_keys, write_kv
+from ropeway.kernels.attention import paged_attention_reference
+from ropeway.kernels.rerotate import rerotate_keys_reference
+from ropeway.kernels.rotary import apply_rotary_reference
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+BF16_ROUNDING = 5e-3
+ATTENTION_ERROR = 1e-2
+
+
+def relative_error(out, ref):
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_rotary_bf16_with_long_positions():
+    num_tokens, num_q_heads, num_kv_heads, head_dim = 600, 32, 8, 128
+    inv_freq, factors = rope_rows(4, head_dim, "cuda")
+    q = torch.randn(num_tokens, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    # Positions up to 128k: the angle's range reduction must be exact, not approximate.
+    positions = torch.randint(0, 131072, (num_tokens,), device="cuda")
+    seq_index = torch.randint(0, 4, (num_tokens,), device="cuda", dtype=torch.int32)
+    q_ref, k_ref = q.double(), k.double()
+    # The specified function: fp32 angles, then exact trigonometry.
+    apply_rotary_reference(q_ref, k_ref, positions, seq_index, inv_freq.double(), factors.double())
+    apply_rotary(q, k, positions, seq_index, inv_freq, factors)
+    assert relative_error(q, q_ref) < BF16_ROUNDING
+    assert relative_error(k, k_ref) < BF16_ROUNDING
+
+
+def test_write_kv_bf16_is_exact():
+    num_blocks, page_size, num_kv_heads, head_dim = 64, 16, 8, 128
+    k = torch.randn(500, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    slot_mapping = torch.randperm(num_blocks * page_size, device="cuda")[:500]
+    slot_mapping[::7] = -1
+    k_cache = torch.randn(num_blocks, page_size, num_kv_heads, head_dim, device="cuda",
+                          dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    keep = slot_mapping >= 0
+    k_ref.view(-1, num_kv_heads, head_dim)[slot_mapping[keep]] = k[keep]
+    v_ref.view(-1, num_kv_heads, head_dim)[slot_mapping[keep]] = v[keep]
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+def test_rerotate_bf16_by_fp32_angle_difference():
+    num_layers, num_blocks, page_size, num_kv_heads, head_dim = 4, 32, 16, 8, 128
+    k_cache = torch.randn(num_layers, num_blocks, page_size, num_kv_heads, head_dim, device="cuda",
+                          dtype=torch.bfloat16)
+    n = 300
+    slots = torch.randperm(num_blocks * page_size, device="cuda")[:n]
+    old_positions = torch.randint(0, 131072, (n,), device="cuda")
+    new_positions = old_positions - torch.randint(0, 30000, (n,), device="cuda")
+    old_inv_freq, old_factors = rope_rows(n, head_dim, "cuda")
+    new_inv_freq, new_factors = rope_rows(n, head_dim, "cuda")
+    expected = k_cache.double()
+    rerotate_keys_reference(expected, slots, old_positions, new_positions, old_inv_freq,
+                            new_inv_freq, old_factors.double(), new_factors.double())
+    rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
+                  old_factors, new_factors)
+    assert relative_error(k_cache, expected) < BF16_ROUNDING
+
+
+ATTENTION_CASES = [
+    # (sequences as (seq_len, query_len), q heads, kv heads, head dim, page size)
+    ([(1000, 1000), (2100, 300), (517, 1), (4096, 1), (33, 0), (77, 77)], 32, 8, 128, 16),
+    ([(700, 200), (1500, 1), (64, 1), (300, 300)], 9, 3, 64, 64),
+    ([(3000, 1), (45, 1), (1025, 1), (16, 1)], 8, 8, 128, 256),
+    ([(20000, 1)], 32, 8, 128, 16),
+    ([(5000, 5000)], 16, 4, 64, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("sequences,num_q_heads,num_kv_heads,head_dim,page_size", ATTENTION_CASES)
+def test_paged_attention_against_fp64(dtype, sequences, num_q_heads, num_kv_heads, head_dim,
+                                      page_size):
+    seq_lens = [s for s, _ in sequences]
+    query_lens = [n for _, n in sequences]
+    case = paged_case(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page_size,
+                      dtype, "cuda")
+    out = paged_attention(**case, max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+    fp64_case = {key: value.double() if value.is_floating_point() else value
+                 for key, value in case.items() if key != "scale"}
+    expected = paged_attention_reference(**fp64_case, scale=case["scale"])
+    assert relative_error(out, expected) < ATTENTION_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
