@@ -1,0 +1,149 @@
+"""The engine loop on its own thread, with an asyncio stream of outputs per request.
+
+The HTTP side never waits on the model: it posts commands (add, abort) to a thread-safe
+queue and reads outputs from per-request asyncio queues that the loop thread fills with
+`call_soon_threadsafe`. Aborts are applied before the next step, so an abandoned
+request's blocks are free within one engine step.
+"""
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ropeway.outputs import RequestOutput
+from ropeway.sampling_params import SamplingParams
+
+from .llm_engine import LLMEngine
+
+log = logging.getLogger("ropeway")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; no request can be served."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ropeway-engine", daemon=True)
+        self.error: BaseException | None = None
+        # Called on the loop thread after each step (metrics); must be quick.
+        self.step_listeners: list = []
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        self._stopping.set()
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    # ----- the caller's side (any event loop) -----
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield outputs until the request finishes. Leaving the iteration early (a client that
+        went away, a cancelled task) aborts the request."""
+        if not self.is_alive:
+            raise EngineDeadError("the engine loop is not running")
+        request_id = request_id or self.new_request_id()
+        sink: asyncio.Queue = asyncio.Queue()
+        self._commands.put(_Add(request_id, prompt, params, sink, asyncio.get_running_loop()))
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    # ----- the loop thread -----
+
+    def _deliver(self, request_id: str, item) -> None:
+        target = self._sinks.get(request_id)
+        if target is None:
+            return
+        sink, loop = target
+        try:
+            loop.call_soon_threadsafe(sink.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening
+            self._sinks.pop(request_id, None)
+
+    def _apply(self, command) -> None:
+        if isinstance(command, _Add):
+            self._sinks[command.request_id] = (command.sink, command.loop)
+            try:
+                self.engine.add_request(command.request_id, command.prompt, command.params)
+            except Exception as error:  # a bad request fails alone, the loop goes on
+                self._deliver(command.request_id, error)
+                self._sinks.pop(command.request_id, None)
+        elif isinstance(command, _Abort):
+            self.engine.abort_request(command.request_id)
+            self._sinks.pop(command.request_id, None)
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                block = not self.engine.has_unfinished_requests()
+                try:
+                    command = self._commands.get(block=block, timeout=0.5 if block else None)
+                except queue.Empty:
+                    command = False
+                while command is not False:
+                    if command is None:
+                        return
+                    self._apply(command)
+                    try:
+                        command = self._commands.get_nowait()
+                    except queue.Empty:
+                        command = False
+                if self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        self._deliver(output.request_id, output)
+                        if output.finished:
+                            self._sinks.pop(output.request_id, None)
+                for listener in self.step_listeners:
+                    listener(self.engine)
+        except BaseException as error:
+            log.exception("engine loop failed")
+            self.error = error
+            for request_id in list(self._sinks):
+                self._deliver(request_id, EngineDeadError(f"engine loop failed: {error!r}"))
