@@ -194,7 +194,7 @@ def share_of_peer_rate(share):
 
 def decode_sweep(default):
     tiles = [AttentionConfig(16, block_n, default.num_splits, 4, stages)
-             for block_n in (32, 64, 128) for stages in (2, 3, 4)]
+             for block_n in (32, 64, 128) for stages in (2, 3)]
     splits = [AttentionConfig(16, default.block_n, n, default.num_warps, default.num_stages)
               for n in (default.num_splits // 2, default.num_splits * 2) if n >= 1]
     return tiles + splits
@@ -202,9 +202,10 @@ def decode_sweep(default):
 
 def prefill_sweep(_):
     return [AttentionConfig(block_m, block_n, 1, warps, stages)
-            for block_m, block_n, warps in ((128, 64, 8), (128, 128, 8), (64, 64, 4),
-                                            (128, 32, 4), (64, 128, 4), (128, 64, 4))
-            for stages in (2, 3)]
+            for block_m, block_n, warps, stages in (
+                (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 2),
+                (128, 32, 4, 2), (256, 64, 8, 2), (256, 64, 8, 3), (256, 128, 8, 2),
+                (128, 128, 4, 2))]
 
 
 def print_table(rows):

@@ -191,21 +191,22 @@ def choose_config(q: torch.Tensor, num_kv_heads: int, num_seqs: int, max_query_l
     """Tiles and KV splits from host-side sizes only (no device sync).
 
     Decode-only batches use 16-row tiles (a GQA group padded to the smallest tensor-core
-    tile) and split the keys until the grid covers the GPU a few times over; batches with
-    prefill chunks use 128-row tiles and no splits, since their query tiles fill it."""
+    tile) and split the keys until the grid covers the GPU about eight programs per SM;
+    batches with prefill chunks use 128x128 tiles and no splits, since their query tiles
+    fill it. Tile shapes and pipeline depths were picked by the sweep in
+    benchmarks/kernels.py on an H200 (see BENCHMARKS.md)."""
     group = q.shape[1] // num_kv_heads
     if max_query_len * group <= 16:
-        block_m = max(16, triton.next_power_of_2(group))
-        block_n = 64
         tiles = num_seqs * num_kv_heads
-        target = 4 * _sm_count(q.device)
+        target = 8 * _sm_count(q.device)
         num_splits = 1
         # Each slice keeps at least 512 keys so the merge stays cheap next to the reads.
         while tiles * num_splits < target and num_splits * 1024 <= max_seq_len:
             num_splits *= 2
-        return AttentionConfig(block_m, block_n, num_splits, num_warps=4, num_stages=3)
-    block_m = max(128, triton.next_power_of_2(group))
-    return AttentionConfig(block_m, block_n=64, num_splits=1, num_warps=8, num_stages=3)
+        return AttentionConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=64,
+                               num_splits=num_splits, num_warps=4, num_stages=2)
+    return AttentionConfig(block_m=max(128, triton.next_power_of_2(group)), block_n=128,
+                           num_splits=1, num_warps=8, num_stages=3)
 
 
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,38 +1,51 @@
-"""Triton re-rotation of cached keys, one program per (slot, layer).
+"""Triton re-rotation of cached keys; a program takes one slot in LAYERS layers.
 
 Same semantics as rerotate.rerotate_keys_reference: the key turns once by the fp32
-difference of its new and old angles, scaled by the ratio of attention factors.
+difference of its new and old angles, scaled by the ratio of attention factors. One
+slot's keys in one layer are only Hkv·D values, so a program covers several layers to
+have enough bytes in flight.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_rotary import rotate_heads
+from .triton_rotary import load_halves, store_rotated
+
+LAYERS_PER_PROGRAM = 4
 
 
 @triton.jit
 def _rerotate_kernel(cache_ptr, slots_ptr, old_positions_ptr, new_positions_ptr,
                      old_inv_freq_ptr, new_inv_freq_ptr, old_factor_ptr, new_factor_ptr,
                      stride_layer, stride_block, stride_offset, stride_head, stride_dim,
-                     stride_old_freq, stride_old_freq_d, stride_new_freq, stride_new_freq_d, page_size, num_kv_heads,
-                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                     stride_old_freq, stride_old_freq_d, stride_new_freq, stride_new_freq_d,
+                     page_size, num_layers, num_kv_heads,
+                     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+                     LAYERS: tl.constexpr):
     index = tl.program_id(0).to(tl.int64)
-    layer = tl.program_id(1).to(tl.int64)
     slot = tl.load(slots_ptr + index).to(tl.int64)
+    rows = tl.arange(0, LAYERS * BLOCK_H)
+    layer = tl.program_id(1) * LAYERS + rows // BLOCK_H
+    head = rows % BLOCK_H
+    row_mask = (layer < num_layers) & (head < num_kv_heads)
+    row_ptrs = (cache_ptr + layer.to(tl.int64) * stride_layer + (slot // page_size) * stride_block
+                + (slot % page_size) * stride_offset + head * stride_head)
+    x1, x2 = load_halves(row_ptrs, row_mask, stride_dim, HALF, BLOCK_HALF)
+
     dims = tl.arange(0, BLOCK_HALF)
     dim_mask = dims < HALF
-    old_freq = tl.load(old_inv_freq_ptr + index * stride_old_freq + dims * stride_old_freq_d, mask=dim_mask, other=0.0)
-    new_freq = tl.load(new_inv_freq_ptr + index * stride_new_freq + dims * stride_new_freq_d, mask=dim_mask, other=0.0)
+    old_freq = tl.load(old_inv_freq_ptr + index * stride_old_freq + dims * stride_old_freq_d,
+                       mask=dim_mask, other=0.0)
+    new_freq = tl.load(new_inv_freq_ptr + index * stride_new_freq + dims * stride_new_freq_d,
+                       mask=dim_mask, other=0.0)
     old_angle = tl.load(old_positions_ptr + index).to(tl.float32) * old_freq.to(tl.float32)
     new_angle = tl.load(new_positions_ptr + index).to(tl.float32) * new_freq.to(tl.float32)
     delta = new_angle - old_angle
     ratio = (tl.load(new_factor_ptr + index).to(tl.float32)
              / tl.load(old_factor_ptr + index).to(tl.float32))
-    base = (cache_ptr + layer * stride_layer + (slot // page_size) * stride_block
-            + (slot % page_size) * stride_offset)
-    rotate_heads(base, stride_head, stride_dim, num_kv_heads, tl.cos(delta) * ratio,
-                 tl.sin(delta) * ratio, HALF, BLOCK_H, BLOCK_HALF)
+    store_rotated(row_ptrs, row_mask, stride_dim, x1, x2, (tl.cos(delta) * ratio)[None, :],
+                  (tl.sin(delta) * ratio)[None, :], HALF, BLOCK_HALF)
 
 
 def rerotate_keys_triton(k_cache: torch.Tensor, slots: torch.Tensor, old_positions: torch.Tensor,
@@ -43,12 +56,13 @@ def rerotate_keys_triton(k_cache: torch.Tensor, slots: torch.Tensor, old_positio
     if slots.numel() == 0:
         return
     half = head_dim // 2
-    _rerotate_kernel[(slots.numel(), num_layers)](
+    grid = (slots.numel(), triton.cdiv(num_layers, LAYERS_PER_PROGRAM))
+    _rerotate_kernel[grid](
         k_cache, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
         old_attention_factor, new_attention_factor,
         *k_cache.stride(), *old_inv_freq.stride(), *new_inv_freq.stride(),
-        page_size, num_kv_heads,
+        page_size, num_layers, num_kv_heads,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        BLOCK_H=triton.next_power_of_2(num_kv_heads), LAYERS=LAYERS_PER_PROGRAM,
         num_warps=4,
     )

@@ -10,22 +10,25 @@ import triton.language as tl
 
 
 @triton.jit
-def rotate_heads(base_ptr, stride_h, stride_d, num_heads, cos, sin,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotate the [num_heads, 2*HALF] head vectors at base_ptr in place by cos/sin [BLOCK_HALF]."""
-    heads = tl.arange(0, BLOCK_H)
+def load_halves(row_ptrs, row_mask, stride_d, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The two halves [ROWS, BLOCK_HALF] of the head vectors starting at row_ptrs [ROWS]."""
     dims = tl.arange(0, BLOCK_HALF)
-    mask = (heads < num_heads)[:, None] & (dims < HALF)[None, :]
-    first = base_ptr + heads[:, None] * stride_h + dims[None, :] * stride_d
-    second = first + HALF * stride_d
-    x1 = tl.load(first, mask=mask, other=0.0)
-    x2 = tl.load(second, mask=mask, other=0.0)
+    mask = row_mask[:, None] & (dims < HALF)[None, :]
+    first = row_ptrs[:, None] + dims[None, :] * stride_d
+    return tl.load(first, mask=mask, other=0.0), tl.load(first + HALF * stride_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def store_rotated(row_ptrs, row_mask, stride_d, x1, x2, cos, sin,
+                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Store (x1·cos − x2·sin, x2·cos + x1·sin), computed in fp32, back in x's dtype."""
+    dims = tl.arange(0, BLOCK_HALF)
+    mask = row_mask[:, None] & (dims < HALF)[None, :]
+    first = row_ptrs[:, None] + dims[None, :] * stride_d
     x1f = x1.to(tl.float32)
     x2f = x2.to(tl.float32)
-    c = cos[None, :]
-    s = sin[None, :]
-    tl.store(first, (x1f * c - x2f * s).to(x1.dtype), mask=mask)
-    tl.store(second, (x2f * c + x1f * s).to(x2.dtype), mask=mask)
+    tl.store(first, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
+    tl.store(first + HALF * stride_d, (x2f * cos + x1f * sin).to(x2.dtype), mask=mask)
 
 
 @triton.jit
@@ -34,20 +37,28 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, seq_index_ptr, inv_freq_ptr, fac
                    stride_freq, stride_freq_d, num_q_heads, num_kv_heads,
                    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
+    q_heads = tl.arange(0, BLOCK_HQ)
+    k_heads = tl.arange(0, BLOCK_HK)
+    q_rows = q_ptr + token * stride_qt + q_heads * stride_qh
+    k_rows = k_ptr + token * stride_kt + k_heads * stride_kh
+    # Both loads go out before any store: q and k may alias, so the compiler would not
+    # hoist k's loads over q's stores by itself.
+    q1, q2 = load_halves(q_rows, q_heads < num_q_heads, stride_qd, HALF, BLOCK_HALF)
+    k1, k2 = load_halves(k_rows, k_heads < num_kv_heads, stride_kd, HALF, BLOCK_HALF)
+
     position = tl.load(positions_ptr + token).to(tl.float32)
     row = tl.load(seq_index_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)
-    inv_freq = tl.load(inv_freq_ptr + row * stride_freq + dims * stride_freq_d, mask=dims < HALF, other=0.0)
+    inv_freq = tl.load(inv_freq_ptr + row * stride_freq + dims * stride_freq_d,
+                       mask=dims < HALF, other=0.0)
     factor = tl.load(factor_ptr + row).to(tl.float32)
     angle = position * inv_freq.to(tl.float32)
-    cos = tl.cos(angle) * factor
-    sin = tl.sin(angle) * factor
-    token = token.to(tl.int64)
-    rotate_heads(q_ptr + token * stride_qt, stride_qh, stride_qd, num_q_heads, cos, sin,
-                 HALF, BLOCK_HQ, BLOCK_HALF)
-    rotate_heads(k_ptr + token * stride_kt, stride_kh, stride_kd, num_kv_heads, cos, sin,
-                 HALF, BLOCK_HK, BLOCK_HALF)
+    cos = (tl.cos(angle) * factor)[None, :]
+    sin = (tl.sin(angle) * factor)[None, :]
+
+    store_rotated(q_rows, q_heads < num_q_heads, stride_qd, q1, q2, cos, sin, HALF, BLOCK_HALF)
+    store_rotated(k_rows, k_heads < num_kv_heads, stride_kd, k1, k2, cos, sin, HALF, BLOCK_HALF)
 
 
 def apply_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
@@ -60,8 +71,7 @@ def apply_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tenso
     half = head_dim // 2
     _rotary_kernel[(num_tokens,)](
         q, k, positions, seq_index, inv_freq, attention_factor,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        *inv_freq.stride(), num_q_heads, num_kv_heads,
+        *q.stride(), *k.stride(), *inv_freq.stride(), num_q_heads, num_kv_heads,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_HQ=triton.next_power_of_2(num_q_heads),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
