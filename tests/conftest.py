@@ -33,3 +33,17 @@ def hf_default():
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=DEFAULT_GGUF_NAME)
     model.eval()
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def make_llm(default_llm):
+    """A fresh engine (own KV pool, scheduler, prefix cache) on the already loaded default model."""
+    from ropeway import LLM, EngineConfig, LLMEngine
+    from ropeway.engine import LoadedModel
+
+    loaded = LoadedModel(default_llm.engine.model, default_llm.tokenizer, 0.0)
+
+    def make(**options) -> LLM:
+        return LLM(engine=LLMEngine(EngineConfig(dtype="float32", **options), loaded=loaded))
+
+    return make

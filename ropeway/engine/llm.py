@@ -10,8 +10,10 @@ from .llm_engine import LLMEngine
 
 
 class LLM:
-    def __init__(self, model: str | None = None, dtype: str = "auto", **engine_options):
-        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_options))
+    def __init__(self, model: str | None = None, dtype: str = "auto", *, engine: LLMEngine | None = None,
+                 **engine_options):
+        """Options are EngineConfig's fields; or pass a ready `engine`."""
+        self.engine = engine or LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_options))
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

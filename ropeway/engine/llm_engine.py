@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ropeway.config import EngineConfig
-from ropeway.models import LlamaModel, load_model_files
+from ropeway.models import LlamaModel, RopewayTokenizer, load_model_files
 from ropeway.outputs import RequestOutput, TokenLogprob
 from ropeway.sampling_params import InvalidParameter, SamplingParams
 from ropeway.scheduler import BlockManager, Scheduler, SchedulerConfig, Sequence, model_rope_plan
@@ -34,16 +34,31 @@ class EngineCounters:
     steps: int = 0
 
 
+@dataclass
+class LoadedModel:
+    """Weights on the device and the tokenizer: what several engines can share (tests do)."""
+    model: LlamaModel
+    tokenizer: RopewayTokenizer
+    seconds: float
+
+
+def load_model(config: EngineConfig) -> LoadedModel:
+    started = time.perf_counter()
+    device = config.torch_device()
+    model_config, weights, tokenizer = load_model_files(config.model, config.torch_dtype(device))
+    model = LlamaModel(model_config, weights, device)
+    return LoadedModel(model, tokenizer, time.perf_counter() - started)
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        self.device = config.torch_device()
-        self.dtype = config.torch_dtype(self.device)
-        started = time.perf_counter()
-        model_config, weights, self.tokenizer = load_model_files(config.model, self.dtype)
-        self.model_config = model_config
-        self.model = LlamaModel(model_config, weights, self.device)
-        del weights
+        loaded = loaded or load_model(config)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_config = model_config = self.model.config
+        self.device = self.model.device
+        self.dtype = self.model.dtype
         self.pool = plan_kv_pool(model_config, self.dtype, self.device, config.block_size,
                                  config.kv_cache_memory_bytes, config.gpu_memory_utilization)
         wanted_len = config.max_model_len or model_config.max_position_embeddings
@@ -69,7 +84,7 @@ class LLMEngine:
         self._seed_source = random.Random(config.seed)
         log.info("model %s (%s, %d layers) on %s in %s, loaded in %.1f s", model_config.name,
                  model_config.architecture, model_config.num_layers, self.device,
-                 str(self.dtype).removeprefix("torch."), time.perf_counter() - started)
+                 str(self.dtype).removeprefix("torch."), loaded.seconds)
         log.info("KV pool: %d blocks of %d tokens = %d tokens, %.1f MiB; max_model_len %d",
                  self.pool.num_blocks, self.pool.block_size, self.pool.num_tokens,
                  self.pool.num_bytes / 2**20, self.max_model_len)

@@ -1,7 +1,7 @@
 """The engine's record of one request: its sequences, detokenizers and what was sent."""
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ropeway.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
 from ropeway.sampling_params import SamplingParams
@@ -67,5 +67,5 @@ class RequestState:
             outputs=outputs,
             finished=self.finished,
             num_cached_tokens=self.choices[0].seq.num_cached_prompt_tokens,
-            metrics=self.metrics,
+            metrics=replace(self.metrics),  # a snapshot: the live record keeps changing
         )

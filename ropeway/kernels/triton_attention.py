@@ -191,21 +191,21 @@ def choose_config(q: torch.Tensor, num_kv_heads: int, num_seqs: int, max_query_l
     """Tiles and KV splits from host-side sizes only (no device sync).
 
     Decode-only batches use 16-row tiles (a GQA group padded to the smallest tensor-core
-    tile) and split the keys until the grid covers the GPU about eight programs per SM;
-    batches with prefill chunks use 128x128 tiles and no splits, since their query tiles
+    tile) and split the keys until the grid covers the GPU about six programs per SM;
+    batches with prefill chunks use 256x64 tiles and no splits, since their query tiles
     fill it. Tile shapes and pipeline depths were picked by the sweep in
     benchmarks/kernels.py on an H200 (see BENCHMARKS.md)."""
     group = q.shape[1] // num_kv_heads
     if max_query_len * group <= 16:
         tiles = num_seqs * num_kv_heads
-        target = 8 * _sm_count(q.device)
+        target = 6 * _sm_count(q.device)
         num_splits = 1
-        # Each slice keeps at least 512 keys so the merge stays cheap next to the reads.
-        while tiles * num_splits < target and num_splits * 1024 <= max_seq_len:
+        # Each slice keeps at least 1024 keys so the merge stays cheap next to the reads.
+        while tiles * num_splits < target and num_splits * 2048 <= max_seq_len:
             num_splits *= 2
         return AttentionConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=64,
                                num_splits=num_splits, num_warps=4, num_stages=2)
-    return AttentionConfig(block_m=max(128, triton.next_power_of_2(group)), block_n=128,
+    return AttentionConfig(block_m=max(256, triton.next_power_of_2(group)), block_n=64,
                            num_splits=1, num_warps=8, num_stages=3)
 
 

@@ -38,15 +38,6 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, seq_index_ptr, inv_freq_ptr, fac
                    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    q_heads = tl.arange(0, BLOCK_HQ)
-    k_heads = tl.arange(0, BLOCK_HK)
-    q_rows = q_ptr + token * stride_qt + q_heads * stride_qh
-    k_rows = k_ptr + token * stride_kt + k_heads * stride_kh
-    # Both loads go out before any store: q and k may alias, so the compiler would not
-    # hoist k's loads over q's stores by itself.
-    q1, q2 = load_halves(q_rows, q_heads < num_q_heads, stride_qd, HALF, BLOCK_HALF)
-    k1, k2 = load_halves(k_rows, k_heads < num_kv_heads, stride_kd, HALF, BLOCK_HALF)
-
     position = tl.load(positions_ptr + token).to(tl.float32)
     row = tl.load(seq_index_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)
@@ -57,13 +48,23 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, seq_index_ptr, inv_freq_ptr, fac
     cos = (tl.cos(angle) * factor)[None, :]
     sin = (tl.sin(angle) * factor)[None, :]
 
+
+    # q then k, each loaded and stored before the next: holding both in registers at once
+    # measured slower on an H200 (fewer programs resident per SM).
+    q_heads = tl.arange(0, BLOCK_HQ)
+    q_rows = q_ptr + token * stride_qt + q_heads * stride_qh
+    q1, q2 = load_halves(q_rows, q_heads < num_q_heads, stride_qd, HALF, BLOCK_HALF)
     store_rotated(q_rows, q_heads < num_q_heads, stride_qd, q1, q2, cos, sin, HALF, BLOCK_HALF)
+    k_heads = tl.arange(0, BLOCK_HK)
+    k_rows = k_ptr + token * stride_kt + k_heads * stride_kh
+    k1, k2 = load_halves(k_rows, k_heads < num_kv_heads, stride_kd, HALF, BLOCK_HALF)
     store_rotated(k_rows, k_heads < num_kv_heads, stride_kd, k1, k2, cos, sin, HALF, BLOCK_HALF)
 
 
 def apply_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                         seq_index: torch.Tensor, inv_freq: torch.Tensor,
-                        attention_factor: torch.Tensor) -> None:
+                        attention_factor: torch.Tensor, num_warps: int = 4) -> None:
+    """num_warps is exposed for the tuning sweep in benchmarks/kernels.py."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
@@ -75,5 +76,5 @@ def apply_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tenso
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_HQ=triton.next_power_of_2(num_q_heads),
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
-        num_warps=4,
+        num_warps=num_warps,
     )

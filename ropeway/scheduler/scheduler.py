@@ -30,11 +30,12 @@ class SchedulerConfig:
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
+    # Whether this step computes the sequence's last token, so its logits give the next one.
+    # Fixed when scheduled: after the step the sequence's counts have moved on.
+    samples: bool = field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step computes the sequence's last token, so its logits give the next one."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self):
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
 @dataclass

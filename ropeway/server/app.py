@@ -1,0 +1,75 @@
+"""The FastAPI application: OpenAI-compatible routes plus health, metrics and tokenizer routes."""
+
+import hmac
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .chat import chat_prompt_ids, create_chat_completion
+from .completions import create_completion
+from .context import ServerContext
+from .errors import APIError, error_response, install_error_handlers
+from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
+                       ModelList, TokenizeRequest, TokenizeResponse)
+
+
+def build_app(ctx: ServerContext) -> FastAPI:
+    app = FastAPI(title="ropeway", description="OpenAI-compatible long-context inference server.")
+    app.state.ropeway = ctx
+    install_error_handlers(app)
+
+    def require_api_key(request: Request) -> None:
+        expected = ctx.settings.api_key
+        if expected is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+            raise APIError(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    api = APIRouter(dependencies=[Depends(require_api_key)])
+
+    @api.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await create_completion(ctx, body, request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await create_chat_completion(ctx, body, request)
+
+    @api.get("/v1/models")
+    async def models() -> ModelList:
+        cards = [ModelCard(id=name, created=ctx.created, root=ctx.model_name, max_model_len=ctx.max_model_len)
+                 for name in ctx.settings.served_model_names]
+        return ModelList(data=cards)
+
+    @api.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        ctx.resolve_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError.bad_request("give exactly one of prompt and messages", "prompt")
+        if body.messages is not None:
+            tokens = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt)
+        else:
+            tokens = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=ctx.max_model_len)
+
+    @api.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        ctx.resolve_model(body.model)
+        ctx.check_token_ids(body.tokens, "tokens")
+        return DetokenizeResponse(prompt=ctx.tokenizer.decode(body.tokens))
+
+    app.include_router(api)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if ctx.engine.is_alive:
+            return Response(status_code=200)
+        return error_response(APIError(503, "the engine loop is not running"))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

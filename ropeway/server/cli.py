@@ -1,0 +1,122 @@
+"""`ropeway serve`: load a model and serve the OpenAI-compatible API.
+
+With no arguments it serves the built-in default model on http://127.0.0.1:8000.
+"""
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+import uvicorn
+
+from ropeway.config import EngineConfig
+from ropeway.engine import AsyncEngine, LLMEngine
+from ropeway.models.errors import ModelLoadError
+
+from .app import build_app
+from .context import ServerContext, ServerSettings
+
+log = logging.getLogger("ropeway")
+
+API_KEY_ENV = "ROPEWAY_API_KEY"
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def memory_size(text: str) -> int:
+    """'1073741824', '512MiB', '2GiB', '1.5GB' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if unit not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (try 512MiB or 2GiB)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ropeway", description="ropeway: a long-context LLM inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the OpenAI-compatible API",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = EngineConfig()
+
+    server = serve.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require `Authorization: Bearer <key>` on /v1 and tokenizer routes "
+                             f"(default: ${API_KEY_ENV})")
+    server.add_argument("--served-model-name", nargs="+", default=None,
+                        help="name(s) clients use for the model; the first is reported (default: the model's name)")
+    server.add_argument("--max-waiting", type=int, default=512,
+                        help="sequences that may wait beyond --max-num-seqs before requests get 503")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+
+    engine = serve.add_argument_group("engine")
+    engine.add_argument("--model", default=None,
+                        help="GGUF file or Hugging Face model directory (default: the built-in SmolLM2-135M-Instruct)")
+    engine.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    engine.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
+    engine.add_argument("--max-model-len", type=positive_int, default=None,
+                        help="context limit in tokens (default: the model's trained context, capped by the KV pool)")
+    engine.add_argument("--kv-cache-memory", type=memory_size, default=None,
+                        help="KV cache pool size, e.g. 2GiB (default: 1GiB on CPU, "
+                             "--gpu-memory-utilization of free memory on CUDA)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
+    engine.add_argument("--block-size", type=int, default=defaults.block_size)
+    engine.add_argument("--max-num-seqs", type=positive_int, default=defaults.max_num_seqs)
+    engine.add_argument("--max-num-batched-tokens", type=positive_int, default=defaults.max_num_batched_tokens)
+    engine.add_argument("--prefill-chunk-size", type=positive_int, default=None)
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=defaults.enable_prefix_caching)
+    engine.add_argument("--seed", type=int, default=defaults.seed)
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        engine = LLMEngine(engine_config(args))
+    except (ModelLoadError, ValueError, FileNotFoundError) as error:
+        log.error("cannot start: %s", error)
+        return 2
+    names = tuple(args.served_model_name or [engine.model_config.name])
+    settings = ServerSettings(served_model_names=names, api_key=args.api_key or None, max_waiting=args.max_waiting)
+    async_engine = AsyncEngine(engine)
+    ctx = ServerContext.create(async_engine, settings)
+    app = build_app(ctx)
+    async_engine.start()
+    log.info("serving %s at http://%s:%d (OpenAI API under /v1, docs at /docs, metrics at /metrics)%s",
+             names[0], args.host, args.port, "; API key required" if settings.api_key else "")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        async_engine.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

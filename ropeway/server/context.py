@@ -1,0 +1,77 @@
+"""What every route needs: the engine, the tokenizer, names, limits, metrics and the gate."""
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ropeway.engine import AsyncEngine
+from ropeway.outputs import RequestOutput
+from ropeway.sampling_params import SamplingParams
+
+from .admission import AdmissionGate
+from .errors import APIError
+from .metrics import ServerMetrics
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_names: tuple[str, ...]
+    api_key: str | None = None
+    max_waiting: int = 512
+
+
+@dataclass
+class ServerContext:
+    engine: AsyncEngine
+    settings: ServerSettings
+    metrics: ServerMetrics
+    gate: AdmissionGate
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def create(cls, engine: AsyncEngine, settings: ServerSettings) -> "ServerContext":
+        metrics = ServerMetrics(engine.engine, settings.served_model_names[0])
+        engine.step_listeners.append(metrics.observe_engine)
+        gate = AdmissionGate(engine.engine.config.max_num_seqs, settings.max_waiting)
+        return cls(engine, settings, metrics, gate)
+
+    @property
+    def tokenizer(self):
+        return self.engine.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_names[0]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.engine.config.max_num_seqs
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The name to answer with; 404 for a model this server does not serve."""
+        if requested is None or requested in self.settings.served_model_names:
+            return self.model_name
+        raise APIError(404, f"The model `{requested}` does not exist. This server serves "
+                            f"{', '.join(self.settings.served_model_names)}.",
+                       param="model", code="model_not_found")
+
+    def check_n(self, n: int) -> None:
+        # More choices than the batch holds could never run together; refuse rather than trickle.
+        if n > self.max_num_seqs:
+            raise APIError.bad_request(f"n must be at most {self.max_num_seqs} (the server's --max-num-seqs)", "n")
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> None:
+        vocab = self.engine.engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise APIError.bad_request(f"token ids must be integers in [0, {vocab})", param)
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        self.engine.engine.check_length(num_prompt_tokens, max_tokens, param)
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        return self.metrics.tracked(self.engine.generate(prompt_token_ids, params, request_id), params.n)

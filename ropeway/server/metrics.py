@@ -1,0 +1,147 @@
+"""Prometheus metrics, prefixed `ropeway:` and named after vLLM's.
+
+Engine-wide state (queue lengths, KV usage, token and preemption totals) is read on the
+engine's loop thread after every step, where it is consistent, and copied into gauges and
+counters; the HTTP side never reads engine state directly. Per-request latencies and
+lengths are observed from the request's own stream of outputs.
+"""
+
+from collections.abc import AsyncIterator
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ropeway.engine import LLMEngine
+from ropeway.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+def length_buckets(max_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_len (inclusive), as vLLM buckets token counts."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * scale
+            if value > max_len:
+                return buckets + ([max_len] if not buckets or buckets[-1] < max_len else [])
+            buckets.append(value)
+        scale *= 10
+
+
+class ServerMetrics:
+    def __init__(self, engine: LLMEngine, model_name: str):
+        self.registry = registry = CollectorRegistry()
+        label = {"model_name": model_name}
+        names = ["model_name"]
+
+        def gauge(name, doc):
+            return Gauge(f"ropeway:{name}", doc, names, registry=registry).labels(**label)
+
+        def counter(name, doc):
+            return Counter(f"ropeway:{name}", doc, names, registry=registry).labels(**label)
+
+        def histogram(name, doc, buckets):
+            return Histogram(f"ropeway:{name}", doc, names, buckets=buckets, registry=registry).labels(**label)
+
+        self.num_requests_running = gauge("num_requests_running", "Sequences in the running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Sequences waiting to be scheduled.")
+        self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (0 to 1).")
+        self.kv_blocks_used = gauge("kv_cache_used_blocks", "KV cache blocks in use.")
+        self.kv_blocks_capacity = gauge("kv_cache_capacity_blocks", "KV cache blocks in the pool.")
+        self.kv_bytes_used = gauge("kv_cache_used_bytes", "Bytes of the KV cache pool in use.")
+        self.kv_bytes_capacity = gauge("kv_cache_capacity_bytes", "Bytes of the KV cache pool.")
+        self.on_cuda = engine.device.type == "cuda"
+        if self.on_cuda:
+            self.gpu_allocated = gauge("gpu_memory_allocated_bytes", "GPU memory held by tensors (torch).")
+            self.gpu_reserved = gauge("gpu_memory_reserved_bytes", "GPU memory reserved by torch's allocator.")
+
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        self.num_preemptions = counter("num_preemptions", "Sequences preempted (their KV recomputed later).")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.request_success = Counter("ropeway:request_success", "Choices (sequences) that ended, by finish reason.",
+                                       ["model_name", "finished_reason"], registry=registry)
+        self._model_name = model_name
+
+        self.time_to_first_token = histogram("time_to_first_token_seconds",
+                                             "Seconds from arrival to the first generated token.", _LATENCY_BUCKETS)
+        self.inter_token_latency = histogram("inter_token_latency_seconds",
+                                             "Seconds between successive engine steps that gave a request tokens.",
+                                             _ITL_BUCKETS)
+        self.e2e_request_latency = histogram("e2e_request_latency_seconds",
+                                             "Seconds from arrival to the last token.", _LATENCY_BUCKETS)
+        self.request_queue_time = histogram("request_queue_time_seconds",
+                                            "Seconds from arrival to first being scheduled.", _LATENCY_BUCKETS)
+        lengths = length_buckets(engine.max_model_len)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", lengths)
+        self.request_generation_tokens = histogram("request_generation_tokens",
+                                                   "Generated tokens per request (all choices).", lengths)
+
+        self.kv_blocks_capacity.set(engine.pool.num_blocks)
+        self.kv_bytes_capacity.set(engine.pool.num_bytes)
+        self._bytes_per_block = engine.pool.bytes_per_block
+        self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "queries": 0, "hits": 0}
+        self.observe_engine(engine)
+
+    def observe_engine(self, engine: LLMEngine) -> None:
+        """Copy engine-wide state; runs on the engine's loop thread after each step."""
+        bm = engine.block_manager
+        self.num_requests_running.set(engine.num_running)
+        self.num_requests_waiting.set(engine.num_waiting)
+        used = bm.num_used_blocks
+        self.kv_blocks_used.set(used)
+        self.kv_bytes_used.set(used * self._bytes_per_block)
+        self.kv_cache_usage.set(used / bm.num_blocks)
+        totals = {"prompt": engine.counters.prompt_tokens, "generation": engine.counters.generation_tokens,
+                  "preemptions": engine.scheduler.num_preemptions, "queries": bm.prefix_queries,
+                  "hits": bm.prefix_hits}
+        counters = {"prompt": self.prompt_tokens, "generation": self.generation_tokens,
+                    "preemptions": self.num_preemptions, "queries": self.prefix_cache_queries,
+                    "hits": self.prefix_cache_hits}
+        for key, total in totals.items():
+            counters[key].inc(total - self._seen[key])
+            self._seen[key] = total
+        if self.on_cuda:
+            self.gpu_allocated.set(torch.cuda.memory_allocated(engine.device))
+            self.gpu_reserved.set(torch.cuda.memory_reserved(engine.device))
+
+    async def tracked(self, outputs: AsyncIterator[RequestOutput], n: int) -> AsyncIterator[RequestOutput]:
+        """Pass the outputs of a request with n choices through, observing its latencies and, at
+        the end, how each choice finished."""
+        last: RequestOutput | None = None
+        previous_token_time = None
+        try:
+            async for output in outputs:
+                metrics = output.metrics
+                if metrics is not None and metrics.last_token_time is not None:
+                    if previous_token_time is None:
+                        self.time_to_first_token.observe(metrics.first_token_time - metrics.arrival_time)
+                    elif metrics.last_token_time > previous_token_time:
+                        self.inter_token_latency.observe(metrics.last_token_time - previous_token_time)
+                    previous_token_time = metrics.last_token_time
+                last = output
+                yield output
+        finally:
+            self._observe_end(last, n)
+
+    def _observe_end(self, last: RequestOutput | None, n: int) -> None:
+        if last is None:
+            self.request_success.labels(self._model_name, "abort").inc(n)
+            return
+        for choice in last.outputs:
+            self.request_success.labels(self._model_name, choice.finish_reason or "abort").inc()
+        if not last.finished:
+            return
+        self.request_prompt_tokens.observe(len(last.prompt_token_ids))
+        self.request_generation_tokens.observe(sum(len(c.token_ids) for c in last.outputs))
+        metrics = last.metrics
+        if metrics is not None:
+            if metrics.first_scheduled_time is not None:
+                self.request_queue_time.observe(metrics.first_scheduled_time - metrics.arrival_time)
+            if metrics.finished_time is not None:
+                self.e2e_request_latency.observe(metrics.finished_time - metrics.arrival_time)

@@ -1,0 +1,103 @@
+"""Server-sent events as OpenAI streams them, and the interleaving of a response's requests.
+
+A response may gather several engine requests (one per prompt of a batched completion);
+`merge` reads them concurrently. Leaving `merge` early, as a disconnected client does,
+cancels every reader, and each cancelled `AsyncEngine.generate` aborts its request.
+"""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+
+from ropeway.engine import EngineDeadError
+from ropeway.sampling_params import InvalidParameter
+
+from .admission import Ticket
+from .errors import APIError
+from .protocol import ErrorResponse
+
+log = logging.getLogger("ropeway.server")
+
+T = TypeVar("T")
+_END = object()
+DONE = "[DONE]"
+DISCONNECT_POLL_SECONDS = 0.5
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads the reply
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """(index of the stream, item) in the order items arrive; the first error is raised."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item))
+        except Exception as error:
+            queue.put_nowait((index, error))
+        else:
+            queue.put_nowait((index, _END))
+
+    readers = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(readers)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        # No await here: under a cancelled scope it would be cancelled again at once.
+        for reader in readers:
+            reader.cancel()
+
+
+def as_api_error(error: Exception) -> APIError:
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, InvalidParameter):
+        return APIError.from_invalid_parameter(error)
+    if isinstance(error, EngineDeadError):
+        return APIError(503, "the engine is not running")
+    log.error("request failed", exc_info=error)
+    return APIError(500, "internal server error; the server log has the details")
+
+
+async def _events(chunks: AsyncIterator[BaseModel], ticket: Ticket) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk.model_dump_json()
+    except Exception as error:
+        yield ErrorResponse(error=as_api_error(error).detail()).model_dump_json()
+    finally:
+        ticket.release()
+    yield DONE
+
+
+def event_stream(chunks: AsyncIterator[BaseModel], ticket: Ticket) -> EventSourceResponse:
+    """An SSE response of `data: {json}` frames ending with `data: [DONE]`; a failure midway
+    becomes an error frame (OpenAI's error object) before [DONE]."""
+    return EventSourceResponse(_events(chunks, ticket), sep="\n")
+
+
+async def unless_disconnected(request: Request, make_result: Callable[[], Awaitable[T]]) -> T | None:
+    """Run make_result(); cancel it (aborting its engine requests) and return None if the
+    client goes away first. Streams notice disconnects by themselves; this is for the rest."""
+    task = asyncio.ensure_future(make_result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        task.cancel()
