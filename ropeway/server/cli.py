@@ -13,6 +13,7 @@ import uvicorn
 
 from ropeway.config import EngineConfig
 from ropeway.engine import AsyncEngine, LLMEngine
+from ropeway.models.default_model import DEFAULT_MODEL_NAME
 from ropeway.models.errors import ModelLoadError
 
 from .app import build_app
@@ -97,7 +98,8 @@ def serve(args: argparse.Namespace) -> int:
     except (ModelLoadError, ValueError, FileNotFoundError) as error:
         log.error("cannot start: %s", error)
         return 2
-    names = tuple(args.served_model_name or [engine.model_config.name])
+    # As vLLM does, clients name the model by the --model argument unless told otherwise.
+    names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
     settings = ServerSettings(served_model_names=names, api_key=args.api_key or None, max_waiting=args.max_waiting)
     async_engine = AsyncEngine(engine)
     ctx = ServerContext.create(async_engine, settings)
