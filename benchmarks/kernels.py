@@ -28,6 +28,7 @@ from ropeway.kernels import apply_rotary, paged_attention, rerotate_keys, write_
 from ropeway.kernels.kv_cache import write_kv_reference  # noqa: E402
 from ropeway.kernels.rerotate import rerotate_keys_reference  # noqa: E402
 from ropeway.kernels.rotary import apply_rotary_reference  # noqa: E402
+from ropeway.kernels.triton_rotary import apply_rotary_triton  # noqa: E402
 from ropeway.kernels.triton_attention import (AttentionConfig, choose_config,  # noqa: E402
                                               paged_attention_triton)
 
@@ -124,7 +125,7 @@ def bandwidth_row(name, nbytes, ours_fn, peer_fn, peer_name):
     }
 
 
-def rotary_row():
+def rotary_row(sweep):
     tokens = 32768
     q = torch.randn(tokens, Q_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
     k = torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
@@ -136,8 +137,12 @@ def rotary_row():
     factors = torch.ones(8, device="cuda")
     args = (q, k, positions, seq_index, inv_freq, factors)
     nbytes = 2 * (q.numel() + k.numel()) * q.element_size()
-    return bandwidth_row(f"rotary T={tokens}", nbytes, lambda: apply_rotary(*args),
-                         lambda: apply_rotary_reference(*args), "torch reference")
+    row = bandwidth_row(f"rotary T={tokens}", nbytes, lambda: apply_rotary(*args),
+                        lambda: apply_rotary_reference(*args), "torch reference")
+    if sweep:
+        row["sweep"] = [{"num_warps": warps, "time_us": 1e6 * median_seconds(
+            lambda: apply_rotary_triton(*args, num_warps=warps))} for warps in (2, 4, 8, 16)]
+    return row
 
 
 def write_kv_row():
@@ -193,8 +198,7 @@ def share_of_peer_rate(share):
 
 
 def decode_sweep(default):
-    tiles = [AttentionConfig(16, block_n, default.num_splits, 4, stages)
-             for block_n in (32, 64, 128) for stages in (2, 3)]
+    tiles = [AttentionConfig(16, block_n, default.num_splits, 4, 2) for block_n in (32, 64, 128)]
     splits = [AttentionConfig(16, default.block_n, n, default.num_warps, default.num_stages)
               for n in (default.num_splits // 2, default.num_splits * 2) if n >= 1]
     return tiles + splits
@@ -203,9 +207,8 @@ def decode_sweep(default):
 def prefill_sweep(_):
     return [AttentionConfig(block_m, block_n, 1, warps, stages)
             for block_m, block_n, warps, stages in (
-                (128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 4, 2),
-                (128, 32, 4, 2), (256, 64, 8, 2), (256, 64, 8, 3), (256, 128, 8, 2),
-                (128, 128, 4, 2))]
+                (128, 128, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4), (256, 32, 8, 3),
+                (256, 32, 8, 4), (256, 64, 16, 3), (256, 128, 16, 3))]
 
 
 def print_table(rows):
@@ -233,7 +236,7 @@ def main():
         decode_row(1, 131072, at_least_rate(3.5), sweep_decode),
         prefill_row(8192, share_of_peer_rate(0.75), sweep_prefill),
         prefill_row(32768, share_of_peer_rate(0.75), sweep_prefill),
-        rotary_row(),
+        rotary_row(options.sweep),
         write_kv_row(),
         rerotate_row(),
     ]

@@ -63,8 +63,9 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, seq_index_ptr, inv_freq_ptr, fac
 
 def apply_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                         seq_index: torch.Tensor, inv_freq: torch.Tensor,
-                        attention_factor: torch.Tensor, num_warps: int = 4) -> None:
-    """num_warps is exposed for the tuning sweep in benchmarks/kernels.py."""
+                        attention_factor: torch.Tensor, num_warps: int = 2) -> None:
+    """num_warps is exposed for the tuning sweep in benchmarks/kernels.py; 2 measured
+    fastest on an H200 (more programs resident per SM)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if num_tokens == 0:
