@@ -1,0 +1,44 @@
+"""Real uvicorn servers on 127.0.0.1 for the server tests, each on a free port in a thread."""
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from ropeway.engine import AsyncEngine
+from ropeway.server import ServerContext, ServerSettings, build_app
+
+MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RunningServer:
+    def __init__(self, engine: AsyncEngine, **settings):
+        self.ctx = ServerContext.create(engine, ServerSettings(served_model_names=(MODEL_NAME,), **settings))
+        self.port = free_port()
+        config = uvicorn.Config(build_app(self.ctx), host="127.0.0.1", port=self.port, log_level="warning")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "RunningServer":
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._server.should_exit = True
+        self._thread.join(10)
