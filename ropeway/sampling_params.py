@@ -32,6 +32,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: the sampled token's logprob and the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False: token ids only (no text, so no stop strings)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -55,6 +56,7 @@ class SamplingParams:
             ("stop", len(self.stop) <= 16, "at most 16 stop strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
+            ("stop", self.detokenize or not self.stop, "stop strings need detokenize=True"),
             ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
         ]
         for param, ok, message in checks:

@@ -206,7 +206,7 @@ class LLMEngine:
             choice.finish_reason = "stop"
         elif token in params.stop_token_ids:
             choice.finish_reason, choice.stop_reason = "stop", token
-        else:
+        elif params.detokenize:
             choice.detokenizer.append(token)
             if choice.detokenizer.stop_reason is not None:
                 choice.finish_reason, choice.stop_reason = "stop", choice.detokenizer.stop_reason

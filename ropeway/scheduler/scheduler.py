@@ -62,6 +62,7 @@ class Scheduler:
         # find it in the prefix cache instead of computing it again.
         self.held_siblings: dict[int, list[Sequence]] = {}
         self.num_preemptions = 0
+        self.last_plan: SchedulerOutput | None = None  # for step-level measurements
 
     # ----- queue management -----
 
@@ -141,6 +142,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSequence(seq, n))
             budget -= n
+        self.last_plan = out
         return out
 
     def _preempt(self, seq: Sequence) -> None:
