@@ -6,7 +6,7 @@ import jinja2
 from fastapi import Request, Response
 
 from ropeway.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from ropeway.sampling_params import MAX_TOP_LOGPROBS
+from ropeway.sampling_params import MAX_TOP_LOGPROBS, InvalidParameter
 
 from .context import ServerContext
 from .errors import APIError
@@ -60,7 +60,13 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     if body.logit_bias:
         raise APIError.bad_request("logit_bias is not supported", "logit_bias")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    params = body.sampling_params(max_tokens, logprobs_setting(body))
+    try:
+        params = body.sampling_params(max_tokens, logprobs_setting(body))
+    except InvalidParameter as error:
+        if error.param == "max_tokens" and body.max_completion_tokens is not None:
+            raise APIError.bad_request(str(error).replace("max_tokens", "max_completion_tokens"),
+                                       "max_completion_tokens") from error
+        raise
     ctx.check_n(params.n)
     prompt_ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt)
     ctx.check_length(len(prompt_ids), params.max_tokens, "messages")

@@ -55,9 +55,18 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=error.status, headers=error.headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_field_step(part) -> bool:
+    # pydantic puts the tried member of a union into the location ("str", "list[int]",
+    # "TextPart", "function-after[...]"); our field names are lower snake_case.
+    return isinstance(part, int) or (part.isidentifier() and part.islower() and part not in _TYPE_TAGS)
+
+
 def _field_path(location: tuple) -> str | None:
     # ("body", "messages", 0, "role") -> "messages.0.role"; the leading "body" says nothing.
-    parts = [str(part) for part in location if part != "body"]
+    parts = [str(part) for part in location[1:] if _is_field_step(part)]
     return ".".join(parts) or None
 
 
