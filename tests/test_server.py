@@ -434,6 +434,19 @@ def test_error_midway_through_a_stream_is_an_error_frame_then_done(http, engine,
     assert wait_for(lambda: not engine.engine.requests)
 
 
+def test_unexpected_failure_is_a_500_without_internals(http, monkeypatch):
+    from ropeway.server import chat
+
+    def broken(self, final):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(chat.ChatStream, "response", broken)
+    response = http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2})
+    assert_openai_error(response, 500)
+    assert "secret" not in response.text
+    assert http.get("/health").status_code == 200
+
+
 # ----- metrics -----
 
 

@@ -25,7 +25,8 @@ class AdmissionGate:
 
 
 class Ticket:
-    """One admitted request's share of the gate; release it exactly once, when the response ends."""
+    """One admitted request's share of the gate, given back when the response ends; releasing
+    again does nothing, so every path that may end a response can release."""
 
     def __init__(self, gate: AdmissionGate, num_sequences: int):
         self._gate = gate

@@ -98,7 +98,30 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_http_error(_: Request, error: StarletteHTTPException):
         return error_response(APIError(error.status_code, str(error.detail), headers=error.headers))
 
-    @app.exception_handler(Exception)
-    async def on_unexpected_error(request: Request, error: Exception):
-        log.exception("unexpected error serving %s %s", request.method, request.url.path)
-        return error_response(APIError(500, "internal server error; the server log has the details"))
+    app.add_middleware(ContainUnexpectedErrors)
+
+
+class ContainUnexpectedErrors:
+    """ASGI middleware: an unexpected exception becomes a 500 and stays here. (Starlette's own
+    handler for Exception re-raises after answering, and uvicorn then drops the connection.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        response_started = False
+
+        async def send_and_note(message):
+            nonlocal response_started
+            response_started = response_started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            log.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            if not response_started:
+                response = error_response(APIError(500, "internal server error; the server log has the details"))
+                await response(scope, receive, send)

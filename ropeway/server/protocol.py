@@ -23,22 +23,22 @@ def now_seconds() -> int:
     return int(time.time())
 
 
-class Request(BaseModel):
+class RequestBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class Response(BaseModel):
+class ResponseBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 # ----- shared -----
 
 
-class StreamOptions(Request):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class SamplingFields(Request):
+class SamplingFields(RequestBody):
     """Fields common to completions and chat completions."""
     model: str | None = None  # None: the served model
     n: int = 1
@@ -86,7 +86,7 @@ class SamplingFields(Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class Usage(Response):
+class Usage(ResponseBody):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -109,14 +109,14 @@ class CompletionRequest(SamplingFields):
     logit_bias: dict[str, float] | None = None
 
 
-class CompletionLogprobs(Response):
+class CompletionLogprobs(ResponseBody):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(Response):
+class CompletionChoice(ResponseBody):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -124,7 +124,7 @@ class CompletionChoice(Response):
     stop_reason: str | int | None = None
 
 
-class CompletionResponse(Response):
+class CompletionResponse(ResponseBody):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -137,12 +137,12 @@ class CompletionResponse(Response):
 # ----- /v1/chat/completions -----
 
 
-class TextPart(Request):
+class TextPart(RequestBody):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(Request):
+class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -168,29 +168,29 @@ class ChatCompletionRequest(SamplingFields):
     logit_bias: dict[str, float] | None = None
 
 
-class TopLogprob(Response):
+class TopLogprob(ResponseBody):
     token: str
     logprob: float
     bytes: list[int] | None
 
 
-class TokenLogprobContent(Response):
+class TokenLogprobContent(ResponseBody):
     token: str
     logprob: float
     bytes: list[int] | None
     top_logprobs: list[TopLogprob]
 
 
-class ChatLogprobs(Response):
+class ChatLogprobs(ResponseBody):
     content: list[TokenLogprobContent] | None = None
 
 
-class AssistantMessage(Response):
+class AssistantMessage(ResponseBody):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(Response):
+class ChatChoice(ResponseBody):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
@@ -198,7 +198,7 @@ class ChatChoice(Response):
     stop_reason: str | int | None = None
 
 
-class ChatCompletionResponse(Response):
+class ChatCompletionResponse(ResponseBody):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -208,7 +208,7 @@ class ChatCompletionResponse(Response):
     usage: Usage
 
 
-class ChoiceDelta(Response):
+class ChoiceDelta(ResponseBody):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
@@ -218,7 +218,7 @@ class ChoiceDelta(Response):
         return {key: value for key, value in serialize(self).items() if value is not None}
 
 
-class ChatChunkChoice(Response):
+class ChatChunkChoice(ResponseBody):
     index: int
     delta: ChoiceDelta
     logprobs: ChatLogprobs | None = None
@@ -226,7 +226,7 @@ class ChatChunkChoice(Response):
     stop_reason: str | int | None = None
 
 
-class ChatCompletionChunk(Response):
+class ChatCompletionChunk(ResponseBody):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -239,7 +239,7 @@ class ChatCompletionChunk(Response):
 # ----- /v1/models -----
 
 
-class ModelCard(Response):
+class ModelCard(ResponseBody):
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -248,7 +248,7 @@ class ModelCard(Response):
     max_model_len: int
 
 
-class ModelList(Response):
+class ModelList(ResponseBody):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
@@ -256,7 +256,7 @@ class ModelList(Response):
 # ----- /tokenize, /detokenize -----
 
 
-class TokenizeRequest(Request):
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -264,30 +264,30 @@ class TokenizeRequest(Request):
     add_generation_prompt: bool = True
 
 
-class TokenizeResponse(Response):
+class TokenizeResponse(ResponseBody):
     tokens: list[int]
     count: int
     max_model_len: int
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 
 
-class DetokenizeResponse(Response):
+class DetokenizeResponse(ResponseBody):
     prompt: str
 
 
 # ----- errors -----
 
 
-class ErrorDetail(Response):
+class ErrorDetail(ResponseBody):
     message: str
     type: str
     param: str | None = None
     code: str | int | None = None
 
 
-class ErrorResponse(Response):
+class ErrorResponse(ResponseBody):
     error: ErrorDetail

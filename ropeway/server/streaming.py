@@ -7,6 +7,7 @@ cancels every reader, and each cancelled `AsyncEngine.generate` aborts its reque
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -85,7 +86,11 @@ async def _events(chunks: AsyncIterator[BaseModel], ticket: Ticket) -> AsyncIter
 def event_stream(chunks: AsyncIterator[BaseModel], ticket: Ticket) -> EventSourceResponse:
     """An SSE response of `data: {json}` frames ending with `data: [DONE]`; a failure midway
     becomes an error frame (OpenAI's error object) before [DONE]."""
-    return EventSourceResponse(_events(chunks, ticket), sep="\n")
+    events = _events(chunks, ticket)
+    # A client that leaves before the first frame can cancel the response before the generator
+    # ever starts, and then its `finally` never runs: release the ticket when it is collected.
+    weakref.finalize(events, ticket.release)
+    return EventSourceResponse(events, sep="\n")
 
 
 async def unless_disconnected(request: Request, make_result: Callable[[], Awaitable[T]]) -> T | None:

@@ -1,0 +1,82 @@
+"""`ropeway serve` as a user runs it: the console script in a subprocess."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from server_harness import MODEL_NAME, free_port
+
+from ropeway.server.cli import build_parser, memory_size
+
+ROPEWAY = Path(sys.executable).parent / "ropeway"
+
+
+def test_memory_sizes():
+    assert memory_size("1024") == 1024
+    assert memory_size("512MiB") == 512 * 2**20
+    assert memory_size("2GiB") == 2 * 2**30
+    assert memory_size("1.5GB") == 1_500_000_000
+
+
+def test_serve_defaults_to_the_default_model_on_localhost_8000(monkeypatch):
+    monkeypatch.delenv("ROPEWAY_API_KEY", raising=False)
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.model, args.api_key) == ("127.0.0.1", 8000, None, None)
+
+
+def test_a_model_that_cannot_load_exits_with_a_message_not_a_traceback(tmp_path):
+    missing = tmp_path / "nothing.gguf"
+    done = subprocess.run([ROPEWAY, "serve", "--model", str(missing)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "cannot start" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def served():
+    """The console script with an API key from the environment, as a deployment runs it."""
+    port = free_port()
+    env = {**os.environ, "ROPEWAY_API_KEY": "cli-key"}
+    process = subprocess.Popen([ROPEWAY, "serve", "--port", str(port), "--max-model-len", "512",
+                                "--kv-cache-memory", "64MiB"], env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"ropeway serve did not come up:\n{process.stderr.read()}")
+        time.sleep(0.2)
+    yield url, process
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+
+
+def test_console_script_serves_with_the_key_from_the_environment(served):
+    url, _ = served
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="cli-key", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    reply = client.chat.completions.create(model=MODEL_NAME, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in reply.choices[0].message.content
+
+
+def test_start_up_logs_model_dtype_device_pool_and_url_then_stops_cleanly(served):
+    url, process = served
+    process.send_signal(signal.SIGINT)
+    assert process.wait(30) == 0
+    log = process.stderr.read()
+    assert "on cpu in float32" in log
+    assert "KV pool:" in log and "max_model_len 512" in log
+    assert f"serving {MODEL_NAME} at {url}" in log
