@@ -21,6 +21,7 @@ class EngineConfig:
     prefill_chunk_size: int | None = None  # default: the whole token budget
     enable_prefix_caching: bool = True
     seed: int = 0                         # seeds the streams of requests that give no seed
+    rope_scaling: dict | None = None      # e.g. {"rope_type": "dynamic", "factor": 4}; None: the model's own
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -2,10 +2,10 @@
 
 import random
 
-from ropeway.scheduler import BlockManager, Scheduler, SchedulerConfig, Sequence, model_rope_plan
+from ropeway.scheduler import BlockManager, RopePlan, Scheduler, SchedulerConfig, Sequence
 
-PLAN = model_rope_plan(10000.0, 64)
-OTHER_PLAN = model_rope_plan(20000.0, 64)
+PLAN = RopePlan("default", 10000.0, 64, 2048)
+OTHER_PLAN = RopePlan("default", 20000.0, 64, 2048)
 
 
 class Simulation:

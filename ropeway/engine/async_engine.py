@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from ropeway.context_params import ContextParams
 from ropeway.outputs import RequestOutput
 from ropeway.sampling_params import SamplingParams
 
@@ -33,6 +34,7 @@ class _Add:
     params: SamplingParams
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    context: ContextParams | None = None
 
 
 @dataclass
@@ -70,14 +72,15 @@ class AsyncEngine:
         return f"{prefix}-{next(self._ids)}"
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None,
+                       context: ContextParams | None = None) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes. Leaving the iteration early (a client that
         went away, a cancelled task) aborts the request."""
         if not self.is_alive:
             raise EngineDeadError("the engine loop is not running")
         request_id = request_id or self.new_request_id()
         sink: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, prompt, params, sink, asyncio.get_running_loop()))
+        self._commands.put(_Add(request_id, prompt, params, sink, asyncio.get_running_loop(), context))
         finished = False
         try:
             while True:
@@ -111,7 +114,7 @@ class AsyncEngine:
         if isinstance(command, _Add):
             self._sinks[command.request_id] = (command.sink, command.loop)
             try:
-                self.engine.add_request(command.request_id, command.prompt, command.params)
+                self.engine.add_request(command.request_id, command.prompt, command.params, command.context)
             except Exception as error:  # a bad request fails alone, the loop goes on
                 self._deliver(command.request_id, error)
                 self._sinks.pop(command.request_id, None)

@@ -3,6 +3,7 @@
 from tqdm import tqdm
 
 from ropeway.config import EngineConfig
+from ropeway.context_params import ContextParams
 from ropeway.outputs import RequestOutput
 from ropeway.sampling_params import SamplingParams
 
@@ -19,7 +20,8 @@ class LLM:
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, context: ContextParams | list[ContextParams] | None = None
+                 ) -> list[RequestOutput]:
         """Prompts are strings or lists of token ids; outputs come back in the same order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -29,11 +31,12 @@ class LLM:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        contexts = context if isinstance(context, list) else [context] * len(prompts)
         ids = []
-        for prompt, params in zip(prompts, sampling_params):
+        for prompt, params, ctx in zip(prompts, sampling_params, contexts):
             request_id = f"offline-{self._next_id}"
             self._next_id += 1
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, ctx)
             ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generating") as progress:

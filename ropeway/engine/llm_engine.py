@@ -12,7 +12,8 @@ from ropeway.config import EngineConfig
 from ropeway.models import LlamaModel, RopewayTokenizer, load_model_files
 from ropeway.outputs import RequestOutput, TokenLogprob
 from ropeway.sampling_params import InvalidParameter, SamplingParams
-from ropeway.scheduler import BlockManager, Scheduler, SchedulerConfig, Sequence, model_rope_plan
+from ropeway.context_params import ContextParams
+from ropeway.scheduler import BlockManager, RopePlanner, RopeScaling, Scheduler, SchedulerConfig, Sequence
 
 from .detokenizer import IncrementalDetokenizer
 from .kv_pool import allocate_kv_cache, plan_kv_pool
@@ -61,7 +62,8 @@ class LLMEngine:
         self.dtype = self.model.dtype
         self.pool = plan_kv_pool(model_config, self.dtype, self.device, config.block_size,
                                  config.kv_cache_memory_bytes, config.gpu_memory_utilization)
-        wanted_len = config.max_model_len or model_config.max_position_embeddings
+        self.rope_scaling = self._server_rope_scaling(config, model_config)
+        wanted_len = config.max_model_len or self.rope_scaling.context_limit(model_config.max_position_embeddings)
         # One sequence must always fit in the pool on its own, or preemption could not help it.
         self.max_model_len = min(wanted_len, self.pool.num_tokens)
         if self.max_model_len < wanted_len:
@@ -70,13 +72,15 @@ class LLMEngine:
         self.kv_cache = allocate_kv_cache(model_config, self.pool, self.dtype, self.device)
         self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens
+        self.planner = RopePlanner(model_config.rope_theta, model_config.head_dim,
+                                   model_config.max_position_embeddings, self.rope_scaling)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                             prefill_chunk_size=min(config.prefill_chunk_size or budget, budget)),
-            self.block_manager,
+            self.block_manager, self.planner,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
-        self.default_rope_plan = model_rope_plan(model_config.rope_theta, model_config.head_dim)
+        self.default_rope_plan = self.planner.model_plan
         self.requests: dict[str, RequestState] = {}
         self.counters = EngineCounters()
         self._arrivals = itertools.count()
@@ -85,24 +89,52 @@ class LLMEngine:
         log.info("model %s (%s, %d layers) on %s in %s, loaded in %.1f s", model_config.name,
                  model_config.architecture, model_config.num_layers, self.device,
                  str(self.dtype).removeprefix("torch."), loaded.seconds)
+        if not self.rope_scaling.is_none:
+            log.info("RoPE scaling %s", self.rope_scaling)
         log.info("KV pool: %d blocks of %d tokens = %d tokens, %.1f MiB; max_model_len %d",
                  self.pool.num_blocks, self.pool.block_size, self.pool.num_tokens,
                  self.pool.num_bytes / 2**20, self.max_model_len)
 
+    @staticmethod
+    def _server_rope_scaling(config: EngineConfig, model_config) -> RopeScaling:
+        """The server flag's scaling if given, else the model's own; bad values stop start-up."""
+        try:
+            model_scaling = RopeScaling.from_dict(model_config.rope_scaling or None, "model rope_scaling")
+            if config.rope_scaling is None:
+                return model_scaling
+            return RopeScaling.from_dict(config.rope_scaling, "--rope-scaling")
+        except InvalidParameter as error:
+            raise ValueError(f"{error.param}: {error}") from error
+
     # ----- requests -----
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "prompt") -> None:
+    def request_rope_scaling(self, context: ContextParams | None) -> RopeScaling | None:
+        if context is None or context.rope_scaling is None:
+            return None
+        return RopeScaling.from_dict(context.rope_scaling, "rope_scaling")
+
+    def context_limit(self, scaling: RopeScaling | None) -> int:
+        """The longest sequence a request may reach: the server's limit, or less under a
+        request's own scaling."""
+        if scaling is None:
+            return self.max_model_len
+        return min(self.max_model_len, scaling.context_limit(self.model_config.max_position_embeddings))
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str = "prompt",
+                     context: ContextParams | None = None) -> None:
         """Refuse what cannot fit in the context limit, with the message OpenAI clients expect."""
         if num_prompt_tokens == 0:
             raise InvalidParameter(param, "the prompt is empty")
+        limit = self.context_limit(self.request_rope_scaling(context))
         requested = num_prompt_tokens + (max_tokens or 1)
-        if requested > self.max_model_len:
+        if requested > limit:
             detail = (f" ({num_prompt_tokens} in the prompt, {max_tokens} in the completion)"
                       if max_tokens else "")
-            raise InvalidParameter(param, f"This model's maximum context length is {self.max_model_len} tokens; "
+            raise InvalidParameter(param, f"This model's maximum context length is {limit} tokens; "
                                           f"your request has {requested}{detail}. Shorten the prompt or max_tokens.")
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    context: ContextParams | None = None) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -112,14 +144,17 @@ class LLMEngine:
             vocab = self.model_config.vocab_size
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
                 raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
-        self.check_length(len(token_ids), params.max_tokens)
-        max_total = min(len(token_ids) + (params.max_tokens or self.max_model_len), self.max_model_len)
+        self.check_length(len(token_ids), params.max_tokens, context=context)
+        scaling = self.request_rope_scaling(context)
+        limit = self.context_limit(scaling)
+        max_total = min(len(token_ids) + (params.max_tokens or limit), limit)
+        planned = min(len(token_ids) + (params.max_tokens or 0), limit)
         arrival = next(self._arrivals)
         choices = []
         for index in range(params.n):
             seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, choice_index=index,
-                           prompt_token_ids=token_ids, rope_plan=self.default_rope_plan,
-                           arrival=arrival, max_total_tokens=max_total)
+                           prompt_token_ids=token_ids, rope_plan=None, arrival=arrival,
+                           max_total_tokens=max_total, planned_length=planned, rope_scaling=scaling)
             choices.append(ChoiceState(
                 seq=seq,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.stop,

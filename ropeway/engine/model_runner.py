@@ -3,8 +3,9 @@
 import numpy as np
 import torch
 
+from ropeway.kernels import rerotate_keys
 from ropeway.models import ForwardBatch, LlamaModel
-from ropeway.scheduler import RopePlan, SchedulerOutput
+from ropeway.scheduler import RopeGrowth, RopePlan, SchedulerOutput
 
 
 class ModelRunner:
@@ -13,13 +14,33 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = model.device
-        self._rope_rows: dict[RopePlan, torch.Tensor] = {}
+        self._rope_rows: dict[RopePlan, tuple[torch.Tensor, float]] = {}
 
-    def rope_row(self, plan: RopePlan) -> torch.Tensor:
+    def rope_row(self, plan: RopePlan) -> tuple[torch.Tensor, float]:
+        """(inv_freq on the device, attention factor), computed once per plan."""
         row = self._rope_rows.get(plan)
         if row is None:
-            row = self._rope_rows[plan] = plan.inv_freq()
+            inv_freq, factor = plan.parameters()
+            row = self._rope_rows[plan] = (inv_freq.to(self.device), factor)
         return row
+
+    def apply_rope_growth(self, growth: RopeGrowth) -> None:
+        """Copy the blocks the sequence no longer shares, then re-rotate its cached keys
+        from the old plan to the new one, in place, every layer at once."""
+        for source, destination in growth.block_copies:
+            self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
+        n = growth.num_tokens
+        if n == 0:
+            return
+        positions = torch.arange(n, device=self.device)
+        table = torch.tensor(growth.seq.block_table, dtype=torch.int64, device=self.device)
+        slots = table[positions // self.block_size] * self.block_size + positions % self.block_size
+        old_inv_freq, old_factor = self.rope_row(growth.old_plan)
+        new_inv_freq, new_factor = self.rope_row(growth.new_plan)
+        rerotate_keys(self.kv_cache[:, 0], slots, positions, positions,
+                      old_inv_freq.expand(n, -1), new_inv_freq.expand(n, -1),
+                      torch.full((n,), old_factor, device=self.device),
+                      torch.full((n,), new_factor, device=self.device))
 
     def build_batch(self, step: SchedulerOutput) -> ForwardBatch:
         items = step.scheduled
@@ -55,8 +76,8 @@ class ModelRunner:
             query_start_loc=to(query_start, torch.int32),
             seq_lens=to(seq_lens, torch.int32),
             block_tables=to(block_tables, torch.int32),
-            inv_freq=torch.stack([self.rope_row(i.seq.rope_plan) for i in items]).to(self.device),
-            attention_factor=torch.tensor([i.seq.rope_plan.attention_factor for i in items],
+            inv_freq=torch.stack([self.rope_row(i.seq.rope_plan)[0] for i in items]),
+            attention_factor=torch.tensor([self.rope_row(i.seq.rope_plan)[1] for i in items],
                                           dtype=torch.float32, device=self.device),
             logits_indices=to(logits_indices),
             max_query_len=int(num_new.max()),
@@ -65,4 +86,6 @@ class ModelRunner:
 
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Logits [number of sampling sequences, vocab], in the order they were scheduled."""
+        for growth in step.rope_growths:
+            self.apply_rope_growth(growth)
         return self.model.forward(self.build_batch(step), self.kv_cache)

@@ -1,7 +1,9 @@
 from .block_manager import BlockManager
-from .rope_plan import RopePlan, model_rope_plan
-from .scheduler import ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
+from .rope_plan import RopePlan, RopePlanner, bucket_length
+from .rope_scaling import ROPE_TYPES, RopeScaling
+from .scheduler import RopeGrowth, ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 
-__all__ = ["BlockManager", "RopePlan", "model_rope_plan", "ScheduledSequence", "Scheduler",
-           "SchedulerConfig", "SchedulerOutput", "Sequence", "SequenceStatus"]
+__all__ = ["BlockManager", "RopePlan", "RopePlanner", "bucket_length", "ROPE_TYPES", "RopeScaling",
+           "RopeGrowth", "ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput",
+           "Sequence", "SequenceStatus"]

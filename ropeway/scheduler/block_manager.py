@@ -110,12 +110,41 @@ class BlockManager:
         """Grow seq's block table to hold num_computed + num_new tokens."""
         for _ in range(self.blocks_to_grow(seq, num_new_tokens)):
             block, _ = self.free_blocks.popitem(last=False)
-            old_hash = self.hash_of_block[block]
-            if old_hash is not None:
-                del self.block_of_hash[old_hash]
-                self.hash_of_block[block] = None
+            self._forget(block)
             self.ref_counts[block] = 1
             seq.block_table.append(block)
+
+    def make_private(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Give seq its own copy of every block it shares, before its keys are changed in place.
+        Returns the (source, destination) block copies the runner must perform."""
+        copies = []
+        for index, block in enumerate(seq.block_table):
+            if self.ref_counts[block] > 1:
+                fresh, _ = self.free_blocks.popitem(last=False)
+                self._forget(fresh)
+                self.ref_counts[fresh] = 1
+                self.ref_counts[block] -= 1
+                seq.block_table[index] = fresh
+                copies.append((block, fresh))
+        return copies
+
+    def num_shared_blocks(self, seq: Sequence) -> int:
+        return sum(1 for b in seq.block_table if self.ref_counts[b] > 1)
+
+    def forget_hashes(self, seq: Sequence) -> None:
+        """seq's cached keys are about to be re-rotated under a new plan: its blocks no longer
+        hold what their hashes say, and its hashes must be recomputed under the new plan key."""
+        for block in seq.block_table:
+            if self.ref_counts[block] == 1:
+                self._forget(block)
+        seq.block_hashes = []
+
+    def _forget(self, block: int) -> None:
+        old_hash = self.hash_of_block[block]
+        if old_hash is not None:
+            if self.block_of_hash.get(old_hash) == block:
+                del self.block_of_hash[old_hash]
+            self.hash_of_block[block] = None
 
     def free(self, seq: Sequence) -> None:
         # Tail blocks first, so a shared prefix outlives the suffixes in the LRU order.

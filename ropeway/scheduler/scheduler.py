@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
+from .rope_plan import RopePlan, RopePlanner
 from .sequence import Sequence, SequenceStatus
 
 
@@ -39,9 +40,21 @@ class ScheduledSequence:
 
 
 @dataclass
+class RopeGrowth:
+    """A sequence outgrew its plan: before this step, copy its shared blocks, then re-rotate
+    its first num_tokens cached keys from old_plan to new_plan (same positions)."""
+    seq: Sequence
+    old_plan: RopePlan
+    new_plan: RopePlan
+    num_tokens: int
+    block_copies: list[tuple[int, int]]
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    rope_growths: list[RopeGrowth] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -53,9 +66,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 planner: RopePlanner | None = None):
         self.config = config
         self.block_manager = block_manager
+        # Without a planner, sequences must arrive with their plan set (tests do this).
+        self.planner = planner
+        self.num_plan_growths = 0
+        self.new_plans: list[RopePlan] = []  # plans chosen since the metrics last drained them
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         # Choices 2..n of a request wait here until choice 1 has computed the prompt, then
@@ -68,6 +86,10 @@ class Scheduler:
 
     def add(self, seqs: list[Sequence]) -> None:
         """Queue the choices of one request; all but the first wait for the shared prompt."""
+        for seq in seqs:
+            if seq.rope_plan is None:
+                seq.rope_plan = self.planner.plan(seq.planned_length, seq.rope_scaling)
+        self.new_plans.append(seqs[0].rope_plan)
         first, rest = seqs[0], seqs[1:]
         self.waiting.append(first)
         if rest:
@@ -109,6 +131,9 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_uncomputed_tokens, self.config.prefill_chunk_size, budget)
+            self._grow_plan_if_outgrown(seq, n, out)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
             while bm.blocks_to_grow(seq, n) > bm.num_free_blocks:
                 victim = max(self.running, key=lambda s: s.arrival)
                 self._preempt(victim)
@@ -128,6 +153,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
+            self._grow_plan_before_admission(seq)
             cached = bm.find_cached_prefix(seq)
             n = min(seq.num_tokens - len(cached) * bm.block_size, self.config.prefill_chunk_size, budget)
             if not bm.can_admit(cached, n):
@@ -144,6 +170,38 @@ class Scheduler:
             budget -= n
         self.last_plan = out
         return out
+
+    def _grown_plan(self, seq: Sequence, needed_length: int) -> RopePlan | None:
+        if self.planner is None:
+            return None
+        return self.planner.grow(seq.rope_plan, needed_length, seq.rope_scaling, seq.max_total_tokens)
+
+    def _grow_plan_if_outgrown(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
+        """Grow the plan of a running sequence about to pass its planned length, and have its
+        cached keys re-rotated once; if its shared blocks cannot be copied, recompute it."""
+        new_plan = self._grown_plan(seq, seq.num_computed_tokens + num_new_tokens)
+        if new_plan is None:
+            return
+        self.num_plan_growths += 1
+        self.new_plans.append(new_plan)
+        old_plan, seq.rope_plan = seq.rope_plan, new_plan
+        bm = self.block_manager
+        if bm.num_shared_blocks(seq) + bm.blocks_to_grow(seq, num_new_tokens) > bm.num_free_blocks:
+            self._preempt(seq)
+            out.preempted.append(seq)
+            return
+        copies = bm.make_private(seq)
+        bm.forget_hashes(seq)
+        out.rope_growths.append(RopeGrowth(seq, old_plan, new_plan, seq.num_computed_tokens, copies))
+
+    def _grow_plan_before_admission(self, seq: Sequence) -> None:
+        """A waiting sequence (preempted, so nothing cached) simply starts under the larger plan."""
+        new_plan = self._grown_plan(seq, seq.num_tokens)
+        if new_plan is not None:
+            self.num_plan_growths += 1
+            self.new_plans.append(new_plan)
+            seq.rope_plan = new_plan
+            seq.block_hashes = []
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

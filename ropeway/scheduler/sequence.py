@@ -4,6 +4,7 @@ import enum
 from dataclasses import dataclass, field
 
 from .rope_plan import RopePlan
+from .rope_scaling import RopeScaling
 
 
 class SequenceStatus(enum.Enum):
@@ -18,10 +19,12 @@ class Sequence:
     request_id: str
     choice_index: int
     prompt_token_ids: list[int]
-    rope_plan: RopePlan
+    rope_plan: RopePlan | None  # None: the scheduler plans it on arrival
     # Arrival order across the engine: preemption picks the newest, admission the oldest.
     arrival: int
     max_total_tokens: int
+    planned_length: int = 0                 # prompt + max_tokens, capped: what the plan is sized for
+    rope_scaling: RopeScaling | None = None  # the request's own scaling, over the server's
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -42,43 +42,62 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropeway", description="ropeway: a long-context LLM inference server")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                description="Serve the OpenAI-compatible API (the built-in default model "
+                                            "on 127.0.0.1:8000 when run without arguments).")
     defaults = EngineConfig()
 
     server = serve.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require `Authorization: Bearer <key>` on /v1 and tokenizer routes "
-                             f"(default: ${API_KEY_ENV})")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    server.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    # The key's default is read in serve(), not here, so that --help never prints it.
+    server.add_argument("--api-key", default=None,
+                        help=f"require `Authorization: Bearer <key>` on /v1 and the tokenizer routes "
+                             f"(default: ${API_KEY_ENV} if set, else no key)")
     server.add_argument("--served-model-name", nargs="+", default=None,
-                        help="name(s) clients use for the model; the first is reported (default: the model's name)")
-    server.add_argument("--max-waiting", type=int, default=512,
-                        help="sequences that may wait beyond --max-num-seqs before requests get 503")
-    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+                        help="name(s) clients use for the model; the first is reported "
+                             "(default: the --model argument, or SmolLM2-135M-Instruct)")
+    server.add_argument("--max-waiting", type=non_negative_int, default=512,
+                        help="sequences that may wait beyond --max-num-seqs; past that, requests get 503 "
+                             "(default: 512)")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                        help="(default: info)")
 
     engine = serve.add_argument_group("engine")
     engine.add_argument("--model", default=None,
                         help="GGUF file or Hugging Face model directory (default: the built-in SmolLM2-135M-Instruct)")
-    engine.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    engine.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto")
+    engine.add_argument("--dtype", default=defaults.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                        help="(default: auto: float32 on CPU, bfloat16 on CUDA)")
+    engine.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default: auto)")
     engine.add_argument("--max-model-len", type=positive_int, default=None,
                         help="context limit in tokens (default: the model's trained context, capped by the KV pool)")
     engine.add_argument("--kv-cache-memory", type=memory_size, default=None,
-                        help="KV cache pool size, e.g. 2GiB (default: 1GiB on CPU, "
-                             "--gpu-memory-utilization of free memory on CUDA)")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization)
-    engine.add_argument("--block-size", type=int, default=defaults.block_size)
-    engine.add_argument("--max-num-seqs", type=positive_int, default=defaults.max_num_seqs)
-    engine.add_argument("--max-num-batched-tokens", type=positive_int, default=defaults.max_num_batched_tokens)
-    engine.add_argument("--prefill-chunk-size", type=positive_int, default=None)
+                        help="KV cache pool size, e.g. 2GiB (default: 1GiB on CPU; on CUDA, "
+                             "--gpu-memory-utilization of the free memory)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+                        help=f"(default: {defaults.gpu_memory_utilization})")
+    engine.add_argument("--block-size", type=int, default=defaults.block_size,
+                        help=f"tokens per KV block (default: {defaults.block_size})")
+    engine.add_argument("--max-num-seqs", type=positive_int, default=defaults.max_num_seqs,
+                        help=f"sequences in the running batch at most (default: {defaults.max_num_seqs})")
+    engine.add_argument("--max-num-batched-tokens", type=positive_int, default=defaults.max_num_batched_tokens,
+                        help=f"tokens per engine step at most (default: {defaults.max_num_batched_tokens})")
+    engine.add_argument("--prefill-chunk-size", type=positive_int, default=None,
+                        help="prompt tokens per sequence per step at most (default: --max-num-batched-tokens)")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=defaults.enable_prefix_caching)
-    engine.add_argument("--seed", type=int, default=defaults.seed)
+                        default=defaults.enable_prefix_caching, help="(default: on)")
+    engine.add_argument("--seed", type=int, default=defaults.seed,
+                        help=f"seed for requests that give none (default: {defaults.seed})")
     return parser
 
 
@@ -100,7 +119,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     # As vLLM does, clients name the model by the --model argument unless told otherwise.
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
-    settings = ServerSettings(served_model_names=names, api_key=args.api_key or None, max_waiting=args.max_waiting)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    settings = ServerSettings(served_model_names=names, api_key=api_key, max_waiting=args.max_waiting)
     async_engine = AsyncEngine(engine)
     ctx = ServerContext.create(async_engine, settings)
     app = build_app(ctx)
