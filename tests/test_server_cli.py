@@ -24,10 +24,16 @@ def test_memory_sizes():
     assert memory_size("1.5GB") == 1_500_000_000
 
 
-def test_serve_defaults_to_the_default_model_on_localhost_8000(monkeypatch):
-    monkeypatch.delenv("ROPEWAY_API_KEY", raising=False)
+def test_serve_defaults_to_the_default_model_on_localhost_8000():
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model, args.api_key) == ("127.0.0.1", 8000, None, None)
+
+
+def test_help_never_shows_the_api_key():
+    done = subprocess.run([ROPEWAY, "serve", "--help"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "ROPEWAY_API_KEY": "do-not-print"})
+    assert done.returncode == 0 and "--max-waiting" in done.stdout
+    assert "do-not-print" not in done.stdout
 
 
 def test_a_model_that_cannot_load_exits_with_a_message_not_a_traceback(tmp_path):
