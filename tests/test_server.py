@@ -235,6 +235,14 @@ def test_32_concurrent_chat_streams_each_equal_their_own_output_alone(server, re
     assert asyncio.run(all_streams()) == alone
 
 
+def test_request_rope_scaling_is_passed_to_the_engine_and_validated(client, http):
+    scaled = client.completions.create(model=MODEL_NAME, prompt="The capital of France is", max_tokens=4,
+                                       extra_body={"rope_scaling": {"rope_type": "dynamic", "factor": 2}}, **GREEDY)
+    assert scaled.usage.completion_tokens == 4
+    bad = http.post("/v1/chat/completions", json={"messages": QUESTION, "rope_scaling": {"rope_type": "bogus"}})
+    assert_openai_error(bad, 400, "rope_scaling.rope_type")
+
+
 # ----- other routes -----
 
 

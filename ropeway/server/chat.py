@@ -69,10 +69,11 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
         raise
     ctx.check_n(params.n)
     prompt_ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt)
-    ctx.check_length(len(prompt_ids), params.max_tokens, "messages")
+    context = body.context_params()
+    ctx.check_length(len(prompt_ids), params.max_tokens, "messages", context)
     ticket = ctx.gate.admit(params.n)
     response_id = new_id("chatcmpl")
-    outputs = ctx.generate(prompt_ids, params, response_id)
+    outputs = ctx.generate(prompt_ids, params, response_id, context)
     stream = ChatStream(body, model, response_id, len(prompt_ids))
     if body.stream:
         return event_stream(stream.chunks(outputs), ticket)

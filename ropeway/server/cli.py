@@ -4,6 +4,7 @@ With no arguments it serves the built-in default model on http://127.0.0.1:8000.
 """
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -49,6 +50,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object such as \'{"rope_type": "dynamic", "factor": 4}\'')
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropeway", description="ropeway: a long-context LLM inference server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default: auto)")
     engine.add_argument("--max-model-len", type=positive_int, default=None,
                         help="context limit in tokens (default: the model's trained context, capped by the KV pool)")
+    engine.add_argument("--rope-scaling", type=json_object, default=None,
+                        help='RoPE scaling for every request that sets none, as JSON in Hugging Face\'s form, e.g. '
+                             '\'{"rope_type": "dynamic", "factor": 4}\' (default: the model\'s own)')
     engine.add_argument("--kv-cache-memory", type=memory_size, default=None,
                         help="KV cache pool size, e.g. 2GiB (default: 1GiB on CPU; on CUDA, "
                              "--gpu-memory-utilization of the free memory)")
@@ -107,7 +121,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_bytes=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
-        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, rope_scaling=args.rope_scaling,
     )
 
 

@@ -69,11 +69,12 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     params = body.sampling_params(body.max_tokens, body.logprobs)
     ctx.check_n(params.n)
     prompts = read_prompts(ctx, body.prompt)
+    context = body.context_params()
     for prompt in prompts:
-        ctx.check_length(len(prompt.token_ids), params.max_tokens, "prompt")
+        ctx.check_length(len(prompt.token_ids), params.max_tokens, "prompt", context)
     ticket = ctx.gate.admit(params.n * len(prompts))
     response_id = new_id("cmpl")
-    streams = [ctx.generate(p.token_ids, params, f"{response_id}-{i}") for i, p in enumerate(prompts)]
+    streams = [ctx.generate(p.token_ids, params, f"{response_id}-{i}", context) for i, p in enumerate(prompts)]
     stream = CompletionStream(ctx, body, model, response_id, prompts)
     if body.stream:
         return event_stream(stream.chunks(streams), ticket)

@@ -4,6 +4,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from ropeway.context_params import ContextParams
 from ropeway.engine import AsyncEngine
 from ropeway.outputs import RequestOutput
 from ropeway.sampling_params import SamplingParams
@@ -69,9 +70,11 @@ class ServerContext:
         if any(not 0 <= t < vocab for t in token_ids):
             raise APIError.bad_request(f"token ids must be integers in [0, {vocab})", param)
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
-        self.engine.engine.check_length(num_prompt_tokens, max_tokens, param)
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str,
+                     context: ContextParams | None) -> None:
+        """Also validates the request's RoPE scaling, which can lower its context limit."""
+        self.engine.engine.check_length(num_prompt_tokens, max_tokens, param, context)
 
-    def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                 request_id: str) -> AsyncIterator[RequestOutput]:
-        return self.metrics.tracked(self.engine.generate(prompt_token_ids, params, request_id), params.n)
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                 context: ContextParams | None) -> AsyncIterator[RequestOutput]:
+        return self.metrics.tracked(self.engine.generate(prompt_token_ids, params, request_id, context), params.n)

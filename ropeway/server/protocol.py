@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from ropeway.context_params import ContextParams
 from ropeway.sampling_params import SamplingParams
 
 
@@ -59,6 +60,11 @@ class SamplingFields(RequestBody):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # ropeway's extension: this request's RoPE scaling, e.g. {"rope_type": "dynamic", "factor": 4}
+    rope_scaling: dict | None = None
+
+    def context_params(self) -> ContextParams | None:
+        return ContextParams(rope_scaling=self.rope_scaling) if self.rope_scaling is not None else None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises InvalidParameter naming the offending field."""
