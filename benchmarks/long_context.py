@@ -141,7 +141,7 @@ def main() -> None:
     # Requests without their own scaling use the model's RoPE ("none") up to this limit, so
     # `none` can be measured past the trained context, where it breaks.
     llm = LLM(dtype="bfloat16" if cuda else "float32", max_model_len=longest + 64,
-              kv_cache_memory_bytes=(8 << 30) if cuda else (2 << 30),
+              kv_cache_memory_bytes=(24 << 30) if cuda else (2 << 30),
               max_num_batched_tokens=8192, max_num_seqs=args.trials)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
