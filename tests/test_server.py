@@ -204,6 +204,25 @@ def test_chat_stream_with_n_choices_through_the_openai_client(client):
     assert texts[0] == texts[1] != ""
 
 
+def test_chat_content_as_text_parts_equals_content_as_a_string(client):
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital "},
+                                             {"type": "text", "text": "of France?"}]}]
+    by_parts = client.chat.completions.create(model=MODEL_NAME, messages=as_parts, max_tokens=6, **GREEDY)
+    by_string = client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, max_tokens=6, **GREEDY)
+    assert by_parts.choices[0].message.content == by_string.choices[0].message.content
+    assert by_parts.usage == by_string.usage
+
+
+def test_completion_of_several_token_id_prompts_streams_every_choice(client, http):
+    ids = [http.post("/tokenize", json={"prompt": text}).json()["tokens"] for text in ("Red, green,", "Monday,")]
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=3, n=2, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
+    finished = sorted(c.index for chunk in chunks for c in chunk.choices if c.finish_reason)
+    assert finished == [0, 1, 2, 3]
+    assert chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == len(ids[0]) + len(ids[1])
+
+
 def test_chat_logprobs(client):
     result = client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, max_tokens=4, logprobs=True,
                                             top_logprobs=2, **GREEDY)
@@ -380,6 +399,16 @@ def test_full_waiting_queue_gets_503(make_llm):
             assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}).status_code == 200
     finally:
         tiny.shutdown()
+
+
+def test_a_stopped_engine_makes_health_and_requests_503(make_llm):
+    stopped = AsyncEngine(make_llm(kv_cache_memory_bytes=16 << 20).engine)  # never started
+    with RunningServer(stopped) as down, httpx.Client(base_url=down.url, timeout=60) as http:
+        assert_openai_error(http.get("/health"), 503)
+        assert_openai_error(http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}), 503,
+                            says="engine is not running")
+        streamed = http.post("/v1/chat/completions", json={"messages": QUESTION, "stream": True})
+        assert_openai_error(streamed, 503, says="engine is not running")
 
 
 # ----- disconnects and failures -----

@@ -71,6 +71,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     prompt_ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt)
     context = body.context_params()
     ctx.check_length(len(prompt_ids), params.max_tokens, "messages", context)
+    ctx.require_engine()
     ticket = ctx.gate.admit(params.n)
     response_id = new_id("chatcmpl")
     outputs = ctx.generate(prompt_ids, params, response_id, context)

@@ -72,6 +72,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     context = body.context_params()
     for prompt in prompts:
         ctx.check_length(len(prompt.token_ids), params.max_tokens, "prompt", context)
+    ctx.require_engine()
     ticket = ctx.gate.admit(params.n * len(prompts))
     response_id = new_id("cmpl")
     streams = [ctx.generate(p.token_ids, params, f"{response_id}-{i}", context) for i, p in enumerate(prompts)]

@@ -52,6 +52,11 @@ class ServerContext:
     def max_num_seqs(self) -> int:
         return self.engine.engine.config.max_num_seqs
 
+    def require_engine(self) -> None:
+        # Checked up front so a stream is refused with a status, not opened only to fail.
+        if not self.engine.is_alive:
+            raise APIError(503, "the engine is not running")
+
     def resolve_model(self, requested: str | None) -> str:
         """The name to answer with; 404 for a model this server does not serve."""
         if requested is None or requested in self.settings.served_model_names:

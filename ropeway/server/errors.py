@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ropeway.engine import EngineDeadError
 from ropeway.sampling_params import InvalidParameter
 
 from .protocol import ErrorDetail, ErrorResponse
@@ -89,6 +90,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidParameter)
     async def on_invalid_parameter(_: Request, error: InvalidParameter):
         return error_response(APIError.from_invalid_parameter(error))
+
+    @app.exception_handler(EngineDeadError)
+    async def on_engine_dead(_: Request, error: EngineDeadError):
+        return error_response(APIError(503, "the engine is not running"))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_: Request, error: RequestValidationError):

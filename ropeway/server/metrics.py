@@ -85,8 +85,8 @@ class ServerMetrics:
         self.kv_blocks_capacity.set(engine.pool.num_blocks)
         self.kv_bytes_capacity.set(engine.pool.num_bytes)
         self._bytes_per_block = engine.pool.bytes_per_block
+        # Totals already copied into the counters; the loop thread's first call brings them up to date.
         self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "queries": 0, "hits": 0}
-        self.observe_engine(engine)
 
     def observe_engine(self, engine: LLMEngine) -> None:
         """Copy engine-wide state; runs on the engine's loop thread after each step."""
