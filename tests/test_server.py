@@ -443,7 +443,7 @@ def test_client_that_drops_mid_stream_frees_its_blocks(http, engine):
 
 
 def test_non_streaming_client_that_gives_up_aborts_its_request(http, engine, server):
-    with pytest.raises(httpx.ReadTimeout):
+    with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.url}/v1/completions", json={"prompt": "Tell me a story", "max_tokens": 500,
                                                          "ignore_eos": True}, timeout=1.0)
     assert wait_for(lambda: not engine.engine.requests and engine.engine.block_manager.num_used_blocks == 0)
@@ -487,7 +487,11 @@ def test_unexpected_failure_is_a_500_without_internals(http, monkeypatch):
 # ----- metrics -----
 
 
-def test_metrics_after_traffic_pass_promtool(http):
+def test_metrics_after_traffic_pass_promtool(http, client):
+    # Traffic of its own, so the test stands alone: two choices share (and hit) their prompt's blocks.
+    client.completions.create(model=MODEL_NAME, prompt="Once upon a time, in a land far away beyond the seven hills and the "
+                              "seven rivers, there lived",
+                              max_tokens=3, n=2, **GREEDY)
     samples = scrape(http)
     assert metric(samples, "ropeway:prompt_tokens_total") > 0
     assert metric(samples, "ropeway:generation_tokens_total") > 0
