@@ -1,9 +1,11 @@
 """Real uvicorn servers on 127.0.0.1 for the server tests, each on a free port in a thread."""
 
 import socket
+import subprocess
 import threading
 import time
 
+import httpx
 import uvicorn
 
 from ropeway.engine import AsyncEngine
@@ -42,3 +44,19 @@ class RunningServer:
     def __exit__(self, *_) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait for a server started as a subprocess to answer /health; fail with its log if it exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            log = process.stderr.read() if process.stderr else ""
+            raise RuntimeError(f"{url} did not come up:\n{log}")
+        time.sleep(0.2)

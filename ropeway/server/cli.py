@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from ropeway.config import EngineConfig
 from ropeway.engine import AsyncEngine, LLMEngine
@@ -50,6 +52,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -81,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-waiting", type=non_negative_int, default=512,
                         help="sequences that may wait beyond --max-num-seqs; past that, requests get 503 "
                              "(default: 512)")
+    server.add_argument("--shutdown-timeout", type=non_negative_float, default=30.0,
+                        help="on SIGTERM, stop accepting connections and give running requests this many seconds "
+                             "to finish before cancelling them; then exit 0 (default: 30)")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                         help="(default: info)")
 
@@ -141,8 +153,19 @@ def serve(args: argparse.Namespace) -> int:
     async_engine.start()
     log.info("serving %s at http://%s:%d (OpenAI API under /v1, docs at /docs, metrics at /metrics)%s",
              names[0], args.host, args.port, "; API key required" if settings.api_key else "")
+    # sse-starlette would end every open stream as soon as uvicorn sees the signal; draining lets
+    # them run to their end, and only --shutdown-timeout cuts them short.
+    AppStatus.disable_automatic_graceful_drain()
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    # While serving, uvicorn's own handler drains on SIGTERM; once stopped it raises the signal
+    # again with this one back in place, so the process exits 0 rather than dying of it. A SIGTERM
+    # before uvicorn listens stops it as soon as it has started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "should_exit", True))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C the same way, once it has stopped
+        pass
     finally:
         async_engine.shutdown()
     return 0

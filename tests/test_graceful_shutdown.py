@@ -1,0 +1,96 @@
+"""SIGTERM on `ropeway serve`, as Kubernetes sends it: stop accepting, drain, exit 0."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from server_harness import free_port, wait_until_healthy
+
+ROPEWAY = Path(sys.executable).parent / "ropeway"
+SHUTDOWN_TIMEOUT = 8.0
+SHORT_TOKENS = 24
+
+
+class StreamReader(threading.Thread):
+    """Reads one streamed completion in the background, remembering its frames and how it ended."""
+
+    def __init__(self, url: str, max_tokens: int):
+        super().__init__(daemon=True)
+        self.body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0,
+                     "ignore_eos": True, "stream": True}
+        self.url = url
+        self.frames: list[str] = []
+        self.first_frame = threading.Event()
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/completions", json=self.body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        self.frames.append(line.removeprefix("data: "))
+                        self.first_frame.set()
+        except httpx.HTTPError as error:
+            self.error = error
+        self.first_frame.set()
+
+    @property
+    def tokens(self) -> int:
+        return sum(1 for frame in self.frames if frame != "[DONE]" and json.loads(frame)["choices"][0]["text"] != "")
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [json.loads(frame)["choices"][0]["finish_reason"] for frame in self.frames
+                if frame != "[DONE]" and json.loads(frame)["choices"][0]["finish_reason"]]
+
+
+def test_sigterm_stops_accepting_drains_running_requests_up_to_the_timeout_then_exits_0():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([ROPEWAY, "serve", "--port", str(port), "--max-model-len", "2048",
+                                "--kv-cache-memory", "256MiB", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "ROPEWAY_API_KEY": ""})
+    try:
+        wait_until_healthy(url, process)
+        # One request that ends soon after the signal, one that would outlive the timeout.
+        short, endless = StreamReader(url, SHORT_TOKENS), StreamReader(url, 2000)
+        for reader in (endless, short):
+            reader.start()
+            assert reader.first_frame.wait(60) and reader.error is None
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+
+        refused = False
+        while not refused and time.monotonic() - signalled < 3:
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                time.sleep(0.05)
+            except httpx.ConnectError:
+                refused = True
+        assert refused, "still accepting connections after SIGTERM"
+
+        short.join(SHUTDOWN_TIMEOUT)
+        assert not short.is_alive() and short.error is None
+        assert short.finish_reasons == ["length"] and short.frames[-1] == "[DONE]"
+        assert short.tokens == SHORT_TOKENS
+
+        assert process.wait(SHUTDOWN_TIMEOUT + 20) == 0
+        drained_for = time.monotonic() - signalled
+        endless.join(5)
+        # The long stream ran until the timeout cut it: it never finished, and the server waited for it.
+        assert endless.finish_reasons == [] and "[DONE]" not in endless.frames
+        assert SHUTDOWN_TIMEOUT - 1 <= drained_for < SHUTDOWN_TIMEOUT + 20
+        # uvicorn logs the one request it cancelled at the timeout, and nothing else went wrong.
+        log = process.stderr.read()
+        assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in log
+        assert log.count("Traceback") == log.count("Exception in ASGI application") == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
