@@ -22,6 +22,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0                         # seeds the streams of requests that give no seed
     rope_scaling: dict | None = None      # e.g. {"rope_type": "dynamic", "factor": 4}; None: the model's own
+    context_policy: dict | None = None    # e.g. {"type": "sink_window", "sinks": 4, "window": 4096}; None: none
+    session_store_fraction: float = 0.25  # at most this share of the KV pool holds retained chat sessions
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -13,7 +13,8 @@ from ropeway.models import LlamaModel, RopewayTokenizer, load_model_files
 from ropeway.outputs import RequestOutput, TokenLogprob
 from ropeway.sampling_params import InvalidParameter, SamplingParams
 from ropeway.context_params import ContextParams
-from ropeway.scheduler import BlockManager, RopePlanner, RopeScaling, Scheduler, SchedulerConfig, Sequence
+from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlanner, RopeScaling, Scheduler, SchedulerConfig,
+                               Sequence)
 
 from .detokenizer import IncrementalDetokenizer
 from .kv_pool import allocate_kv_cache, plan_kv_pool
@@ -63,6 +64,10 @@ class LLMEngine:
         self.pool = plan_kv_pool(model_config, self.dtype, self.device, config.block_size,
                                  config.kv_cache_memory_bytes, config.gpu_memory_utilization)
         self.rope_scaling = self._server_rope_scaling(config, model_config)
+        try:
+            self.context_policy = ContextPolicy.from_dict(config.context_policy, "--context-policy")
+        except InvalidParameter as error:
+            raise ValueError(f"{error.param}: {error}") from error
         wanted_len = config.max_model_len or self.rope_scaling.context_limit(model_config.max_position_embeddings)
         # One sequence must always fit in the pool on its own, or preemption could not help it.
         self.max_model_len = min(wanted_len, self.pool.num_tokens)
@@ -78,6 +83,7 @@ class LLMEngine:
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                             prefill_chunk_size=min(config.prefill_chunk_size or budget, budget)),
             self.block_manager, self.planner,
+            session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
         self.default_rope_plan = self.planner.model_plan
@@ -108,6 +114,11 @@ class LLMEngine:
 
     # ----- requests -----
 
+    def request_context_policy(self, context: ContextParams | None) -> ContextPolicy:
+        if context is None or context.context_policy is None:
+            return self.context_policy
+        return ContextPolicy.from_dict(context.context_policy, "context_policy")
+
     def request_rope_scaling(self, context: ContextParams | None) -> RopeScaling | None:
         if context is None or context.rope_scaling is None:
             return None
@@ -125,6 +136,12 @@ class LLMEngine:
         """Refuse what cannot fit in the context limit, with the message OpenAI clients expect."""
         if num_prompt_tokens == 0:
             raise InvalidParameter(param, "the prompt is empty")
+        policy = self.request_context_policy(context)
+        if policy.bounded:
+            if policy.max_cache_tokens(self.config.block_size) > self.max_model_len:
+                raise InvalidParameter("context_policy.window", f"sinks + window ({policy.sinks} + {policy.window}) "
+                                       f"exceed the server's context of {self.max_model_len} tokens")
+            return  # a bounded cache streams through any length in constant memory
         limit = self.context_limit(self.request_rope_scaling(context))
         requested = num_prompt_tokens + (max_tokens or 1)
         if requested > limit:
@@ -146,15 +163,22 @@ class LLMEngine:
                 raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
         self.check_length(len(token_ids), params.max_tokens, context=context)
         scaling = self.request_rope_scaling(context)
+        policy = self.request_context_policy(context)
         limit = self.context_limit(scaling)
-        max_total = min(len(token_ids) + (params.max_tokens or limit), limit)
-        planned = min(len(token_ids) + (params.max_tokens or 0), limit)
+        if policy.bounded:
+            # Unbounded stream, bounded cache: the plan is sized for the cache, not the stream.
+            max_total = len(token_ids) + (params.max_tokens or limit)
+            planned = min(len(token_ids) + (params.max_tokens or 0), policy.max_cache_tokens(self.config.block_size))
+        else:
+            max_total = min(len(token_ids) + (params.max_tokens or limit), limit)
+            planned = min(len(token_ids) + (params.max_tokens or 0), limit)
         arrival = next(self._arrivals)
         choices = []
         for index in range(params.n):
             seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, choice_index=index,
                            prompt_token_ids=token_ids, rope_plan=None, arrival=arrival,
-                           max_total_tokens=max_total, planned_length=planned, rope_scaling=scaling)
+                           max_total_tokens=max_total, planned_length=planned, rope_scaling=scaling,
+                           context_policy=policy)
             choices.append(ChoiceState(
                 seq=seq,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.stop,
@@ -248,7 +272,7 @@ class LLMEngine:
         if choice.finish_reason is None and seq.num_tokens >= seq.max_total_tokens:
             choice.finish_reason = "length"
         if choice.finish_reason is not None:
-            self.scheduler.finish(seq)
+            self.scheduler.finish(seq, retain=True)
 
     # ----- introspection for metrics and tests -----
 

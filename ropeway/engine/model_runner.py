@@ -5,7 +5,9 @@ import torch
 
 from ropeway.kernels import rerotate_keys
 from ropeway.models import ForwardBatch, LlamaModel
-from ropeway.scheduler import RopeGrowth, RopePlan, SchedulerOutput
+from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, SchedulerOutput
+
+from .cuda_graphs import DecodeGraphs
 
 
 class ModelRunner:
@@ -15,6 +17,8 @@ class ModelRunner:
         self.block_size = block_size
         self.device = model.device
         self._rope_rows: dict[RopePlan, tuple[torch.Tensor, float]] = {}
+        # Pure-decode steps replay CUDA graphs on the GPU; None runs every step eagerly.
+        self.decode_graphs = DecodeGraphs(model, kv_cache, block_size) if self.device.type == "cuda" else None
 
     def rope_row(self, plan: RopePlan) -> tuple[torch.Tensor, float]:
         """(inv_freq on the device, attention factor), computed once per plan."""
@@ -42,21 +46,40 @@ class ModelRunner:
                       torch.full((n,), old_factor, device=self.device),
                       torch.full((n,), new_factor, device=self.device))
 
+    def apply_eviction(self, eviction: Eviction) -> None:
+        """Copy the kept blocks the sequence shared, then move its kept window keys down by
+        the evicted length (same plan, new positions)."""
+        for source, destination in eviction.block_copies:
+            self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
+        n = eviction.num_tokens
+        if n == 0:
+            return
+        new_positions = torch.arange(eviction.first_position, eviction.first_position + n, device=self.device)
+        table = torch.tensor(eviction.seq.block_table, dtype=torch.int64, device=self.device)
+        slots = table[new_positions // self.block_size] * self.block_size + new_positions % self.block_size
+        inv_freq, factor = self.rope_row(eviction.seq.rope_plan)
+        rows = inv_freq.expand(n, -1)
+        factors = torch.full((n,), factor, device=self.device)
+        rerotate_keys(self.kv_cache[:, 0], slots, new_positions + eviction.shift, new_positions,
+                      rows, rows, factors, factors)
+
     def build_batch(self, step: SchedulerOutput) -> ForwardBatch:
         items = step.scheduled
         num_new = np.array([i.num_new_tokens for i in items], dtype=np.int64)
         computed = np.array([i.seq.num_computed_tokens for i in items], dtype=np.int64)
-        seq_lens = computed + num_new
+        # Cache positions differ from token indices once a bounded cache has evicted.
+        cached = np.array([i.seq.num_cached_positions for i in items], dtype=np.int64)
+        seq_lens = cached + num_new
         query_start = np.zeros(len(items) + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start[1:])
         total = int(query_start[-1])
 
         input_ids = np.empty(total, dtype=np.int64)
         for i, item in enumerate(items):
-            input_ids[query_start[i] : query_start[i + 1]] = item.seq.token_ids[computed[i] : seq_lens[i]]
+            input_ids[query_start[i] : query_start[i + 1]] = item.seq.token_ids[computed[i] : computed[i] + num_new[i]]
         seq_index = np.repeat(np.arange(len(items)), num_new)
         # Position of each token: its sequence's computed count plus its offset in the chunk.
-        positions = computed[seq_index] + (np.arange(total) - query_start[:-1][seq_index])
+        positions = cached[seq_index] + (np.arange(total) - query_start[:-1][seq_index])
 
         max_blocks = max(len(i.seq.block_table) for i in items)
         block_tables = np.zeros((len(items), max_blocks), dtype=np.int32)
@@ -86,6 +109,11 @@ class ModelRunner:
 
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Logits [number of sampling sequences, vocab], in the order they were scheduled."""
+        for eviction in step.evictions:
+            self.apply_eviction(eviction)
         for growth in step.rope_growths:
             self.apply_rope_growth(growth)
-        return self.model.forward(self.build_batch(step), self.kv_cache)
+        batch = self.build_batch(step)
+        if self.decode_graphs is not None and self.decode_graphs.fits(batch):
+            return self.decode_graphs.run(batch)
+        return self.model.forward(batch, self.kv_cache)

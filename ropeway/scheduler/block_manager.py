@@ -76,8 +76,8 @@ class BlockManager:
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Make seq's blocks that are full of computed tokens findable by later requests."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.num_evicted_tokens:
+            return  # after an eviction, blocks no longer line up with token indices
         hashes = self.full_block_hashes(seq, seq.num_computed_tokens)
         for block, h in zip(seq.block_table, hashes):
             if self.hash_of_block[block] is None and h not in self.block_of_hash:
@@ -87,8 +87,8 @@ class BlockManager:
     # ----- allocation -----
 
     def blocks_to_grow(self, seq: Sequence, num_new_tokens: int) -> int:
-        """New blocks seq needs to hold num_computed + num_new tokens."""
-        return max(0, self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
+        """New blocks seq needs for num_new_tokens more cache positions."""
+        return max(0, self.blocks_needed(seq.num_cached_positions + num_new_tokens) - len(seq.block_table))
 
     def can_admit(self, cached: list[int], num_new_tokens: int) -> bool:
         """Whether a waiting sequence fits: its cached prefix blocks (taken out of the free
@@ -114,12 +114,13 @@ class BlockManager:
             self.ref_counts[block] = 1
             seq.block_table.append(block)
 
-    def make_private(self, seq: Sequence) -> list[tuple[int, int]]:
-        """Give seq its own copy of every block it shares, before its keys are changed in place.
-        Returns the (source, destination) block copies the runner must perform."""
+    def make_private(self, seq: Sequence, first_index: int = 0) -> list[tuple[int, int]]:
+        """Give seq its own copy of every block it shares (from first_index on in its table),
+        before their keys are changed in place. Returns the (source, destination) block
+        copies the runner must perform."""
         copies = []
         for index, block in enumerate(seq.block_table):
-            if self.ref_counts[block] > 1:
+            if index >= first_index and self.ref_counts[block] > 1:
                 fresh, _ = self.free_blocks.popitem(last=False)
                 self._forget(fresh)
                 self.ref_counts[fresh] = 1
@@ -128,8 +129,18 @@ class BlockManager:
                 copies.append((block, fresh))
         return copies
 
-    def num_shared_blocks(self, seq: Sequence) -> int:
-        return sum(1 for b in seq.block_table if self.ref_counts[b] > 1)
+    def num_shared_blocks(self, seq: Sequence, first_index: int = 0) -> int:
+        return sum(1 for b in seq.block_table[first_index:] if self.ref_counts[b] > 1)
+
+    def drop_blocks(self, seq: Sequence, start: int, count: int) -> list[int]:
+        """Remove count blocks from seq's table at start; they return to the pool at once."""
+        dropped = seq.block_table[start : start + count]
+        del seq.block_table[start : start + count]
+        for block in dropped:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks[block] = None
+        return dropped
 
     def forget_hashes(self, seq: Sequence) -> None:
         """seq's cached keys are about to be re-rotated under a new plan: its blocks no longer
@@ -154,3 +165,4 @@ class BlockManager:
                 self.free_blocks[block] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.num_evicted_tokens = 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from .block_manager import BlockManager
 from .rope_plan import RopePlan, RopePlanner
 from .sequence import Sequence, SequenceStatus
+from .session_store import SessionStore
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,23 @@ class RopeGrowth:
 
 
 @dataclass
+class Eviction:
+    """Blocks between a sequence's sinks and its window were dropped: before this step, copy
+    the kept blocks it shared, then move its num_tokens kept window keys from positions
+    first_position + shift.. to first_position.. (re-rotation by -shift positions)."""
+    seq: Sequence
+    first_position: int
+    num_tokens: int
+    shift: int
+    block_copies: list[tuple[int, int]]
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     rope_growths: list[RopeGrowth] = field(default_factory=list)
+    evictions: list[Eviction] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -67,12 +81,16 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 planner: RopePlanner | None = None):
+                 planner: RopePlanner | None = None, session_store_blocks: int = 0):
         self.config = config
         self.block_manager = block_manager
+        self.sessions = SessionStore(block_manager, session_store_blocks)
         # Without a planner, sequences must arrive with their plan set (tests do this).
         self.planner = planner
         self.num_plan_growths = 0
+        self.num_evictions = 0        # eviction events
+        self.num_evicted_tokens = 0   # tokens dropped from caches
+        self.num_rerotated_keys = 0   # cached token keys moved to new positions (all layers at once)
         self.new_plans: list[RopePlan] = []  # plans chosen since the metrics last drained them
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -98,8 +116,9 @@ class Scheduler:
             else:
                 self.waiting.extend(rest)
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a sequence that finished or was aborted, and free its blocks at once."""
+    def finish(self, seq: Sequence, retain: bool = False) -> None:
+        """Remove a sequence that finished or was aborted, and free its blocks at once; with
+        retain, a bounded-cache sequence's blocks go to the session store instead."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
@@ -109,7 +128,9 @@ class Scheduler:
             if seq in group:
                 group.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        self.block_manager.free(seq)
+        if not (retain and seq.context_policy.bounded and self.sessions.retain(seq)):
+            self.block_manager.free(seq)
+        seq.block_table = []
 
     def has_unfinished(self) -> bool:
         return bool(self.running) or self.num_waiting > 0
@@ -130,11 +151,16 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_uncomputed_tokens, self.config.prefill_chunk_size, budget)
+            n = self._chunk(seq, budget)
+            self._evict_if_needed(seq, n, out)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
             self._grow_plan_if_outgrown(seq, n, out)
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             while bm.blocks_to_grow(seq, n) > bm.num_free_blocks:
+                if self.sessions.release_oldest():
+                    continue  # retained sessions give way before running sequences do
                 victim = max(self.running, key=lambda s: s.arrival)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -153,14 +179,25 @@ class Scheduler:
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
+            if seq.context_policy.bounded and not seq.block_table:
+                self.sessions.take(seq)
+            restored = bool(seq.block_table)  # a retained session's cache, now this sequence's
             self._grow_plan_before_admission(seq)
-            cached = bm.find_cached_prefix(seq)
-            n = min(seq.num_tokens - len(cached) * bm.block_size, self.config.prefill_chunk_size, budget)
-            if not bm.can_admit(cached, n):
+            cached = [] if restored else bm.find_cached_prefix(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * bm.block_size,
+                    self._chunk(seq, budget))
+            if restored:
+                self._evict_if_needed(seq, n, out)
+            fits = (lambda: bm.blocks_to_grow(seq, n) <= bm.num_free_blocks) if restored else (
+                lambda: bm.can_admit(cached, n))
+            while not fits() and self.sessions.release_oldest():
+                pass
+            if not fits():
                 break
             self.waiting.popleft()
-            bm.take_cached(seq, cached)
-            bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
+            if not restored:
+                bm.take_cached(seq, cached)
+                bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt_tokens = seq.num_computed_tokens
             bm.allocate(seq, n)
@@ -171,6 +208,46 @@ class Scheduler:
         self.last_plan = out
         return out
 
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens seq may compute this step. A bounded cache takes what still fits, or else one
+        eviction chunk (so one eviction always makes room)."""
+        n = min(seq.num_uncomputed_tokens, self.config.prefill_chunk_size, budget)
+        policy = seq.context_policy
+        if policy.bounded:
+            size = self.block_manager.block_size
+            room = policy.max_cache_tokens(size) - seq.num_cached_positions
+            n = min(n, max(room, policy.eviction_chunk(size)))
+        return n
+
+    def _evict_if_needed(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
+        """Keep a bounded cache within sinks + window + one chunk: drop the oldest window blocks
+        (whole blocks, a chunk at a time, back to the pool at once) and have the kept window
+        keys re-rotated down, so cache positions stay contiguous."""
+        policy, bm = seq.context_policy, self.block_manager
+        size = bm.block_size
+        length = seq.num_cached_positions
+        if not policy.bounded or length + num_new_tokens <= policy.max_cache_tokens(size):
+            return
+        excess = length + num_new_tokens - policy.kept_tokens(size)
+        evict = max(policy.eviction_chunk(size), -(-excess // size) * size)
+        first_block = policy.sink_blocks(size)
+        bm.drop_blocks(seq, first_block, evict // size)
+        if bm.num_shared_blocks(seq, first_block) > bm.num_free_blocks:
+            # Cannot copy the shared blocks it must re-rotate: recompute it instead.
+            if seq.status is SequenceStatus.RUNNING:
+                self._preempt(seq)
+            else:
+                bm.free(seq)
+            return
+        copies = bm.make_private(seq, first_block)
+        bm.forget_hashes(seq)
+        seq.num_evicted_tokens += evict
+        moved = length - first_block * size - evict
+        out.evictions.append(Eviction(seq, first_block * size, moved, evict, copies))
+        self.num_evictions += 1
+        self.num_evicted_tokens += evict
+        self.num_rerotated_keys += moved
+
     def _grown_plan(self, seq: Sequence, needed_length: int) -> RopePlan | None:
         if self.planner is None:
             return None
@@ -179,7 +256,7 @@ class Scheduler:
     def _grow_plan_if_outgrown(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
         """Grow the plan of a running sequence about to pass its planned length, and have its
         cached keys re-rotated once; if its shared blocks cannot be copied, recompute it."""
-        new_plan = self._grown_plan(seq, seq.num_computed_tokens + num_new_tokens)
+        new_plan = self._grown_plan(seq, seq.num_cached_positions + num_new_tokens)
         if new_plan is None:
             return
         self.num_plan_growths += 1
@@ -192,11 +269,14 @@ class Scheduler:
             return
         copies = bm.make_private(seq)
         bm.forget_hashes(seq)
-        out.rope_growths.append(RopeGrowth(seq, old_plan, new_plan, seq.num_computed_tokens, copies))
+        out.rope_growths.append(RopeGrowth(seq, old_plan, new_plan, seq.num_cached_positions, copies))
 
     def _grow_plan_before_admission(self, seq: Sequence) -> None:
         """A waiting sequence (preempted, so nothing cached) simply starts under the larger plan."""
-        new_plan = self._grown_plan(seq, seq.num_tokens)
+        needed = seq.num_tokens
+        if seq.context_policy.bounded:
+            needed = min(needed, seq.context_policy.max_cache_tokens(self.block_manager.block_size))
+        new_plan = self._grown_plan(seq, needed)
         if new_plan is not None:
             self.num_plan_growths += 1
             self.new_plans.append(new_plan)

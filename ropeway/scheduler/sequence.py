@@ -3,6 +3,7 @@
 import enum
 from dataclasses import dataclass, field
 
+from .context_policy import ContextPolicy
 from .rope_plan import RopePlan
 from .rope_scaling import RopeScaling
 
@@ -25,6 +26,10 @@ class Sequence:
     max_total_tokens: int
     planned_length: int = 0                 # prompt + max_tokens, capped: what the plan is sized for
     rope_scaling: RopeScaling | None = None  # the request's own scaling, over the server's
+    context_policy: ContextPolicy = ContextPolicy()
+    # Tokens dropped from the cache between the sinks and the window. Cache positions stay
+    # contiguous: token i >= the window start sits at position i - num_evicted_tokens.
+    num_evicted_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -48,6 +53,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_cached_positions(self) -> int:
+        """Length of the sequence's cache (positions 0..this-1)."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

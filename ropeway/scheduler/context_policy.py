@@ -1,0 +1,60 @@
+"""How a sequence's KV cache is bounded: none, sink_window (StreamingLLM), or landmark.
+
+Sinks and window are kept in whole blocks: the sink region is the first ceil(sinks /
+block_size) blocks, and the window is evicted from its oldest end an eighth at a time
+(rounded to blocks), so each kept key is re-rotated a bounded number of times (about 8).
+"""
+
+from dataclasses import dataclass, fields
+
+from ropeway.sampling_params import InvalidParameter
+
+POLICY_TYPES = ("none", "sink_window", "landmark")
+
+
+@dataclass(frozen=True)
+class ContextPolicy:
+    type: str = "none"
+    sinks: int = 4
+    window: int = 4096
+
+    @property
+    def bounded(self) -> bool:
+        return self.type != "none"
+
+    def sink_blocks(self, block_size: int) -> int:
+        return -(-self.sinks // block_size)
+
+    def eviction_chunk(self, block_size: int) -> int:
+        """Tokens evicted at a time: an eighth of the window, in whole blocks (at least one)."""
+        return max(block_size, self.window // 8 // block_size * block_size)
+
+    def kept_tokens(self, block_size: int) -> int:
+        """Cache length right after an eviction: sink blocks plus the window."""
+        return self.sink_blocks(block_size) * block_size + self.window
+
+    def max_cache_tokens(self, block_size: int) -> int:
+        """The most the cache ever holds: the kept tokens plus one eviction chunk of new ones."""
+        return self.kept_tokens(block_size) + self.eviction_chunk(block_size)
+
+    @classmethod
+    def from_dict(cls, raw: dict | None, param: str = "context_policy") -> "ContextPolicy":
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise InvalidParameter(param, f'{param} must be an object such as {{"type": "sink_window", '
+                                          '"sinks": 4, "window": 4096}')
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise InvalidParameter(f"{param}.{unknown[0]}", f"unknown {param} field {unknown[0]!r}")
+        kind = raw.get("type", "none")
+        if kind not in POLICY_TYPES:
+            raise InvalidParameter(f"{param}.type", f"unknown policy {kind!r}; choose one of {', '.join(POLICY_TYPES)}")
+        if kind == "landmark":
+            raise InvalidParameter(f"{param}.type", "the landmark policy is not available in this build")
+        for name, low in (("sinks", 0), ("window", 16)):
+            value = raw.get(name, getattr(cls, name))
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidParameter(f"{param}.{name}", f"{name} must be an integer of at least {low}")
+        return cls(**raw)
