@@ -43,3 +43,16 @@ def test_cuda_bf16_agrees_with_cpu_fp32_at_first():
     got = [o.outputs[0].token_ids for o in gpu.generate(PROMPTS, params)]
     # bf16 rounds differently; the first greedy tokens must still agree.
     assert sum(e[0] == g[0] for e, g in zip(expected, got)) >= len(PROMPTS) - 1
+
+
+def test_cuda_graph_decode_equals_eager():
+    # Different lengths, so the batch shrinks through several padded buckets (5 -> 1).
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (8, 16, 24, 32, 40)]
+    prompts = PROMPTS + ["Once upon a time"]
+    graphs = LLM(dtype="float32", device="cuda", kv_cache_memory_bytes=1 << 28)
+    eager = LLM(engine=type(graphs.engine)(graphs.engine.config, loaded=_loaded(graphs)))
+    eager.engine.runner.decode_graphs = None
+    expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
+    got = [o.outputs[0].token_ids for o in graphs.generate(prompts, params)]
+    assert sorted(graphs.engine.runner.decode_graphs.graphs) == [1, 2, 4, 8]
+    assert got == expected

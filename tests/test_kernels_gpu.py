@@ -105,5 +105,19 @@ def test_paged_attention_against_fp64(dtype, sequences, num_q_heads, num_kv_head
     assert relative_error(out, expected) < ATTENTION_ERROR
 
 
+def test_add_rms_norm_bf16_against_fp64():
+    from ropeway.kernels import add_rms_norm
+    from ropeway.kernels.rms_norm import add_rms_norm_reference
+
+    residual = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    weight = 1 + 0.1 * torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+    residual_ref = residual.double()
+    expected = add_rms_norm_reference(delta.double(), residual_ref, weight.double(), 1e-5)
+    out = add_rms_norm(delta, residual, weight, 1e-5)
+    assert relative_error(residual, residual_ref) < BF16_ROUNDING
+    assert relative_error(out, expected) < BF16_ROUNDING
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

@@ -126,3 +126,21 @@ def test_cpu_dispatch_never_imports_triton():
             "torch.zeros(1, dtype=torch.int32), torch.ones(1, 2), torch.ones(1)); "
             "assert 'triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rms_norm_matches_reference(dtype):
+    from ropeway.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
+    from ropeway.kernels.triton_rms_norm import add_rms_norm_triton, rms_norm_triton
+
+    gen = torch.Generator().manual_seed(0)
+    # 576 is the default model's hidden size: not a power of two, so the tail is masked.
+    residual = torch.randn(5, 576, generator=gen).to(dtype)
+    delta = torch.randn(5, 576, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(576, generator=gen)).to(dtype)
+    assert_close(rms_norm_triton(residual, weight, 1e-5), rms_norm_reference(residual, weight, 1e-5), dtype)
+    residual_ref = residual.clone()
+    out = add_rms_norm_triton(delta, residual, weight, 1e-5)
+    expected = add_rms_norm_reference(delta, residual_ref, weight, 1e-5)
+    assert_close(residual, residual_ref, dtype)
+    assert_close(out, expected, dtype)

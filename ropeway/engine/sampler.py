@@ -85,6 +85,10 @@ def filter_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     """logits [R, V] fp32, one row per sequence that samples this step."""
+    if all(r.params.greedy and r.params.logprobs is None and not _has_penalty(r.params) for r in rows):
+        # The common serving case: one argmax kernel and one read of the tokens, nothing
+        # built on the host.
+        return SamplerOutput(logits.argmax(dim=-1).tolist(), None, None, None)
     device = logits.device
     raw_logprobs = logits.log_softmax(dim=-1)
     logits = apply_penalties(logits, rows) if any(_has_penalty(r.params) for r in rows) else logits

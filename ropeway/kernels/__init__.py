@@ -8,6 +8,7 @@ the Triton modules only then, so a CPU server never imports triton.
 from .attention import paged_attention_reference
 from .kv_cache import write_kv_reference
 from .rerotate import rerotate_keys_reference
+from .rms_norm import add_rms_norm_reference, rms_norm_reference
 from .rotary import apply_rotary_reference
 
 
@@ -37,6 +38,21 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
                                      query_start_loc, scale, max_query_len, max_seq_len)
 
 
+def rms_norm(x, weight, eps):
+    if x.is_cuda:
+        from .triton_rms_norm import rms_norm_triton
+        return rms_norm_triton(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(delta, residual, weight, eps):
+    """residual += delta in place; returns rms_norm(residual)."""
+    if residual.is_cuda:
+        from .triton_rms_norm import add_rms_norm_triton
+        return add_rms_norm_triton(delta, residual, weight, eps)
+    return add_rms_norm_reference(delta, residual, weight, eps)
+
+
 def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
                   old_attention_factor, new_attention_factor) -> None:
     if k_cache.is_cuda:
@@ -48,4 +64,4 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
                                 new_inv_freq, old_attention_factor, new_attention_factor)
 
 
-__all__ = ["apply_rotary", "write_kv", "paged_attention", "rerotate_keys"]
+__all__ = ["apply_rotary", "write_kv", "paged_attention", "rms_norm", "add_rms_norm", "rerotate_keys"]

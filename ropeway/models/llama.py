@@ -9,18 +9,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ropeway.kernels import apply_rotary, paged_attention, write_kv
+from ropeway.kernels import add_rms_norm, apply_rotary, paged_attention, rms_norm, write_kv
 
 from .config import ModelConfig
 from .errors import ModelLoadError
 from .forward_batch import ForwardBatch
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # As HF's LlamaRMSNorm: normalise in fp32, cast back, then scale.
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 @dataclass
@@ -81,8 +74,9 @@ class LlamaModel:
         cfg = self.config
         num_tokens = batch.input_ids.shape[0]
         h = F.embedding(batch.input_ids, self.embed_tokens)
+        # The residual stream h is updated in place by the fused add + norm kernels.
+        x = rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
             qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
             q = qkv[:, : self.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -92,9 +86,13 @@ class LlamaModel:
             write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len)
-            h = h + F.linear(attn.reshape(num_tokens, self.q_size), layer.o_weight)
-            x = rms_norm(h, layer.post_attention_norm, cfg.rms_norm_eps)
+            x = add_rms_norm(F.linear(attn.reshape(num_tokens, self.q_size), layer.o_weight), h,
+                             layer.post_attention_norm, cfg.rms_norm_eps)
             gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)
-            h = h + F.linear(F.silu(gate) * up, layer.down_weight)
+            mlp = F.linear(F.silu(gate) * up, layer.down_weight)
+            if i + 1 < len(self.layers):
+                x = add_rms_norm(mlp, h, self.layers[i + 1].input_norm, cfg.rms_norm_eps)
+            else:
+                h.add_(mlp)
         h = rms_norm(h[batch.logits_indices], self.norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).to(torch.float32)

@@ -1,0 +1,96 @@
+"""CUDA graphs for pure-decode steps: one captured forward pass per padded batch size.
+
+Launched one by one from Python, the ~400 kernels of a decode step cost ~20 ms of host time
+whatever the model's size; a graph replays them in one launch.
+
+- A step of n sequences runs the graph of the smallest bucket b >= n. Its inputs live in
+  static buffers sized for the largest bucket: the step's metadata is copied (on the
+  device) into rows 0..n-1, and rows n..b-1 are padding: slot -1 (the KV write skips
+  it) and seq_len 1 (one key of a real block is read, and the row's output dropped).
+- The attention kernel sizes its KV splits from the max_seq_len hint, so graphs are
+  captured with the longest sequence the KV pool can hold; at run time each program
+  cuts its slice from its sequence's real length, and slices past it exit at once.
+- A bucket is captured the first time a step needs it. All graphs share one memory
+  pool, so their outputs alias: read the logits before the next replay.
+"""
+
+import bisect
+
+import torch
+
+from ropeway.models import ForwardBatch, LlamaModel
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int,
+                 buckets: tuple[int, ...] = BATCH_BUCKETS):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.buckets = buckets
+        device, largest = model.device, buckets[-1]
+        num_blocks = kv_cache.shape[2]
+        self.max_seq_len = num_blocks * block_size
+        index = torch.arange(largest + 1, device=device)
+        self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
+        self.seq_index = index[:largest].to(torch.int32)
+        self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
+        self.query_start_loc = index.to(torch.int32)
+        self.seq_lens = torch.ones(largest, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(largest, num_blocks, dtype=torch.int32, device=device)
+        self.inv_freq = torch.zeros(largest, model.config.head_dim // 2, dtype=torch.float32, device=device)
+        self.attention_factor = torch.ones(largest, dtype=torch.float32, device=device)
+        self.logits_indices = index[:largest]
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        """A pure-decode step in which every sequence samples, no larger than the largest bucket."""
+        num_seqs = batch.seq_lens.shape[0]
+        return (batch.max_query_len == 1 and batch.logits_indices.shape[0] == num_seqs
+                and batch.input_ids.shape[0] == num_seqs and num_seqs <= self.buckets[-1]
+                and batch.block_tables.shape[1] <= self.block_tables.shape[1])
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [n, vocab] of the step, as model.forward would return them."""
+        n = batch.seq_lens.shape[0]
+        bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
+        if bucket not in self.graphs:
+            self.graphs[bucket] = self._capture(bucket)
+        self.input_ids[:n].copy_(batch.input_ids)
+        self.positions[:n].copy_(batch.positions)
+        self.slot_mapping[:n].copy_(batch.slot_mapping)
+        self.seq_lens[:n].copy_(batch.seq_lens)
+        self.block_tables[:n, : batch.block_tables.shape[1]].copy_(batch.block_tables)
+        self.inv_freq[:n].copy_(batch.inv_freq)
+        self.attention_factor[:n].copy_(batch.attention_factor)
+        if n < bucket:
+            self.slot_mapping[n:bucket].fill_(-1)
+            self.seq_lens[n:bucket].fill_(1)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits[:n]
+
+    def _static_batch(self, bucket: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids[:bucket], positions=self.positions[:bucket],
+            seq_index=self.seq_index[:bucket], slot_mapping=self.slot_mapping[:bucket],
+            query_start_loc=self.query_start_loc[: bucket + 1], seq_lens=self.seq_lens[:bucket],
+            block_tables=self.block_tables[:bucket], inv_freq=self.inv_freq[:bucket],
+            attention_factor=self.attention_factor[:bucket], logits_indices=self.logits_indices[:bucket],
+            max_query_len=1, max_seq_len=self.max_seq_len)
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # All rows padding while warming up and capturing: nothing is written to the cache.
+        self.slot_mapping[:bucket].fill_(-1)
+        self.seq_lens[:bucket].fill_(1)
+        batch = self._static_batch(bucket)
+        # The eager pass compiles and loads the kernels for this grid, outside the capture.
+        self.model.forward(batch, self.kv_cache)
+        torch.cuda.synchronize(self.model.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model.forward(batch, self.kv_cache)
+        return graph, logits
