@@ -6,6 +6,9 @@
 Prefill: B prompts of P tokens, one output token each, timed over the whole run.
 Decode: B short prompts, N output tokens each; only the pure decode steps are timed.
 Prints a table and writes JSON.
+
+  python benchmarks/offline_throughput.py --random-llama3-8b --batch-sizes "" --kv-gib 40 --issue8
+runs the serving-speed issue's shapes instead, each against its floor (issue8_shapes.py).
 """
 
 import argparse
@@ -20,6 +23,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from issue8_shapes import run_issue_shapes  # noqa: E402
 from random_model import LLAMA3_8B, load_random_model  # noqa: E402
 
 from ropeway import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
@@ -61,12 +65,13 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--kv-gib", type=float, default=None, help="KV pool size in GiB")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--issue8", action="store_true", help="the serving-speed issue's shapes against their floors (CUDA)")
     parser.add_argument("--out", default="results/offline_throughput.json")
     args = parser.parse_args()
 
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     config = EngineConfig(
-        model=args.model, dtype=args.dtype, max_num_seqs=max(batch_sizes),
+        model=args.model, dtype=args.dtype, max_num_seqs=max(batch_sizes + [64 if args.issue8 else 1]),
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory_bytes=int(args.kv_gib * 2**30) if args.kv_gib else None,
         enable_prefix_caching=False,  # every prompt is computed, never served from the cache
@@ -87,6 +92,8 @@ def main() -> None:
 
     rows = []
     for batch in tqdm(batch_sizes, desc="batch sizes"):
+        # Captures this batch size's decode graph outside the timed steps.
+        run_requests(engine, prompts(batch, 16), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, detokenize=False))
         prefill_s, _, _ = run_requests(engine, prompts(batch, args.prompt_len),
                                        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False))
         _, decode_s, decode_tokens = run_requests(
@@ -113,7 +120,8 @@ def main() -> None:
         print(f"{r['batch']:>5} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['decode_ms_per_step']:>15.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    issue_rows = run_issue_shapes(engine, vocab) if args.issue8 else []
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "issue8": issue_rows}, indent=2))
     print(f"wrote {out}")
 
 

@@ -23,6 +23,17 @@ def byte_tokenizer() -> RopewayTokenizer:
     return RopewayTokenizer(tokenizer, bos_token_id=None, eos_token_ids=[], add_bos=False, chat_template=None)
 
 
+def full_vocab_tokenizer(vocab_size: int) -> RopewayTokenizer:
+    """Bytes plus one plain-text word per remaining id, so that every token a random model
+    samples decodes to text (a streamed completion then sends one chunk per token)."""
+    vocab = {char: byte for byte, char in byte_level_alphabet().items()}
+    vocab.update({f"w{i} ": i for i in range(len(vocab), vocab_size)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return RopewayTokenizer(tokenizer, bos_token_id=None, eos_token_ids=[], add_bos=False, chat_template=None)
+
+
 def random_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     generator = torch.Generator(device=device).manual_seed(0)
 
@@ -48,8 +59,9 @@ def random_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device
     return weights
 
 
-def load_random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                      tokenizer: RopewayTokenizer | None = None) -> LoadedModel:
     weights = random_weights(config, dtype, device)
     model = LlamaModel(config, weights, device)
     del weights
-    return LoadedModel(model, byte_tokenizer(), 0.0)
+    return LoadedModel(model, tokenizer or byte_tokenizer(), 0.0)

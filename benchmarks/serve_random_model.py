@@ -1,0 +1,30 @@
+"""`ropeway serve` on a Llama-3-8B-shaped model with random bf16 weights (benchmarks only).
+
+  python benchmarks/serve_random_model.py [any ropeway serve flags except --model]
+
+The weights are built in memory (nothing to download); the tokenizer gives every id a
+plain-text word, so streams carry one chunk per token. This swaps the engine constructor
+that `ropeway serve` calls and is otherwise the real server.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from random_model import LLAMA3_8B, full_vocab_tokenizer, load_random_model  # noqa: E402
+
+from ropeway.engine import LLMEngine  # noqa: E402
+from ropeway.server import cli  # noqa: E402
+
+
+def engine_on_random_weights(config):
+    device = config.torch_device()
+    loaded = load_random_model(LLAMA3_8B, config.torch_dtype(device), device,
+                               full_vocab_tokenizer(LLAMA3_8B.vocab_size))
+    return LLMEngine(config, loaded=loaded)
+
+
+if __name__ == "__main__":
+    cli.LLMEngine = engine_on_random_weights
+    sys.exit(cli.main(["serve", *sys.argv[1:], "--served-model-name", LLAMA3_8B.name]))
