@@ -121,6 +121,17 @@ class RopePlan:
         return self.parameters()[1]
 
     @property
+    def scaling_factor(self) -> float:
+        """How far this plan stretches the trained context (1 for the model's own RoPE)."""
+        if self.planned_length is not None:
+            original = (self.scaling.original_max_position_embeddings or self.trained_length
+                        if self.rope_type == "dynamic-yarn" else self.trained_length)
+            return self.planned_length / original
+        if self.scaling is not None and self.scaling.factor:
+            return self.scaling.factor
+        return 1.0
+
+    @property
     def effective_base(self) -> float:
         """The base a plain RoPE would need for this plan's lowest frequency (for metrics)."""
         lowest = float(self.inv_freq()[-1])

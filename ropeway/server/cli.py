@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--rope-scaling", type=json_object, default=None,
                         help='RoPE scaling for every request that sets none, as JSON in Hugging Face\'s form, e.g. '
                              '\'{"rope_type": "dynamic", "factor": 4}\' (default: the model\'s own)')
+    engine.add_argument("--context-policy", type=json_object, default=None,
+                        help='KV cache policy for unbounded streams, e.g. '
+                             '\'{"type": "sink_window", "sinks": 4, "window": 4096}\' (default: none, '
+                             'requests past the context are refused); requests may override it')
+    engine.add_argument("--session-store-fraction", type=float, default=0.25,
+                        help="share of the KV pool that may hold retained chat sessions (sink_window)")
     engine.add_argument("--kv-cache-memory", type=memory_size, default=None,
                         help="KV cache pool size, e.g. 2GiB (default: 1GiB on CPU; on CUDA, "
                              "--gpu-memory-utilization of the free memory)")
@@ -134,6 +140,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, rope_scaling=args.rope_scaling,
+        context_policy=args.context_policy, session_store_fraction=args.session_store_fraction,
     )
 
 

@@ -67,6 +67,18 @@ class ServerMetrics:
         self.request_success = Counter("ropeway:request_success", "Choices (sequences) that ended, by finish reason.",
                                        ["model_name", "finished_reason"], registry=registry)
         self._model_name = model_name
+        self.rope_plan_growths = counter("rope_plan_growths", "RoPE plans grown because a sequence outgrew its planned length.")
+        self.rope_plan_base = histogram("rope_plan_base", "Effective RoPE base of each chosen or grown plan "
+                                        "(the base a plain RoPE would need for the plan's lowest frequency).",
+                                        [10.0 ** (e / 2) for e in range(6, 21)])
+        self.rope_plan_factor = histogram("rope_plan_factor", "Context scaling factor of each chosen or grown plan "
+                                          "(1 for the model's own RoPE).", (1, 1.25, 1.5, 2, 3, 4, 6, 8, 16, 32, 64))
+        self.kv_evictions = counter("kv_evictions", "Evictions from bounded (sink_window) caches.")
+        self.kv_evicted_tokens = counter("kv_evicted_tokens", "Tokens evicted from bounded caches.")
+        self.kv_rerotated_keys = counter("kv_rerotated_keys", "Cached token keys re-rotated to new positions or plans.")
+        self.session_hits = counter("session_hits", "Requests that continued from a retained chat session.")
+        self.session_misses = counter("session_misses", "Bounded-cache requests that found no retained session.")
+        self.session_store_bytes = gauge("session_store_bytes", "KV bytes held by retained chat sessions.")
 
         self.time_to_first_token = histogram("time_to_first_token_seconds",
                                              "Seconds from arrival to the first generated token.", _LATENCY_BUCKETS)
@@ -86,7 +98,8 @@ class ServerMetrics:
         self.kv_bytes_capacity.set(engine.pool.num_bytes)
         self._bytes_per_block = engine.pool.bytes_per_block
         # Totals already copied into the counters; the loop thread's first call brings them up to date.
-        self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "queries": 0, "hits": 0}
+        self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "queries": 0, "hits": 0, "growths": 0,
+                      "evictions": 0, "evicted": 0, "rerotated": 0, "session_hits": 0, "session_misses": 0}
 
     def observe_engine(self, engine: LLMEngine) -> None:
         """Copy engine-wide state; runs on the engine's loop thread after each step."""
@@ -97,15 +110,27 @@ class ServerMetrics:
         self.kv_blocks_used.set(used)
         self.kv_bytes_used.set(used * self._bytes_per_block)
         self.kv_cache_usage.set(used / bm.num_blocks)
+        scheduler = engine.scheduler
         totals = {"prompt": engine.counters.prompt_tokens, "generation": engine.counters.generation_tokens,
-                  "preemptions": engine.scheduler.num_preemptions, "queries": bm.prefix_queries,
-                  "hits": bm.prefix_hits}
+                  "preemptions": scheduler.num_preemptions, "queries": bm.prefix_queries,
+                  "hits": bm.prefix_hits, "growths": scheduler.num_plan_growths,
+                  "evictions": scheduler.num_evictions, "evicted": scheduler.num_evicted_tokens,
+                  "rerotated": scheduler.num_rerotated_keys, "session_hits": scheduler.sessions.hits,
+                  "session_misses": scheduler.sessions.misses}
         counters = {"prompt": self.prompt_tokens, "generation": self.generation_tokens,
                     "preemptions": self.num_preemptions, "queries": self.prefix_cache_queries,
-                    "hits": self.prefix_cache_hits}
+                    "hits": self.prefix_cache_hits, "growths": self.rope_plan_growths,
+                    "evictions": self.kv_evictions, "evicted": self.kv_evicted_tokens,
+                    "rerotated": self.kv_rerotated_keys, "session_hits": self.session_hits,
+                    "session_misses": self.session_misses}
         for key, total in totals.items():
             counters[key].inc(total - self._seen[key])
             self._seen[key] = total
+        self.session_store_bytes.set(scheduler.sessions.num_blocks * self._bytes_per_block)
+        for plan in scheduler.new_plans:
+            self.rope_plan_base.observe(plan.effective_base)
+            self.rope_plan_factor.observe(plan.scaling_factor)
+        scheduler.new_plans.clear()
         if self.on_cuda:
             self.gpu_allocated.set(torch.cuda.memory_allocated(engine.device))
             self.gpu_reserved.set(torch.cuda.memory_reserved(engine.device))

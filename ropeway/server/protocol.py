@@ -60,11 +60,15 @@ class SamplingFields(RequestBody):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    # ropeway's extension: this request's RoPE scaling, e.g. {"rope_type": "dynamic", "factor": 4}
+    # ropeway's extensions: this request's RoPE scaling, e.g. {"rope_type": "dynamic", "factor": 4},
+    # and its cache policy, e.g. {"type": "sink_window", "sinks": 4, "window": 4096}
     rope_scaling: dict | None = None
+    context_policy: dict | None = None
 
     def context_params(self) -> ContextParams | None:
-        return ContextParams(rope_scaling=self.rope_scaling) if self.rope_scaling is not None else None
+        if self.rope_scaling is None and self.context_policy is None:
+            return None
+        return ContextParams(rope_scaling=self.rope_scaling, context_policy=self.context_policy)
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises InvalidParameter naming the offending field."""
