@@ -1,4 +1,4 @@
-"""How a sequence's KV cache is bounded: none, sink_window (StreamingLLM), or landmark.
+"""How a sequence's KV cache is bounded: none, or sink_window (StreamingLLM).
 
 Sinks and window are kept in whole blocks: the sink region is the first ceil(sinks /
 block_size) blocks, and the window is evicted from its oldest end an eighth at a time
@@ -9,7 +9,7 @@ from dataclasses import dataclass, fields
 
 from ropeway.sampling_params import InvalidParameter
 
-POLICY_TYPES = ("none", "sink_window", "landmark")
+POLICY_TYPES = ("none", "sink_window")
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,6 @@ class ContextPolicy:
         kind = raw.get("type", "none")
         if kind not in POLICY_TYPES:
             raise InvalidParameter(f"{param}.type", f"unknown policy {kind!r}; choose one of {', '.join(POLICY_TYPES)}")
-        if kind == "landmark":
-            raise InvalidParameter(f"{param}.type", "the landmark policy is not available in this build")
         for name, low in (("sinks", 0), ("window", 16)):
             value = raw.get(name, getattr(cls, name))
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
