@@ -48,3 +48,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[float | None] | None = None  # [None, logprob of token 1 given token 0, ...]

@@ -33,6 +33,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False: token ids only (no text, so no stop strings)
+    prompt_logprobs: bool = False  # the logprob of every prompt token given the ones before it
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -90,3 +90,16 @@ def test_prompt_logits_match_transformers(default_llm, hf_default):
         theirs = hf_model(torch.tensor([ids])).logits[0].float()
     assert torch.allclose(ours, theirs, atol=2e-3, rtol=1e-4), (ours - theirs).abs().max()
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
+
+
+def test_prompt_logprobs_under_chunked_prefill_match_transformers(make_llm, hf_default):
+    hf_model, _ = hf_default
+    llm = make_llm(prefill_chunk_size=16, max_num_batched_tokens=48, max_num_seqs=8)
+    ids = llm.tokenizer.encode("Prompt logprobs score every prompt token given the ones before it, "
+                               "which is what a perplexity evaluation over a long stream needs.")
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=True))[0]
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(ids)
+    with torch.no_grad():
+        reference = hf_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    expected = reference[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(out.prompt_logprobs[1:]), expected, atol=1e-3)

@@ -178,7 +178,7 @@ class LLMEngine:
             seq = Sequence(seq_id=next(self._seq_ids), request_id=request_id, choice_index=index,
                            prompt_token_ids=token_ids, rope_plan=None, arrival=arrival,
                            max_total_tokens=max_total, planned_length=planned, rope_scaling=scaling,
-                           context_policy=policy)
+                           context_policy=policy, wants_prompt_logprobs=params.prompt_logprobs and index == 0)
             choices.append(ChoiceState(
                 seq=seq,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids, params.stop,
@@ -186,7 +186,8 @@ class LLMEngine:
                 seed=self._choice_seed(params.seed, index),
                 logprobs=[] if params.logprobs is not None else None,
             ))
-        self.requests[request_id] = RequestState(request_id, text, token_ids, params, choices)
+        self.requests[request_id] = RequestState(request_id, text, token_ids, params, choices,
+                                                 prompt_logprobs=[None] if params.prompt_logprobs else None)
         self.scheduler.add([c.seq for c in choices])
         self.counters.prompt_tokens += len(token_ids)
 
@@ -222,7 +223,10 @@ class LLMEngine:
             if metrics.first_scheduled_time is None:
                 metrics.first_scheduled_time = now
         samplers = [item.seq for item in plan.scheduled if item.samples]
+        logit_rows = self.runner.logit_rows(plan)
         logits = self.runner.execute(plan)
+        if len(samplers) != len(logits):
+            logits = self._record_prompt_logprobs(plan, logit_rows, logits)
         self.scheduler.update_after_step(plan)
         self.counters.steps += 1
         if not samplers:
@@ -248,6 +252,25 @@ class LLMEngine:
                 del self.requests[state.request_id]
             outputs.append(state.make_output())
         return outputs
+
+    def _record_prompt_logprobs(self, plan, logit_rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Keep the logprobs of prompt tokens for the sequences that asked; return the rows to
+        sample from (the last row of each sampling sequence)."""
+        sample_rows, start = [], 0
+        for item, rows in zip(plan.scheduled, logit_rows):
+            seq = item.seq
+            if rows > 1 or (rows == 1 and seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens):
+                recorded = self.requests[seq.request_id].prompt_logprobs
+                first = seq.num_computed_tokens  # token index of the chunk's first row
+                targets = seq.token_ids[first + 1 : min(first + rows, seq.num_prompt_tokens - 1) + 1]
+                if targets and len(recorded) == first + 1:  # not again after a preemption
+                    values = logits[start : start + len(targets)].log_softmax(-1)
+                    ids = torch.tensor(targets, device=logits.device)
+                    recorded.extend(values.gather(1, ids[:, None])[:, 0].tolist())
+            if item.samples:
+                sample_rows.append(start + rows - 1)
+            start += rows
+        return logits[sample_rows]
 
     def _choice_of(self, seq: Sequence) -> ChoiceState:
         return self.requests[seq.request_id].choices[seq.choice_index]

@@ -87,8 +87,8 @@ class ModelRunner:
             block_tables[i, : len(item.seq.block_table)] = item.seq.block_table
         slot_mapping = (block_tables[seq_index, positions // self.block_size].astype(np.int64)
                         * self.block_size + positions % self.block_size)
-        samples = np.array([i.samples for i in items], dtype=bool)
-        logits_indices = (query_start[1:] - 1)[samples]
+        logits_indices = np.concatenate([np.arange(query_start[i + 1] - rows, query_start[i + 1])
+                                         for i, rows in enumerate(self.logit_rows(step))]).astype(np.int64)
 
         to = lambda a, dtype=torch.int64: torch.from_numpy(a).to(device=self.device, dtype=dtype)
         return ForwardBatch(
@@ -107,8 +107,21 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()),
         )
 
+    @staticmethod
+    def logit_rows(step: SchedulerOutput) -> list[int]:
+        """How many of each scheduled sequence's last tokens need logits: its whole chunk if it
+        asked for prompt logprobs and the chunk holds prompt tokens, else 1 if it samples."""
+        rows = []
+        for item in step.scheduled:
+            seq = item.seq
+            if seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens:
+                rows.append(item.num_new_tokens)
+            else:
+                rows.append(1 if item.samples else 0)
+        return rows
+
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
-        """Logits [number of sampling sequences, vocab], in the order they were scheduled."""
+        """Logits for the rows `logit_rows` asks for, sequence after sequence in scheduled order."""
         for eviction in step.evictions:
             self.apply_eviction(eviction)
         for growth in step.rope_growths:

@@ -31,6 +31,7 @@ class RequestState:
     params: SamplingParams
     choices: list[ChoiceState]
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
+    prompt_logprobs: list[float | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -67,5 +68,6 @@ class RequestState:
             outputs=outputs,
             finished=self.finished,
             num_cached_tokens=self.choices[0].seq.num_cached_prompt_tokens,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
             metrics=replace(self.metrics),  # a snapshot: the live record keeps changing
         )

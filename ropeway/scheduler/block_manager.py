@@ -59,11 +59,16 @@ class BlockManager:
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached prefix of seq. At least one token is left to
-        compute, since its logits are what the step is for."""
-        if not self.enable_prefix_caching:
+        compute, since its logits are what the step is for. A request for prompt logprobs
+        computes its whole prompt; a bounded cache reuses no more than it holds before its
+        first eviction (where streaming and full attention still agree)."""
+        if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return []
+        limit = seq.num_tokens - 1
+        if seq.context_policy.bounded:
+            limit = min(limit, seq.context_policy.max_cache_tokens(self.block_size))
         hits = []
-        for h in self.full_block_hashes(seq, seq.num_tokens - 1):
+        for h in self.full_block_hashes(seq, limit):
             block = self.block_of_hash.get(h)
             if block is None:
                 break

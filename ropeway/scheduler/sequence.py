@@ -30,6 +30,7 @@ class Sequence:
     # Tokens dropped from the cache between the sinks and the window. Cache positions stay
     # contiguous: token i >= the window start sits at position i - num_evicted_tokens.
     num_evicted_tokens: int = 0
+    wants_prompt_logprobs: bool = False
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)

@@ -1,0 +1,161 @@
+"""Unbounded streams in bounded memory: the StreamingLLM experiment on the default model.
+
+  (a) perplexity over one long stream (Python's documentation, then more of it), scored in
+      windows along the stream, for `none` (full cache: breaks past the trained 8k),
+      `window` (sliding window without sinks) and `sink_window` (4 sinks + window);
+  (c) per-token decode latency and KV blocks in use after streams of growing length.
+
+  python benchmarks/streaming.py                           # CPU: a 12k stream, window 1024
+  python3 benchmarks/streaming.py --stream 65536 --window 4096   # GPU machine
+
+Prints tables, writes JSON and PNG plots.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ropeway import LLM, ContextParams, SamplingParams
+
+
+def policies(window: int) -> dict:
+    return {
+        "none": None,
+        "window": {"type": "sink_window", "sinks": 0, "window": window},
+        "sink_window": {"type": "sink_window", "sinks": 4, "window": window},
+    }
+
+
+def corpus(tokenizer, count: int) -> list[int]:
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    ids = tokenizer.encode(text)
+    while len(ids) < count:  # the documentation is ~113k tokens; longer streams repeat it
+        ids = ids + ids
+    return ids[:count]
+
+
+def stream_perplexity(llm: LLM, ids: list[int], policy: dict | None, segment: int) -> list[float]:
+    """Perplexity of each consecutive segment of the stream, fed as one request."""
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=True, detokenize=False),
+                       context=ContextParams(context_policy=policy))[0]
+    logprobs = out.prompt_logprobs[1:]
+    return [math.exp(-sum(logprobs[s : s + segment]) / len(logprobs[s : s + segment]))
+            for s in range(0, len(logprobs), segment)]
+
+
+def decode_profile(llm: LLM, ids: list[int], policy: dict | None, lengths: list[int], new_tokens: int):
+    """After a stream of each length: ms per decoded token and KV blocks in use."""
+    engine = llm.engine
+    rows = []
+    for length in lengths:
+        engine.add_request(f"decode-{length}", ids[:length], SamplingParams(temperature=0, max_tokens=new_tokens,
+                                                                            ignore_eos=True, detokenize=False),
+                           ContextParams(context_policy=policy))
+        step_times, blocks = [], 0
+        while engine.has_unfinished_requests():
+            started = time.perf_counter()
+            engine.step()
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - started
+            last = engine.scheduler.last_plan
+            if last is not None and last.scheduled and all(i.num_new_tokens == 1 for i in last.scheduled):
+                step_times.append(elapsed)
+                blocks = max(blocks, engine.block_manager.num_used_blocks - engine.scheduler.sessions.num_blocks)
+        while engine.scheduler.sessions.release_oldest():
+            pass
+        step_times.sort()
+        rows.append({"length": length, "ms_per_token": 1000 * step_times[len(step_times) // 2],
+                     "kv_blocks": blocks, "kv_mib": blocks * engine.pool.bytes_per_block / 2**20})
+    return rows
+
+
+def plot_lines(series: dict, x_label: str, y_label: str, title: str, path: Path, log_y=False, vline=None):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    if vline:
+        ax.axvline(vline, color="grey", linestyle=":", label="trained context (8k)")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--stream", type=int, default=65536 if cuda else 12288, help="stream length in tokens")
+    parser.add_argument("--window", type=int, default=4096 if cuda else 1024)
+    parser.add_argument("--segment", type=int, default=1024, help="tokens per perplexity point")
+    parser.add_argument("--decode-lengths", default=None, help="comma-separated stream lengths for (c)")
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--out-dir", default="results/streaming")
+    args = parser.parse_args()
+
+    # `none` needs a pool and a context limit that hold the whole stream.
+    llm = LLM(dtype="bfloat16" if cuda else "float32", max_model_len=args.stream + 64,
+              kv_cache_memory_bytes=(16 << 30) if cuda else (3 << 30),
+              max_num_batched_tokens=4096 if cuda else 1024)
+    ids = corpus(llm.tokenizer, args.stream)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    named = policies(args.window)
+    started = time.perf_counter()
+
+    perplexity = {}
+    for name in tqdm(named, desc="(a) stream perplexity"):
+        perplexity[name] = stream_perplexity(llm, ids, named[name], args.segment)
+    lengths = [int(n) for n in args.decode_lengths.split(",")] if args.decode_lengths else [
+        n for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536) if n <= args.stream]
+    decode = {}
+    for name in tqdm(named, desc="(c) decode latency"):
+        decode[name] = decode_profile(llm, ids, named[name], lengths, args.decode_tokens)
+
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
+            "stream": args.stream, "window": args.window, "sinks": 4, "segment": args.segment,
+            "seconds": time.perf_counter() - started, "command": " ".join(sys.argv)}
+    ends = [min(args.stream, (i + 1) * args.segment) for i in range(len(perplexity["none"]))]
+    print(f"\n(a) perplexity per {args.segment}-token segment, window {args.window} ({device})")
+    marks = [i for i, end in enumerate(ends) if end in (args.segment, 4096, 8192, 16384, 32768, 65536)
+             or i == len(ends) - 1]
+    print(f"{'policy':>12}" + "".join(f"{ends[i]:>9}" for i in marks) + f"{'mean':>9}")
+    for name, values in perplexity.items():
+        print(f"{name:>12}" + "".join(f"{values[i]:>9.2f}" for i in marks) + f"{sum(values) / len(values):>9.2f}")
+    print(f"\n(c) decode after a stream: ms per token / KV MiB")
+    print(f"{'policy':>12}" + "".join(f"{n:>14}" for n in lengths))
+    for name, rows in decode.items():
+        print(f"{name:>12}" + "".join(f"{r['ms_per_token']:>7.1f}/{r['kv_mib']:<6.0f}" for r in rows))
+
+    plot_lines({k: (ends, v) for k, v in perplexity.items()}, "position in the stream (tokens)",
+               f"perplexity of the {args.segment}-token segment", "StreamingLLM experiment, SmolLM2-135M",
+               out_dir / "stream_perplexity.png", log_y=True, vline=8192)
+    plot_lines({k: (lengths, [r["ms_per_token"] for r in v]) for k, v in decode.items()}, "stream length (tokens)",
+               "ms per decoded token", "Decode latency after a stream", out_dir / "decode_latency.png")
+    plot_lines({k: (lengths, [r["kv_mib"] for r in v]) for k, v in decode.items()}, "stream length (tokens)",
+               "KV cache in use (MiB)", "KV memory after a stream", out_dir / "kv_memory.png")
+    (out_dir / "streaming.json").write_text(json.dumps({"meta": meta, "perplexity": perplexity,
+                                                        "segment_ends": ends, "decode": decode}, indent=2))
+    print(f"\nwrote {out_dir}/streaming.json and PNG plots ({meta['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
