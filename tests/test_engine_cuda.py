@@ -56,3 +56,21 @@ def test_cuda_graph_decode_equals_eager():
     got = [o.outputs[0].token_ids for o in graphs.generate(prompts, params)]
     assert sorted(graphs.engine.runner.decode_graphs.graphs) == [1, 2, 4, 8]
     assert got == expected
+
+
+def test_cuda_sink_window_stream_equals_cpu():
+    """Eviction and re-rotation through the Triton kernels give the CPU path's tokens."""
+    from ropeway import ContextParams
+
+    policy = ContextParams(context_policy={"type": "sink_window", "sinks": 4, "window": 64})
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=True)
+    cpu = LLM(dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 28, max_num_batched_tokens=64)
+    gpu = LLM(dtype="float32", device="cuda", kv_cache_memory_bytes=1 << 28, max_num_batched_tokens=64)
+    prompt = cpu.tokenizer.encode(" ".join(PROMPTS) * 12)
+    assert len(prompt) > 4 * 64
+    expected = cpu.generate([prompt], params, context=policy)[0]
+    got = gpu.generate([prompt], params, context=policy)[0]
+    assert gpu.engine.scheduler.num_evictions > 0
+    assert got.outputs[0].token_ids == expected.outputs[0].token_ids
+    diffs = [abs(a - b) for a, b in zip(got.prompt_logprobs[1:], expected.prompt_logprobs[1:])]
+    assert max(diffs) < 1e-2
