@@ -259,7 +259,7 @@ class LLMEngine:
         sample_rows, start = [], 0
         for item, rows in zip(plan.scheduled, logit_rows):
             seq = item.seq
-            if rows > 1 or (rows == 1 and seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens):
+            if seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens:
                 recorded = self.requests[seq.request_id].prompt_logprobs
                 first = seq.num_computed_tokens  # token index of the chunk's first row
                 targets = seq.token_ids[first + 1 : min(first + rows, seq.num_prompt_tokens - 1) + 1]

@@ -29,39 +29,33 @@ class ModelRunner:
         return row
 
     def apply_rope_growth(self, growth: RopeGrowth) -> None:
-        """Copy the blocks the sequence no longer shares, then re-rotate its cached keys
-        from the old plan to the new one, in place, every layer at once."""
-        for source, destination in growth.block_copies:
-            self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
-        n = growth.num_tokens
-        if n == 0:
-            return
-        positions = torch.arange(n, device=self.device)
-        table = torch.tensor(growth.seq.block_table, dtype=torch.int64, device=self.device)
-        slots = table[positions // self.block_size] * self.block_size + positions % self.block_size
-        old_inv_freq, old_factor = self.rope_row(growth.old_plan)
-        new_inv_freq, new_factor = self.rope_row(growth.new_plan)
-        rerotate_keys(self.kv_cache[:, 0], slots, positions, positions,
-                      old_inv_freq.expand(n, -1), new_inv_freq.expand(n, -1),
-                      torch.full((n,), old_factor, device=self.device),
-                      torch.full((n,), new_factor, device=self.device))
+        """Re-rotate a sequence's cached keys from its old plan to its new one, in place."""
+        self._move_keys(growth.seq, growth.block_copies, 0, growth.num_tokens, 0, growth.old_plan, growth.new_plan)
 
     def apply_eviction(self, eviction: Eviction) -> None:
-        """Copy the kept blocks the sequence shared, then move its kept window keys down by
-        the evicted length (same plan, new positions)."""
-        for source, destination in eviction.block_copies:
+        """Move a sequence's kept window keys down by the evicted length (same plan)."""
+        plan = eviction.seq.rope_plan
+        self._move_keys(eviction.seq, eviction.block_copies, eviction.first_position, eviction.num_tokens,
+                        eviction.shift, plan, plan)
+
+    def _move_keys(self, seq, block_copies: list[tuple[int, int]], first_position: int, count: int, shift: int,
+                   old_plan: RopePlan, new_plan: RopePlan) -> None:
+        """Copy the blocks seq no longer shares, then rotate its keys at cache positions
+        first_position.. (computed at position + shift under old_plan) to those positions under
+        new_plan: every layer at once, by the fp32 angle difference."""
+        for source, destination in block_copies:
             self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
-        n = eviction.num_tokens
-        if n == 0:
+        if count == 0:
             return
-        new_positions = torch.arange(eviction.first_position, eviction.first_position + n, device=self.device)
-        table = torch.tensor(eviction.seq.block_table, dtype=torch.int64, device=self.device)
-        slots = table[new_positions // self.block_size] * self.block_size + new_positions % self.block_size
-        inv_freq, factor = self.rope_row(eviction.seq.rope_plan)
-        rows = inv_freq.expand(n, -1)
-        factors = torch.full((n,), factor, device=self.device)
-        rerotate_keys(self.kv_cache[:, 0], slots, new_positions + eviction.shift, new_positions,
-                      rows, rows, factors, factors)
+        positions = torch.arange(first_position, first_position + count, device=self.device)
+        table = torch.tensor(seq.block_table, dtype=torch.int64, device=self.device)
+        slots = table[positions // self.block_size] * self.block_size + positions % self.block_size
+        old_inv_freq, old_factor = self.rope_row(old_plan)
+        new_inv_freq, new_factor = self.rope_row(new_plan)
+        rerotate_keys(self.kv_cache[:, 0], slots, positions + shift, positions,
+                      old_inv_freq.expand(count, -1), new_inv_freq.expand(count, -1),
+                      torch.full((count,), old_factor, device=self.device),
+                      torch.full((count,), new_factor, device=self.device))
 
     def build_batch(self, step: SchedulerOutput) -> ForwardBatch:
         items = step.scheduled
