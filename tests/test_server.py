@@ -262,6 +262,19 @@ def test_request_rope_scaling_is_passed_to_the_engine_and_validated(client, http
     assert_openai_error(bad, 400, "rope_scaling.rope_type")
 
 
+def test_request_context_policy_streams_past_the_context_limit_and_is_validated(client, http):
+    too_long = "The river ran past the old mill and on into the valley. " * 160  # > MAX_MODEL_LEN tokens
+    refused = http.post("/v1/completions", json={"prompt": too_long, "max_tokens": 4})
+    assert_openai_error(refused, 400, "prompt")
+    windowed = client.completions.create(
+        model=MODEL_NAME, prompt=too_long, max_tokens=4,
+        extra_body={"context_policy": {"type": "sink_window", "sinks": 4, "window": 256}}, **GREEDY)
+    assert windowed.usage.prompt_tokens > MAX_MODEL_LEN
+    assert windowed.usage.completion_tokens == 4
+    bad = http.post("/v1/completions", json={"prompt": "hi", "context_policy": {"type": "sink_window", "window": 4}})
+    assert_openai_error(bad, 400, "context_policy.window")
+
+
 # ----- other routes -----
 
 
