@@ -2,7 +2,11 @@
 
   (a) perplexity over one long stream (Python's documentation, then more of it), scored in
       windows along the stream, for `none` (full cache: breaks past the trained 8k),
-      `window` (sliding window without sinks) and `sink_window` (4 sinks + window);
+      `window` (sliding window without sinks), `sink_window` (4 sinks + window) and
+      `landmark` (sink_window plus up to 64 summaries of evicted chunks);
+  (b) passkey retrieval (the prompt style of long_context.py) with the passkey placed
+      outside the window, sink_window against landmark, and a control with the passkey
+      inside the window;
   (c) per-token decode latency and KV blocks in use after streams of growing length.
 
   python benchmarks/streaming.py                           # CPU: a 12k stream, window 1024
@@ -14,6 +18,7 @@ Prints tables, writes JSON and PNG plots.
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
@@ -21,7 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from long_context import FILLER
 from ropeway import LLM, ContextParams, SamplingParams
+
+LANDMARKS = 64
 
 
 def policies(window: int) -> dict:
@@ -29,6 +37,7 @@ def policies(window: int) -> dict:
         "none": None,
         "window": {"type": "sink_window", "sinks": 0, "window": window},
         "sink_window": {"type": "sink_window", "sinks": 4, "window": window},
+        "landmark": {"type": "landmark", "sinks": 4, "window": window, "landmarks": LANDMARKS},
     }
 
 
@@ -49,6 +58,40 @@ def stream_perplexity(llm: LLM, ids: list[int], policy: dict | None, segment: in
     logprobs = out.prompt_logprobs[1:]
     return [math.exp(-sum(logprobs[s : s + segment]) / len(logprobs[s : s + segment]))
             for s in range(0, len(logprobs), segment)]
+
+
+def passkey_prompt_at(tokenizer, length: int, needle_from: float, needle_to: float,
+                      rng: random.Random) -> tuple[list[int], str]:
+    """long_context.py's passkey prompt, with the needle placed between the given fractions
+    of the filler (so it can be put before or inside the window)."""
+    key = str(rng.randint(10000, 99999))
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    question = " What is the pass key? The pass key is"
+    filler_ids = tokenizer.encode(FILLER)
+    repeats = max(1, (length - len(tokenizer.encode(needle + question)) - 8) // len(filler_ids))
+    depth = rng.randint(int(needle_from * repeats), int(needle_to * repeats))
+    return tokenizer.encode(FILLER * depth + needle + FILLER * (repeats - depth) + question), key
+
+
+def passkey_accuracy(llm: LLM, length: int, policy: dict, placement: tuple[float, float],
+                     trials: int, seed: int) -> float:
+    rng = random.Random(seed + length)
+    prompts, keys = zip(*(passkey_prompt_at(llm.tokenizer, length, *placement, rng) for _ in range(trials)))
+    outputs = llm.generate(list(prompts), SamplingParams(temperature=0, max_tokens=8),
+                           context=ContextParams(context_policy=policy))
+    return sum(key in o.outputs[0].text for o, key in zip(outputs, keys)) / trials
+
+
+def passkey_runs(window: int, length: int) -> dict:
+    """(policy, needle placement) per run: outside is the first half of what has left the
+    window by the question (sinks, window and one eviction chunk stay); inside is the
+    window's last quarter."""
+    named = policies(window)
+    outside = (0.05, 0.5 * (1 - 1.25 * window / length))  # from 0.05: clear of the sinks
+    inside = (1 - 0.25 * window / length, 1.0)
+    return {"sink_window, passkey inside the window": (named["sink_window"], inside),
+            "sink_window, passkey outside": (named["sink_window"], outside),
+            "landmark, passkey outside": (named["landmark"], outside)}
 
 
 def decode_profile(llm: LLM, ids: list[int], policy: dict | None, lengths: list[int], new_tokens: int):
@@ -107,6 +150,9 @@ def main() -> None:
     parser.add_argument("--segment", type=int, default=1024, help="tokens per perplexity point")
     parser.add_argument("--decode-lengths", default=None, help="comma-separated stream lengths for (c)")
     parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--passkey-lengths", default=None, help="comma-separated prompt lengths for (b)")
+    parser.add_argument("--trials", type=int, default=10 if cuda else 3, help="passkeys per length and run")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="results/streaming")
     args = parser.parse_args()
 
@@ -123,15 +169,26 @@ def main() -> None:
     perplexity = {}
     for name in tqdm(named, desc="(a) stream perplexity"):
         perplexity[name] = stream_perplexity(llm, ids, named[name], args.segment)
+        tqdm.write(f"(a) {name}: {[round(p, 2) for p in perplexity[name]]}")  # partial results survive a timeout
     lengths = [int(n) for n in args.decode_lengths.split(",")] if args.decode_lengths else [
         n for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536) if n <= args.stream]
+    passkey_lengths = ([int(n) for n in args.passkey_lengths.split(",")] if args.passkey_lengths
+                       else [2 * args.window, 4 * args.window])
+    passkey = {}
+    work = [(run, n) for run in passkey_runs(args.window, passkey_lengths[0]) for n in passkey_lengths]
+    for run, n in tqdm(work, desc="(b) passkey outside the window"):
+        policy, placement = passkey_runs(args.window, n)[run]
+        passkey.setdefault(run, {})[str(n)] = passkey_accuracy(llm, n, policy, placement, args.trials, args.seed)
+        tqdm.write(f"(b) {run}, {n} tokens: {passkey[run][str(n)]:.2f}")
     decode = {}
     for name in tqdm(named, desc="(c) decode latency"):
         decode[name] = decode_profile(llm, ids, named[name], lengths, args.decode_tokens)
+        tqdm.write(f"(c) {name}: {decode[name]}")
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
     meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
-            "stream": args.stream, "window": args.window, "sinks": 4, "segment": args.segment,
+            "stream": args.stream, "window": args.window, "sinks": 4, "landmarks": LANDMARKS,
+            "segment": args.segment, "passkey_trials": args.trials,
             "seconds": time.perf_counter() - started, "command": " ".join(sys.argv)}
     ends = [min(args.stream, (i + 1) * args.segment) for i in range(len(perplexity["none"]))]
     print(f"\n(a) perplexity per {args.segment}-token segment, window {args.window} ({device})")
@@ -140,6 +197,10 @@ def main() -> None:
     print(f"{'policy':>12}" + "".join(f"{ends[i]:>9}" for i in marks) + f"{'mean':>9}")
     for name, values in perplexity.items():
         print(f"{name:>12}" + "".join(f"{values[i]:>9.2f}" for i in marks) + f"{sum(values) / len(values):>9.2f}")
+    print(f"\n(b) passkey accuracy over {args.trials} prompts, window {args.window}")
+    print(f"{'run':>40}" + "".join(f"{n:>9}" for n in passkey_lengths))
+    for run, values in passkey.items():
+        print(f"{run:>40}" + "".join(f"{values[str(n)]:>9.2f}" for n in passkey_lengths))
     print(f"\n(c) decode after a stream: ms per token / KV MiB")
     print(f"{'policy':>12}" + "".join(f"{n:>14}" for n in lengths))
     for name, rows in decode.items():
@@ -148,12 +209,16 @@ def main() -> None:
     plot_lines({k: (ends, v) for k, v in perplexity.items()}, "position in the stream (tokens)",
                f"perplexity of the {args.segment}-token segment", "StreamingLLM experiment, SmolLM2-135M",
                out_dir / "stream_perplexity.png", log_y=True, vline=8192)
+    plot_lines({k: (passkey_lengths, [v[str(n)] for n in passkey_lengths]) for k, v in passkey.items()},
+               "prompt length (tokens)", "passkey accuracy", f"Passkey retrieval, window {args.window}",
+               out_dir / "passkey.png")
     plot_lines({k: (lengths, [r["ms_per_token"] for r in v]) for k, v in decode.items()}, "stream length (tokens)",
                "ms per decoded token", "Decode latency after a stream", out_dir / "decode_latency.png")
     plot_lines({k: (lengths, [r["kv_mib"] for r in v]) for k, v in decode.items()}, "stream length (tokens)",
                "KV cache in use (MiB)", "KV memory after a stream", out_dir / "kv_memory.png")
     (out_dir / "streaming.json").write_text(json.dumps({"meta": meta, "perplexity": perplexity,
-                                                        "segment_ends": ends, "decode": decode}, indent=2))
+                                                        "segment_ends": ends, "passkey": passkey,
+                                                        "decode": decode}, indent=2))
     print(f"\nwrote {out_dir}/streaming.json and PNG plots ({meta['seconds']:.0f} s)")
 
 

@@ -120,6 +120,33 @@ def test_paged_attention_matches_reference(dtype, name, sequences, num_q_heads, 
     assert_close(out, expected, dtype)
 
 
+BIAS_CASES = [case for case in ATTENTION_CASES
+              if case[0] in ("mixed-gqa3-small-tiles", "decode-gqa4-split", "one-sequence-chunk-split")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,sequences,num_q_heads,num_kv_heads,head_dim,page_size,config",
+                         BIAS_CASES, ids=[case[0] for case in BIAS_CASES])
+def test_paged_attention_with_slot_bias_matches_reference(dtype, name, sequences, num_q_heads,
+                                                          num_kv_heads, head_dim, page_size, config):
+    """Landmark slots: a logit bias per cache slot, and whole pages of empty (-inf) slots."""
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = [s for s, _ in sequences]
+    query_lens = [n for _, n in sequences]
+    case = paged_case(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page_size,
+                      dtype, "cpu", gen)
+    slot_bias = torch.rand(case["k_cache"].shape[:2], generator=gen) * 3
+    for row, seq_len in zip(case["block_tables"], seq_lens):
+        if seq_len > page_size:
+            slot_bias[row[1].long()] = float("-inf")
+    out = paged_attention_triton(**case, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+                                 config=config, slot_bias=slot_bias)
+    fp32_case = {key: value.float() if value.is_floating_point() else value
+                 for key, value in case.items() if key != "scale"}
+    expected = paged_attention_reference(**fp32_case, scale=case["scale"], slot_bias=slot_bias)
+    assert_close(out, expected, dtype)
+
+
 def test_cpu_dispatch_never_imports_triton():
     code = ("import sys, torch; from ropeway import kernels; "
             "q = torch.randn(1, 1, 4); kernels.apply_rotary(q, q.clone(), torch.zeros(1), "

@@ -47,9 +47,10 @@ class DecodeGraphs:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def fits(self, batch: ForwardBatch) -> bool:
-        """A pure-decode step in which every sequence samples, no larger than the largest bucket."""
+        """A pure-decode step in which every sequence samples, no larger than the largest bucket,
+        and no landmark cache (its slot bias is not captured)."""
         num_seqs = batch.seq_lens.shape[0]
-        return (batch.max_query_len == 1 and batch.logits_indices.shape[0] == num_seqs
+        return (batch.slot_bias is None and batch.max_query_len == 1 and batch.logits_indices.shape[0] == num_seqs
                 and batch.input_ids.shape[0] == num_seqs and num_seqs <= self.buckets[-1]
                 and batch.block_tables.shape[1] <= self.block_tables.shape[1])
 

@@ -1,5 +1,7 @@
 """Turns a scheduler step into one flat model batch and runs it."""
 
+import math
+
 import numpy as np
 import torch
 
@@ -8,6 +10,7 @@ from ropeway.models import ForwardBatch, LlamaModel
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, SchedulerOutput
 
 from .cuda_graphs import DecodeGraphs
+from .landmarks import chunk_summary, rotate_to
 
 
 class ModelRunner:
@@ -17,6 +20,9 @@ class ModelRunner:
         self.block_size = block_size
         self.device = model.device
         self._rope_rows: dict[RopePlan, tuple[torch.Tensor, float]] = {}
+        # Logit bias per cache slot [num_blocks, block_size]: ln(chunk length) on a landmark
+        # slot, -inf on an empty one, 0 elsewhere. Made at the first landmark eviction.
+        self.slot_bias: torch.Tensor | None = None
         # Pure-decode steps replay CUDA graphs on the GPU; None runs every step eagerly.
         self.decode_graphs = DecodeGraphs(model, kv_cache, block_size) if self.device.type == "cuda" else None
 
@@ -43,8 +49,7 @@ class ModelRunner:
         """Copy the blocks seq no longer shares, then rotate its keys at cache positions
         first_position.. (computed at position + shift under old_plan) to those positions under
         new_plan: every layer at once, by the fp32 angle difference."""
-        for source, destination in block_copies:
-            self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
+        self.copy_blocks(block_copies)
         if count == 0:
             return
         positions = torch.arange(first_position, first_position + count, device=self.device)
@@ -56,6 +61,34 @@ class ModelRunner:
                       old_inv_freq.expand(count, -1), new_inv_freq.expand(count, -1),
                       torch.full((count,), old_factor, device=self.device),
                       torch.full((count,), new_factor, device=self.device))
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        for source, destination in copies:
+            self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
+            if self.slot_bias is not None:
+                self.slot_bias[destination].copy_(self.slot_bias[source])
+
+    def write_landmarks(self, eviction: Eviction) -> None:
+        """Open the landmark region (every slot empty), then write each evicted chunk's
+        summary in its slot: the mean key rotated to the slot's position, the mean value,
+        and ln(chunk length) on the slot's logit so it weighs as the chunk's tokens would."""
+        if eviction.new_landmark_region is None and not eviction.landmarks:
+            return
+        if self.slot_bias is None:
+            self.slot_bias = torch.zeros(self.kv_cache.shape[2], self.block_size, dtype=torch.float32,
+                                         device=self.device)
+        table = eviction.seq.block_table
+        bias = self.slot_bias
+        if eviction.new_landmark_region is not None:
+            for position in eviction.new_landmark_region[:: self.block_size]:  # whole blocks
+                bias[table[position // self.block_size]] = float("-inf")
+        inv_freq, factor = self.rope_row(eviction.seq.rope_plan)
+        for landmark in eviction.landmarks:
+            keys, values = chunk_summary(self.model, landmark.token_ids, inv_freq, factor, self.block_size)
+            block, offset = table[landmark.position // self.block_size], landmark.position % self.block_size
+            self.kv_cache[:, 0, block, offset] = rotate_to(keys, landmark.position, inv_freq, factor).to(self.kv_cache.dtype)
+            self.kv_cache[:, 1, block, offset] = values.to(self.kv_cache.dtype)
+            bias[block, offset] = math.log(len(landmark.token_ids))
 
     def build_batch(self, step: SchedulerOutput) -> ForwardBatch:
         items = step.scheduled
@@ -99,6 +132,7 @@ class ModelRunner:
             logits_indices=to(logits_indices),
             max_query_len=int(num_new.max()),
             max_seq_len=int(seq_lens.max()),
+            slot_bias=self.slot_bias if any(i.seq.num_landmark_positions for i in items) else None,
         )
 
     @staticmethod
@@ -118,9 +152,13 @@ class ModelRunner:
         """Logits for the rows `logit_rows` asks for, sequence after sequence in scheduled order."""
         for eviction in step.evictions:
             self.apply_eviction(eviction)
+            self.write_landmarks(eviction)
         for growth in step.rope_growths:
             self.apply_rope_growth(growth)
         batch = self.build_batch(step)
+        if self.slot_bias is not None:
+            # Slots written this step hold tokens: clear what a landmark region left there.
+            self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
         return self.model.forward(batch, self.kv_cache)

@@ -29,13 +29,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                    max_query_len=None, max_seq_len=None):
+                    max_query_len=None, max_seq_len=None, slot_bias=None):
     if q.is_cuda:
         from .triton_attention import paged_attention_triton
-        return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
-                                      query_start_loc, scale, max_query_len, max_seq_len)
+        return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                      scale, max_query_len, max_seq_len, slot_bias=slot_bias)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
-                                     query_start_loc, scale, max_query_len, max_seq_len)
+                                     query_start_loc, scale, max_query_len, max_seq_len, slot_bias)
 
 
 def rms_norm(x, weight, eps):

@@ -4,6 +4,8 @@ Sequence s owns queries q[query_start_loc[s]:query_start_loc[s+1]] (its new toke
 attends to the first seq_lens[s] tokens of its cache, which already hold those new tokens.
 Query j of a chunk of n queries sits at cache position seq_lens[s] - n + j and sees cache
 positions 0..that position (causal over the cached prefix and the chunk itself).
+An optional slot_bias [num_blocks, block_size] fp32 is added to the scaled score of the
+key in each cache slot (a landmark's ln(chunk length), -inf for an empty slot).
 """
 
 import math
@@ -22,6 +24,7 @@ def paged_attention_reference(
     scale: float,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    slot_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D];
     block_tables [S, max_blocks] int32; seq_lens [S]; query_start_loc [S+1].
@@ -50,6 +53,9 @@ def paged_attention_reference(
         query_pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
         key_pos = torch.arange(seq_len, device=q.device)[None, :]
         mask = key_pos <= query_pos
+        if slot_bias is not None:
+            bias = slot_bias[blocks].reshape(-1)[:seq_len].to(q.dtype)
+            mask = torch.where(mask, bias[None, :], float("-inf"))
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
         out[q_start:q_end] = o.transpose(0, 1)
     return out

@@ -13,6 +13,8 @@ Same semantics as attention.paged_attention_reference. The grid is
   what lets a few long decodes fill the GPU.
 - Keys are gathered per token through the block table, so the KV tile (BLOCK_N) is
   independent of the cache's page size.
+- HAS_BIAS (a landmark cache) adds a per-slot logit bias; without it the kernel compiles
+  exactly as before.
 """
 
 from dataclasses import dataclass
@@ -49,9 +51,9 @@ def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr,
                     kv_head, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-                    scale_log2e, row_limit, kv_stop, dims, dim_mask,
+                    scale_log2e, row_limit, kv_stop, dims, dim_mask, slot_bias_ptr,
                     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
     """One online-softmax step over keys kv_start..kv_start+BLOCK_N. MASKED tiles also mask
     keys at or past kv_stop and keys a row may not see (key > row_limit)."""
     keys = kv_start + tl.arange(0, BLOCK_N)
@@ -68,12 +70,20 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
     v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset * stride_vo
                 + kv_head * stride_vh + dims[None, :], mask=load_mask, other=0.0)
     scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
-    if MASKED:
-        visible = (keys[None, :] <= row_limit[:, None]) & key_valid[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
+    if HAS_BIAS:
+        slot = block * PAGE_SIZE + keys % PAGE_SIZE
+        if MASKED:
+            bias = tl.load(slot_bias_ptr + slot, mask=key_valid, other=0.0)
+        else:
+            bias = tl.load(slot_bias_ptr + slot)
+        scores = scores + bias[None, :] * 1.4426950408889634  # the bias is in natural-log units
+    if MASKED or HAS_BIAS:
+        if MASKED:
+            visible = (keys[None, :] <= row_limit[:, None]) & key_valid[None, :]
+            scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        # A row that sees no key of this slice yet keeps m = -inf; shift by 0 instead so
-        # exp2 gives 0 rather than NaN.
+        # A row that sees no key of this slice yet (masked, or only empty landmark slots)
+        # keeps m = -inf; shift by 0 instead so exp2 gives 0 rather than NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -88,13 +98,14 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
-        block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+        block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, slot_bias_ptr,
         scale_log2e, num_seqs, num_tiles,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-        PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_BIAS: tl.constexpr):
     # Late tiles of a causal prefill have the most keys: start them first.
     tile = num_tiles - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -139,14 +150,14 @@ def _paged_attention_kernel(
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
             stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-            scale_log2e, row_limit, kv_hi, dims, dim_mask,
-            PAGE_SIZE, BLOCK_N, False, DOT_PRECISION)
+            scale_log2e, row_limit, kv_hi, dims, dim_mask, slot_bias_ptr,
+            PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, HAS_BIAS)
     for kv_start in range(unmasked_hi, kv_hi, BLOCK_N):
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
             stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
-            scale_log2e, row_limit, kv_hi, dims, dim_mask,
-            PAGE_SIZE, BLOCK_N, True, DOT_PRECISION)
+            scale_log2e, row_limit, kv_hi, dims, dim_mask, slot_bias_ptr,
+            PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, HAS_BIAS)
 
     # l_i is 0 only for a slice with no key a row may see; its partial weighs 0 in the merge.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -213,9 +224,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            query_start_loc: torch.Tensor, scale: float,
                            max_query_len: int | None = None, max_seq_len: int | None = None,
-                           config: AttentionConfig | None = None) -> torch.Tensor:
+                           config: AttentionConfig | None = None,
+                           slot_bias: torch.Tensor | None = None) -> torch.Tensor:
     """See attention.paged_attention_reference. Without the hints, the grid is sized from
-    shapes (all tokens in one sequence; the block table's full capacity)."""
+    shapes (all tokens in one sequence; the block table's full capacity). slot_bias must be
+    contiguous [num_blocks, page_size] fp32."""
     num_tokens, num_q_heads, head_dim = q.shape
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = block_tables.shape[0]
@@ -242,7 +255,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_d = triton.next_power_of_2(head_dim)
     _paged_attention_kernel[(num_tiles, num_kv_heads, config.num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse,
-        block_tables, seq_lens, query_start_loc,
+        block_tables, seq_lens, query_start_loc, q if slot_bias is None else slot_bias,
         scale * LOG2_E, num_seqs, num_tiles,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -250,7 +263,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
         PAGE_SIZE=page_size, NUM_SPLITS=config.num_splits,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_BIAS=slot_bias is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.num_splits > 1:

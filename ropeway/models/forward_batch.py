@@ -19,3 +19,5 @@ class ForwardBatch:
     logits_indices: torch.Tensor   # [R] tokens whose next-token logits are needed
     max_query_len: int
     max_seq_len: int
+    # [num_blocks, block_size] fp32 logit bias per cache slot, when a landmark cache is in the batch.
+    slot_bias: torch.Tensor | None = None

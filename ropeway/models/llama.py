@@ -68,9 +68,11 @@ class LlamaModel:
         return self.embed_tokens.dtype
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor,
+                capture: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Logits (fp32) [len(batch.logits_indices), vocab]. kv_cache is
-        [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]."""
+        [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]. capture, if given,
+        receives each layer's keys before RoPE and values (landmark summaries need them)."""
         cfg = self.config
         num_tokens = batch.input_ids.shape[0]
         h = F.embedding(batch.input_ids, self.embed_tokens)
@@ -81,11 +83,14 @@ class LlamaModel:
             q = qkv[:, : self.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            if capture is not None:
+                capture.append((k.clone(), v.clone()))
             apply_rotary(q, k, batch.positions, batch.seq_index, batch.inv_freq, batch.attention_factor)
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
             write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
-                                   batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len)
+                                   batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
+                                   batch.slot_bias)
             x = add_rms_norm(F.linear(attn.reshape(num_tokens, self.q_size), layer.o_weight), h,
                              layer.post_attention_norm, cfg.rms_norm_eps)
             gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)

@@ -171,3 +171,4 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_evicted_tokens = 0
+        seq.num_landmark_positions = 0

@@ -1,15 +1,18 @@
-"""How a sequence's KV cache is bounded: none, or sink_window (StreamingLLM).
+"""How a sequence's KV cache is bounded: none, sink_window (StreamingLLM), or landmark.
 
 Sinks and window are kept in whole blocks: the sink region is the first ceil(sinks /
 block_size) blocks, and the window is evicted from its oldest end an eighth at a time
 (rounded to blocks), so each kept key is re-rotated a bounded number of times (about 8).
+landmark adds, from the first eviction on, a region of ceil(landmarks / block_size) blocks
+between sinks and window: one slot per evicted chunk holds that chunk's summary, the
+slots used as a ring once all landmarks are taken.
 """
 
 from dataclasses import dataclass, fields
 
 from ropeway.sampling_params import InvalidParameter
 
-POLICY_TYPES = ("none", "sink_window")
+POLICY_TYPES = ("none", "sink_window", "landmark")
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,7 @@ class ContextPolicy:
     type: str = "none"
     sinks: int = 4
     window: int = 4096
+    landmarks: int = 64  # landmark only: the most chunk summaries kept
 
     @property
     def bounded(self) -> bool:
@@ -25,13 +29,19 @@ class ContextPolicy:
     def sink_blocks(self, block_size: int) -> int:
         return -(-self.sinks // block_size)
 
+    def landmark_blocks(self, block_size: int) -> int:
+        return -(-self.landmarks // block_size) if self.type == "landmark" else 0
+
     def eviction_chunk(self, block_size: int) -> int:
-        """Tokens evicted at a time: an eighth of the window, in whole blocks (at least one)."""
-        return max(block_size, self.window // 8 // block_size * block_size)
+        """Tokens evicted at a time: an eighth of the window, in whole blocks (at least one).
+        A landmark chunk also covers the landmark region, which the first eviction carves
+        out of it."""
+        chunk = max(block_size, self.window // 8 // block_size * block_size)
+        return max(chunk, self.landmark_blocks(block_size) * block_size)
 
     def kept_tokens(self, block_size: int) -> int:
-        """Cache length right after an eviction: sink blocks plus the window."""
-        return self.sink_blocks(block_size) * block_size + self.window
+        """Cache length right after an eviction: sink blocks, landmark blocks, the window."""
+        return (self.sink_blocks(block_size) + self.landmark_blocks(block_size)) * block_size + self.window
 
     def max_cache_tokens(self, block_size: int) -> int:
         """The most the cache ever holds: the kept tokens plus one eviction chunk of new ones."""
@@ -51,7 +61,7 @@ class ContextPolicy:
         kind = raw.get("type", "none")
         if kind not in POLICY_TYPES:
             raise InvalidParameter(f"{param}.type", f"unknown policy {kind!r}; choose one of {', '.join(POLICY_TYPES)}")
-        for name, low in (("sinks", 0), ("window", 16)):
+        for name, low in (("sinks", 0), ("window", 16), ("landmarks", 1)):
             value = raw.get(name, getattr(cls, name))
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidParameter(f"{param}.{name}", f"{name} must be an integer of at least {low}")

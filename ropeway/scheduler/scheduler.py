@@ -61,6 +61,17 @@ class Eviction:
     num_tokens: int
     shift: int
     block_copies: list[tuple[int, int]]
+    landmarks: list["Landmark"] = field(default_factory=list)
+    # A landmark cache's first eviction opens its region (these cache positions), empty
+    # until a summary is written in a slot.
+    new_landmark_region: range | None = None
+
+
+@dataclass
+class Landmark:
+    """An evicted chunk: summarize it, computed alone, into the landmark slot at position."""
+    token_ids: list[int]
+    position: int
 
 
 @dataclass
@@ -90,6 +101,7 @@ class Scheduler:
         self.num_plan_growths = 0
         self.num_evictions = 0        # eviction events
         self.num_evicted_tokens = 0   # tokens dropped from caches
+        self.num_landmark_recomputations = 0  # evicted chunks summarized into landmark slots
         self.num_rerotated_keys = 0   # cached token keys moved to new positions (all layers at once)
         self.new_plans: list[RopePlan] = []  # plans chosen since the metrics last drained them
         self.waiting: deque[Sequence] = deque()
@@ -222,28 +234,48 @@ class Scheduler:
     def _evict_if_needed(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
         """Keep a bounded cache within sinks + window + one chunk: drop the oldest window blocks
         (whole blocks, a chunk at a time, back to the pool at once) and have the kept window
-        keys re-rotated down, so cache positions stay contiguous."""
+        keys re-rotated down, so cache positions stay contiguous. A landmark cache also has
+        each evicted chunk summarized into its next landmark slot."""
         policy, bm = seq.context_policy, self.block_manager
         size = bm.block_size
         length = seq.num_cached_positions
         if not policy.bounded or length + num_new_tokens <= policy.max_cache_tokens(size):
             return
         excess = length + num_new_tokens - policy.kept_tokens(size)
-        evict = max(policy.eviction_chunk(size), -(-excess // size) * size)
-        first_block = policy.sink_blocks(size)
-        bm.drop_blocks(seq, first_block, evict // size)
-        if bm.num_shared_blocks(seq, first_block) > bm.num_free_blocks:
+        chunk = policy.eviction_chunk(size)
+        # Landmark evictions come in whole chunks, one summary each.
+        unit = chunk if policy.type == "landmark" else size
+        evict = max(chunk, -(-excess // unit) * unit)
+        sink_blocks, region_blocks = policy.sink_blocks(size), policy.landmark_blocks(size)
+        # The first landmark eviction keeps the chunk's first blocks as the landmark region.
+        opens_region = region_blocks > 0 and seq.num_landmark_positions == 0
+        kept_blocks = region_blocks if opens_region else 0
+        bm.drop_blocks(seq, sink_blocks + region_blocks, evict // size - kept_blocks)
+        if bm.num_shared_blocks(seq, sink_blocks) > bm.num_free_blocks:
             # Cannot copy the shared blocks it must re-rotate: recompute it instead.
             if seq.status is SequenceStatus.RUNNING:
                 self._preempt(seq)
             else:
                 bm.free(seq)
             return
-        copies = bm.make_private(seq, first_block)
+        # Landmark slots are written too, so they are made private with the window.
+        copies = bm.make_private(seq, sink_blocks)
         bm.forget_hashes(seq)
+        window_start = (sink_blocks + region_blocks) * size
+        moved = length - window_start - evict + kept_blocks * size
+        eviction = Eviction(seq, window_start, moved, evict - kept_blocks * size, copies)
+        if region_blocks:
+            region_start = sink_blocks * size
+            if opens_region:
+                seq.num_landmark_positions = region_blocks * size
+                eviction.new_landmark_region = range(region_start, window_start)
+            first_token = region_start + seq.num_evicted_tokens
+            for start in range(first_token, first_token + evict, chunk):
+                slot = (start - region_start) // chunk % policy.landmarks
+                eviction.landmarks.append(Landmark(seq.token_ids[start : start + chunk], region_start + slot))
+            self.num_landmark_recomputations += len(eviction.landmarks)
         seq.num_evicted_tokens += evict
-        moved = length - first_block * size - evict
-        out.evictions.append(Eviction(seq, first_block * size, moved, evict, copies))
+        out.evictions.append(eviction)
         self.num_evictions += 1
         self.num_evicted_tokens += evict
         self.num_rerotated_keys += moved

@@ -30,6 +30,8 @@ class Sequence:
     # Tokens dropped from the cache between the sinks and the window. Cache positions stay
     # contiguous: token i >= the window start sits at position i - num_evicted_tokens.
     num_evicted_tokens: int = 0
+    # Cache positions of the landmark region (after the sinks), reserved at the first eviction.
+    num_landmark_positions: int = 0
     wants_prompt_logprobs: bool = False
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -58,7 +60,7 @@ class Sequence:
     @property
     def num_cached_positions(self) -> int:
         """Length of the sequence's cache (positions 0..this-1)."""
-        return self.num_computed_tokens - self.num_evicted_tokens
+        return self.num_computed_tokens - self.num_evicted_tokens + self.num_landmark_positions
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -29,6 +29,7 @@ class RetainedSession:
     num_tokens: int          # history length: the retained cache covers exactly these tokens
     block_table: list[int]
     num_evicted_tokens: int
+    num_landmark_positions: int
 
 
 class SessionStore:
@@ -51,7 +52,8 @@ class SessionStore:
         key = history_key(seq.token_ids[:n], seq)
         if key in self.entries:
             self._release(key)
-        self.entries[key] = RetainedSession(n, list(seq.block_table), seq.num_evicted_tokens)
+        self.entries[key] = RetainedSession(n, list(seq.block_table), seq.num_evicted_tokens,
+                                            seq.num_landmark_positions)
         while self.num_blocks > self.max_blocks:
             self.release_oldest()
         return True
@@ -68,6 +70,7 @@ class SessionStore:
                 seq.block_table = entry.block_table
                 seq.num_computed_tokens = entry.num_tokens
                 seq.num_evicted_tokens = entry.num_evicted_tokens
+                seq.num_landmark_positions = entry.num_landmark_positions
                 self.hits += 1
                 return True
         self.misses += 1

@@ -73,9 +73,11 @@ class ServerMetrics:
                                         [10.0 ** (e / 2) for e in range(6, 21)])
         self.rope_plan_factor = histogram("rope_plan_factor", "Context scaling factor of each chosen or grown plan "
                                           "(1 for the model's own RoPE).", (1, 1.25, 1.5, 2, 3, 4, 6, 8, 16, 32, 64))
-        self.kv_evictions = counter("kv_evictions", "Evictions from bounded (sink_window) caches.")
+        self.kv_evictions = counter("kv_evictions", "Evictions from bounded (sink_window, landmark) caches.")
         self.kv_evicted_tokens = counter("kv_evicted_tokens", "Tokens evicted from bounded caches.")
         self.kv_rerotated_keys = counter("kv_rerotated_keys", "Cached token keys re-rotated to new positions or plans.")
+        self.landmark_recomputations = counter("landmark_recomputations",
+                                               "Evicted chunks re-computed alone and summarized into landmark slots.")
         self.session_hits = counter("session_hits", "Requests that continued from a retained chat session.")
         self.session_misses = counter("session_misses", "Bounded-cache requests that found no retained session.")
         self.session_store_bytes = gauge("session_store_bytes", "KV bytes held by retained chat sessions.")
@@ -99,7 +101,8 @@ class ServerMetrics:
         self._bytes_per_block = engine.pool.bytes_per_block
         # Totals already copied into the counters; the loop thread's first call brings them up to date.
         self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "queries": 0, "hits": 0, "growths": 0,
-                      "evictions": 0, "evicted": 0, "rerotated": 0, "session_hits": 0, "session_misses": 0}
+                      "evictions": 0, "evicted": 0, "rerotated": 0, "landmarks": 0, "session_hits": 0,
+                      "session_misses": 0}
 
     def observe_engine(self, engine: LLMEngine) -> None:
         """Copy engine-wide state; runs on the engine's loop thread after each step."""
@@ -115,13 +118,15 @@ class ServerMetrics:
                   "preemptions": scheduler.num_preemptions, "queries": bm.prefix_queries,
                   "hits": bm.prefix_hits, "growths": scheduler.num_plan_growths,
                   "evictions": scheduler.num_evictions, "evicted": scheduler.num_evicted_tokens,
-                  "rerotated": scheduler.num_rerotated_keys, "session_hits": scheduler.sessions.hits,
+                  "rerotated": scheduler.num_rerotated_keys, "landmarks": scheduler.num_landmark_recomputations,
+                  "session_hits": scheduler.sessions.hits,
                   "session_misses": scheduler.sessions.misses}
         counters = {"prompt": self.prompt_tokens, "generation": self.generation_tokens,
                     "preemptions": self.num_preemptions, "queries": self.prefix_cache_queries,
                     "hits": self.prefix_cache_hits, "growths": self.rope_plan_growths,
                     "evictions": self.kv_evictions, "evicted": self.kv_evicted_tokens,
-                    "rerotated": self.kv_rerotated_keys, "session_hits": self.session_hits,
+                    "rerotated": self.kv_rerotated_keys, "landmarks": self.landmark_recomputations,
+                    "session_hits": self.session_hits,
                     "session_misses": self.session_misses}
         for key, total in totals.items():
             counters[key].inc(total - self._seen[key])

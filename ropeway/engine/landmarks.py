@@ -1,0 +1,50 @@
+"""Landmark summaries: an evicted chunk, re-computed alone, reduced to one key and one value
+per layer and KV head.
+
+Keys are averaged before RoPE and the mean is rotated once, to its landmark slot's
+position: averaging rotated keys would cancel their high-frequency components.
+"""
+
+import torch
+
+from ropeway.kernels.rotary import rope_cos_sin, rotate_by
+from ropeway.models import ForwardBatch, LlamaModel
+
+
+def chunk_summary(model: LlamaModel, token_ids: list[int], inv_freq: torch.Tensor,
+                  attention_factor: float, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean key before RoPE and mean value, fp32 [num_layers, num_kv_heads, head_dim], of the
+    chunk run through the model alone (positions 0..n-1) in a private cache."""
+    cfg, device = model.config, model.device
+    n = len(token_ids)
+    num_blocks = -(-n // block_size)
+    cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+                        dtype=model.dtype, device=device)
+    positions = torch.arange(n, device=device)
+    batch = ForwardBatch(
+        input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
+        positions=positions,
+        seq_index=torch.zeros(n, dtype=torch.int32, device=device),
+        slot_mapping=positions,
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        inv_freq=inv_freq[None],
+        attention_factor=torch.tensor([attention_factor], dtype=torch.float32, device=device),
+        logits_indices=torch.tensor([n - 1], device=device),
+        max_query_len=n,
+        max_seq_len=n,
+    )
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model.forward(batch, cache, captured)
+    keys = torch.stack([k.float().mean(0) for k, _ in captured])
+    values = torch.stack([v.float().mean(0) for _, v in captured])
+    return keys, values
+
+
+def rotate_to(keys: torch.Tensor, position: int, inv_freq: torch.Tensor, attention_factor: float) -> torch.Tensor:
+    """keys [num_layers, num_kv_heads, head_dim] rotated to one position, as the model
+    rotates a key there."""
+    cos, sin = rope_cos_sin(torch.tensor([position], device=keys.device), inv_freq[None],
+                            torch.tensor([attention_factor], device=keys.device))
+    return rotate_by(keys, cos.expand(keys.shape[0], -1), sin.expand(keys.shape[0], -1))
