@@ -26,6 +26,7 @@ def long_text_ids(tokenizer, count: int) -> list[int]:
     ({"type": "sink_window", "sinks": -1}, "context_policy.sinks"),
     ({"type": "sink_window", "window": "big"}, "context_policy.window"),
     ({"type": "sink_window", "size": 3}, "context_policy.size"),
+    ({"type": "sink_window", "landmarks": 8}, "context_policy.landmarks"),
 ])
 def test_bad_policies_name_the_field(bad, param):
     with pytest.raises(InvalidParameter) as error:

@@ -61,6 +61,8 @@ class ContextPolicy:
         kind = raw.get("type", "none")
         if kind not in POLICY_TYPES:
             raise InvalidParameter(f"{param}.type", f"unknown policy {kind!r}; choose one of {', '.join(POLICY_TYPES)}")
+        if "landmarks" in raw and kind != "landmark":
+            raise InvalidParameter(f"{param}.landmarks", "landmarks applies only to the landmark policy")
         for name, low in (("sinks", 0), ("window", 16), ("landmarks", 1)):
             value = raw.get(name, getattr(cls, name))
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
