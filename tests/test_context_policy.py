@@ -3,21 +3,14 @@
 import pytest
 import torch
 
+from bounded_streams import long_text_ids, stream_checking_positions
+
 from ropeway import ContextParams, SamplingParams
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import ContextPolicy
 
 WINDOW = {"type": "sink_window", "sinks": 4, "window": 32}
-
-
-def long_text_ids(tokenizer, count: int) -> list[int]:
-    import pydoc_data.topics
-
-    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40])
-    ids = tokenizer.encode(text)
-    assert len(ids) >= count
-    return ids[:count]
 
 
 @pytest.mark.parametrize("bad, param", [
@@ -40,24 +33,7 @@ def test_stream_of_twenty_windows_keeps_blocks_constant_and_positions_contiguous
     policy = ContextPolicy.from_dict(WINDOW)
     max_cache = policy.max_cache_tokens(16)
     prompt = long_text_ids(llm.tokenizer, 20 * policy.window)
-    engine.add_request("stream", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                       ContextParams(context_policy=WINDOW))
-    seq = engine.requests["stream"].choices[0].seq
-    build = engine.runner.build_batch
-    seen = []
-
-    def checked_build(step):
-        batch = build(step)
-        cached = seq.num_cached_positions
-        n = batch.input_ids.shape[0]
-        assert batch.positions.tolist() == list(range(cached, cached + n))  # contiguous from the cache end
-        assert int(batch.seq_lens[0]) == cached + n <= max_cache
-        seen.append((seq.num_computed_tokens, engine.block_manager.num_used_blocks))
-        return batch
-
-    engine.runner.build_batch = checked_build
-    while engine.has_unfinished_requests():
-        engine.step()
+    seq, seen = stream_checking_positions(llm, WINDOW, prompt)
     assert len(seen) >= 20
     settled = [used for computed, used in seen if computed >= max_cache]
     assert max(settled) - min(settled) <= 1  # constant memory, whatever the stream length

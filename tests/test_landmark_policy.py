@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from bounded_streams import long_text_ids, stream_checking_positions
 
 from ropeway import ContextParams, SamplingParams
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import ContextPolicy
-from test_context_policy import long_text_ids
 
 # Block size 16: one sink block, one landmark block (4 slots used), a 16-token eviction chunk.
 LANDMARK = {"type": "landmark", "sinks": 4, "window": 32, "landmarks": 4}
@@ -29,29 +29,15 @@ def test_long_landmark_stream_keeps_blocks_constant_and_fills_its_slots_as_a_rin
     policy = ContextPolicy.from_dict(LANDMARK)
     max_cache = policy.max_cache_tokens(16)
     prompt = long_text_ids(llm.tokenizer, 20 * policy.window)
-    engine.add_request("stream", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                       ContextParams(context_policy=LANDMARK))
-    seq = engine.requests["stream"].choices[0].seq
-    build = engine.runner.build_batch
-    seen = []
 
-    def checked_build(step):
-        batch = build(step)
-        cached = seq.num_cached_positions
-        n = batch.input_ids.shape[0]
-        assert batch.positions.tolist() == list(range(cached, cached + n))
-        assert int(batch.seq_lens[0]) == cached + n <= max_cache
-        seen.append((seq.num_computed_tokens, engine.block_manager.num_used_blocks))
-        return batch
-
-    engine.runner.build_batch = checked_build
-    while engine.has_unfinished_requests():
-        engine.step()
+    def landmark_slots_are_weighted_or_empty(seq):
         if seq.num_landmark_positions and seq.block_table:  # a finished one's blocks are retained
             region = engine.runner.slot_bias[seq.block_table[1]]
             count = min(seq.num_evicted_tokens // 16, policy.landmarks)
             assert torch.all(region[:count] == math.log(16))
             assert torch.all(region[count:] == float("-inf"))
+
+    seq, seen = stream_checking_positions(llm, LANDMARK, prompt, landmark_slots_are_weighted_or_empty)
     settled = [used for computed, used in seen if computed >= max_cache]
     assert max(settled) - min(settled) <= 1
     assert max(settled) <= -(-max_cache // 16)

@@ -1,0 +1,43 @@
+"""Helpers for the bounded-cache tests: long real text, and a stream run that checks every step."""
+
+from ropeway import ContextParams, SamplingParams
+from ropeway.scheduler import ContextPolicy
+
+
+def long_text_ids(tokenizer, count: int) -> list[int]:
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:40])
+    ids = tokenizer.encode(text)
+    assert len(ids) >= count
+    return ids[:count]
+
+
+def stream_checking_positions(llm, policy: dict, prompt: list[int], after_step=None):
+    """Run one bounded-cache request to the end. Every step must place the new tokens at
+    contiguous positions right after the cache and stay within the policy's largest cache.
+    Returns the sequence and (tokens computed, blocks in use) before each step."""
+    engine = llm.engine
+    max_cache = ContextPolicy.from_dict(policy).max_cache_tokens(engine.config.block_size)
+    engine.add_request("stream", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                       ContextParams(context_policy=policy))
+    seq = engine.requests["stream"].choices[0].seq
+    build = engine.runner.build_batch
+    seen = []
+
+    def checked_build(step):
+        batch = build(step)
+        cached = seq.num_cached_positions
+        n = batch.input_ids.shape[0]
+        assert batch.positions.tolist() == list(range(cached, cached + n))
+        assert int(batch.seq_lens[0]) == cached + n <= max_cache
+        seen.append((seq.num_computed_tokens, engine.block_manager.num_used_blocks))
+        return batch
+
+    engine.runner.build_batch = checked_build
+    while engine.has_unfinished_requests():
+        engine.step()
+        if after_step is not None:
+            after_step(seq)
+    engine.runner.build_batch = build
+    return seq, seen
