@@ -201,7 +201,7 @@ def main() -> None:
     print(f"{'run':>40}" + "".join(f"{n:>9}" for n in passkey_lengths))
     for run, values in passkey.items():
         print(f"{run:>40}" + "".join(f"{values[str(n)]:>9.2f}" for n in passkey_lengths))
-    print(f"\n(c) decode after a stream: ms per token / KV MiB")
+    print("\n(c) decode after a stream: ms per token / KV MiB")
     print(f"{'policy':>12}" + "".join(f"{n:>14}" for n in lengths))
     for name, rows in decode.items():
         print(f"{name:>12}" + "".join(f"{r['ms_per_token']:>7.1f}/{r['kv_mib']:<6.0f}" for r in rows))

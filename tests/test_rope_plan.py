@@ -9,7 +9,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ropeway.sampling_params import InvalidParameter
-from ropeway.scheduler import RopePlan, RopePlanner, RopeScaling, bucket_length
+from ropeway.scheduler import RopePlanner, RopeScaling, bucket_length
 
 
 def hf_config(head_dim, trained, rope_parameters):
