@@ -90,7 +90,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         # built on the host.
         return SamplerOutput(logits.argmax(dim=-1).tolist(), None, None, None)
     device = logits.device
-    raw_logprobs = logits.log_softmax(dim=-1)
+    want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
+    # Logprobs report the model's distribution, before penalties and filters; only when asked.
+    raw_logprobs = logits.log_softmax(dim=-1) if want else None
     logits = apply_penalties(logits, rows) if any(_has_penalty(r.params) for r in rows) else logits
     greedy = _column(rows, lambda r: r.params.greedy, torch.bool, device)
     chosen = logits.argmax(dim=-1)
@@ -105,7 +107,6 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         drawn = (scaled.softmax(dim=-1) / exponential).argmax(dim=-1)
         chosen = torch.where(greedy, chosen, drawn)
 
-    want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
     if not want:
         return SamplerOutput(chosen.tolist(), None, None, None)
     sampled_logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0]
