@@ -99,10 +99,23 @@ class ServerMetrics:
         self.kv_blocks_capacity.set(engine.pool.num_blocks)
         self.kv_bytes_capacity.set(engine.pool.num_bytes)
         self._bytes_per_block = engine.pool.bytes_per_block
-        # Totals already copied into the counters; the loop thread's first call brings them up to date.
-        self._seen = {"prompt": 0, "generation": 0, "preemptions": 0, "queries": 0, "hits": 0, "growths": 0,
-                      "evictions": 0, "evicted": 0, "rerotated": 0, "landmarks": 0, "session_hits": 0,
-                      "session_misses": 0}
+        # Engine totals that only grow, each mirrored by a counter: (counter, read the total).
+        self._engine_totals = [
+            (self.prompt_tokens, lambda e: e.counters.prompt_tokens),
+            (self.generation_tokens, lambda e: e.counters.generation_tokens),
+            (self.num_preemptions, lambda e: e.scheduler.num_preemptions),
+            (self.prefix_cache_queries, lambda e: e.block_manager.prefix_queries),
+            (self.prefix_cache_hits, lambda e: e.block_manager.prefix_hits),
+            (self.rope_plan_growths, lambda e: e.scheduler.num_plan_growths),
+            (self.kv_evictions, lambda e: e.scheduler.num_evictions),
+            (self.kv_evicted_tokens, lambda e: e.scheduler.num_evicted_tokens),
+            (self.kv_rerotated_keys, lambda e: e.scheduler.num_rerotated_keys),
+            (self.landmark_recomputations, lambda e: e.scheduler.num_landmark_recomputations),
+            (self.session_hits, lambda e: e.scheduler.sessions.hits),
+            (self.session_misses, lambda e: e.scheduler.sessions.misses),
+        ]
+        # What each counter already holds; the loop thread's first call brings them up to date.
+        self._copied = [0] * len(self._engine_totals)
 
     def observe_engine(self, engine: LLMEngine) -> None:
         """Copy engine-wide state; runs on the engine's loop thread after each step."""
@@ -114,23 +127,10 @@ class ServerMetrics:
         self.kv_bytes_used.set(used * self._bytes_per_block)
         self.kv_cache_usage.set(used / bm.num_blocks)
         scheduler = engine.scheduler
-        totals = {"prompt": engine.counters.prompt_tokens, "generation": engine.counters.generation_tokens,
-                  "preemptions": scheduler.num_preemptions, "queries": bm.prefix_queries,
-                  "hits": bm.prefix_hits, "growths": scheduler.num_plan_growths,
-                  "evictions": scheduler.num_evictions, "evicted": scheduler.num_evicted_tokens,
-                  "rerotated": scheduler.num_rerotated_keys, "landmarks": scheduler.num_landmark_recomputations,
-                  "session_hits": scheduler.sessions.hits,
-                  "session_misses": scheduler.sessions.misses}
-        counters = {"prompt": self.prompt_tokens, "generation": self.generation_tokens,
-                    "preemptions": self.num_preemptions, "queries": self.prefix_cache_queries,
-                    "hits": self.prefix_cache_hits, "growths": self.rope_plan_growths,
-                    "evictions": self.kv_evictions, "evicted": self.kv_evicted_tokens,
-                    "rerotated": self.kv_rerotated_keys, "landmarks": self.landmark_recomputations,
-                    "session_hits": self.session_hits,
-                    "session_misses": self.session_misses}
-        for key, total in totals.items():
-            counters[key].inc(total - self._seen[key])
-            self._seen[key] = total
+        for index, (counter, read_total) in enumerate(self._engine_totals):
+            total = read_total(engine)
+            counter.inc(total - self._copied[index])
+            self._copied[index] = total
         self.session_store_bytes.set(scheduler.sessions.num_blocks * self._bytes_per_block)
         for plan in scheduler.new_plans:
             self.rope_plan_base.observe(plan.effective_base)
