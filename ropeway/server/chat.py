@@ -3,7 +3,7 @@
 from collections.abc import AsyncIterator
 
 import jinja2
-from fastapi import Request, Response
+from fastapi import Request
 
 from ropeway.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from ropeway.sampling_params import MAX_TOP_LOGPROBS, InvalidParameter
@@ -13,7 +13,7 @@ from .errors import APIError
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatLogprobs, ChoiceDelta, TokenLogprobContent, TopLogprob, Usage,
                        new_id, now_seconds)
-from .streaming import CLIENT_CLOSED_REQUEST, event_stream, merge, unless_disconnected
+from .streaming import merge, respond
 
 # Templates written for OpenAI's roles know "system"; "developer" is OpenAI's newer name for it.
 _TEMPLATE_ROLE = {"developer": "system"}
@@ -76,19 +76,8 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     response_id = new_id("chatcmpl")
     outputs = ctx.generate(prompt_ids, params, response_id, context)
     stream = ChatStream(body, model, response_id, len(prompt_ids))
-    if body.stream:
-        return event_stream(stream.chunks(outputs), ticket)
-    try:
-        final = await unless_disconnected(request, lambda: last_output(outputs))
-    finally:
-        ticket.release()
-    return stream.response(final) if final is not None else Response(status_code=CLIENT_CLOSED_REQUEST)
-
-
-async def last_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
-    async for _, output in merge([outputs]):
-        last = output
-    return last
+    return await respond(request, body.stream, [outputs], lambda: stream.chunks(outputs),
+                         lambda finals: stream.response(finals[0]), ticket)
 
 
 class ChatStream:

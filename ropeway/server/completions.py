@@ -3,7 +3,7 @@
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import Request, Response
+from fastapi import Request
 
 from ropeway.outputs import CompletionOutput, RequestOutput, TokenLogprob
 
@@ -11,7 +11,7 @@ from .context import ServerContext
 from .errors import APIError
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage,
                        new_id, now_seconds)
-from .streaming import CLIENT_CLOSED_REQUEST, event_stream, merge, unless_disconnected
+from .streaming import merge, respond
 
 
 @dataclass
@@ -77,20 +77,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     response_id = new_id("cmpl")
     streams = [ctx.generate(p.token_ids, params, f"{response_id}-{i}", context) for i, p in enumerate(prompts)]
     stream = CompletionStream(ctx, body, model, response_id, prompts)
-    if body.stream:
-        return event_stream(stream.chunks(streams), ticket)
-    try:
-        finals = await unless_disconnected(request, lambda: final_outputs(streams))
-    finally:
-        ticket.release()
-    return stream.response(finals) if finals is not None else Response(status_code=CLIENT_CLOSED_REQUEST)
-
-
-async def final_outputs(streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
-    finals: list[RequestOutput | None] = [None] * len(streams)
-    async for index, output in merge(streams):
-        finals[index] = output
-    return finals
+    return await respond(request, body.stream, streams, lambda: stream.chunks(streams), stream.response, ticket)
 
 
 class CompletionStream:

@@ -11,7 +11,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from fastapi import Request
+from fastapi import Request, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
@@ -106,3 +106,25 @@ async def unless_disconnected(request: Request, make_result: Callable[[], Awaita
                 return None
     finally:
         task.cancel()
+
+
+async def final_outputs(streams: list[AsyncIterator[T]]) -> list[T]:
+    """The last item of each stream, read concurrently."""
+    finals: list[T | None] = [None] * len(streams)
+    async for index, item in merge(streams):
+        finals[index] = item
+    return finals
+
+
+async def respond(request: Request, streaming: bool, streams: list[AsyncIterator[T]],
+                  chunks: Callable[[], AsyncIterator[BaseModel]], whole: Callable[[list[T]], BaseModel],
+                  ticket: Ticket):
+    """An SSE stream of chunks(), or, once every stream has finished, whole(last outputs);
+    a client that leaves first gets nothing and its requests are aborted."""
+    if streaming:
+        return event_stream(chunks(), ticket)
+    try:
+        finals = await unless_disconnected(request, lambda: final_outputs(streams))
+    finally:
+        ticket.release()
+    return whole(finals) if finals is not None else Response(status_code=CLIENT_CLOSED_REQUEST)
