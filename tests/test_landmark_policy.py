@@ -31,7 +31,7 @@ def test_long_landmark_stream_keeps_blocks_constant_and_fills_its_slots_as_a_rin
     prompt = long_text_ids(llm.tokenizer, 20 * policy.window)
 
     def landmark_slots_are_weighted_or_empty(seq):
-        if seq.num_landmark_positions and seq.block_table:  # a finished one's blocks are retained
+        if seq.num_region_positions and seq.block_table:  # a finished one's blocks are retained
             region = engine.runner.slot_bias[seq.block_table[1]]
             count = min(seq.num_evicted_tokens // 16, policy.landmarks)
             assert torch.all(region[:count] == math.log(16))
@@ -41,7 +41,7 @@ def test_long_landmark_stream_keeps_blocks_constant_and_fills_its_slots_as_a_rin
     settled = [used for computed, used in seen if computed >= max_cache]
     assert max(settled) - min(settled) <= 1
     assert max(settled) <= -(-max_cache // 16)
-    assert seq.num_landmark_positions == 16
+    assert seq.num_region_positions == 16
     assert engine.scheduler.num_landmark_recomputations == seq.num_evicted_tokens // 16 >= 30
     engine.scheduler.sessions.release_oldest()
     assert engine.block_manager.num_free_blocks == engine.pool.num_blocks

@@ -10,8 +10,10 @@ whatever the model's size; a graph replays them in one launch.
 - The attention kernel sizes its KV splits from the max_seq_len hint, so graphs are
   captured with the longest sequence the KV pool can hold; at run time each program
   cuts its slice from its sequence's real length, and slices past it exit at once.
-- A bucket is captured the first time a step needs it. All graphs share one memory
-  pool, so their outputs alias: read the logits before the next replay.
+- A bucket is captured the first time a step needs it, once for batches without a landmark
+  cache and once for batches with one (their attention reads the runner's per-slot logit
+  bias, a tensor that lives as long as the runner). All graphs share one memory pool, so
+  their outputs alias: read the logits before the next replay.
 """
 
 import bisect
@@ -24,10 +26,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int,
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int, slot_bias: torch.Tensor,
                  buckets: tuple[int, ...] = BATCH_BUCKETS):
         self.model = model
         self.kv_cache = kv_cache
+        self.slot_bias = slot_bias
         self.buckets = buckets
         device, largest = model.device, buckets[-1]
         num_blocks = kv_cache.shape[2]
@@ -44,13 +47,13 @@ class DecodeGraphs:
         self.attention_factor = torch.ones(largest, dtype=torch.float32, device=device)
         self.logits_indices = index[:largest]
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def fits(self, batch: ForwardBatch) -> bool:
-        """A pure-decode step in which every sequence samples, no larger than the largest bucket,
-        and no landmark cache (its slot bias is not captured)."""
+        """A pure-decode step in which every sequence samples, no larger than the largest bucket."""
         num_seqs = batch.seq_lens.shape[0]
-        return (batch.slot_bias is None and batch.max_query_len == 1 and batch.logits_indices.shape[0] == num_seqs
+        return (batch.slot_bias in (None, self.slot_bias) and batch.max_query_len == 1
+                and batch.logits_indices.shape[0] == num_seqs
                 and batch.input_ids.shape[0] == num_seqs and num_seqs <= self.buckets[-1]
                 and batch.block_tables.shape[1] <= self.block_tables.shape[1])
 
@@ -58,8 +61,9 @@ class DecodeGraphs:
         """Logits [n, vocab] of the step, as model.forward would return them."""
         n = batch.seq_lens.shape[0]
         bucket = self.buckets[bisect.bisect_left(self.buckets, n)]
-        if bucket not in self.graphs:
-            self.graphs[bucket] = self._capture(bucket)
+        key = (bucket, batch.slot_bias is not None)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
         self.input_ids[:n].copy_(batch.input_ids)
         self.positions[:n].copy_(batch.positions)
         self.slot_mapping[:n].copy_(batch.slot_mapping)
@@ -70,24 +74,24 @@ class DecodeGraphs:
         if n < bucket:
             self.slot_mapping[n:bucket].fill_(-1)
             self.seq_lens[n:bucket].fill_(1)
-        graph, logits = self.graphs[bucket]
+        graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]
 
-    def _static_batch(self, bucket: int) -> ForwardBatch:
+    def _static_batch(self, bucket: int, with_bias: bool) -> ForwardBatch:
         return ForwardBatch(
             input_ids=self.input_ids[:bucket], positions=self.positions[:bucket],
             seq_index=self.seq_index[:bucket], slot_mapping=self.slot_mapping[:bucket],
             query_start_loc=self.query_start_loc[: bucket + 1], seq_lens=self.seq_lens[:bucket],
             block_tables=self.block_tables[:bucket], inv_freq=self.inv_freq[:bucket],
             attention_factor=self.attention_factor[:bucket], logits_indices=self.logits_indices[:bucket],
-            max_query_len=1, max_seq_len=self.max_seq_len)
+            max_query_len=1, max_seq_len=self.max_seq_len, slot_bias=self.slot_bias if with_bias else None)
 
-    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, with_bias: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # All rows padding while warming up and capturing: nothing is written to the cache.
         self.slot_mapping[:bucket].fill_(-1)
         self.seq_lens[:bucket].fill_(1)
-        batch = self._static_batch(bucket)
+        batch = self._static_batch(bucket, with_bias)
         # The eager pass compiles and loads the kernels for this grid, outside the capture.
         self.model.forward(batch, self.kv_cache)
         torch.cuda.synchronize(self.model.device)

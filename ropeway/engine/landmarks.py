@@ -8,7 +8,7 @@ position: averaging rotated keys would cancel their high-frequency components.
 import torch
 
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
-from ropeway.models import ForwardBatch, LlamaModel
+from ropeway.models import Capture, ForwardBatch, LlamaModel
 
 
 def chunk_summary(model: LlamaModel, token_ids: list[int], inv_freq: torch.Tensor,
@@ -35,10 +35,10 @@ def chunk_summary(model: LlamaModel, token_ids: list[int], inv_freq: torch.Tenso
         max_query_len=n,
         max_seq_len=n,
     )
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    captured = Capture()
     model.forward(batch, cache, captured)
-    keys = torch.stack([k.float().mean(0) for k, _ in captured])
-    values = torch.stack([v.float().mean(0) for _, v in captured])
+    keys = torch.stack([k.float().mean(0) for k in captured.keys])
+    values = torch.stack([v.float().mean(0) for v in captured.values])
     return keys, values
 
 

@@ -85,7 +85,7 @@ class LLMEngine:
             self.block_manager, self.planner,
             session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size)
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes)
         self.default_rope_plan = self.planner.model_plan
         self.requests: dict[str, RequestState] = {}
         self.counters = EngineCounters()

@@ -6,25 +6,32 @@ import numpy as np
 import torch
 
 from ropeway.kernels import rerotate_keys
-from ropeway.models import ForwardBatch, LlamaModel
-from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, SchedulerOutput
+from ropeway.models import Capture, ForwardBatch, LlamaModel
+from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
 from .cuda_graphs import DecodeGraphs
 from .landmarks import chunk_summary, rotate_to
+from .recall import RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int):
+    def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int,
+                 archive_bytes: int = 4 << 30):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = model.device
         self._rope_rows: dict[RopePlan, tuple[torch.Tensor, float]] = {}
         # Logit bias per cache slot [num_blocks, block_size]: ln(chunk length) on a landmark
-        # slot, -inf on an empty one, 0 elsewhere. Made at the first landmark eviction.
-        self.slot_bias: torch.Tensor | None = None
+        # slot, -inf on an empty region slot, 0 elsewhere. Read only by batches that hold a
+        # landmark cache.
+        self.slot_bias = torch.zeros(kv_cache.shape[2], block_size, dtype=torch.float32, device=self.device)
+        self.archive_budget = ArchiveBudget(archive_bytes)
+        self.num_recalls = 0          # prompts that brought archived blocks back
+        self.num_recalled_blocks = 0
         # Pure-decode steps replay CUDA graphs on the GPU; None runs every step eagerly.
-        self.decode_graphs = DecodeGraphs(model, kv_cache, block_size) if self.device.type == "cuda" else None
+        self.decode_graphs = (DecodeGraphs(model, kv_cache, block_size, self.slot_bias)
+                              if self.device.type == "cuda" else None)
 
     def rope_row(self, plan: RopePlan) -> tuple[torch.Tensor, float]:
         """(inv_freq on the device, attention factor), computed once per plan."""
@@ -40,7 +47,7 @@ class ModelRunner:
 
     def apply_eviction(self, eviction: Eviction) -> None:
         """Move a sequence's kept window keys down by the evicted length (same plan)."""
-        plan = eviction.seq.rope_plan
+        plan = eviction.plan
         self._move_keys(eviction.seq, eviction.block_copies, eviction.first_position, eviction.num_tokens,
                         eviction.shift, plan, plan)
 
@@ -65,30 +72,71 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for source, destination in copies:
             self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
-            if self.slot_bias is not None:
-                self.slot_bias[destination].copy_(self.slot_bias[source])
+            self.slot_bias[destination].copy_(self.slot_bias[source])
 
     def write_landmarks(self, eviction: Eviction) -> None:
         """Open the landmark region (every slot empty), then write each evicted chunk's
         summary in its slot: the mean key rotated to the slot's position, the mean value,
         and ln(chunk length) on the slot's logit so it weighs as the chunk's tokens would."""
-        if eviction.new_landmark_region is None and not eviction.landmarks:
+        if eviction.new_region is None and not eviction.landmarks:
             return
-        if self.slot_bias is None:
-            self.slot_bias = torch.zeros(self.kv_cache.shape[2], self.block_size, dtype=torch.float32,
-                                         device=self.device)
         table = eviction.seq.block_table
         bias = self.slot_bias
-        if eviction.new_landmark_region is not None:
-            for position in eviction.new_landmark_region[:: self.block_size]:  # whole blocks
+        if eviction.new_region is not None:
+            for position in eviction.new_region[:: self.block_size]:  # whole blocks
                 bias[table[position // self.block_size]] = float("-inf")
-        inv_freq, factor = self.rope_row(eviction.seq.rope_plan)
+        inv_freq, factor = self.rope_row(eviction.plan)
         for landmark in eviction.landmarks:
             keys, values = chunk_summary(self.model, landmark.token_ids, inv_freq, factor, self.block_size)
             block, offset = table[landmark.position // self.block_size], landmark.position % self.block_size
             self.kv_cache[:, 0, block, offset] = rotate_to(keys, landmark.position, inv_freq, factor).to(self.kv_cache.dtype)
             self.kv_cache[:, 1, block, offset] = values.to(self.kv_cache.dtype)
             bias[block, offset] = math.log(len(landmark.token_ids))
+
+    def archive_evicted(self, eviction: Eviction) -> None:
+        """Copy a sequence's evicted blocks to host memory before anything reuses them."""
+        seq = eviction.seq
+        if seq.archive is None:
+            seq.archive = RecallArchive()
+        blocks = torch.tensor(eviction.archived_blocks, device=self.device)
+        inv_freq, factor = self.rope_row(eviction.plan)
+        seq.archive.add(self.kv_cache[:, :, blocks], eviction.archived_position, eviction.plan, inv_freq, factor)
+        self.archive_budget.track(seq.archive)
+
+    @staticmethod
+    def recalls(item: ScheduledSequence) -> bool:
+        """A chunk that ends a prompt of a cache with archived blocks brings the best back."""
+        seq = item.seq
+        return (item.samples and seq.num_computed_tokens < seq.num_prompt_tokens and seq.archive is not None
+                and seq.archive.num_blocks > 0)
+
+    def recall(self, item: ScheduledSequence) -> None:
+        """Run the chunk once for its queries (its K/V writes are redone by the step itself),
+        then fill the recall region with the archived blocks they score highest, oldest
+        first, each re-rotated from where it was evicted to its slot; empty slots stay
+        masked."""
+        seq, size = item.seq, self.block_size
+        batch = self.build_batch(SchedulerOutput(scheduled=[item]))
+        n = item.num_new_tokens
+        captured = Capture(rows=torch.arange(max(0, n - RECALL_QUERY_TOKENS), n, device=self.device))
+        self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
+        self.model.forward(batch, self.kv_cache, captured)
+        policy = seq.context_policy
+        slots = policy.recall_blocks(size)
+        chosen = seq.archive.select(torch.stack(captured.queries), slots, self.model.scale)
+        first_block = policy.sink_blocks(size) + policy.landmark_blocks(size)
+        for slot in range(slots):
+            block = seq.block_table[first_block + slot]
+            if slot >= len(chosen):
+                self.slot_bias[block] = float("-inf")
+                continue
+            kv, old_position, plan = seq.archive.block(chosen[slot])
+            self.kv_cache[:, :, block].copy_(kv)
+            self.slot_bias[block] = 0.0
+            position = (first_block + slot) * size
+            self._move_keys(seq, [], position, size, old_position - position, plan, seq.rope_plan)
+        self.num_recalls += 1
+        self.num_recalled_blocks += len(chosen)
 
     def build_batch(self, step: SchedulerOutput) -> ForwardBatch:
         items = step.scheduled
@@ -132,7 +180,7 @@ class ModelRunner:
             logits_indices=to(logits_indices),
             max_query_len=int(num_new.max()),
             max_seq_len=int(seq_lens.max()),
-            slot_bias=self.slot_bias if any(i.seq.num_landmark_positions for i in items) else None,
+            slot_bias=self.slot_bias if any(i.seq.num_region_positions for i in items) else None,
         )
 
     @staticmethod
@@ -150,15 +198,21 @@ class ModelRunner:
 
     def execute(self, step: SchedulerOutput) -> torch.Tensor:
         """Logits for the rows `logit_rows` asks for, sequence after sequence in scheduled order."""
+        # Evicted blocks go to host memory first: this step may hand them out again.
+        for eviction in step.evictions:
+            if eviction.archived_blocks:
+                self.archive_evicted(eviction)
         for eviction in step.evictions:
             self.apply_eviction(eviction)
             self.write_landmarks(eviction)
         for growth in step.rope_growths:
             self.apply_rope_growth(growth)
+        for item in step.scheduled:
+            if self.recalls(item):
+                self.recall(item)
         batch = self.build_batch(step)
-        if self.slot_bias is not None:
-            # Slots written this step hold tokens: clear what a landmark region left there.
-            self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
+        # Slots written this step hold tokens: clear what a region left there.
+        self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
         return self.model.forward(batch, self.kv_cache)

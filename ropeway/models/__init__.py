@@ -1,8 +1,8 @@
 from .config import ModelConfig
 from .errors import ModelLoadError
 from .forward_batch import ForwardBatch
-from .llama import LlamaModel
+from .llama import Capture, LlamaModel
 from .loader import load_model_files
 from .tokenizer import RopewayTokenizer
 
-__all__ = ["ModelConfig", "ModelLoadError", "ForwardBatch", "LlamaModel", "load_model_files", "RopewayTokenizer"]
+__all__ = ["ModelConfig", "ModelLoadError", "ForwardBatch", "Capture", "LlamaModel", "load_model_files", "RopewayTokenizer"]

@@ -4,7 +4,7 @@ q/k/v and gate/up projections are fused into one matrix each at load time: one G
 instead of three (two) per layer.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,23 @@ class DecoderLayer:
     post_attention_norm: torch.Tensor
     gate_up_weight: torch.Tensor
     down_weight: torch.Tensor
+
+
+@dataclass
+class Capture:
+    """Per-layer projections before RoPE that a caller wants from a forward pass: landmark
+    summaries take keys and values, retrieval scoring takes queries. rows picks tokens
+    (None: all)."""
+    rows: torch.Tensor | None = None
+    queries: list[torch.Tensor] = field(default_factory=list)
+    keys: list[torch.Tensor] = field(default_factory=list)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        rows = slice(None) if self.rows is None else self.rows
+        self.queries.append(q[rows].clone())
+        self.keys.append(k[rows].clone())
+        self.values.append(v[rows].clone())
 
 
 class LlamaModel:
@@ -69,10 +86,10 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor,
-                capture: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                capture: Capture | None = None) -> torch.Tensor:
         """Logits (fp32) [len(batch.logits_indices), vocab]. kv_cache is
         [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]. capture, if given,
-        receives each layer's keys before RoPE and values (landmark summaries need them)."""
+        receives each layer's queries and keys before RoPE, and values."""
         cfg = self.config
         num_tokens = batch.input_ids.shape[0]
         h = F.embedding(batch.input_ids, self.embed_tokens)
@@ -84,7 +101,7 @@ class LlamaModel:
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             if capture is not None:
-                capture.append((k.clone(), v.clone()))
+                capture.add(q, k, v)
             apply_rotary(q, k, batch.positions, batch.seq_index, batch.inv_freq, batch.attention_factor)
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
             write_kv(k, v, k_cache, v_cache, batch.slot_mapping)

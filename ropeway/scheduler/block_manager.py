@@ -171,4 +171,5 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_evicted_tokens = 0
-        seq.num_landmark_positions = 0
+        seq.num_region_positions = 0
+        seq.archive = None

@@ -5,7 +5,10 @@ block_size) blocks, and the window is evicted from its oldest end an eighth at a
 (rounded to blocks), so each kept key is re-rotated a bounded number of times (about 8).
 landmark adds, from the first eviction on, a region of ceil(landmarks / block_size) blocks
 between sinks and window: one slot per evicted chunk holds that chunk's summary, the
-slots used as a ring once all landmarks are taken.
+slots used as a ring once all landmarks are taken. With `retrieve`, a recall region of
+ceil(retrieve / block_size) blocks follows the landmark slots: evicted blocks are kept in
+host memory, and at each new prompt the ones whose keys best match its queries are
+brought back there (InfLLM-style), so a needle far outside the window can still be found.
 """
 
 from dataclasses import dataclass, fields
@@ -21,6 +24,7 @@ class ContextPolicy:
     sinks: int = 4
     window: int = 4096
     landmarks: int = 64  # landmark only: the most chunk summaries kept
+    retrieve: int = 0    # landmark only: evicted tokens brought back per prompt (0: none)
 
     @property
     def bounded(self) -> bool:
@@ -32,16 +36,23 @@ class ContextPolicy:
     def landmark_blocks(self, block_size: int) -> int:
         return -(-self.landmarks // block_size) if self.type == "landmark" else 0
 
+    def recall_blocks(self, block_size: int) -> int:
+        return -(-self.retrieve // block_size) if self.type == "landmark" else 0
+
+    def region_blocks(self, block_size: int) -> int:
+        """Blocks between sinks and window: landmark slots, then recalled blocks."""
+        return self.landmark_blocks(block_size) + self.recall_blocks(block_size)
+
     def eviction_chunk(self, block_size: int) -> int:
         """Tokens evicted at a time: an eighth of the window, in whole blocks (at least one).
-        A landmark chunk also covers the landmark region, which the first eviction carves
-        out of it."""
+        A landmark chunk also covers the region between sinks and window, which the first
+        eviction carves out of it."""
         chunk = max(block_size, self.window // 8 // block_size * block_size)
-        return max(chunk, self.landmark_blocks(block_size) * block_size)
+        return max(chunk, self.region_blocks(block_size) * block_size)
 
     def kept_tokens(self, block_size: int) -> int:
-        """Cache length right after an eviction: sink blocks, landmark blocks, the window."""
-        return (self.sink_blocks(block_size) + self.landmark_blocks(block_size)) * block_size + self.window
+        """Cache length right after an eviction: sink blocks, region blocks, the window."""
+        return (self.sink_blocks(block_size) + self.region_blocks(block_size)) * block_size + self.window
 
     def max_cache_tokens(self, block_size: int) -> int:
         """The most the cache ever holds: the kept tokens plus one eviction chunk of new ones."""
@@ -61,10 +72,15 @@ class ContextPolicy:
         kind = raw.get("type", "none")
         if kind not in POLICY_TYPES:
             raise InvalidParameter(f"{param}.type", f"unknown policy {kind!r}; choose one of {', '.join(POLICY_TYPES)}")
-        if "landmarks" in raw and kind != "landmark":
-            raise InvalidParameter(f"{param}.landmarks", "landmarks applies only to the landmark policy")
-        for name, low in (("sinks", 0), ("window", 16), ("landmarks", 1)):
+        for name in ("landmarks", "retrieve"):
+            if name in raw and kind != "landmark":
+                raise InvalidParameter(f"{param}.{name}", f"{name} applies only to the landmark policy")
+        for name, low in (("sinks", 0), ("window", 16), ("landmarks", 1), ("retrieve", 0)):
             value = raw.get(name, getattr(cls, name))
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidParameter(f"{param}.{name}", f"{name} must be an integer of at least {low}")
-        return cls(**raw)
+        policy = cls(**raw)
+        if policy.region_blocks(16) * 16 > policy.window:
+            raise InvalidParameter(f"{param}.retrieve" if policy.retrieve else f"{param}.landmarks",
+                                   "landmarks + retrieve may not exceed the window")
+        return policy

@@ -61,10 +61,17 @@ class Eviction:
     num_tokens: int
     shift: int
     block_copies: list[tuple[int, int]]
+    # The plan the cached keys are under now (a plan growth scheduled in the same step
+    # comes after the eviction).
+    plan: RopePlan
     landmarks: list["Landmark"] = field(default_factory=list)
-    # A landmark cache's first eviction opens its region (these cache positions), empty
-    # until a summary is written in a slot.
-    new_landmark_region: range | None = None
+    # A landmark cache's first eviction opens its region (these cache positions): landmark
+    # slots, then the recall region, empty until something is written there.
+    new_region: range | None = None
+    # With retrieval: the evicted blocks, in order, to copy to host memory before anything
+    # reuses them; their tokens sat at cache positions archived_position.. .
+    archived_blocks: list[int] = field(default_factory=list)
+    archived_position: int = 0
 
 
 @dataclass
@@ -243,13 +250,16 @@ class Scheduler:
             return
         excess = length + num_new_tokens - policy.kept_tokens(size)
         chunk = policy.eviction_chunk(size)
-        # Landmark evictions come in whole chunks, one summary each.
-        unit = chunk if policy.type == "landmark" else size
-        evict = max(chunk, -(-excess // unit) * unit)
-        sink_blocks, region_blocks = policy.sink_blocks(size), policy.landmark_blocks(size)
-        # The first landmark eviction keeps the chunk's first blocks as the landmark region.
-        opens_region = region_blocks > 0 and seq.num_landmark_positions == 0
+        sink_blocks, region_blocks = policy.sink_blocks(size), policy.region_blocks(size)
+        # The first landmark eviction keeps the chunk's first blocks as the region.
+        opens_region = region_blocks > 0 and seq.num_region_positions == 0
         kept_blocks = region_blocks if opens_region else 0
+        evicted_from = sink_blocks + region_blocks - kept_blocks  # table index of the first evicted token
+        # Landmark evictions come in whole chunks, one summary each; rounding up to a chunk
+        # must not reach past the window's newest token.
+        unit = chunk if policy.type == "landmark" else size
+        evict = min(max(chunk, -(-excess // unit) * unit), (length - evicted_from * size) // unit * unit)
+        evicted_blocks = seq.block_table[evicted_from : evicted_from + evict // size]
         bm.drop_blocks(seq, sink_blocks + region_blocks, evict // size - kept_blocks)
         if bm.num_shared_blocks(seq, sink_blocks) > bm.num_free_blocks:
             # Cannot copy the shared blocks it must re-rotate: recompute it instead.
@@ -263,12 +273,14 @@ class Scheduler:
         bm.forget_hashes(seq)
         window_start = (sink_blocks + region_blocks) * size
         moved = length - window_start - evict + kept_blocks * size
-        eviction = Eviction(seq, window_start, moved, evict - kept_blocks * size, copies)
+        eviction = Eviction(seq, window_start, moved, evict - kept_blocks * size, copies, seq.rope_plan)
         if region_blocks:
             region_start = sink_blocks * size
             if opens_region:
-                seq.num_landmark_positions = region_blocks * size
-                eviction.new_landmark_region = range(region_start, window_start)
+                seq.num_region_positions = region_blocks * size
+                eviction.new_region = range(region_start, window_start)
+            if policy.retrieve:
+                eviction.archived_blocks, eviction.archived_position = evicted_blocks, evicted_from * size
             first_token = region_start + seq.num_evicted_tokens
             for start in range(first_token, first_token + evict, chunk):
                 slot = (start - region_start) // chunk % policy.landmarks

@@ -30,8 +30,12 @@ class Sequence:
     # Tokens dropped from the cache between the sinks and the window. Cache positions stay
     # contiguous: token i >= the window start sits at position i - num_evicted_tokens.
     num_evicted_tokens: int = 0
-    # Cache positions of the landmark region (after the sinks), reserved at the first eviction.
-    num_landmark_positions: int = 0
+    # Cache positions of the region after the sinks (landmark slots, recalled blocks),
+    # reserved at the first eviction.
+    num_region_positions: int = 0
+    # Host copies of blocks evicted from this cache, for recall (engine-owned: the scheduler
+    # only carries it along with the cache, and drops it when the cache is dropped).
+    archive: object | None = None
     wants_prompt_logprobs: bool = False
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -60,7 +64,7 @@ class Sequence:
     @property
     def num_cached_positions(self) -> int:
         """Length of the sequence's cache (positions 0..this-1)."""
-        return self.num_computed_tokens - self.num_evicted_tokens + self.num_landmark_positions
+        return self.num_computed_tokens - self.num_evicted_tokens + self.num_region_positions
 
     @property
     def num_uncomputed_tokens(self) -> int:

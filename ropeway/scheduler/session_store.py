@@ -29,7 +29,8 @@ class RetainedSession:
     num_tokens: int          # history length: the retained cache covers exactly these tokens
     block_table: list[int]
     num_evicted_tokens: int
-    num_landmark_positions: int
+    num_region_positions: int
+    archive: object | None
 
 
 class SessionStore:
@@ -53,7 +54,7 @@ class SessionStore:
         if key in self.entries:
             self._release(key)
         self.entries[key] = RetainedSession(n, list(seq.block_table), seq.num_evicted_tokens,
-                                            seq.num_landmark_positions)
+                                            seq.num_region_positions, seq.archive)
         while self.num_blocks > self.max_blocks:
             self.release_oldest()
         return True
@@ -70,7 +71,8 @@ class SessionStore:
                 seq.block_table = entry.block_table
                 seq.num_computed_tokens = entry.num_tokens
                 seq.num_evicted_tokens = entry.num_evicted_tokens
-                seq.num_landmark_positions = entry.num_landmark_positions
+                seq.num_region_positions = entry.num_region_positions
+                seq.archive = entry.archive
                 self.hits += 1
                 return True
         self.misses += 1

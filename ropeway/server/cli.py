@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                              'requests past the context are refused); requests may override it')
     engine.add_argument("--session-store-fraction", type=float, default=0.25,
                         help="share of the KV pool that may hold retained chat sessions (sink_window)")
+    engine.add_argument("--retrieval-archive-memory", type=memory_size, default=defaults.retrieval_archive_bytes,
+                        help="host memory for blocks evicted by landmark caches that retrieve, all requests "
+                             "together; over it the largest archive forgets its oldest blocks (default: 4GiB)")
     engine.add_argument("--kv-cache-memory", type=memory_size, default=None,
                         help="KV cache pool size, e.g. 2GiB (default: 1GiB on CPU; on CUDA, "
                              "--gpu-memory-utilization of the free memory)")
@@ -141,6 +144,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, rope_scaling=args.rope_scaling,
         context_policy=args.context_policy, session_store_fraction=args.session_store_fraction,
+        retrieval_archive_bytes=args.retrieval_archive_memory,
     )
 
 

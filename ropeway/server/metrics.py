@@ -81,6 +81,12 @@ class ServerMetrics:
         self.session_hits = counter("session_hits", "Requests that continued from a retained chat session.")
         self.session_misses = counter("session_misses", "Bounded-cache requests that found no retained session.")
         self.session_store_bytes = gauge("session_store_bytes", "KV bytes held by retained chat sessions.")
+        self.retrieval_recalls = counter("retrieval_recalls",
+                                         "Prompts of retrieving landmark caches that brought evicted blocks back.")
+        self.retrieval_recalled_blocks = counter("retrieval_recalled_blocks",
+                                                 "Evicted blocks brought back from host memory into caches.")
+        self.retrieval_archive_bytes = gauge("retrieval_archive_bytes",
+                                             "Host bytes holding blocks evicted by retrieving landmark caches.")
 
         self.time_to_first_token = histogram("time_to_first_token_seconds",
                                              "Seconds from arrival to the first generated token.", _LATENCY_BUCKETS)
@@ -113,6 +119,8 @@ class ServerMetrics:
             (self.landmark_recomputations, lambda e: e.scheduler.num_landmark_recomputations),
             (self.session_hits, lambda e: e.scheduler.sessions.hits),
             (self.session_misses, lambda e: e.scheduler.sessions.misses),
+            (self.retrieval_recalls, lambda e: e.runner.num_recalls),
+            (self.retrieval_recalled_blocks, lambda e: e.runner.num_recalled_blocks),
         ]
         # What each counter already holds; the loop thread's first call brings them up to date.
         self._copied = [0] * len(self._engine_totals)
@@ -132,6 +140,7 @@ class ServerMetrics:
             counter.inc(total - self._copied[index])
             self._copied[index] = total
         self.session_store_bytes.set(scheduler.sessions.num_blocks * self._bytes_per_block)
+        self.retrieval_archive_bytes.set(engine.runner.archive_budget.num_bytes)
         for plan in scheduler.new_plans:
             self.rope_plan_base.observe(plan.effective_base)
             self.rope_plan_factor.observe(plan.scaling_factor)
