@@ -14,6 +14,7 @@ Writes JSON to $OUT/skinny_gemm.json if OUT is set, else benchmarks/results/skin
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from ropeway.kernels.triton_linear import (DOT_CANDIDATES, ROW_CANDIDATES,  # noqa: E402
                                            SPLIT_CANDIDATES, LinearConfig, choose_config,
-                                           skinny_linear_triton)
+                                           choose_split, skinny_linear_triton)
 
 COPY_BANDWIDTH = 4.25e12
 LAYERS = 32
@@ -111,9 +112,10 @@ def run_shape(name, n, k, rows_list, num_sms, deadline):
         sweep = []
         if time.monotonic() < deadline:
             for config in candidates(rows, k):
-                sweep.append(measure(config_label(config),
-                                     lambda a, w, c=config: skinny_linear_triton(a, w, config=c),
-                                     x, weights, expected, weight_bytes, cublas.get("max_abs_error")))
+                row = measure(config_label(config),
+                              lambda a, w, c=config: skinny_linear_triton(a, w, config=c),
+                              x, weights, expected, weight_bytes, cublas.get("max_abs_error"))
+                sweep.append(dict(row, config=dataclasses.asdict(config)))
         timed = [r for r in [heuristic] + sweep if "us" in r and not r.get("wrong")]
         best = min(timed, key=lambda r: r["us"]) if timed else None
         results.append({"shape": name, "n": n, "k": k, "rows": rows, "weight_bytes": weight_bytes,
@@ -172,6 +174,34 @@ def step_totals(results, rows_list):
     return totals
 
 
+def tile_totals(results, rows_list, num_sms):
+    """Per row count and candidate tile: the step's GEMM time with that tile for every shape,
+    at the best swept K split per shape and at choose_split's split (None where a shape
+    lacks a timing): which tile choose_config should put first, and whether its split rule
+    is right."""
+    summary = {}
+    for rows in rows_list:
+        by_shape = {r["shape"]: r for r in results if r["rows"] == rows and r["swept"]}
+        if set(by_shape) != set(SHAPES):
+            continue
+        tiles = {}
+        for shape, r in by_shape.items():
+            per_step = 1 if shape == "lm_head" else LAYERS
+            for row in r["sweep"]:
+                if "us" not in row or row.get("wrong"):
+                    continue
+                c = row["config"]
+                label = f"bn{c['block_n']} bk{c['block_k']} w{c['num_warps']} s{c['num_stages']}"
+                entry = tiles.setdefault(label, {"best": {}, "rule": {}})
+                entry["best"][shape] = min(entry["best"].get(shape, math.inf), row["us"] * per_step)
+                if c["split_k"] == choose_split(r["n"], r["k"], c["block_n"], num_sms):
+                    entry["rule"][shape] = row["us"] * per_step
+        summary[rows] = {label: {key: sum(entry[key].values()) if len(entry[key]) == len(SHAPES) else None
+                                 for key in ("best", "rule")}
+                         for label, entry in tiles.items()}
+    return summary
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -196,6 +226,13 @@ def main():
         for rows, total in totals.items():
             print(f"  M={rows:>2}: floor {total['floor_us']:7.0f}  F.linear {total.get('cublas', 0):7.0f}  "
                   f"pick {total.get('pick', 0):7.0f}  best-per-shape {total.get('best', 0):7.0f}")
+    tiles = tile_totals(results, args.rows, num_sms)
+    if tiles:
+        print("\nPer tile, step GEMM us at the best split per shape / at choose_split's split:")
+        for rows, by_tile in tiles.items():
+            ranked = sorted(by_tile.items(), key=lambda item: item[1]["best"] or math.inf)
+            print(f"  M={rows:>2}: " + "; ".join(
+                f"{label} {total['best'] or 0:.0f} / {total['rule'] or 0:.0f}" for label, total in ranked[:4]))
     wins = [rows for rows, total in totals.items()
             if "pick" in total and "cublas" in total and total["pick"] < total["cublas"]]
     print(f"\nRow counts where the pick beats F.linear over a whole step: {wins}")
@@ -212,7 +249,8 @@ def main():
                    "torch": torch.__version__, "triton": triton.__version__,
                    "python": platform.python_version(), "copy_bandwidth": COPY_BANDWIDTH,
                    "elapsed_s": elapsed, "results": results,
-                   "step_totals_us": {str(k): v for k, v in totals.items()}}, f, indent=1)
+                   "step_totals_us": {str(k): v for k, v in totals.items()},
+                   "tile_step_totals_us": {str(k): v for k, v in tiles.items()}}, f, indent=1)
     print(f"wrote {out}")
 
 

@@ -145,15 +145,21 @@ def _sm_count(device: torch.device) -> int:
     return 1
 
 
-def choose_config(m: int, n: int, k: int, num_sms: int) -> LinearConfig:
-    """Tile from the row count, then split K until the grid has PROGRAMS_PER_SM programs per
-    SM or the slices would get shorter than MIN_SPLIT_COLUMNS."""
-    base = ROW_CANDIDATES[0] if m == 1 else DOT_CANDIDATES[0]
-    tiles = triton.cdiv(n, base.block_n)
+def choose_split(n: int, k: int, block_n: int, num_sms: int) -> int:
+    """Split K in two until the grid has PROGRAMS_PER_SM programs per SM or the slices would
+    get shorter than MIN_SPLIT_COLUMNS."""
+    tiles = triton.cdiv(n, block_n)
     split = 1
     while tiles * split < PROGRAMS_PER_SM * num_sms and k // (2 * split) >= MIN_SPLIT_COLUMNS:
         split *= 2
-    return LinearConfig(base.block_n, base.block_k, split, base.num_warps, base.num_stages)
+    return split
+
+
+def choose_config(m: int, n: int, k: int, num_sms: int) -> LinearConfig:
+    """The first candidate tile of the row count's path, with choose_split's K split."""
+    base = ROW_CANDIDATES[0] if m == 1 else DOT_CANDIDATES[0]
+    return LinearConfig(base.block_n, base.block_k, choose_split(n, k, base.block_n, num_sms),
+                        base.num_warps, base.num_stages)
 
 
 def skinny_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
