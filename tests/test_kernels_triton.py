@@ -231,10 +231,16 @@ def test_choose_config_fills_the_gpu_with_k_splits():
     assert triton.cdiv(4096, config.block_n) * config.split_k >= PROGRAMS_PER_SM * sms
 
 
-def test_linear_dispatch_is_f_linear_on_cpu():
-    from ropeway.kernels import linear
+def test_linear_dispatch_is_f_linear_on_cpu_even_when_switched_on(monkeypatch):
+    from ropeway import kernels
 
-    x = torch.randn(3, 32)
-    weight = torch.randn(16, 32)
-    bias = torch.randn(16)
-    assert torch.equal(linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton linear ran on CPU tensors")
+
+    monkeypatch.setattr(kernels, "SKINNY_GEMM", True)
+    monkeypatch.setattr("ropeway.kernels.triton_linear.skinny_linear_triton", refuse)
+    # fp16, few rows, unit strides: everything but the device qualifies for the kernel.
+    x = torch.randn(3, 32).half()
+    weight = torch.randn(16, 32).half()
+    bias = torch.randn(16).half()
+    assert torch.equal(kernels.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))

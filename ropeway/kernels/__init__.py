@@ -18,7 +18,8 @@ from .rotary import apply_rotary_reference
 
 # The skinny-GEMM kernel (triton_linear) replaces cuBLAS for decode batches of <= 16 rows
 # only when ROPEWAY_SKINNY_GEMM=1 (read once, at import): off until GPU measurements
-# (benchmarks/skinny_gemm.py) show it wins on the model's shapes.
+# (benchmarks/skinny_gemm.py) show it wins on the model's shapes. The row limit is the
+# kernel's (16); lower it to the largest row count the benchmark shows winning.
 SKINNY_GEMM = os.environ.get("ROPEWAY_SKINNY_GEMM", "0") == "1"
 SKINNY_GEMM_MAX_ROWS = 16
 
