@@ -5,12 +5,13 @@
       `window` (sliding window without sinks), `sink_window` (4 sinks + window) and
       `landmark` (sink_window plus up to 64 summaries of evicted chunks);
   (b) passkey retrieval (the prompt style of long_context.py) with the passkey placed
-      outside the window, sink_window against landmark, and a control with the passkey
-      inside the window;
+      outside the window: sink_window, landmark, and landmark with retrieval of evicted
+      blocks from host memory, plus a control with the passkey inside the window;
   (c) per-token decode latency and KV blocks in use after streams of growing length.
 
   python benchmarks/streaming.py                           # CPU: a 12k stream, window 1024
   python3 benchmarks/streaming.py --stream 65536 --window 4096   # GPU machine
+  python3 benchmarks/streaming.py --parts b,c                     # some of the experiments
 
 Prints tables, writes JSON and PNG plots.
 """
@@ -30,6 +31,7 @@ from long_context import FILLER
 from ropeway import LLM, ContextParams, SamplingParams
 
 LANDMARKS = 64
+RETRIEVE = 256  # tokens of evicted context a retrieving landmark cache brings back per prompt
 
 
 def policies(window: int) -> dict:
@@ -91,7 +93,8 @@ def passkey_runs(window: int, length: int) -> dict:
     inside = (1 - 0.25 * window / length, 1.0)
     return {"sink_window, passkey inside the window": (named["sink_window"], inside),
             "sink_window, passkey outside": (named["sink_window"], outside),
-            "landmark, passkey outside": (named["landmark"], outside)}
+            "landmark, passkey outside": (named["landmark"], outside),
+            "landmark + retrieval, passkey outside": ({**named["landmark"], "retrieve": RETRIEVE}, outside)}
 
 
 def decode_profile(llm: LLM, ids: list[int], policy: dict | None, lengths: list[int], new_tokens: int):
@@ -153,6 +156,7 @@ def main() -> None:
     parser.add_argument("--passkey-lengths", default=None, help="comma-separated prompt lengths for (b)")
     parser.add_argument("--trials", type=int, default=10 if cuda else 3, help="passkeys per length and run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--parts", default="a,b,c", help="which experiments to run, e.g. b,c")
     parser.add_argument("--out-dir", default="results/streaming")
     args = parser.parse_args()
 
@@ -164,63 +168,71 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     named = policies(args.window)
+    parts = set(args.parts.split(","))
     started = time.perf_counter()
-
-    perplexity = {}
-    for name in tqdm(named, desc="(a) stream perplexity"):
-        perplexity[name] = stream_perplexity(llm, ids, named[name], args.segment)
-        tqdm.write(f"(a) {name}: {[round(p, 2) for p in perplexity[name]]}")  # partial results survive a timeout
-    lengths = [int(n) for n in args.decode_lengths.split(",")] if args.decode_lengths else [
-        n for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536) if n <= args.stream]
-    passkey_lengths = ([int(n) for n in args.passkey_lengths.split(",")] if args.passkey_lengths
-                       else [2 * args.window, 4 * args.window])
-    passkey = {}
-    work = [(run, n) for run in passkey_runs(args.window, passkey_lengths[0]) for n in passkey_lengths]
-    for run, n in tqdm(work, desc="(b) passkey outside the window"):
-        policy, placement = passkey_runs(args.window, n)[run]
-        passkey.setdefault(run, {})[str(n)] = passkey_accuracy(llm, n, policy, placement, args.trials, args.seed)
-        tqdm.write(f"(b) {run}, {n} tokens: {passkey[run][str(n)]:.2f}")
-    decode = {}
-    for name in tqdm(named, desc="(c) decode latency"):
-        decode[name] = decode_profile(llm, ids, named[name], lengths, args.decode_tokens)
-        tqdm.write(f"(c) {name}: {decode[name]}")
-
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
-            "stream": args.stream, "window": args.window, "sinks": 4, "landmarks": LANDMARKS,
-            "segment": args.segment, "passkey_trials": args.trials,
-            "seconds": time.perf_counter() - started, "command": " ".join(sys.argv)}
-    ends = [min(args.stream, (i + 1) * args.segment) for i in range(len(perplexity["none"]))]
-    print(f"\n(a) perplexity per {args.segment}-token segment, window {args.window} ({device})")
-    marks = [i for i, end in enumerate(ends) if end in (args.segment, 4096, 8192, 16384, 32768, 65536)
-             or i == len(ends) - 1]
-    print(f"{'policy':>12}" + "".join(f"{ends[i]:>9}" for i in marks) + f"{'mean':>9}")
-    for name, values in perplexity.items():
-        print(f"{name:>12}" + "".join(f"{values[i]:>9.2f}" for i in marks) + f"{sum(values) / len(values):>9.2f}")
-    print(f"\n(b) passkey accuracy over {args.trials} prompts, window {args.window}")
-    print(f"{'run':>40}" + "".join(f"{n:>9}" for n in passkey_lengths))
-    for run, values in passkey.items():
-        print(f"{run:>40}" + "".join(f"{values[str(n)]:>9.2f}" for n in passkey_lengths))
-    print("\n(c) decode after a stream: ms per token / KV MiB")
-    print(f"{'policy':>12}" + "".join(f"{n:>14}" for n in lengths))
-    for name, rows in decode.items():
-        print(f"{name:>12}" + "".join(f"{r['ms_per_token']:>7.1f}/{r['kv_mib']:<6.0f}" for r in rows))
+    results = {"meta": {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
+                        "stream": args.stream, "window": args.window, "sinks": 4, "landmarks": LANDMARKS,
+                        "retrieve": RETRIEVE, "segment": args.segment, "passkey_trials": args.trials,
+                        "command": " ".join(sys.argv)}}
 
-    plot_lines({k: (ends, v) for k, v in perplexity.items()}, "position in the stream (tokens)",
-               f"perplexity of the {args.segment}-token segment", "StreamingLLM experiment, SmolLM2-135M",
-               out_dir / "stream_perplexity.png", log_y=True, vline=8192)
-    plot_lines({k: (passkey_lengths, [v[str(n)] for n in passkey_lengths]) for k, v in passkey.items()},
-               "prompt length (tokens)", "passkey accuracy", f"Passkey retrieval, window {args.window}",
-               out_dir / "passkey.png")
-    plot_lines({k: (lengths, [r["ms_per_token"] for r in v]) for k, v in decode.items()}, "stream length (tokens)",
-               "ms per decoded token", "Decode latency after a stream", out_dir / "decode_latency.png")
-    plot_lines({k: (lengths, [r["kv_mib"] for r in v]) for k, v in decode.items()}, "stream length (tokens)",
-               "KV cache in use (MiB)", "KV memory after a stream", out_dir / "kv_memory.png")
-    (out_dir / "streaming.json").write_text(json.dumps({"meta": meta, "perplexity": perplexity,
-                                                        "segment_ends": ends, "passkey": passkey,
-                                                        "decode": decode}, indent=2))
-    print(f"\nwrote {out_dir}/streaming.json and PNG plots ({meta['seconds']:.0f} s)")
+    if "a" in parts:
+        perplexity = {}
+        for name in tqdm(named, desc="(a) stream perplexity"):
+            perplexity[name] = stream_perplexity(llm, ids, named[name], args.segment)
+            tqdm.write(f"(a) {name}: {[round(p, 2) for p in perplexity[name]]}")  # partial results survive a timeout
+        ends = [min(args.stream, (i + 1) * args.segment) for i in range(len(perplexity["none"]))]
+        results.update(perplexity=perplexity, segment_ends=ends)
+        print(f"\n(a) perplexity per {args.segment}-token segment, window {args.window} ({device})")
+        marks = [i for i, end in enumerate(ends) if end in (args.segment, 4096, 8192, 16384, 32768, 65536)
+                 or i == len(ends) - 1]
+        print(f"{'policy':>12}" + "".join(f"{ends[i]:>9}" for i in marks) + f"{'mean':>9}")
+        for name, values in perplexity.items():
+            print(f"{name:>12}" + "".join(f"{values[i]:>9.2f}" for i in marks) + f"{sum(values) / len(values):>9.2f}")
+        plot_lines({k: (ends, v) for k, v in perplexity.items()}, "position in the stream (tokens)",
+                   f"perplexity of the {args.segment}-token segment", "StreamingLLM experiment, SmolLM2-135M",
+                   out_dir / "stream_perplexity.png", log_y=True, vline=8192)
 
+    if "b" in parts:
+        passkey_lengths = ([int(n) for n in args.passkey_lengths.split(",")] if args.passkey_lengths
+                           else [2 * args.window, 4 * args.window, 8 * args.window])
+        passkey = {}
+        work = [(run, n) for run in passkey_runs(args.window, passkey_lengths[0]) for n in passkey_lengths]
+        for run, n in tqdm(work, desc="(b) passkey outside the window"):
+            policy, placement = passkey_runs(args.window, n)[run]
+            passkey.setdefault(run, {})[str(n)] = passkey_accuracy(llm, n, policy, placement, args.trials, args.seed)
+            tqdm.write(f"(b) {run}, {n} tokens: {passkey[run][str(n)]:.2f}")
+        results["passkey"] = passkey
+        print(f"\n(b) passkey accuracy over {args.trials} prompts, window {args.window}")
+        print(f"{'run':>40}" + "".join(f"{n:>9}" for n in passkey_lengths))
+        for run, values in passkey.items():
+            print(f"{run:>40}" + "".join(f"{values[str(n)]:>9.2f}" for n in passkey_lengths))
+        plot_lines({k: (passkey_lengths, [v[str(n)] for n in passkey_lengths]) for k, v in passkey.items()},
+                   "prompt length (tokens)", "passkey accuracy", f"Passkey retrieval, window {args.window}",
+                   out_dir / "passkey.png")
+
+    if "c" in parts:
+        lengths = [int(n) for n in args.decode_lengths.split(",")] if args.decode_lengths else [
+            n for n in (1024, 2048, 4096, 8192, 16384, 32768, 65536) if n <= args.stream]
+        decode = {}
+        for name in tqdm(named, desc="(c) decode latency"):
+            decode[name] = decode_profile(llm, ids, named[name], lengths, args.decode_tokens)
+            tqdm.write(f"(c) {name}: {decode[name]}")
+        results["decode"] = decode
+        print("\n(c) decode after a stream: ms per token / KV MiB")
+        print(f"{'policy':>12}" + "".join(f"{n:>14}" for n in lengths))
+        for name, rows in decode.items():
+            print(f"{name:>12}" + "".join(f"{r['ms_per_token']:>7.1f}/{r['kv_mib']:<6.0f}" for r in rows))
+        plot_lines({k: (lengths, [r["ms_per_token"] for r in v]) for k, v in decode.items()},
+                   "stream length (tokens)", "ms per decoded token", "Decode latency after a stream",
+                   out_dir / "decode_latency.png")
+        plot_lines({k: (lengths, [r["kv_mib"] for r in v]) for k, v in decode.items()}, "stream length (tokens)",
+                   "KV cache in use (MiB)", "KV memory after a stream", out_dir / "kv_memory.png")
+
+    results["meta"]["seconds"] = time.perf_counter() - started
+    name = "streaming.json" if parts == {"a", "b", "c"} else f"streaming_{'_'.join(sorted(parts))}.json"
+    (out_dir / name).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out_dir}/{name} and PNG plots ({results['meta']['seconds']:.0f} s)")
 
 if __name__ == "__main__":
     main()

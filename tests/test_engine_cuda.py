@@ -54,7 +54,7 @@ def test_cuda_graph_decode_equals_eager():
     eager.engine.runner.decode_graphs = None
     expected = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
     got = [o.outputs[0].token_ids for o in graphs.generate(prompts, params)]
-    assert sorted(graphs.engine.runner.decode_graphs.graphs) == [1, 2, 4, 8]
+    assert sorted(graphs.engine.runner.decode_graphs.graphs) == [(1, False), (2, False), (4, False), (8, False)]
     assert got == expected
 
 
@@ -74,3 +74,22 @@ def test_cuda_sink_window_stream_equals_cpu():
     assert got.outputs[0].token_ids == expected.outputs[0].token_ids
     diffs = [abs(a - b) for a, b in zip(got.prompt_logprobs[1:], expected.prompt_logprobs[1:])]
     assert max(diffs) < 1e-2
+
+
+def test_cuda_retrieving_landmark_stream_equals_cpu():
+    """Landmark summaries, recall from host memory and bias-reading decode graphs on the GPU
+    give the CPU path's tokens."""
+    from ropeway import ContextParams
+
+    policy = ContextParams(context_policy={"type": "landmark", "sinks": 4, "window": 64, "landmarks": 16,
+                                           "retrieve": 32})
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    cpu = LLM(dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 28, max_num_batched_tokens=64)
+    gpu = LLM(dtype="float32", device="cuda", kv_cache_memory_bytes=1 << 28, max_num_batched_tokens=64)
+    prompt = cpu.tokenizer.encode(" ".join(PROMPTS) * 12)
+    expected = cpu.generate([prompt], params, context=policy)[0]
+    got = gpu.generate([prompt], params, context=policy)[0]
+    runner = gpu.engine.runner
+    assert runner.num_recalls == 1 and runner.num_recalled_blocks == 2
+    assert (1, True) in runner.decode_graphs.graphs
+    assert got.outputs[0].token_ids == expected.outputs[0].token_ids
