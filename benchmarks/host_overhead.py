@@ -67,14 +67,17 @@ class ModelClock:
         return timed
 
 
-def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: str, profile: bool) -> dict:
+def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: str, sampled: bool,
+            profile: bool) -> dict:
     config = EngineConfig(device=device, max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len),
                           enable_prefix_caching=False, kv_cache_memory_bytes=256 * 2**20)
     torch_device = config.torch_device()
     loaded = load_random_model(TINY, config.torch_dtype(torch_device), torch_device, full_vocab_tokenizer(TINY.vocab_size))
     engine = LLMEngine(config, loaded=loaded)
-    # The server's defaults: sampled with a seed, detokenized, no logprobs.
-    params = SamplingParams(temperature=0.8, top_p=0.95, seed=1, max_tokens=warm_steps + steps + 8, ignore_eos=True)
+    # Detokenized, as the server does; greedy unless asked (on CPU, sampling's tensor work
+    # would count as host time, where on a GPU it is queued kernels).
+    params = SamplingParams(temperature=0.8 if sampled else 0.0, top_p=0.95, seed=1,
+                            max_tokens=warm_steps + steps + 8, ignore_eos=True)
     prompts = torch.randint(0, TINY.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     for i, prompt in enumerate(prompts.tolist()):
         engine.add_request(f"host-{i}", prompt, params)
@@ -97,7 +100,7 @@ def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: st
         model_ms.append((clock.seconds - before) * 1e3)
     if profiler:
         print(f"--- batch {batch}")
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"ropeway/(engine|scheduler)", 25)
     host_ms = [s - m for s, m in zip(step_ms, model_ms)]
     return {
         "batch": batch, "output_tokens_before": warm_steps, "steps": steps,
@@ -114,12 +117,14 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=500, help="decode steps before measuring")
     parser.add_argument("--steps", type=int, default=30, help="decode steps measured (medians reported)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--sampled", action="store_true", help="temperature 0.8, top-p 0.95 instead of greedy")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions per batch")
     parser.add_argument("--label", default="", help="saved in the JSON (e.g. before/after)")
     parser.add_argument("--out", type=Path, default=RESULTS / "host_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the model's time is not the point; keep it steady
-    rows = [measure(int(b), args.prompt_len, args.warm_steps, args.steps, args.device, args.profile)
+    rows = [measure(int(b), args.prompt_len, args.warm_steps, args.steps, args.device, args.sampled,
+                    args.profile)
             for b in args.batches.split(",")]
     print(f"{'batch':>6} {'step ms':>9} {'model ms':>9} {'host ms':>9} {'host us/seq':>12}")
     for r in rows:
@@ -127,7 +132,7 @@ def main() -> None:
     device = EngineConfig(device=args.device).torch_device()
     report = {"label": args.label, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or platform.machine(),
-              "model": TINY.name, "prompt_len": args.prompt_len, "rows": rows}
+              "model": TINY.name, "prompt_len": args.prompt_len, "sampled": args.sampled, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
