@@ -1,6 +1,7 @@
 """What generation returns, shaped like vLLM's outputs (`out.outputs[j].text`, `.token_ids`)."""
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 
 @dataclass
@@ -13,17 +14,41 @@ class TokenLogprob:
 
 @dataclass
 class CompletionOutput:
+    """One choice of a request as it stood when the output was made.
+
+    The cumulative fields (text, token_ids, logprobs) are cut, on first read, from the
+    choice's records: the output keeps the records and their lengths at that moment. The
+    records only grow (token and logprob lists are appended to, and text before
+    `released` never changes), so the cut equals a copy taken then, while making an
+    output each step costs O(1) instead of O(length so far)."""
     index: int
-    text: str
-    token_ids: list[int]
     cumulative_logprob: float | None = None
-    logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None      # "stop", "length", "abort", or None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     # What is new since this request's previous output (for streaming).
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # The records the cumulative fields are cut from.
+    all_text: str = field(default="", repr=False)
+    num_text_chars: int = 0
+    all_token_ids: list[int] = field(default_factory=list, repr=False)  # prompt, then output tokens
+    first_output_token: int = 0
+    num_all_token_ids: int = 0
+    all_logprobs: list[TokenLogprob] | None = field(default=None, repr=False)
+    num_logprobs: int = 0
+
+    @cached_property
+    def text(self) -> str:
+        return self.all_text[: self.num_text_chars]
+
+    @cached_property
+    def token_ids(self) -> list[int]:
+        return self.all_token_ids[self.first_output_token : self.num_all_token_ids]
+
+    @cached_property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return None if self.all_logprobs is None else self.all_logprobs[: self.num_logprobs]
 
     @property
     def finished(self) -> bool:
@@ -37,6 +62,10 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+
+    def snapshot(self) -> "RequestMetrics":
+        return RequestMetrics(self.arrival_time, self.first_scheduled_time, self.first_token_time,
+                              self.last_token_time, self.finished_time)
 
 
 @dataclass

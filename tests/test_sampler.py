@@ -11,7 +11,7 @@ from ropeway.sampling_params import InvalidParameter, SamplingParams
 
 
 def row(seed=0, prompt=(), output=(), **params) -> SamplingRow:
-    return SamplingRow(SamplingParams(**params), seed, list(prompt), list(output))
+    return SamplingRow(SamplingParams(**params), seed, list(prompt), list(prompt) + list(output))
 
 
 def random_logits(rows=4, vocab=50, seed=0) -> torch.Tensor:

@@ -224,21 +224,21 @@ class LLMEngine:
                 metrics.first_scheduled_time = now
         samplers = [item.seq for item in plan.scheduled if item.samples]
         logit_rows = self.runner.logit_rows(plan)
-        logits = self.runner.execute(plan)
+        logits = self.runner.execute(plan, logit_rows)
         if len(samplers) != len(logits):
             logits = self._record_prompt_logprobs(plan, logit_rows, logits)
         self.scheduler.update_after_step(plan)
         self.counters.steps += 1
         if not samplers:
             return []
-        choices = [self._choice_of(seq) for seq in samplers]
-        rows = [SamplingRow(self.requests[s.request_id].params, c.seed, s.prompt_token_ids, s.output_token_ids)
-                for s, c in zip(samplers, choices)]
+        states = [self.requests[seq.request_id] for seq in samplers]
+        choices = [state.choices[seq.choice_index] for seq, state in zip(samplers, states)]
+        rows = [SamplingRow(state.params, choice.seed, seq.prompt_token_ids, seq.token_ids)
+                for seq, state, choice in zip(samplers, states, choices)]
         result = sample(logits, rows)
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
-        for row, (seq, choice) in enumerate(zip(samplers, choices)):
-            state = self.requests[seq.request_id]
+        for row, (state, choice) in enumerate(zip(states, choices)):
             self._accept_token(state, choice, result.token_ids[row], result, row)
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
@@ -271,9 +271,6 @@ class LLMEngine:
                 sample_rows.append(start + rows - 1)
             start += rows
         return logits[sample_rows]
-
-    def _choice_of(self, seq: Sequence) -> ChoiceState:
-        return self.requests[seq.request_id].choices[seq.choice_index]
 
     def _accept_token(self, state: RequestState, choice: ChoiceState, token: int, result, row: int) -> None:
         params, seq = state.params, choice.seq

@@ -1,6 +1,7 @@
 """Turns a scheduler step into one flat model batch and runs it."""
 
 import math
+from itertools import chain
 
 import numpy as np
 import torch
@@ -14,6 +15,9 @@ from .landmarks import chunk_summary, rotate_to
 from .recall import RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
 
 
+_NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int,
                  archive_bytes: int = 4 << 30):
@@ -21,7 +25,12 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = model.device
-        self._rope_rows: dict[RopePlan, tuple[torch.Tensor, float]] = {}
+        # Every plan seen so far has a row in these tables, so a step gathers its sequences'
+        # RoPE rows on the device from one index per sequence.
+        self._rope_index: dict[RopePlan, int] = {}
+        self._inv_freq_table = torch.empty(0, model.config.head_dim // 2, dtype=torch.float32, device=self.device)
+        self._attention_factors: list[float] = []
+        self._attention_factor_table = torch.empty(0, dtype=torch.float32, device=self.device)
         # Logit bias per cache slot [num_blocks, block_size]: ln(chunk length) on a landmark
         # slot, -inf on an empty region slot, 0 elsewhere. Read only by batches that hold a
         # landmark cache.
@@ -33,13 +42,22 @@ class ModelRunner:
         self.decode_graphs = (DecodeGraphs(model, kv_cache, block_size, self.slot_bias)
                               if self.device.type == "cuda" else None)
 
-    def rope_row(self, plan: RopePlan) -> tuple[torch.Tensor, float]:
-        """(inv_freq on the device, attention factor), computed once per plan."""
-        row = self._rope_rows.get(plan)
-        if row is None:
+    def rope_index(self, plan: RopePlan) -> int:
+        """The plan's row in the RoPE tables, added the first time the plan is seen."""
+        index = self._rope_index.get(plan)
+        if index is None:
             inv_freq, factor = plan.parameters()
-            row = self._rope_rows[plan] = (inv_freq.to(self.device), factor)
-        return row
+            index = self._rope_index[plan] = len(self._attention_factors)
+            self._attention_factors.append(factor)
+            self._inv_freq_table = torch.cat([self._inv_freq_table, inv_freq.to(self.device, torch.float32)[None]])
+            self._attention_factor_table = torch.tensor(self._attention_factors, dtype=torch.float32,
+                                                        device=self.device)
+        return index
+
+    def rope_row(self, plan: RopePlan) -> tuple[torch.Tensor, float]:
+        """(inv_freq on the device, attention factor)."""
+        index = self.rope_index(plan)
+        return self._inv_freq_table[index], self._attention_factors[index]
 
     def apply_rope_growth(self, growth: RopeGrowth) -> None:
         """Re-rotate a sequence's cached keys from its old plan to its new one, in place."""
@@ -116,7 +134,7 @@ class ModelRunner:
         first, each re-rotated from where it was evicted to its slot; empty slots stay
         masked."""
         seq, size = item.seq, self.block_size
-        batch = self.build_batch(SchedulerOutput(scheduled=[item]))
+        batch = self.build_batch(SchedulerOutput(scheduled=[item]), [1])
         n = item.num_new_tokens
         captured = Capture(rows=torch.arange(max(0, n - RECALL_QUERY_TOKENS), n, device=self.device))
         self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
@@ -138,66 +156,96 @@ class ModelRunner:
         self.num_recalls += 1
         self.num_recalled_blocks += len(chosen)
 
-    def build_batch(self, step: SchedulerOutput) -> ForwardBatch:
+    def build_batch(self, step: SchedulerOutput, logit_rows: list[int]) -> ForwardBatch:
+        """The step's flat batch, built with array operations (the per-sequence Python is one
+        read of each field) and sent to the device in two copies, one per integer type."""
         items = step.scheduled
-        num_new = np.array([i.num_new_tokens for i in items], dtype=np.int64)
-        computed = np.array([i.seq.num_computed_tokens for i in items], dtype=np.int64)
+        num_seqs = len(items)
+        seqs = [item.seq for item in items]
+        num_new = np.fromiter((item.num_new_tokens for item in items), np.int64, num_seqs)
+        computed = [seq.num_computed_tokens for seq in seqs]
         # Cache positions differ from token indices once a bounded cache has evicted.
-        cached = np.array([i.seq.num_cached_positions for i in items], dtype=np.int64)
+        cached = np.fromiter((seq.num_cached_positions for seq in seqs), np.int64, num_seqs)
         seq_lens = cached + num_new
-        query_start = np.zeros(len(items) + 1, dtype=np.int64)
+        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start[1:])
         total = int(query_start[-1])
 
-        input_ids = np.empty(total, dtype=np.int64)
-        for i, item in enumerate(items):
-            input_ids[query_start[i] : query_start[i + 1]] = item.seq.token_ids[computed[i] : computed[i] + num_new[i]]
-        seq_index = np.repeat(np.arange(len(items)), num_new)
-        # Position of each token: its sequence's computed count plus its offset in the chunk.
-        positions = cached[seq_index] + (np.arange(total) - query_start[:-1][seq_index])
+        rows = np.asarray(logit_rows, dtype=np.int64)
+        if total == num_seqs:  # one token each, as in every decode step: no offsets to spread
+            input_ids = np.fromiter((seq.token_ids[c] for seq, c in zip(seqs, computed)), np.int64, total)
+            seq_index = np.arange(num_seqs)
+            positions = cached
+            logits_indices = np.flatnonzero(rows)  # rows are 0 or 1
+        else:
+            input_ids = np.fromiter(chain.from_iterable(seq.token_ids[c : c + n] for seq, c, n
+                                                        in zip(seqs, computed, num_new.tolist())), np.int64, total)
+            seq_index = np.repeat(np.arange(num_seqs), num_new)
+            # Position of each token: its sequence's cache length plus its offset in the chunk.
+            positions = cached[seq_index] + (np.arange(total) - query_start[:-1][seq_index])
+            # The last `rows` tokens of each sequence.
+            row_start = np.cumsum(rows) - rows
+            logits_indices = (np.repeat(query_start[1:] - rows, rows)
+                              + np.arange(int(rows.sum())) - np.repeat(row_start, rows))
 
-        max_blocks = max(len(i.seq.block_table) for i in items)
-        block_tables = np.zeros((len(items), max_blocks), dtype=np.int32)
-        for i, item in enumerate(items):
-            block_tables[i, : len(item.seq.block_table)] = item.seq.block_table
+        table_lens = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, num_seqs)
+        block_tables = np.zeros((num_seqs, int(table_lens.max())), dtype=np.int32)
+        # A boolean mask fills row after row, in the order the tables are chained.
+        block_tables[np.arange(block_tables.shape[1]) < table_lens[:, None]] = np.fromiter(
+            chain.from_iterable(seq.block_table for seq in seqs), np.int32, int(table_lens.sum()))
         slot_mapping = (block_tables[seq_index, positions // self.block_size].astype(np.int64)
                         * self.block_size + positions % self.block_size)
-        logits_indices = np.concatenate([np.arange(query_start[i + 1] - rows, query_start[i + 1])
-                                         for i, rows in enumerate(self.logit_rows(step))]).astype(np.int64)
+        # Plans are shared objects: look each distinct one up once (hashing a plan is not free).
+        plan_rows: dict[int, int] = {}
+        for seq in seqs:
+            if id(seq.rope_plan) not in plan_rows:
+                plan_rows[id(seq.rope_plan)] = self.rope_index(seq.rope_plan)
+        plan_index = np.fromiter((plan_rows[id(seq.rope_plan)] for seq in seqs), np.int64, num_seqs)
 
-        to = lambda a, dtype=torch.int64: torch.from_numpy(a).to(device=self.device, dtype=dtype)
+        input_ids, positions, slot_mapping, logits_indices, plan_index = self._upload(
+            [input_ids, positions, slot_mapping, logits_indices, plan_index], torch.int64)
+        # The block tables first: at the buffer's start they keep its alignment for the kernels.
+        block_tables_t, seq_index, query_start_loc, seq_lens_t = self._upload(
+            [block_tables, seq_index, query_start, seq_lens], torch.int32)
         return ForwardBatch(
-            input_ids=to(input_ids),
-            positions=to(positions),
-            seq_index=to(seq_index, torch.int32),
-            slot_mapping=to(slot_mapping),
-            query_start_loc=to(query_start, torch.int32),
-            seq_lens=to(seq_lens, torch.int32),
-            block_tables=to(block_tables, torch.int32),
-            inv_freq=torch.stack([self.rope_row(i.seq.rope_plan)[0] for i in items]),
-            attention_factor=torch.tensor([self.rope_row(i.seq.rope_plan)[1] for i in items],
-                                          dtype=torch.float32, device=self.device),
-            logits_indices=to(logits_indices),
+            input_ids=input_ids,
+            positions=positions,
+            seq_index=seq_index,
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens_t,
+            block_tables=block_tables_t,
+            inv_freq=self._inv_freq_table.index_select(0, plan_index),
+            attention_factor=self._attention_factor_table.index_select(0, plan_index),
+            logits_indices=logits_indices,
             max_query_len=int(num_new.max()),
             max_seq_len=int(seq_lens.max()),
-            slot_bias=self.slot_bias if any(i.seq.num_region_positions for i in items) else None,
+            slot_bias=self.slot_bias if any(seq.num_region_positions for seq in seqs) else None,
         )
+
+    def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        """The arrays as tensors on the device. On CUDA they go through one pinned host buffer
+        and one asynchronous copy, so the host neither waits for the GPU nor pays one copy per
+        array (the caching host allocator reuses a pinned buffer only once its copy is done).
+        On CPU the arrays are used in place."""
+        if self.device.type == "cpu":
+            return [torch.from_numpy(a.astype(_NUMPY_DTYPES[dtype], copy=False)) for a in arrays]
+        sizes = [a.size for a in arrays]
+        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
+        np.concatenate([a.ravel() for a in arrays], out=host.numpy(), casting="same_kind")
+        device = host.to(self.device, non_blocking=True)
+        return [part.view(a.shape) for part, a in zip(device.split(sizes), arrays)]
 
     @staticmethod
     def logit_rows(step: SchedulerOutput) -> list[int]:
         """How many of each scheduled sequence's last tokens need logits: its whole chunk if it
         asked for prompt logprobs and the chunk holds prompt tokens, else 1 if it samples."""
-        rows = []
-        for item in step.scheduled:
-            seq = item.seq
-            if seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens:
-                rows.append(item.num_new_tokens)
-            else:
-                rows.append(1 if item.samples else 0)
-        return rows
+        return [item.num_new_tokens if item.seq.wants_prompt_logprobs
+                and item.seq.num_computed_tokens < item.seq.num_prompt_tokens else int(item.samples)
+                for item in step.scheduled]
 
-    def execute(self, step: SchedulerOutput) -> torch.Tensor:
-        """Logits for the rows `logit_rows` asks for, sequence after sequence in scheduled order."""
+    def execute(self, step: SchedulerOutput, logit_rows: list[int]) -> torch.Tensor:
+        """Logits for the rows `logit_rows(step)` asks for, sequence after sequence in scheduled order."""
         # Evicted blocks go to host memory first: this step may hand them out again.
         for eviction in step.evictions:
             if eviction.archived_blocks:
@@ -210,7 +258,7 @@ class ModelRunner:
         for item in step.scheduled:
             if self.recalls(item):
                 self.recall(item)
-        batch = self.build_batch(step)
+        batch = self.build_batch(step, logit_rows)
         # Slots written this step hold tokens: clear what a region left there.
         self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):

@@ -18,7 +18,15 @@ class SamplingRow:
     params: SamplingParams
     seed: int                 # the row's random stream (the request's seed mixed with the choice)
     prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]      # the prompt, then the output so far (the sequence's own list: not copied)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
 
 
 @dataclass
@@ -29,8 +37,16 @@ class SamplerOutput:
     top_logprobs: list[list[float]] | None
 
 
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device without waiting for the GPU: a copy from pageable memory
+    would block the host until the model's queued step has finished."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
 def _column(rows, value, dtype, device):
-    return torch.tensor([value(r) for r in rows], dtype=dtype, device=device)
+    return _to_device(torch.tensor([value(r) for r in rows], dtype=dtype), device)
 
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torch.Tensor:
@@ -41,7 +57,7 @@ def _token_counts(token_lists: list[list[int]], vocab_size: int, device) -> torc
         padded = torch.full((len(token_lists), width), vocab_size, dtype=torch.int64)
         for i, tokens in enumerate(token_lists):
             padded[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
-        counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
+        counts.scatter_add_(1, _to_device(padded, device), torch.ones(padded.shape, device=device))
     return counts[:, :vocab_size]
 
 
@@ -101,7 +117,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
                               torch.float32, device)
         scaled = filter_logits(logits / temperature[:, None], rows)
         seeds = _column(rows, lambda r: r.seed, torch.int64, device)
-        steps = _column(rows, lambda r: len(r.output_token_ids), torch.int64, device)
+        steps = _column(rows, lambda r: r.num_output_tokens, torch.int64, device)
         # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i.
         exponential = -torch.log(uniform_noise(seeds, steps, logits.shape[1]))
         drawn = (scaled.softmax(dim=-1) / exponential).argmax(dim=-1)

@@ -341,10 +341,14 @@ class Scheduler:
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Account the computed tokens (call before appending sampled tokens)."""
+        size = self.block_manager.block_size
         for item in out.scheduled:
             seq = item.seq
+            computed_before = seq.num_computed_tokens
             seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.register_full_blocks(seq)
+            # Registering walks the whole block table: only when a block filled up.
+            if computed_before // size != seq.num_computed_tokens // size:
+                self.block_manager.register_full_blocks(seq)
             if seq.prompt_done:
                 self._release_siblings(seq)
 
