@@ -12,7 +12,7 @@ from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence,
 
 from .cuda_graphs import DecodeGraphs
 from .landmarks import chunk_summary, rotate_to
-from .recall import RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
+from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
 
 
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
@@ -136,12 +136,15 @@ class ModelRunner:
         seq, size = item.seq, self.block_size
         batch = self.build_batch(SchedulerOutput(scheduled=[item]), [1])
         n = item.num_new_tokens
-        captured = Capture(rows=torch.arange(max(0, n - RECALL_QUERY_TOKENS), n, device=self.device))
+        first_row = max(0, n - RECALL_QUERY_TOKENS - RECALL_BASELINE_TOKENS)
+        captured = Capture(rows=torch.arange(first_row, n, device=self.device))
         self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
         self.model.forward(batch, self.kv_cache, captured)
         policy = seq.context_policy
         slots = policy.recall_blocks(size)
-        chosen = seq.archive.select(torch.stack(captured.queries), slots, self.model.scale)
+        queries = torch.stack(captured.queries)
+        split = max(0, queries.shape[1] - RECALL_QUERY_TOKENS)
+        chosen = seq.archive.select(queries[:, split:], queries[:, :split], slots, self.model.scale)
         first_block = policy.sink_blocks(size) + policy.landmark_blocks(size)
         for slot in range(slots):
             block = seq.block_table[first_block + slot]

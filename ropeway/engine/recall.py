@@ -4,9 +4,13 @@ A landmark cache with `retrieve` keeps, for every block it evicts, a host copy o
 block's keys (as cached: rotated for the position they had) and values, and one scoring key
 per layer and KV head: the mean of the block's keys before RoPE. When a prompt ends (a new
 chat turn, a question), the queries of its last tokens score every archived block by the
-attention mass they would give it (softmax over blocks, summed over layers, heads and
-query tokens), and the best blocks go back into the recall region in their original
-order, re-rotated once to the region's positions.
+attention mass they would give it (softmax over blocks, summed over layers and heads),
+relative to the mass the tokens just before them give it, and the best blocks go back
+into the recall region in their original order, re-rotated once to the region's positions.
+
+The relative score matters: some blocks draw attention from any query (the text's start,
+recurring phrases); by raw mass they fill the region, while the block the question is
+about is the one the question attends to far more than the text before it does.
 
 Scoring keys come from the cache, where each key was computed with its full context. Keys
 of a chunk re-computed alone (as landmark summaries are) do not work for this: the chunk's
@@ -21,8 +25,10 @@ import torch
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
 from ropeway.scheduler import RopePlan
 
-# Queries of a prompt's last tokens score the archive: enough to cover a question.
+# Queries of a prompt's last tokens score the archive (enough to cover a question), against
+# the tokens before them as the baseline.
 RECALL_QUERY_TOKENS = 16
+RECALL_BASELINE_TOKENS = 32
 
 
 @dataclass
@@ -64,17 +70,32 @@ class RecallArchive:
         self.num_bytes -= self.chunks[0].kv.nbytes + self.scoring_keys[0].nbytes
         del self.chunks[0], self.scoring_keys[0]
 
-    def select(self, queries: torch.Tensor, count: int, scale: float) -> list[int]:
+    def select(self, queries: torch.Tensor, baseline: torch.Tensor, count: int, scale: float) -> list[int]:
         """Indices (oldest first) of the count archived blocks that queries [num_layers, Q,
-        num_heads, head_dim] (before RoPE) would attend to most."""
+        num_heads, head_dim] (before RoPE) attend to most, relative to the baseline queries
+        of the tokens before them (same layout; Q may be 0)."""
         keys = torch.cat(self.scoring_keys, 1).to(queries.device)
+        relevance = self._attention_mass(queries, keys, scale)
+        if baseline.shape[1]:
+            prior = self._attention_mass(baseline, keys, scale)
+        else:
+            prior = relevance.mean().expand_as(relevance)
+        score = relevance / (prior + 0.1 * prior.mean())
+        top = score.topk(min(count, score.shape[0])).indices
+        return sorted(top.tolist())
+
+    @staticmethod
+    def _attention_mass(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+        """[num_blocks]: per query token, the softmax attention over blocks summed over layers
+        and heads; averaged over the query tokens. One layer at a time bounds the memory."""
         num_layers, num_queries, num_heads, head_dim = queries.shape
         num_kv_heads = keys.shape[2]
-        grouped = queries.float().view(num_layers, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        logits = torch.einsum("lqkgd,lbkd->lqkgb", grouped, keys) * scale
-        mass = logits.softmax(-1).sum((0, 1, 2, 3))
-        top = mass.topk(min(count, mass.shape[0])).indices
-        return sorted(top.tolist())
+        mass = torch.zeros(keys.shape[1], device=keys.device)
+        for layer in range(num_layers):
+            grouped = queries[layer].float().view(num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
+            logits = torch.einsum("qkgd,bkd->qkgb", grouped, keys[layer]) * scale
+            mass += logits.softmax(-1).sum((1, 2)).mean(0)
+        return mass
 
     def block(self, index: int) -> tuple[torch.Tensor, int, RopePlan]:
         """Archived block index: kv [num_layers, 2, block_size, Hkv, D], its first token's
