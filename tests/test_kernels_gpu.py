@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kernel_cases import paged_case, rope_rows
 from ropeway.kernels import apply_rotary, paged_attention, rerotate_keys, write_kv
@@ -118,79 +117,6 @@ def test_add_rms_norm_bf16_against_fp64():
     out = add_rms_norm(delta, residual, weight, 1e-5)
     assert relative_error(residual, residual_ref) < BF16_ROUNDING
     assert relative_error(out, expected) < BF16_ROUNDING
-
-
-# Llama-3-8B's projections as the model runs them: fused qkv, o, fused gate_up, down, lm_head.
-LLAMA3_8B_LINEARS = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
-                     "down": (4096, 14336), "lm_head": (128256, 4096)}
-
-
-def skinny_case(rows, n, k, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(rows, k, device="cuda", generator=gen).to(torch.bfloat16)
-    # Scaled so outputs are O(1), as in a real layer.
-    weight = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(torch.bfloat16)
-    return x, weight
-
-
-def assert_like_cublas(out, x, weight, bias=None):
-    """Within bf16 rounding of the fp32 product, and no further off than cuBLAS's bf16 F.linear."""
-    expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    torch.testing.assert_close(out.float(), expected, atol=1e-3, rtol=1.6e-2)
-    cublas_error = (F.linear(x, weight, bias).float() - expected).abs().max().item()
-    assert (out.float() - expected).abs().max().item() <= 2 * cublas_error + 1e-3
-
-
-@pytest.mark.parametrize("rows", [1, 3, 16])
-@pytest.mark.parametrize("name", list(LLAMA3_8B_LINEARS))
-def test_skinny_linear_bf16_at_llama3_8b_shapes(name, rows):
-    from ropeway.kernels.triton_linear import skinny_linear_triton
-
-    x, weight = skinny_case(rows, *LLAMA3_8B_LINEARS[name])
-    assert_like_cublas(skinny_linear_triton(x, weight), x, weight)
-
-
-def test_skinny_linear_bf16_bias_with_k_split():
-    from ropeway.kernels.triton_linear import LinearConfig, skinny_linear_triton
-
-    x, weight = skinny_case(4, *LLAMA3_8B_LINEARS["qkv"], seed=1)
-    bias = torch.randn(weight.shape[0], device="cuda").to(torch.bfloat16)
-    for split_k in (1, 4):
-        out = skinny_linear_triton(x, weight, bias, LinearConfig(16, 256, split_k, 4, 3))
-        assert_like_cublas(out, x, weight, bias)
-
-
-def test_every_skinny_candidate_compiles_and_is_correct():
-    from ropeway.kernels.triton_linear import (DOT_CANDIDATES, ROW_CANDIDATES, LinearConfig,
-                                               skinny_linear_triton)
-
-    for rows, candidates in ((1, ROW_CANDIDATES), (8, DOT_CANDIDATES)):
-        x, weight = skinny_case(rows, *LLAMA3_8B_LINEARS["o"], seed=rows)
-        for c in candidates:
-            for split_k in (1, 4):
-                config = LinearConfig(c.block_n, c.block_k, split_k, c.num_warps, c.num_stages)
-                assert_like_cublas(skinny_linear_triton(x, weight, config=config), x, weight)
-
-
-@pytest.mark.parametrize("rows", [1, 16])
-def test_linear_dispatch_uses_the_kernel_and_replays_in_a_cuda_graph(rows, monkeypatch):
-    from ropeway import kernels
-    from ropeway.kernels.triton_linear import skinny_linear_triton
-
-    monkeypatch.setattr(kernels, "SKINNY_GEMM", True)
-    x, weight = skinny_case(rows, *LLAMA3_8B_LINEARS["o"], seed=2)
-    static_x = x.clone()
-    # One eager call compiles the kernel, as DecodeGraphs does before capturing.
-    assert torch.equal(kernels.linear(static_x, weight), skinny_linear_triton(x, weight))
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = kernels.linear(static_x, weight)
-    new_x, _ = skinny_case(rows, 1, weight.shape[1], seed=3)
-    static_x.copy_(new_x)
-    graph.replay()
-    assert torch.equal(static_out, skinny_linear_triton(new_x, weight))
-    assert_like_cublas(static_out, new_x, weight)
 
 
 if __name__ == "__main__":

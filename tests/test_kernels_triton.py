@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+pytest.importorskip("triton")
 
 from kernel_cases import paged_case, rope_rows  # noqa: E402
 from ropeway.kernels.attention import paged_attention_reference  # noqa: E402
@@ -18,7 +18,6 @@ from ropeway.kernels.rerotate import rerotate_keys_reference  # noqa: E402
 from ropeway.kernels.rotary import apply_rotary_reference  # noqa: E402
 from ropeway.kernels.triton_attention import AttentionConfig, paged_attention_triton  # noqa: E402
 from ropeway.kernels.triton_kv_cache import write_kv_triton  # noqa: E402
-from ropeway.kernels.triton_linear import LinearConfig, skinny_linear_triton  # noqa: E402
 from ropeway.kernels.triton_rerotate import rerotate_keys_triton  # noqa: E402
 from ropeway.kernels.triton_rotary import apply_rotary_triton  # noqa: E402
 
@@ -172,75 +171,3 @@ def test_add_rms_norm_matches_reference(dtype):
     expected = add_rms_norm_reference(delta, residual_ref, weight, 1e-5)
     assert_close(residual, residual_ref, dtype)
     assert_close(out, expected, dtype)
-
-
-# (rows, N, K, config): one row on CUDA cores and 3 or 16 on tensor-core dots; N and K
-# off the tile sizes (masked K tail, columns past N), and K split into whole-tile slices
-# with a ragged last one. None is choose_config's pick (one SM here: no split).
-LINEAR_CASES = [
-    (1, 80, 200, LinearConfig(16, 64, 1, 4, 1)),
-    (1, 64, 256, LinearConfig(32, 64, 4, 4, 1)),
-    (1, 96, 200, LinearConfig(16, 64, 2, 4, 1)),
-    (3, 80, 200, LinearConfig(16, 64, 1, 4, 1)),
-    (3, 96, 200, LinearConfig(32, 64, 2, 4, 1)),
-    (16, 64, 128, LinearConfig(16, 32, 3, 4, 1)),
-    (16, 80, 256, None),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("rows,n,k,config", LINEAR_CASES)
-def test_skinny_linear_matches_fp64(dtype, with_bias, rows, n, k, config):
-    gen = torch.Generator().manual_seed(rows * n + k)
-    x = torch.randn(rows, k, generator=gen).to(dtype)
-    # Scaled so outputs are O(1): the tolerance is then about the kernel, not fp16's range.
-    weight = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
-    expected = x.double() @ weight.double().T
-    if with_bias:
-        expected += bias.double()
-    out = skinny_linear_triton(x, weight, bias, config)
-    assert out.dtype == dtype and out.shape == (rows, n)
-    assert_close(out, expected, dtype)
-
-
-def test_skinny_linear_rows_of_a_strided_view():
-    gen = torch.Generator().manual_seed(7)
-    # Every other row of a wider buffer: row stride 2 * 160, unit stride along K.
-    x = torch.randn(6, 2, 160, generator=gen)[:, 0]
-    weight = torch.randn(48, 160, generator=gen) / 160**0.5
-    out = skinny_linear_triton(x, weight, config=LinearConfig(16, 64, 2, 4, 1))
-    assert_close(out, x.double() @ weight.double().T, torch.float32)
-
-
-def test_choose_config_fills_the_gpu_with_k_splits():
-    from ropeway.kernels.triton_linear import MIN_SPLIT_COLUMNS, PROGRAMS_PER_SM, choose_config
-
-    sms = 132
-    for rows in (1, 16):
-        # o_proj-sized output: too few column tiles alone, so K is split.
-        config = choose_config(rows, 4096, 4096, sms)
-        assert config.split_k > 1
-        assert 4096 // config.split_k >= MIN_SPLIT_COLUMNS
-        # lm_head-sized output fills the GPU with column tiles alone.
-        assert choose_config(rows, 128256, 4096, sms).split_k == 1
-        # Short K is never split below the minimum slice.
-        assert choose_config(rows, 64, 1024, sms).split_k == 1
-    config = choose_config(1, 4096, 14336, sms)
-    assert triton.cdiv(4096, config.block_n) * config.split_k >= PROGRAMS_PER_SM * sms
-
-
-def test_linear_dispatch_is_f_linear_on_cpu_even_when_switched_on(monkeypatch):
-    from ropeway import kernels
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the Triton linear ran on CPU tensors")
-
-    monkeypatch.setattr(kernels, "SKINNY_GEMM", True)
-    monkeypatch.setattr("ropeway.kernels.triton_linear.skinny_linear_triton", refuse)
-    # fp16, few rows, unit strides: everything but the device qualifies for the kernel.
-    x = torch.randn(3, 32).half()
-    weight = torch.randn(16, 32).half()
-    bias = torch.randn(16).half()
-    assert torch.equal(kernels.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))

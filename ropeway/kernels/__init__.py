@@ -5,35 +5,11 @@ run on CUDA tensors. The public functions below pick by the tensors' device, and
 the Triton modules only then, so a CPU server never imports triton.
 """
 
-import os
-
-import torch
-import torch.nn.functional as F
-
 from .attention import paged_attention_reference
 from .kv_cache import write_kv_reference
 from .rerotate import rerotate_keys_reference
 from .rms_norm import add_rms_norm_reference, rms_norm_reference
 from .rotary import apply_rotary_reference
-
-# The skinny-GEMM kernel (triton_linear) replaces cuBLAS for decode batches of <= 16 rows
-# only when ROPEWAY_SKINNY_GEMM=1 (read once, at import): off until GPU measurements
-# (benchmarks/skinny_gemm.py) show it wins on the model's shapes. The row limit is the
-# kernel's (16); lower it to the largest row count the benchmark shows winning.
-SKINNY_GEMM = os.environ.get("ROPEWAY_SKINNY_GEMM", "0") == "1"
-SKINNY_GEMM_MAX_ROWS = 16
-
-
-def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias); on CUDA, 2-D, bf16/fp16 and at most SKINNY_GEMM_MAX_ROWS
-    rows, the Triton weight-streaming kernel when SKINNY_GEMM is on."""
-    if (SKINNY_GEMM and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_GEMM_MAX_ROWS
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
-            and (bias is None or bias.dtype == x.dtype)
-            and x.stride(1) == 1 and weight.stride(1) == 1):
-        from .triton_linear import skinny_linear_triton
-        return skinny_linear_triton(x, weight, bias)
-    return F.linear(x, weight, bias)
 
 
 def apply_rotary(q, k, positions, seq_index, inv_freq, attention_factor) -> None:
@@ -88,5 +64,4 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
                                 new_inv_freq, old_attention_factor, new_attention_factor)
 
 
-__all__ = ["apply_rotary", "write_kv", "paged_attention", "rms_norm", "add_rms_norm", "rerotate_keys",
-           "linear"]
+__all__ = ["apply_rotary", "write_kv", "paged_attention", "rms_norm", "add_rms_norm", "rerotate_keys"]
