@@ -60,7 +60,10 @@ def engine_decode(engine: LLMEngine, batch: int, context: int, steps: int, vocab
         sync(engine)
         elapsed = time.perf_counter() - started
         plan = engine.scheduler.last_plan
-        if plan is not None and all(item.num_new_tokens == 1 for item in plan.scheduled):
+        # Steady state only: all B sequences decoding. The staggered tail (sequences that
+        # started decoding later finish later) shrinks the batch through buckets whose graphs
+        # would be captured inside the timed steps.
+        if plan is not None and len(plan.scheduled) == batch and all(i.num_new_tokens == 1 for i in plan.scheduled):
             decode_s += elapsed
             decode_steps += 1
     return decode_s / decode_steps

@@ -110,6 +110,23 @@ class AsyncEngine:
         except RuntimeError:  # the caller's event loop is closed: nobody is listening
             self._sinks.pop(request_id, None)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up per event loop for a whole step's outputs: a wake-up per output costs a
+        self-pipe write and a loop iteration each, hundreds per step at high concurrency."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for output in outputs:
+            target = self._sinks.get(output.request_id)
+            if output.finished:
+                self._sinks.pop(output.request_id, None)
+            if target is not None:
+                by_loop.setdefault(target[1], []).append((target[0], output))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, deliveries)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                for request_id in [r for r, (_, owner) in self._sinks.items() if owner is loop]:
+                    self._sinks.pop(request_id)
+
     def _apply(self, command) -> None:
         if isinstance(command, _Add):
             self._sinks[command.request_id] = (command.sink, command.loop)
@@ -139,10 +156,7 @@ class AsyncEngine:
                     except queue.Empty:
                         command = False
                 if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
-                        self._deliver(output.request_id, output)
-                        if output.finished:
-                            self._sinks.pop(output.request_id, None)
+                    self._deliver_step(self.engine.step())
                 for listener in self.step_listeners:
                     listener(self.engine)
         except BaseException as error:
@@ -150,3 +164,8 @@ class AsyncEngine:
             self.error = error
             for request_id in list(self._sinks):
                 self._deliver(request_id, EngineDeadError(f"engine loop failed: {error!r}"))
+
+
+def _put_all(deliveries: list) -> None:
+    for sink, item in deliveries:
+        sink.put_nowait(item)
