@@ -275,6 +275,23 @@ def test_request_context_policy_streams_past_the_context_limit_and_is_validated(
     assert_openai_error(bad, 400, "context_policy.window")
 
 
+def test_request_retrieving_landmark_policy_recalls_and_shows_in_metrics(client, http):
+    too_long = "The river ran past the old mill and on into the valley. " * 160
+    before = scrape(http)
+    recalled = client.completions.create(
+        model=MODEL_NAME, prompt=too_long, max_tokens=4,
+        extra_body={"context_policy": {"type": "landmark", "sinks": 4, "window": 256, "landmarks": 16,
+                                       "retrieve": 32}}, **GREEDY)
+    assert recalled.usage.completion_tokens == 4
+    after = scrape(http)
+    assert metric(after, "ropeway:retrieval_recalls_total") == metric(before, "ropeway:retrieval_recalls_total") + 1
+    assert (metric(after, "ropeway:retrieval_recalled_blocks_total")
+            == metric(before, "ropeway:retrieval_recalled_blocks_total") + 2)
+    assert metric(after, "ropeway:retrieval_archive_bytes") >= 0
+    bad = http.post("/v1/completions", json={"prompt": "hi", "context_policy": {"type": "sink_window", "retrieve": 64}})
+    assert_openai_error(bad, 400, "context_policy.retrieve")
+
+
 # ----- other routes -----
 
 

@@ -2,7 +2,7 @@
 
 The HTTP side never waits on the model: it posts commands (add, abort) to a thread-safe
 queue and reads outputs from per-request asyncio queues that the loop thread fills with
-`call_soon_threadsafe`. Aborts are applied before the next step, so an abandoned
+one `call_soon_threadsafe` per event loop and step. Aborts are applied before the next step, so an abandoned
 request's blocks are free within one engine step.
 """
 
