@@ -93,3 +93,15 @@ def test_cuda_retrieving_landmark_stream_equals_cpu():
     assert runner.num_recalls == 1 and runner.num_recalled_blocks == 2
     assert (1, True) in runner.decode_graphs.graphs
     assert got.outputs[0].token_ids == expected.outputs[0].token_ids
+
+
+def test_start_up_capture_covers_every_bucket_and_decodes_as_eager():
+    graphs = LLM(dtype="float32", device="cuda", kv_cache_memory_bytes=1 << 28, max_num_seqs=20)
+    graphs.engine.capture_decode_graphs()
+    assert sorted(graphs.engine.runner.decode_graphs.graphs) == [(b, False) for b in (1, 2, 4, 8, 16, 24)]
+    eager = LLM(engine=type(graphs.engine)(graphs.engine.config, loaded=_loaded(graphs)))
+    eager.engine.runner.decode_graphs = None
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, params)]
+    assert [o.outputs[0].token_ids for o in graphs.generate(PROMPTS, params)] == expected
+    assert len(graphs.engine.runner.decode_graphs.graphs) == 6  # nothing captured mid-stream

@@ -78,6 +78,15 @@ class DecodeGraphs:
         graph.replay()
         return logits[:n]
 
+    def capture_up_to(self, num_seqs: int) -> int:
+        """Capture every bucket a batch of up to num_seqs sequences (without a landmark cache)
+        can use, so no step of a running server stalls on a capture. Returns how many."""
+        largest = self.buckets[min(bisect.bisect_left(self.buckets, num_seqs), len(self.buckets) - 1)]
+        missing = [b for b in self.buckets if b <= largest and (b, False) not in self.graphs]
+        for bucket in missing:
+            self.graphs[(bucket, False)] = self._capture(bucket, False)
+        return len(missing)
+
     def _static_batch(self, bucket: int, with_bias: bool) -> ForwardBatch:
         return ForwardBatch(
             input_ids=self.input_ids[:bucket], positions=self.positions[:bucket],

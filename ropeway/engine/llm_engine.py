@@ -112,6 +112,15 @@ class LLMEngine:
         except InvalidParameter as error:
             raise ValueError(f"{error.param}: {error}") from error
 
+    def capture_decode_graphs(self) -> None:
+        """On CUDA, capture the decode graphs of every batch size the server may run now,
+        at start-up, instead of on a batch size's first use mid-stream."""
+        if self.runner.decode_graphs is None:
+            return
+        started = time.perf_counter()
+        count = self.runner.decode_graphs.capture_up_to(self.config.max_num_seqs)
+        log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - started)
+
     # ----- requests -----
 
     def request_context_policy(self, context: ContextParams | None) -> ContextPolicy:

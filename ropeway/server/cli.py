@@ -151,6 +151,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def serve(args: argparse.Namespace) -> int:
     try:
         engine = LLMEngine(engine_config(args))
+        engine.capture_decode_graphs()
     except (ModelLoadError, ValueError, FileNotFoundError) as error:
         log.error("cannot start: %s", error)
         return 2
