@@ -35,6 +35,8 @@ class ModelRunner:
         # slot, -inf on an empty region slot, 0 elsewhere. Read only by batches that hold a
         # landmark cache.
         self.slot_bias = torch.zeros(kv_cache.shape[2], block_size, dtype=torch.float32, device=self.device)
+        # Until a region is first opened every bias is 0, and steps need not clear any.
+        self.bias_written = False
         self.archive_budget = ArchiveBudget(archive_bytes)
         self.num_recalls = 0          # prompts that brought archived blocks back
         self.num_recalled_blocks = 0
@@ -90,7 +92,8 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for source, destination in copies:
             self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
-            self.slot_bias[destination].copy_(self.slot_bias[source])
+            if self.bias_written:
+                self.slot_bias[destination].copy_(self.slot_bias[source])
 
     def write_landmarks(self, eviction: Eviction) -> None:
         """Open the landmark region (every slot empty), then write each evicted chunk's
@@ -100,6 +103,7 @@ class ModelRunner:
             return
         table = eviction.seq.block_table
         bias = self.slot_bias
+        self.bias_written = True
         if eviction.new_region is not None:
             for position in eviction.new_region[:: self.block_size]:  # whole blocks
                 bias[table[position // self.block_size]] = float("-inf")
@@ -262,8 +266,9 @@ class ModelRunner:
             if self.recalls(item):
                 self.recall(item)
         batch = self.build_batch(step, logit_rows)
-        # Slots written this step hold tokens: clear what a region left there.
-        self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
+        if self.bias_written:
+            # Slots written this step hold tokens: clear what a region left there.
+            self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
         return self.model.forward(batch, self.kv_cache)
