@@ -125,6 +125,11 @@ class ModelRunner:
         seq.archive.add(self.kv_cache[:, :, blocks], eviction.archived_position, eviction.plan, inv_freq, factor)
         self.archive_budget.track(seq.archive)
 
+    def clear_written_slots(self, batch: ForwardBatch) -> None:
+        """The batch writes tokens into its slots: clear what a region's bias left there."""
+        if self.bias_written:
+            self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
+
     @staticmethod
     def recalls(item: ScheduledSequence) -> bool:
         """A chunk that ends a prompt of a cache with archived blocks brings the best back."""
@@ -142,7 +147,7 @@ class ModelRunner:
         n = item.num_new_tokens
         first_row = max(0, n - RECALL_QUERY_TOKENS - RECALL_BASELINE_TOKENS)
         captured = Capture(rows=torch.arange(first_row, n, device=self.device))
-        self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
+        self.clear_written_slots(batch)
         self.model.forward(batch, self.kv_cache, captured)
         policy = seq.context_policy
         slots = policy.recall_blocks(size)
@@ -262,13 +267,12 @@ class ModelRunner:
             self.write_landmarks(eviction)
         for growth in step.rope_growths:
             self.apply_rope_growth(growth)
-        for item in step.scheduled:
-            if self.recalls(item):
-                self.recall(item)
+        if self.archive_budget.archives:  # no per-sequence check on steps of servers that never archive
+            for item in step.scheduled:
+                if self.recalls(item):
+                    self.recall(item)
         batch = self.build_batch(step, logit_rows)
-        if self.bias_written:
-            # Slots written this step hold tokens: clear what a region left there.
-            self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
+        self.clear_written_slots(batch)
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
         return self.model.forward(batch, self.kv_cache)
