@@ -41,3 +41,17 @@ def stream_checking_positions(llm, policy: dict, prompt: list[int], after_step=N
             after_step(seq)
     engine.runner.build_batch = build
     return seq, seen
+
+
+def run_wrapping_runner(engine, policy: dict, prompt: list[int], method: str, wrapper):
+    """Run one bounded-cache request (greedy, one new token) to the end with the runner's
+    `method` replaced by wrapper(original, argument), so a test can read the cache around
+    each eviction or landmark write. Returns the sequence."""
+    engine.add_request("wrapped", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+                       ContextParams(context_policy=policy))
+    seq = engine.requests["wrapped"].choices[0].seq
+    original = getattr(engine.runner, method)
+    setattr(engine.runner, method, lambda argument: wrapper(original, argument))
+    while engine.has_unfinished_requests():
+        engine.step()
+    return seq

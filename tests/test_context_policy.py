@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bounded_streams import long_text_ids, stream_checking_positions
+from bounded_streams import long_text_ids, run_wrapping_runner, stream_checking_positions
 
 from ropeway import ContextParams, SamplingParams
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
@@ -48,16 +48,12 @@ def test_evicted_window_keys_equal_keys_rotated_afresh_at_their_new_positions(ma
     llm = make_llm()
     engine, size = llm.engine, 16
     prompt = long_text_ids(llm.tokenizer, 200)
-    engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
-                       ContextParams(context_policy=WINDOW))
-    seq = engine.requests["s"].choices[0].seq
     applied = []
-    apply = engine.runner.apply_eviction
 
-    def capture_and_apply(eviction):
+    def capture_and_apply(apply, eviction):
         # The kept window keys, read at their old positions before they move.
         old = torch.arange(eviction.first_position, eviction.first_position + eviction.num_tokens) + eviction.shift
-        table = list(seq.block_table)
+        table = list(eviction.seq.block_table)
         evicted_blocks = eviction.shift // size
         old_table = table[: eviction.first_position // size] + [None] * evicted_blocks + table[eviction.first_position // size:]
         slots = torch.tensor([old_table[p // size] * size + p % size for p in old.tolist()])
@@ -65,9 +61,7 @@ def test_evicted_window_keys_equal_keys_rotated_afresh_at_their_new_positions(ma
         apply(eviction)
         applied.append((eviction, slots, before))
 
-    engine.runner.apply_eviction = capture_and_apply
-    while engine.has_unfinished_requests():
-        engine.step()
+    seq = run_wrapping_runner(engine, WINDOW, prompt, "apply_eviction", capture_and_apply)
     assert applied
     inv_freq = seq.rope_plan.inv_freq().double()
     for eviction, slots, before in applied:

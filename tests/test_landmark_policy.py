@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from bounded_streams import long_text_ids, stream_checking_positions
+from bounded_streams import long_text_ids, run_wrapping_runner, stream_checking_positions
 
 from ropeway import ContextParams, SamplingParams
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
@@ -51,21 +51,16 @@ def test_landmark_slot_holds_the_rotated_mean_of_the_chunks_keys_computed_alone(
     llm = make_llm()
     engine = llm.engine
     prompt = long_text_ids(llm.tokenizer, 120)
-    engine.add_request("s", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
-                       ContextParams(context_policy=LANDMARK))
-    seq = engine.requests["s"].choices[0].seq
     written = []
-    write = engine.runner.write_landmarks
 
-    def write_and_read(eviction):
+    def write_and_read(write, eviction):
         write(eviction)
         for landmark in eviction.landmarks:
-            block, offset = seq.block_table[landmark.position // 16], landmark.position % 16
+            table = eviction.seq.block_table
+            block, offset = table[landmark.position // 16], landmark.position % 16
             written.append((landmark, engine.kv_cache[:, :, block, offset].clone()))
 
-    engine.runner.write_landmarks = write_and_read
-    while engine.has_unfinished_requests():
-        engine.step()
+    seq = run_wrapping_runner(engine, LANDMARK, prompt, "write_landmarks", write_and_read)
     landmark, slot = written[0]
     assert landmark.token_ids == prompt[16:32] and landmark.position == 16
 
