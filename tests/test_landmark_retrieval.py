@@ -18,7 +18,8 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 @pytest.mark.parametrize("bad", [{"type": "sink_window", "retrieve": 16},
                                  {"type": "landmark", "retrieve": -1},
-                                 {"type": "landmark", "retrieve": 1.5}])
+                                 {"type": "landmark", "retrieve": 1.5},
+                                 {"type": "landmark", "window": 64, "landmarks": 16, "retrieve": 64}])
 def test_bad_retrieve_names_the_field(bad):
     with pytest.raises(InvalidParameter) as error:
         ContextPolicy.from_dict(bad)

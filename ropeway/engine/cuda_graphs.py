@@ -52,7 +52,7 @@ class DecodeGraphs:
     def fits(self, batch: ForwardBatch) -> bool:
         """A pure-decode step in which every sequence samples, no larger than the largest bucket."""
         num_seqs = batch.seq_lens.shape[0]
-        return (batch.slot_bias in (None, self.slot_bias) and batch.max_query_len == 1
+        return ((batch.slot_bias is None or batch.slot_bias is self.slot_bias) and batch.max_query_len == 1
                 and batch.logits_indices.shape[0] == num_seqs
                 and batch.input_ids.shape[0] == num_seqs and num_seqs <= self.buckets[-1]
                 and batch.block_tables.shape[1] <= self.block_tables.shape[1])

@@ -80,7 +80,7 @@ class ContextPolicy:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise InvalidParameter(f"{param}.{name}", f"{name} must be an integer of at least {low}")
         policy = cls(**raw)
-        if policy.region_blocks(16) * 16 > policy.window:
+        if policy.type == "landmark" and policy.landmarks + policy.retrieve > policy.window:
             raise InvalidParameter(f"{param}.retrieve" if policy.retrieve else f"{param}.landmarks",
                                    "landmarks + retrieve may not exceed the window")
         return policy
