@@ -4,15 +4,20 @@
 
 The weights are built in memory (nothing to download); the tokenizer gives every id a
 plain-text word, so streams carry one chunk per token. This swaps the engine constructor
-that `ropeway serve` calls and is otherwise the real server.
+that `ropeway serve` calls and is otherwise the real server. With ROPEWAY_STEP_TRACE=path,
+every engine step is timed and classified (step_trace.py) and written there at exit.
 """
 
+import atexit
+import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_model import LLAMA3_8B, full_vocab_tokenizer, load_random_model  # noqa: E402
+from step_trace import StepTrace  # noqa: E402
 
 from ropeway.engine import LLMEngine  # noqa: E402
 from ropeway.server import cli  # noqa: E402
@@ -22,9 +27,17 @@ def engine_on_random_weights(config):
     device = config.torch_device()
     loaded = load_random_model(LLAMA3_8B, config.torch_dtype(device), device,
                                full_vocab_tokenizer(LLAMA3_8B.vocab_size))
-    return LLMEngine(config, loaded=loaded)
+    engine = LLMEngine(config, loaded=loaded)
+    trace_path = os.environ.get("ROPEWAY_STEP_TRACE")
+    if trace_path:
+        trace = StepTrace(engine)
+        atexit.register(lambda: Path(trace_path).write_text(
+            json.dumps({"steps_by_kind": trace.summary(), "steps": trace.records})))
+    return engine
 
 
 if __name__ == "__main__":
+    if os.environ.get("ROPEWAY_SWITCH_INTERVAL"):  # experiments with the GIL's hand-over interval
+        sys.setswitchinterval(float(os.environ["ROPEWAY_SWITCH_INTERVAL"]))
     cli.LLMEngine = engine_on_random_weights
     sys.exit(cli.main(["serve", *sys.argv[1:], "--served-model-name", LLAMA3_8B.name]))

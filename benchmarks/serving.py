@@ -87,10 +87,15 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
                          [b - a for a, b in zip(times, times[1:])])
 
 
-async def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int, seed: int) -> dict:
+def scenario_requests(scenario: Scenario, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt token ids, max_tokens) of each request, drawn from the scenario's seeded ranges."""
     rng = random.Random(seed)
-    requests = [([rng.randrange(1000, vocab) for _ in range(rng.randint(*scenario.prompt_range))],
-                 rng.randint(*scenario.output_range)) for _ in range(scenario.num_requests)]
+    return [([rng.randrange(1000, vocab) for _ in range(rng.randint(*scenario.prompt_range))],
+             rng.randint(*scenario.output_range)) for _ in range(scenario.num_requests)]
+
+
+async def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int, seed: int) -> dict:
+    requests = scenario_requests(scenario, vocab, seed)
     gate = asyncio.Semaphore(scenario.concurrency)
     limits = httpx.Limits(max_connections=scenario.concurrency, max_keepalive_connections=scenario.concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
@@ -98,9 +103,9 @@ async def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int
             async with gate:
                 return await one_request(client, model, prompt, max_tokens)
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(bounded(p, n) for p, n in requests))
-        wall = time.perf_counter() - started
+        wall, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     ok = [r for r in results if r.error is None]
     output_tokens = sum(r.chunks for r in ok)
     itls = [x for r in ok for x in r.itls]
@@ -110,7 +115,8 @@ async def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int
         "prompt_range": scenario.prompt_range, "output_range": scenario.output_range,
         "failed": len(results) - len(ok), "errors": sorted({r.error for r in results if r.error})[:5],
         "chunks_match_max_tokens": all(r.chunks == r.output_len for r in ok),
-        "wall_s": wall, "prompt_tokens": sum(r.prompt_len for r in ok), "output_tokens": output_tokens,
+        # Near wall_s, the client itself (one Python process parsing every SSE chunk) is the bottleneck.
+        "wall_s": wall, "client_cpu_s": client_cpu, "prompt_tokens": sum(r.prompt_len for r in ok), "output_tokens": output_tokens,
         "output_tok_s": output_tokens / wall,
         "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
         "itl_p50_ms": 1000 * percentile(itls, 50), "itl_p99_ms": 1000 * percentile(itls, 99),

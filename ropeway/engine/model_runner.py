@@ -242,11 +242,18 @@ class ModelRunner:
         On CPU the arrays are used in place."""
         if self.device.type == "cpu":
             return [torch.from_numpy(a.astype(_NUMPY_DTYPES[dtype], copy=False)) for a in arrays]
-        sizes = [a.size for a in arrays]
+        # Each array starts 16-byte aligned: Triton specializes kernels on pointer alignment,
+        # and offsets that changed with the batch's sizes recompiled kernels mid-serving.
+        per_16_bytes = 16 // torch.empty(0, dtype=dtype).element_size()
+        sizes = [-(-a.size // per_16_bytes) * per_16_bytes for a in arrays]
         host = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
-        np.concatenate([a.ravel() for a in arrays], out=host.numpy(), casting="same_kind")
+        host_array = host.numpy()
+        start = 0
+        for a, size in zip(arrays, sizes):
+            host_array[start : start + a.size] = a.ravel()
+            start += size
         device = host.to(self.device, non_blocking=True)
-        return [part.view(a.shape) for part, a in zip(device.split(sizes), arrays)]
+        return [part[: a.size].view(a.shape) for part, a in zip(device.split(sizes), arrays)]
 
     @staticmethod
     def logit_rows(step: SchedulerOutput) -> list[int]:

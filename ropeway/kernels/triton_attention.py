@@ -95,7 +95,10 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
     return acc, m_new, l_i
 
 
-@triton.jit
+# Triton compiles a variant per "divisible by 16" / "equal to 1" value of an integer
+# argument: these change from step to step, and each new variant cost a 2.5 s compile in
+# the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "stride_bt"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
         block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, slot_bias_ptr,

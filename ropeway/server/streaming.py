@@ -33,6 +33,19 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody rea
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """(index of the stream, item) in the order items arrive; the first error is raised."""
+    if len(streams) == 1:
+        # The common response (one prompt, one choice) reads its stream directly: a reader
+        # task and a queue hop per item cost the event loop more than the item's own frame.
+        stream = streams[0]
+        try:
+            async for item in stream:
+                yield 0, item
+        finally:
+            # Closing runs the stream's cleanup (abort) synchronously: nothing in it awaits.
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, stream: AsyncIterator[T]) -> None:
