@@ -7,7 +7,12 @@ on contiguous KV for attention and the torch reference ops for the rest.
 
     python benchmarks/kernels.py [--out results/kernels.json] [--sweep]
 
---sweep also times alternative attention tile configurations (for tuning choose_config).
+--sweep also times alternative attention tile configurations (for tuning choose_config)
+and the fused decode kernels' launch parameters.
+
+The fused decode-step kernels (rotary + KV write, SiLU·up) are timed at decode batch sizes
+inside a CUDA graph, as the engine runs them (outside one, launch overhead is all one
+measures); their peer is what they replace.
 """
 
 import argparse
@@ -20,25 +25,35 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from ropeway.kernels import apply_rotary, paged_attention, rerotate_keys, write_kv  # noqa: E402
+from ropeway.kernels import (apply_rotary, paged_attention, rerotate_keys,  # noqa: E402
+                             rotary_write_kv, silu_mul, write_kv)
 from ropeway.kernels.kv_cache import write_kv_reference  # noqa: E402
 from ropeway.kernels.rerotate import rerotate_keys_reference  # noqa: E402
 from ropeway.kernels.rotary import apply_rotary_reference  # noqa: E402
+from ropeway.kernels.silu_mul import silu_mul_reference  # noqa: E402
 from ropeway.kernels.triton_rotary import apply_rotary_triton  # noqa: E402
+from ropeway.kernels.triton_rotary_write_kv import rotary_write_kv_triton  # noqa: E402
+from ropeway.kernels.triton_silu_mul import silu_mul_triton  # noqa: E402
 from ropeway.kernels.triton_attention import (AttentionConfig, choose_config,  # noqa: E402
                                               paged_attention_triton)
 
 COPY_BANDWIDTH = 4.25e12
 Q_HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+INTERMEDIATE = 14336
 DTYPE = torch.bfloat16
 
 
 def median_seconds(fn):
     return do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3
+
+
+def graph_seconds(fn):
+    """Median time of fn replayed in a CUDA graph: GPU time without launch overhead."""
+    return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e-3
 
 
 def shuffled_cache(num_seqs, seq_len):
@@ -175,6 +190,64 @@ def rerotate_row():
                          "torch reference")
 
 
+def fused_decode_row(name, nbytes, ours_fn, peer_fn, peer_name):
+    ours = graph_seconds(ours_fn)
+    peer = graph_seconds(peer_fn)
+    return {
+        "row": name, "time_us": ours * 1e6, "rate": nbytes / ours / 1e12, "unit": "TB/s",
+        "bound_us": nbytes / COPY_BANDWIDTH * 1e6, "peer": peer_name, "peer_us": peer * 1e6,
+        "vs_peer": ours / peer, "target": f"faster than {peer_name}", "met": ours < peer,
+        "gap": f"{ours / peer:.2f}x {peer_name}",
+    }
+
+
+def rotary_write_kv_row(tokens, sweep):
+    """One decode step's RoPE + KV write for one layer, q/k/v as views of the fused qkv."""
+    q_size, kv_size = Q_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    qkv = torch.randn(tokens, q_size + 2 * kv_size, device="cuda", dtype=DTYPE)
+    q = qkv[:, :q_size].view(tokens, Q_HEADS, HEAD_DIM)
+    k = qkv[:, q_size:q_size + kv_size].view(tokens, KV_HEADS, HEAD_DIM)
+    v = qkv[:, q_size + kv_size:].view(tokens, KV_HEADS, HEAD_DIM)
+    num_pages = 4 * max(tokens, 64) // PAGE
+    k_cache = torch.empty(num_pages, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+    v_cache = torch.empty_like(k_cache)
+    slot_mapping = torch.randperm(num_pages * PAGE, device="cuda")[:tokens]
+    positions = torch.randint(0, 131072, (tokens,), device="cuda")
+    seq_index = torch.arange(tokens, device="cuda", dtype=torch.int32)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda") / HEAD_DIM)
+    inv_freq = inv_freq.expand(tokens, -1).contiguous()
+    factors = torch.ones(tokens, device="cuda")   # repeated in-place rotation keeps the scale
+    rope = (positions, seq_index, inv_freq, factors)
+    args = (q, k, v, k_cache, v_cache, slot_mapping, *rope)
+    # q, k read and written in place, k and v written to the cache, v read.
+    nbytes = (2 * q.numel() + 3 * k.numel() + 2 * v.numel()) * q.element_size()
+
+    def pair():
+        apply_rotary(q, k, *rope)
+        write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    row = fused_decode_row(f"rotary + KV write T={tokens}", nbytes, lambda: rotary_write_kv(*args),
+                           pair, "rotary, write_kv")
+    if sweep:
+        row["sweep"] = [{"num_warps": warps, "time_us": 1e6 * graph_seconds(
+            lambda warps=warps: rotary_write_kv_triton(*args, num_warps=warps))}
+            for warps in (1, 2, 4, 8)]
+    return row
+
+
+def silu_mul_row(tokens, sweep):
+    gate_up = torch.randn(tokens, 2 * INTERMEDIATE, device="cuda", dtype=DTYPE)
+    nbytes = 3 * tokens * INTERMEDIATE * gate_up.element_size()
+    row = fused_decode_row(f"silu*up T={tokens} I={INTERMEDIATE}", nbytes,
+                           lambda: silu_mul(gate_up), lambda: silu_mul_reference(gate_up),
+                           "torch silu(gate) * up")
+    if sweep:
+        row["sweep"] = [{"block": block, "num_warps": warps, "time_us": 1e6 * graph_seconds(
+            lambda block=block, warps=warps: silu_mul_triton(gate_up, block=block, num_warps=warps))}
+            for block in (512, 1024, 2048, 4096) for warps in (2, 4, 8)]
+    return row
+
+
 def within_peer(limit):
     def target(row):
         return {"target": f"<= {limit}x SDPA", "met": row["vs_peer"] <= limit,
@@ -239,6 +312,8 @@ def main():
         rotary_row(options.sweep),
         write_kv_row(),
         rerotate_row(),
+        *[rotary_write_kv_row(tokens, options.sweep) for tokens in (1, 64, 256)],
+        *[silu_mul_row(tokens, options.sweep) for tokens in (1, 64, 256)],
     ]
     print_table(rows)
     result = {

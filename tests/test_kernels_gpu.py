@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from kernel_cases import paged_case, rope_rows
-from ropeway.kernels import apply_rotary, paged_attention, rerotate_keys, write_kv
+from ropeway.kernels import (apply_rotary, paged_attention, rerotate_keys, rotary_write_kv,
+                             silu_mul, write_kv)
 from ropeway.kernels.attention import paged_attention_reference
 from ropeway.kernels.rerotate import rerotate_keys_reference
 from ropeway.kernels.rotary import apply_rotary_reference
+from ropeway.kernels.silu_mul import silu_mul_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -117,6 +119,100 @@ def test_add_rms_norm_bf16_against_fp64():
     out = add_rms_norm(delta, residual, weight, 1e-5)
     assert relative_error(residual, residual_ref) < BF16_ROUNDING
     assert relative_error(out, expected) < BF16_ROUNDING
+
+
+def fused_qkv_views(num_tokens, num_q_heads, num_kv_heads, head_dim):
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, device="cuda", dtype=torch.bfloat16)
+    q = qkv[:, :q_size].view(num_tokens, num_q_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size:].view(num_tokens, num_kv_heads, head_dim)
+    return q, k, v
+
+
+def test_rotary_write_kv_bf16_against_fp64_on_qkv_views():
+    num_tokens, num_q_heads, num_kv_heads, head_dim = 256, 32, 8, 128
+    num_blocks, page_size = 64, 16
+    q, k, v = fused_qkv_views(num_tokens, num_q_heads, num_kv_heads, head_dim)
+    inv_freq, factors = rope_rows(4, head_dim, "cuda")
+    positions = torch.randint(0, 131072, (num_tokens,), device="cuda")
+    seq_index = torch.randint(0, 4, (num_tokens,), device="cuda", dtype=torch.int32)
+    slot_mapping = torch.randperm(num_blocks * page_size, device="cuda")[:num_tokens]
+    slot_mapping[::9] = -1
+    kv = torch.randn(2, 2, num_blocks, page_size, num_kv_heads, head_dim, device="cuda",
+                     dtype=torch.bfloat16)
+    kv_before = kv.clone()
+    k_cache, v_cache = kv[1, 0], kv[1, 1]
+    q_ref, k_ref = q.double(), k.double()
+    apply_rotary_reference(q_ref, k_ref, positions, seq_index, inv_freq.double(), factors.double())
+    v_before = v.clone()
+    rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index, inv_freq, factors)
+    assert relative_error(q, q_ref) < BF16_ROUNDING
+    assert relative_error(k, k_ref) < BF16_ROUNDING
+    assert torch.equal(v, v_before)
+    keep = slot_mapping >= 0
+    flat = (-1, num_kv_heads, head_dim)
+    assert torch.equal(k_cache.reshape(flat)[slot_mapping[keep]], k[keep])
+    assert torch.equal(v_cache.reshape(flat)[slot_mapping[keep]], v[keep])
+    untouched = torch.ones(num_blocks * page_size, dtype=torch.bool, device="cuda")
+    untouched[slot_mapping[keep]] = False
+    assert torch.equal(k_cache.reshape(flat)[untouched], kv_before[1, 0].reshape(flat)[untouched])
+    assert torch.equal(v_cache.reshape(flat)[untouched], kv_before[1, 1].reshape(flat)[untouched])
+    assert torch.equal(kv[0], kv_before[0])
+
+
+def test_silu_mul_bf16_against_fp64():
+    gate_up = 3 * torch.randn(300, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    out = silu_mul(gate_up)
+    assert out.shape == (300, 14336) and out.dtype == torch.bfloat16
+    assert relative_error(out, silu_mul_reference(gate_up.double())) < BF16_ROUNDING
+
+
+def test_fused_kernels_replay_in_a_cuda_graph():
+    """Decode-step shapes captured once and replayed on new inputs, as the runner does."""
+    num_tokens, num_q_heads, num_kv_heads, head_dim = 8, 32, 8, 128
+    q, k, v = fused_qkv_views(num_tokens, num_q_heads, num_kv_heads, head_dim)
+    gate_up = torch.randn(num_tokens, 2 * 14336, device="cuda", dtype=torch.bfloat16)
+    inv_freq, factors = rope_rows(2, head_dim, "cuda")
+    positions = torch.zeros(num_tokens, device="cuda", dtype=torch.long)
+    seq_index = torch.zeros(num_tokens, device="cuda", dtype=torch.int32)
+    slot_mapping = torch.full((num_tokens,), -1, device="cuda", dtype=torch.long)
+    k_cache = torch.zeros(4, 16, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+
+    def step():
+        rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index, inv_freq,
+                        factors)
+        return silu_mul(gate_up)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()                                  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    q_new, k_new, v_new = (torch.randn_like(x) for x in (q, k, v))
+    for view, new in ((q, q_new), (k, k_new), (v, v_new)):
+        view.copy_(new)
+    gate_up.normal_()
+    positions.copy_(torch.arange(num_tokens, device="cuda") * 1000)
+    seq_index.copy_(torch.arange(num_tokens, device="cuda", dtype=torch.int32) % 2)
+    slot_mapping.copy_(torch.tensor([5, -1, 17, 30, -1, 63, 0, 40], device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    q_ref, k_ref = q_new.double(), k_new.double()
+    apply_rotary_reference(q_ref, k_ref, positions, seq_index, inv_freq.double(), factors.double())
+    assert relative_error(q, q_ref) < BF16_ROUNDING
+    assert relative_error(k, k_ref) < BF16_ROUNDING
+    keep = slot_mapping >= 0
+    flat = (-1, num_kv_heads, head_dim)
+    assert torch.equal(k_cache.reshape(flat)[slot_mapping[keep]], k[keep])
+    assert torch.equal(v_cache.reshape(flat)[slot_mapping[keep]], v_new[keep])
+    assert int((k_cache.reshape(flat).abs().sum((1, 2)) != 0).sum()) == int(keep.sum())
+    assert relative_error(out, silu_mul_reference(gate_up.double())) < BF16_ROUNDING
 
 
 if __name__ == "__main__":

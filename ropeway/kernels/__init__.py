@@ -10,6 +10,8 @@ from .kv_cache import write_kv_reference
 from .rerotate import rerotate_keys_reference
 from .rms_norm import add_rms_norm_reference, rms_norm_reference
 from .rotary import apply_rotary_reference
+from .rotary_write_kv import rotary_write_kv_reference
+from .silu_mul import silu_mul_reference
 
 
 def apply_rotary(q, k, positions, seq_index, inv_freq, attention_factor) -> None:
@@ -26,6 +28,18 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index, inv_freq,
+                    attention_factor) -> None:
+    """apply_rotary(q, k, ...) then write_kv(k, v, ...): one launch on CUDA."""
+    if q.is_cuda:
+        from .triton_rotary_write_kv import rotary_write_kv_triton
+        rotary_write_kv_triton(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index,
+                               inv_freq, attention_factor)
+    else:
+        rotary_write_kv_reference(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index,
+                                  inv_freq, attention_factor)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
@@ -53,6 +67,14 @@ def add_rms_norm(delta, residual, weight, eps):
     return add_rms_norm_reference(delta, residual, weight, eps)
 
 
+def silu_mul(gate_up):
+    """silu(gate) * up for gate_up [T, 2I] (gate first): [T, I]."""
+    if gate_up.is_cuda:
+        from .triton_silu_mul import silu_mul_triton
+        return silu_mul_triton(gate_up)
+    return silu_mul_reference(gate_up)
+
+
 def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
                   old_attention_factor, new_attention_factor) -> None:
     if k_cache.is_cuda:
@@ -64,4 +86,5 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
                                 new_inv_freq, old_attention_factor, new_attention_factor)
 
 
-__all__ = ["apply_rotary", "write_kv", "paged_attention", "rms_norm", "add_rms_norm", "rerotate_keys"]
+__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "paged_attention", "rms_norm",
+           "add_rms_norm", "silu_mul", "rerotate_keys"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ropeway.kernels import add_rms_norm, apply_rotary, paged_attention, rms_norm, write_kv
+from ropeway.kernels import add_rms_norm, paged_attention, rms_norm, rotary_write_kv, silu_mul
 
 from .config import ModelConfig
 from .errors import ModelLoadError
@@ -102,16 +102,16 @@ class LlamaModel:
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             if capture is not None:
                 capture.add(q, k, v)
-            apply_rotary(q, k, batch.positions, batch.seq_index, batch.inv_freq, batch.attention_factor)
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
-            write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+            # RoPE on q and k in place, then k and v to their cache slots: one launch on CUDA.
+            rotary_write_kv(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions,
+                            batch.seq_index, batch.inv_freq, batch.attention_factor)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
                                    batch.slot_bias)
             x = add_rms_norm(F.linear(attn.reshape(num_tokens, self.q_size), layer.o_weight), h,
                              layer.post_attention_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)
-            mlp = F.linear(F.silu(gate) * up, layer.down_weight)
+            mlp = F.linear(silu_mul(F.linear(x, layer.gate_up_weight)), layer.down_weight)
             if i + 1 < len(self.layers):
                 x = add_rms_norm(mlp, h, self.layers[i + 1].input_norm, cfg.rms_norm_eps)
             else:
