@@ -38,6 +38,6 @@ def engine_on_random_weights(config):
 
 if __name__ == "__main__":
     if os.environ.get("ROPEWAY_SWITCH_INTERVAL"):  # experiments with the GIL's hand-over interval
-        sys.setswitchinterval(float(os.environ["ROPEWAY_SWITCH_INTERVAL"]))
+        cli.SWITCH_INTERVAL_SECONDS = float(os.environ["ROPEWAY_SWITCH_INTERVAL"])
     cli.LLMEngine = engine_on_random_weights
     sys.exit(cli.main(["serve", *sys.argv[1:], "--served-model-name", LLAMA3_8B.name]))

@@ -7,9 +7,10 @@ Starts the server as a subprocess (benchmarks/serve_random_model.py for the rand
 Llama-3-8B shape, else `ropeway serve --model ...`), then runs each scenario: N requests
 with prompt and output lengths drawn from a seeded distribution, at most C in flight, each
 a streamed /v1/completions call with token-id prompts and ignore_eos (so a request yields
-exactly max_tokens tokens, one SSE chunk each). Reports output tok/s over the scenario's
-wall time, p50/p99 time to first token and inter-token latency; prints a table, writes
-JSON. --transformers-baseline first measures transformers' generate on the same model
+exactly max_tokens tokens, counted from the stream's usage chunk). Reports output tok/s over
+the scenario's wall time, p50/p99 time to first token and inter-token latency (between SSE
+chunks, as vLLM's benchmark: a chunk that carries several tokens counts as one gap); prints
+a table, writes JSON. --transformers-baseline first measures transformers' generate on the same model
 shape in this process (batch-1 ms per token, batch-32 tok/s), then frees it.
 """
 
@@ -52,8 +53,9 @@ class RequestResult:
     output_len: int
     chunks: int
     ttft: float
-    itls: list[float]
+    itls: list[float]        # between consecutive chunks (a chunk may carry several tokens)
     error: str | None = None
+    tokens: int = 0          # completion tokens, from the stream's final usage chunk
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -65,9 +67,10 @@ def percentile(values: list[float], q: float) -> float:
 
 async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     times = []
+    tokens = 0
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -79,12 +82,14 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     times.append(time.perf_counter())
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
     except httpx.HTTPError as error:
         return RequestResult(len(prompt), max_tokens, len(times), float("nan"), [], repr(error))
     if not times:
         return RequestResult(len(prompt), max_tokens, 0, float("nan"), [], "no tokens")
     return RequestResult(len(prompt), max_tokens, len(times), times[0] - started,
-                         [b - a for a, b in zip(times, times[1:])])
+                         [b - a for a, b in zip(times, times[1:])], tokens=tokens)
 
 
 def scenario_requests(scenario: Scenario, vocab: int, seed: int) -> list[tuple[list[int], int]]:
@@ -107,14 +112,16 @@ async def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int
         results = await asyncio.gather(*(bounded(p, n) for p, n in requests))
         wall, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     ok = [r for r in results if r.error is None]
-    output_tokens = sum(r.chunks for r in ok)
+    output_tokens = sum(r.tokens for r in ok)
     itls = [x for r in ok for x in r.itls]
     ttfts = [r.ttft for r in ok]
     return {
         "scenario": scenario.name, "requests": scenario.num_requests, "concurrency": scenario.concurrency,
         "prompt_range": scenario.prompt_range, "output_range": scenario.output_range,
         "failed": len(results) - len(ok), "errors": sorted({r.error for r in results if r.error})[:5],
-        "chunks_match_max_tokens": all(r.chunks == r.output_len for r in ok),
+        "tokens_match_max_tokens": all(r.tokens == r.output_len for r in ok),
+        # The server joins tokens into one chunk for a reader that fell a step behind.
+        "tokens_per_chunk": output_tokens / max(1, sum(r.chunks for r in ok)),
         # Near wall_s, the client itself (one Python process parsing every SSE chunk) is the bottleneck.
         "wall_s": wall, "client_cpu_s": client_cpu, "prompt_tokens": sum(r.prompt_len for r in ok), "output_tokens": output_tokens,
         "output_tok_s": output_tokens / wall,

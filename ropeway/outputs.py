@@ -78,3 +78,16 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[float | None] | None = None  # [None, logprob of token 1 given token 0, ...]
+
+    def merged_after(self, earlier: "RequestOutput") -> "RequestOutput":
+        """This output with the deltas of an earlier output of the same request put in front:
+        what a stream reader that fell a step behind sends as one frame. The cumulative
+        fields are this (later) output's already."""
+        before = {choice.index: choice for choice in earlier.outputs}
+        for choice in self.outputs:
+            previous = before.get(choice.index)
+            if previous is not None:
+                choice.delta_text = previous.delta_text + choice.delta_text
+                choice.delta_token_ids = previous.delta_token_ids + choice.delta_token_ids
+                choice.delta_logprobs = previous.delta_logprobs + choice.delta_logprobs
+        return self

@@ -26,8 +26,24 @@ def alone_outputs(make_llm):
 def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_outputs):
     prompts, expected = alone_outputs
     llm = make_llm(max_num_batched_tokens=48, prefill_chunk_size=16, max_num_seqs=8)
+    runner = llm.engine.runner
+    reordered = []
+    build_batch = runner.build_batch
+
+    def recording_build_batch(step, logit_rows):
+        batch = build_batch(step, logit_rows)
+        sizes = [item.num_new_tokens for item in step.scheduled]
+        chunk_before_decode = any(a > 1 and b == 1 for a, b in zip(sizes, sizes[1:]))
+        if chunk_before_decode:
+            reordered.append(batch.num_decode_seqs == sizes.count(1))
+        return batch
+
+    runner.build_batch = recording_build_batch
     outputs = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outputs] == expected
+    # Steps that scheduled a chunk before a decode ran with the decodes moved first (their
+    # own attention tiles on the GPU), and the logits still reached the right requests.
+    assert reordered and all(reordered)
 
 
 def test_long_prompt_never_stalls_decodes_for_more_than_one_chunk(make_llm, alone_outputs):

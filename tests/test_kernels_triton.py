@@ -127,6 +127,31 @@ def test_paged_attention_matches_reference(dtype, name, sequences, num_q_heads, 
     assert_close(out, expected, dtype)
 
 
+# Decodes first, then prefill chunks (and an idle sequence), as the runner orders a mixed step.
+DECODES_THEN_CHUNKS = [(70, 1), (5, 1), (131, 1), (37, 37), (50, 13), (20, 0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_mixed_step_attends_decodes_and_chunks_in_separate_launches(dtype, with_bias):
+    """num_decode_seqs gives the leading decodes a launch with decode tiles (and split keys)
+    and the chunks one of their own, starting at sequence 3: same result as one launch."""
+    gen = torch.Generator().manual_seed(7)
+    seq_lens = [s for s, _ in DECODES_THEN_CHUNKS]
+    query_lens = [n for _, n in DECODES_THEN_CHUNKS]
+    case = paged_case(seq_lens, query_lens, 8, 2, 64, 16, dtype, "cpu", gen)
+    slot_bias = torch.rand(case["k_cache"].shape[:2], generator=gen) if with_bias else None
+    split = paged_attention_triton(**case, max_query_len=max(query_lens), max_seq_len=4096,
+                                   slot_bias=slot_bias, num_decode_seqs=3)
+    fp32_case = {key: value.float() if value.is_floating_point() else value
+                 for key, value in case.items() if key != "scale"}
+    expected = paged_attention_reference(**fp32_case, scale=case["scale"], slot_bias=slot_bias)
+    assert_close(split, expected, dtype)
+    whole = paged_attention_triton(**case, max_query_len=max(query_lens), max_seq_len=4096,
+                                   slot_bias=slot_bias)
+    assert_close(split, whole.float(), dtype)
+
+
 BIAS_CASES = [case for case in ATTENTION_CASES
               if case[0] in ("mixed-gqa3-small-tiles", "decode-gqa4-split", "one-sequence-chunk-split")]
 

@@ -82,11 +82,21 @@ class AsyncEngine:
         sink: asyncio.Queue = asyncio.Queue()
         self._commands.put(_Add(request_id, prompt, params, sink, asyncio.get_running_loop(), context))
         finished = False
+        error: BaseException | None = None
         try:
             while True:
-                item = await sink.get()
+                item = error or await sink.get()
                 if isinstance(item, BaseException):
                     raise item
+                # A reader that fell behind the engine takes what has queued up as one output
+                # (its deltas joined): one frame for several tokens, so a busy event loop
+                # sheds work instead of falling further behind.
+                while not item.finished and not sink.empty():
+                    later = sink.get_nowait()
+                    if isinstance(later, BaseException):
+                        error = later
+                        break
+                    item = later.merged_after(item)
                 yield item
                 if item.finished:
                     finished = True

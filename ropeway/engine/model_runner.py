@@ -173,8 +173,18 @@ class ModelRunner:
         read of each field) and sent to the device in two copies, one per integer type."""
         items = step.scheduled
         num_seqs = len(items)
-        seqs = [item.seq for item in items]
         num_new = np.fromiter((item.num_new_tokens for item in items), np.int64, num_seqs)
+        rows = np.asarray(logit_rows, dtype=np.int64)
+        # Single-query sequences go first, so attention can give them decode tiles of their own
+        # (num_decode_seqs); logits still come back in scheduled order.
+        is_chunk = num_new > 1
+        num_decodes = num_seqs - int(is_chunk.sum())
+        restore = None
+        if 0 < num_decodes < num_seqs and is_chunk[:num_decodes].any():
+            order = np.argsort(is_chunk, kind="stable")
+            restore = np.argsort(order)
+            items, num_new = [items[i] for i in order], num_new[order]
+        seqs = [item.seq for item in items]
         computed = [seq.num_computed_tokens for seq in seqs]
         # Cache positions differ from token indices once a bounded cache has evicted.
         cached = np.fromiter((seq.num_cached_positions for seq in seqs), np.int64, num_seqs)
@@ -183,7 +193,6 @@ class ModelRunner:
         np.cumsum(num_new, out=query_start[1:])
         total = int(query_start[-1])
 
-        rows = np.asarray(logit_rows, dtype=np.int64)
         if total == num_seqs:  # one token each, as in every decode step: no offsets to spread
             input_ids = np.fromiter((seq.token_ids[c] for seq, c in zip(seqs, computed)), np.int64, total)
             seq_index = np.arange(num_seqs)
@@ -195,13 +204,16 @@ class ModelRunner:
             seq_index = np.repeat(np.arange(num_seqs), num_new)
             # Position of each token: its sequence's cache length plus its offset in the chunk.
             positions = cached[seq_index] + (np.arange(total) - query_start[:-1][seq_index])
-            # The last `rows` tokens of each sequence.
+            # The last `rows` tokens of each sequence, in scheduled order.
+            query_end = query_start[1:] if restore is None else query_start[1:][restore]
             row_start = np.cumsum(rows) - rows
-            logits_indices = (np.repeat(query_start[1:] - rows, rows)
+            logits_indices = (np.repeat(query_end - rows, rows)
                               + np.arange(int(rows.sum())) - np.repeat(row_start, rows))
 
         table_lens = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, num_seqs)
-        block_tables = np.zeros((num_seqs, int(table_lens.max())), dtype=np.int32)
+        # Rows padded to a multiple of 16 entries: a row stride that changed divisibility
+        # from step to step recompiled the attention kernel (Triton specializes on it).
+        block_tables = np.zeros((num_seqs, -(-int(table_lens.max()) // 16) * 16), dtype=np.int32)
         # A boolean mask fills row after row, in the order the tables are chained.
         block_tables[np.arange(block_tables.shape[1]) < table_lens[:, None]] = np.fromiter(
             chain.from_iterable(seq.block_table for seq in seqs), np.int32, int(table_lens.sum()))
@@ -232,6 +244,7 @@ class ModelRunner:
             logits_indices=logits_indices,
             max_query_len=int(num_new.max()),
             max_seq_len=int(seq_lens.max()),
+            num_decode_seqs=num_decodes if total > num_seqs else 0,
             slot_bias=self.slot_bias if any(seq.num_region_positions for seq in seqs) else None,
         )
 

@@ -43,11 +43,13 @@ def rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_inde
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                    max_query_len=None, max_seq_len=None, slot_bias=None):
+                    max_query_len=None, max_seq_len=None, slot_bias=None, num_decode_seqs=0):
+    """num_decode_seqs: how many leading sequences have one query (a launch hint only)."""
     if q.is_cuda:
         from .triton_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                                      scale, max_query_len, max_seq_len, slot_bias=slot_bias)
+                                      scale, max_query_len, max_seq_len, slot_bias=slot_bias,
+                                      num_decode_seqs=num_decode_seqs)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
                                      query_start_loc, scale, max_query_len, max_seq_len, slot_bias)
 

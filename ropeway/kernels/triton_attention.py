@@ -36,13 +36,13 @@ class AttentionConfig:
 
 
 @triton.jit
-def _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+def _find_sequence(query_start_loc_ptr, first_query, tile, num_seqs, BLOCK_Q: tl.constexpr):
     """The last sequence whose first tile is <= tile (branch-free binary search)."""
     lo = tl.zeros((), dtype=tl.int32)
     hi = lo + num_seqs - 1
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        first_tile = (tl.load(query_start_loc_ptr + mid) - first_query) // BLOCK_Q + mid
         lo = tl.where(first_tile <= tile, mid, lo)
         hi = tl.where(first_tile <= tile, hi, mid - 1)
     return lo
@@ -97,12 +97,13 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
 
 # Triton compiles a variant per "divisible by 16" / "equal to 1" value of an integer
 # argument: these change from step to step, and each new variant cost a 2.5 s compile in
-# the middle of serving.
-@triton.jit(do_not_specialize=["num_seqs", "num_tiles", "stride_bt"])
+# the middle of serving. (The block tables' row stride stays specialized: the runner pads
+# rows to a multiple of 16 entries, which also keeps their loads vectorized.)
+@triton.jit(do_not_specialize=["first_seq", "num_seqs", "num_tiles"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
         block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, slot_bias_ptr,
-        scale_log2e, num_seqs, num_tiles,
+        scale_log2e, first_seq, num_seqs, num_tiles,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -114,10 +115,15 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    seq = _find_sequence(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    # A launch covers sequences first_seq..first_seq+num_seqs-1 (a mixed step attends its
+    # decodes and its prefill chunks apart); tiles count from their first query.
+    query_start_loc_ptr += first_seq
+    seq_lens_ptr += first_seq
+    first_query = tl.load(query_start_loc_ptr)
+    seq = _find_sequence(query_start_loc_ptr, first_query, tile, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     num_queries = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_first = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    q_first = (tile - ((q_start - first_query) // BLOCK_Q + seq)) * BLOCK_Q
     if q_first >= num_queries:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -145,7 +151,7 @@ def _paged_attention_kernel(
     seen_by_all = tl.minimum(kv_hi, context_len + q_first + 1)
     unmasked_hi = kv_lo + tl.maximum(seen_by_all - kv_lo, 0) // BLOCK_N * BLOCK_N
 
-    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    block_table_ptr = block_tables_ptr + (first_seq + seq).to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -169,7 +175,7 @@ def _paged_attention_kernel(
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
-        partial_row = (token * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
+        partial_row = ((token - first_query) * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
         tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], out, mask=q_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
@@ -228,12 +234,18 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            query_start_loc: torch.Tensor, scale: float,
                            max_query_len: int | None = None, max_seq_len: int | None = None,
                            config: AttentionConfig | None = None,
-                           slot_bias: torch.Tensor | None = None) -> torch.Tensor:
+                           slot_bias: torch.Tensor | None = None,
+                           num_decode_seqs: int = 0) -> torch.Tensor:
     """See attention.paged_attention_reference. Without the hints, the grid is sized from
     shapes (all tokens in one sequence; the block table's full capacity). slot_bias must be
-    contiguous [num_blocks, page_size] fp32."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    contiguous [num_blocks, page_size] fp32.
+
+    num_decode_seqs > 0 says the first sequences have one query each. In a step that also
+    has prefill chunks, those decodes get a launch of their own with decode tiles: in the
+    chunks' 64-query tiles each decode would fill one query row of 64 and still stream all
+    its keys through the tile (at 250 decodes that was a third of a 2k-token step)."""
+    num_tokens = q.shape[0]
+    page_size = k_cache.shape[1]
     num_seqs = block_tables.shape[0]
     out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
@@ -242,6 +254,25 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_query_len = num_tokens
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * page_size
+    d = num_decode_seqs
+    common = (q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale, max_seq_len, slot_bias)
+    if config is None and 0 < d < num_seqs and max_query_len > 1:
+        _attend(*common, first_seq=0, num_seqs=d, num_tokens=d, max_query_len=1, config=None)
+        _attend(*common, first_seq=d, num_seqs=num_seqs - d, num_tokens=num_tokens - d,
+                max_query_len=max_query_len, config=None)
+    else:
+        _attend(*common, first_seq=0, num_seqs=num_seqs, num_tokens=num_tokens,
+                max_query_len=max_query_len, config=config)
+    return out
+
+
+def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale: float,
+            max_seq_len: int, slot_bias: torch.Tensor | None, first_seq: int, num_seqs: int,
+            num_tokens: int, max_query_len: int, config: AttentionConfig | None) -> None:
+    """One launch (two with split keys) over sequences first_seq..first_seq+num_seqs-1, whose
+    queries are num_tokens consecutive tokens of q; writes their rows of out."""
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if config is None:
         config = choose_config(q, num_kv_heads, num_seqs, max_query_len, max_seq_len)
     group = num_q_heads // num_kv_heads
@@ -259,7 +290,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _paged_attention_kernel[(num_tiles, num_kv_heads, config.num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse,
         block_tables, seq_lens, query_start_loc, q if slot_bias is None else slot_bias,
-        scale * LOG2_E, num_seqs, num_tiles,
+        scale * LOG2_E, first_seq, num_seqs, num_tiles,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -270,7 +301,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.num_splits > 1:
+        # Split launches are decode-only and start at token 0 (first_seq 0, or all decodes).
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), num_q_heads,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=config.num_splits, num_warps=4)
-    return out

@@ -19,5 +19,8 @@ class ForwardBatch:
     logits_indices: torch.Tensor   # [R] tokens whose next-token logits are needed
     max_query_len: int
     max_seq_len: int
+    # The first sequences of a step that also has prefill chunks, one query each (decodes):
+    # attention gives them tiles of their own. 0: no such split.
+    num_decode_seqs: int = 0
     # [num_blocks, block_size] fp32 logit bias per cache slot, when a landmark cache is in the batch.
     slot_bias: torch.Tensor | None = None

@@ -25,6 +25,7 @@ from .context import ServerContext, ServerSettings
 log = logging.getLogger("ropeway")
 
 API_KEY_ENV = "ROPEWAY_API_KEY"
+SWITCH_INTERVAL_SECONDS = 1e-4  # the GIL's hand-over interval while serving (see serve)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -159,6 +160,11 @@ def serve(args: argparse.Namespace) -> int:
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServerSettings(served_model_names=names, api_key=api_key, max_waiting=args.max_waiting)
+    # The engine thread and the HTTP event loop share the GIL, and every torch call the engine
+    # makes hands it back. With CPython's default 5 ms hand-over, each re-acquisition behind a
+    # busy event loop could stall a step for up to 5 ms; at 256 streams that took the decode
+    # step from 14.5 ms (offline) to 29 ms. 0.1 ms measured 21 ms (BENCHMARKS.md).
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
     async_engine = AsyncEngine(engine)
     ctx = ServerContext.create(async_engine, settings)
     app = build_app(ctx)

@@ -161,7 +161,12 @@ class ServerMetrics:
                     if previous_token_time is None:
                         self.time_to_first_token.observe(metrics.first_token_time - metrics.arrival_time)
                     elif metrics.last_token_time > previous_token_time:
-                        self.inter_token_latency.observe(metrics.last_token_time - previous_token_time)
+                        # A reader that fell behind gets several tokens in one output: each
+                        # counts with its share of the interval.
+                        tokens = max(1, max(len(c.delta_token_ids) for c in output.outputs))
+                        gap = (metrics.last_token_time - previous_token_time) / tokens
+                        for _ in range(tokens):
+                            self.inter_token_latency.observe(gap)
                     previous_token_time = metrics.last_token_time
                 last = output
                 yield output
