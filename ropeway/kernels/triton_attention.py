@@ -109,17 +109,23 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        HAS_BIAS: tl.constexpr):
+        HAS_BIAS: tl.constexpr, SEQ_OFFSET: tl.constexpr):
     # Late tiles of a causal prefill have the most keys: start them first.
     tile = num_tiles - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # A launch covers sequences first_seq..first_seq+num_seqs-1 (a mixed step attends its
-    # decodes and its prefill chunks apart); tiles count from their first query.
-    query_start_loc_ptr += first_seq
-    seq_lens_ptr += first_seq
-    first_query = tl.load(query_start_loc_ptr)
+    # With SEQ_OFFSET a launch covers sequences first_seq..first_seq+num_seqs-1 (a mixed
+    # step's prefill chunks, after its decodes); tiles count from their first query. Without
+    # it the kernel compiles as if both were 0 (measured: the offsets cost a 128k decode
+    # 0.25 ms otherwise).
+    if SEQ_OFFSET:
+        query_start_loc_ptr += first_seq
+        seq_lens_ptr += first_seq
+        block_tables_ptr += first_seq.to(tl.int64) * stride_bt
+        first_query = tl.load(query_start_loc_ptr)
+    else:
+        first_query = 0
     seq = _find_sequence(query_start_loc_ptr, first_query, tile, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     num_queries = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -151,7 +157,7 @@ def _paged_attention_kernel(
     seen_by_all = tl.minimum(kv_hi, context_len + q_first + 1)
     unmasked_hi = kv_lo + tl.maximum(seen_by_all - kv_lo, 0) // BLOCK_N * BLOCK_N
 
-    block_table_ptr = block_tables_ptr + (first_seq + seq).to(tl.int64) * stride_bt
+    block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -175,7 +181,7 @@ def _paged_attention_kernel(
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
-        partial_row = ((token - first_query) * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
+        partial_row = (token * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
         tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], out, mask=q_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
@@ -298,10 +304,11 @@ def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, s
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
         PAGE_SIZE=page_size, NUM_SPLITS=config.num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_BIAS=slot_bias is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        SEQ_OFFSET=first_seq > 0, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if config.num_splits > 1:
-        # Split launches are decode-only and start at token 0 (first_seq 0, or all decodes).
+        # Split launches are decode-only and start at sequence 0 and token 0.
+        assert first_seq == 0
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), num_q_heads,
             HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=config.num_splits, num_warps=4)
