@@ -25,6 +25,8 @@ class EngineConfig:
     context_policy: dict | None = None    # e.g. {"type": "sink_window", "sinks": 4, "window": 4096}; None: none
     session_store_fraction: float = 0.25  # at most this share of the KV pool holds retained chat sessions
     retrieval_archive_bytes: int = 4 << 30  # host memory for blocks evicted by landmark caches with `retrieve`
+    # Launch step N+1 before reading step N's tokens (greedy steps); None: on CUDA only.
+    async_scheduling: bool | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -43,6 +45,9 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def uses_async_scheduling(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype == "auto":

@@ -25,8 +25,8 @@ def stream_checking_positions(llm, policy: dict, prompt: list[int], after_step=N
     build = engine.runner.build_batch
     seen = []
 
-    def checked_build(step, logit_rows):
-        batch = build(step, logit_rows)
+    def checked_build(step, logit_rows, previous=None):
+        batch = build(step, logit_rows, previous)
         cached = seq.num_cached_positions
         n = batch.input_ids.shape[0]
         assert batch.positions.tolist() == list(range(cached, cached + n))

@@ -30,8 +30,8 @@ def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_out
     reordered = []
     build_batch = runner.build_batch
 
-    def recording_build_batch(step, logit_rows):
-        batch = build_batch(step, logit_rows)
+    def recording_build_batch(step, logit_rows, previous=None):
+        batch = build_batch(step, logit_rows, previous)
         sizes = [item.num_new_tokens for item in step.scheduled]
         chunk_before_decode = any(a > 1 and b == 1 for a, b in zip(sizes, sizes[1:]))
         if chunk_before_decode:

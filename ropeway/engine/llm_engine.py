@@ -14,13 +14,13 @@ from ropeway.outputs import RequestOutput, TokenLogprob
 from ropeway.sampling_params import InvalidParameter, SamplingParams
 from ropeway.context_params import ContextParams
 from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlanner, RopeScaling, Scheduler, SchedulerConfig,
-                               Sequence)
+                               SchedulerOutput, Sequence)
 
 from .detokenizer import IncrementalDetokenizer
 from .kv_pool import allocate_kv_cache, plan_kv_pool
 from .model_runner import ModelRunner
 from .request_state import ChoiceState, RequestState
-from .sampler import SamplingRow, sample
+from .sampler import SamplingRow, is_plain_argmax, sample
 
 log = logging.getLogger("ropeway")
 
@@ -34,6 +34,20 @@ class EngineCounters:
     prompt_tokens: int = 0       # prompt tokens of admitted requests
     generation_tokens: int = 0   # sampled tokens
     steps: int = 0
+
+
+# In a sequence's token ids: the token a launched step samples on the device, not read yet.
+PLACEHOLDER = -1
+
+
+@dataclass
+class InFlightStep:
+    """A launched step whose greedy tokens are still on the device (asynchronous scheduling)."""
+    samplers: list[Sequence]
+    tokens: torch.Tensor  # [len(samplers)] int64, row i for samplers[i]
+
+    def rows(self) -> dict[int, int]:
+        return {seq.seq_id: row for row, seq in enumerate(self.samplers)}
 
 
 @dataclass
@@ -89,6 +103,8 @@ class LLMEngine:
         self.default_rope_plan = self.planner.model_plan
         self.requests: dict[str, RequestState] = {}
         self.counters = EngineCounters()
+        self.async_scheduling = config.uses_async_scheduling(self.device)
+        self._in_flight: InFlightStep | None = None
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
         self._seed_source = random.Random(config.seed)
@@ -222,10 +238,19 @@ class LLMEngine:
     # ----- one step -----
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return an output for every request that progressed."""
+        """Run one batch; return an output for every request that progressed.
+
+        With asynchronous scheduling, a step whose sequences all sample greedily (no
+        logprobs, penalties, prompt logprobs or bounded caches) leaves its tokens on the
+        device: each sampling sequence gets a PLACEHOLDER token, the next step is scheduled
+        and launched with those inputs taken from the device, and only then are the tokens
+        read (the GPU already busy with the next step) and checked for stops. Outputs thus
+        come one step later; a sequence that stopped has computed one token too many, which
+        is dropped."""
         plan = self.scheduler.schedule()
+        pending, self._in_flight = self._in_flight, None
         if plan.is_empty:
-            return []
+            return self._resolve(pending) if pending else []
         now = time.monotonic()
         for item in plan.scheduled:
             metrics = self.requests[item.seq.request_id].metrics
@@ -233,22 +258,70 @@ class LLMEngine:
                 metrics.first_scheduled_time = now
         samplers = [item.seq for item in plan.scheduled if item.samples]
         logit_rows = self.runner.logit_rows(plan)
-        logits = self.runner.execute(plan, logit_rows)
+        pipelined = self._can_pipeline(plan, samplers)
+        logits = self.runner.execute(plan, logit_rows,
+                                     (pending.tokens, pending.rows()) if pending else None)
         if len(samplers) != len(logits):
             logits = self._record_prompt_logprobs(plan, logit_rows, logits)
+        tokens = logits.argmax(dim=-1) if pipelined else None
+        outputs = self._resolve(pending) if pending else []
         self.scheduler.update_after_step(plan)
         self.counters.steps += 1
         if not samplers:
-            return []
+            return outputs
+        if pipelined:
+            for seq in samplers:
+                if self._choice_running(seq) is not None:
+                    seq.token_ids.append(PLACEHOLDER)
+            self._in_flight = InFlightStep(samplers, tokens)
+            return outputs
+        # Sequences that stopped on the previous step's tokens sample nothing more.
+        live = [row for row, seq in enumerate(samplers) if self._choice_running(seq) is not None]
+        if len(live) != len(samplers):
+            samplers, logits = [samplers[row] for row in live], logits[live]
+        if not samplers:
+            return outputs
         states = [self.requests[seq.request_id] for seq in samplers]
-        choices = [state.choices[seq.choice_index] for seq, state in zip(samplers, states)]
-        rows = [SamplingRow(state.params, choice.seed, seq.prompt_token_ids, seq.token_ids)
-                for seq, state, choice in zip(samplers, states, choices)]
+        rows = [SamplingRow(state.params, state.choices[seq.choice_index].seed, seq.prompt_token_ids, seq.token_ids)
+                for seq, state in zip(samplers, states)]
         result = sample(logits, rows)
+        return outputs + self._accept_all(samplers, result.token_ids, result)
+
+    def _can_pipeline(self, plan: SchedulerOutput, samplers: list[Sequence]) -> bool:
+        if not (self.async_scheduling and samplers):
+            return False
+        if any(item.seq.wants_prompt_logprobs or item.seq.context_policy.bounded for item in plan.scheduled):
+            return False
+        return all(is_plain_argmax(self.requests[seq.request_id].params) for seq in samplers)
+
+    def _choice_running(self, seq: Sequence) -> ChoiceState | None:
+        """The sequence's choice, unless its request is gone or the choice has finished."""
+        state = self.requests.get(seq.request_id)
+        if state is None:
+            return None
+        choice = state.choices[seq.choice_index]
+        # (A request id may be reused once its request is gone: the choice must be this seq's.)
+        return choice if choice.seq is seq and choice.finish_reason is None else None
+
+    def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
+        """Read an in-flight step's tokens and put them in place of its placeholders."""
+        tokens = step.tokens.tolist()
+        live, live_tokens = [], []
+        for seq, token in zip(step.samplers, tokens):
+            if self._choice_running(seq) is not None:
+                placeholder = seq.token_ids.pop()
+                assert placeholder == PLACEHOLDER, "an in-flight token was not the sequence's last"
+                live.append(seq)
+                live_tokens.append(token)
+        return self._accept_all(live, live_tokens, None)
+
+    def _accept_all(self, samplers: list[Sequence], token_ids: list[int], result) -> list[RequestOutput]:
+        """Append each sequence's new token, check stops, and make the touched requests' outputs."""
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
-        for row, (state, choice) in enumerate(zip(states, choices)):
-            self._accept_token(state, choice, result.token_ids[row], result, row)
+        for row, seq in enumerate(samplers):
+            state = self.requests[seq.request_id]
+            self._accept_token(state, state.choices[seq.choice_index], token_ids[row], result, row)
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             state.metrics.last_token_time = now

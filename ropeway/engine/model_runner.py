@@ -168,9 +168,12 @@ class ModelRunner:
         self.num_recalls += 1
         self.num_recalled_blocks += len(chosen)
 
-    def build_batch(self, step: SchedulerOutput, logit_rows: list[int]) -> ForwardBatch:
+    def build_batch(self, step: SchedulerOutput, logit_rows: list[int],
+                    previous: tuple[torch.Tensor, dict[int, int]] | None = None) -> ForwardBatch:
         """The step's flat batch, built with array operations (the per-sequence Python is one
-        read of each field) and sent to the device in two copies, one per integer type."""
+        read of each field) and sent to the device in two copies, one per integer type.
+        previous: (tokens on the device, row of each sequence id) of a step still in flight,
+        whose tokens stand as negative placeholders in the sequences' token ids."""
         items = step.scheduled
         num_seqs = len(items)
         num_new = np.fromiter((item.num_new_tokens for item in items), np.int64, num_seqs)
@@ -226,8 +229,13 @@ class ModelRunner:
                 plan_rows[id(seq.rope_plan)] = self.rope_index(seq.rope_plan)
         plan_index = np.fromiter((plan_rows[id(seq.rope_plan)] for seq in seqs), np.int64, num_seqs)
 
-        input_ids, positions, slot_mapping, logits_indices, plan_index = self._upload(
-            [input_ids, positions, slot_mapping, logits_indices, plan_index], torch.int64)
+        # Placeholders: tokens the previous step sampled on the device, taken from there.
+        holes = np.flatnonzero(input_ids < 0)
+        sources = np.fromiter((previous[1][seqs[i].seq_id] for i in seq_index[holes]), np.int64, holes.size)
+        input_ids, positions, slot_mapping, logits_indices, plan_index, holes, sources = self._upload(
+            [input_ids, positions, slot_mapping, logits_indices, plan_index, holes, sources], torch.int64)
+        if holes.numel():
+            input_ids.index_copy_(0, holes, previous[0].index_select(0, sources))
         # The block tables first: at the buffer's start they keep its alignment for the kernels.
         block_tables_t, seq_index, query_start_loc, seq_lens_t = self._upload(
             [block_tables, seq_index, query_start, seq_lens], torch.int32)
@@ -276,8 +284,10 @@ class ModelRunner:
                 and item.seq.num_computed_tokens < item.seq.num_prompt_tokens else int(item.samples)
                 for item in step.scheduled]
 
-    def execute(self, step: SchedulerOutput, logit_rows: list[int]) -> torch.Tensor:
-        """Logits for the rows `logit_rows(step)` asks for, sequence after sequence in scheduled order."""
+    def execute(self, step: SchedulerOutput, logit_rows: list[int],
+                previous: tuple[torch.Tensor, dict[int, int]] | None = None) -> torch.Tensor:
+        """Logits for the rows `logit_rows(step)` asks for, sequence after sequence in scheduled
+        order. previous: see build_batch."""
         # Evicted blocks go to host memory first: this step may hand them out again.
         for eviction in step.evictions:
             if eviction.archived_blocks:
@@ -291,7 +301,7 @@ class ModelRunner:
             for item in step.scheduled:
                 if self.recalls(item):
                     self.recall(item)
-        batch = self.build_batch(step, logit_rows)
+        batch = self.build_batch(step, logit_rows, previous)
         self.clear_written_slots(batch)
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)

@@ -99,9 +99,14 @@ def filter_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
     return logits
 
 
+def is_plain_argmax(params: SamplingParams) -> bool:
+    """Greedy with nothing else to compute: the token is the logits' argmax, on the device."""
+    return params.greedy and params.logprobs is None and not _has_penalty(params)
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     """logits [R, V] fp32, one row per sequence that samples this step."""
-    if all(r.params.greedy and r.params.logprobs is None and not _has_penalty(r.params) for r in rows):
+    if all(is_plain_argmax(r.params) for r in rows):
         # The common serving case: one argmax kernel and one read of the tokens, nothing
         # built on the host.
         return SamplerOutput(logits.argmax(dim=-1).tolist(), None, None, None)

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt tokens per sequence per step at most (default: --max-num-batched-tokens)")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=defaults.enable_prefix_caching, help="(default: on)")
+    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="launch each greedy step before reading the previous one's tokens, so the "
+                             "host's scheduling and output work overlaps the GPU (default: on on CUDA)")
     engine.add_argument("--seed", type=int, default=defaults.seed,
                         help=f"seed for requests that give none (default: {defaults.seed})")
     return parser
@@ -145,7 +148,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, rope_scaling=args.rope_scaling,
         context_policy=args.context_policy, session_store_fraction=args.session_store_fraction,
-        retrieval_archive_bytes=args.retrieval_archive_memory,
+        retrieval_archive_bytes=args.retrieval_archive_memory, async_scheduling=args.async_scheduling,
     )
 
 

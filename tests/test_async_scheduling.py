@@ -1,0 +1,126 @@
+"""Asynchronous scheduling on the real default model (forced on here; on by default on CUDA):
+step N+1 is launched before step N's tokens are read, and every request still gets exactly
+what the synchronous engine gives it."""
+
+import pytest
+
+from ropeway import SamplingParams
+from ropeway.engine.llm_engine import PLACEHOLDER
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def mixed_prompts(tokenizer) -> list[list[int]]:
+    base = ("In the beginning of the long report, the committee described the river, the valley, the old "
+            "mill and the people who lived nearby, one family at a time, with great care. ")
+    ids = tokenizer.encode(base * 8)
+    return [ids[:5], ids[:37], ids[3:120], ids[10:260], ids[:16], ids[50:81]]
+
+
+def run(llm, prompts, params_list):
+    """Generate, counting the steps that left their tokens in flight."""
+    engine = llm.engine
+    in_flight = 0
+    for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+        engine.add_request(f"r{i}", prompt, params)
+    finals = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finals[output.request_id] = output
+        in_flight += engine._in_flight is not None
+    return [finals[f"r{i}"] for i in range(len(prompts))], in_flight
+
+
+@pytest.fixture(scope="module")
+def prompts(default_llm):
+    return mixed_prompts(default_llm.tokenizer)
+
+
+def test_greedy_batch_with_chunked_prefill_matches_synchronous(make_llm, prompts):
+    options = dict(max_num_batched_tokens=48, prefill_chunk_size=16, max_num_seqs=8)
+    expected, none_in_flight = run(make_llm(async_scheduling=False, **options), prompts, [GREEDY] * len(prompts))
+    llm = make_llm(async_scheduling=True, **options)
+    got, in_flight = run(llm, prompts, [GREEDY] * len(prompts))
+    assert none_in_flight == 0 and in_flight > 20
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
+    engine = llm.engine
+    assert engine.block_manager.num_free_blocks == engine.pool.num_blocks - engine.scheduler.sessions.num_blocks
+    assert engine.counters.generation_tokens == 24 * len(prompts)
+
+
+def test_stops_mid_flight_drop_the_extra_token(make_llm, prompts, default_llm):
+    """Stop strings, stop tokens and EOS are seen only when a token is read, a step after it
+    was computed: the extra step's token must not leak into the output."""
+    reference = make_llm(async_scheduling=False)
+    free_run = reference.generate([prompts[3]], GREEDY)[0].outputs[0]
+    stop_text = free_run.text[len(free_run.text) // 3 : len(free_run.text) // 3 + 6]
+    stop_token = free_run.token_ids[7]
+    params = [SamplingParams(temperature=0, max_tokens=24, stop=[stop_text]),
+              SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_token]),
+              SamplingParams(temperature=0, max_tokens=24),
+              GREEDY]
+    chosen = [prompts[3], prompts[3], prompts[1], prompts[2]]
+    expected, _ = run(make_llm(async_scheduling=False), chosen, params)
+    llm = make_llm(async_scheduling=True)
+    got, in_flight = run(llm, chosen, params)
+    assert in_flight > 0
+    for g, e in zip(got, expected):
+        assert (g.outputs[0].token_ids, g.outputs[0].text, g.outputs[0].finish_reason, g.outputs[0].stop_reason) == \
+            (e.outputs[0].token_ids, e.outputs[0].text, e.outputs[0].finish_reason, e.outputs[0].stop_reason)
+    assert got[0].outputs[0].finish_reason == "stop" and got[1].outputs[0].stop_reason == stop_token
+    for seq_owner in got:
+        assert PLACEHOLDER not in seq_owner.outputs[0].token_ids
+    engine = llm.engine
+    assert engine.block_manager.num_free_blocks == engine.pool.num_blocks - engine.scheduler.sessions.num_blocks
+
+
+def test_requests_that_need_the_host_run_synchronously_beside_greedy_ones(make_llm, prompts):
+    """Logprobs, penalties and seeded sampling read the logits on the host: those steps do not
+    pipeline, and the greedy requests around them are unaffected."""
+    params = [GREEDY,
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.8, seed=11, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3),
+              GREEDY, GREEDY]
+    expected, _ = run(make_llm(async_scheduling=False), prompts, params)
+    got, _ = run(make_llm(async_scheduling=True), prompts, params)
+    for g, e in zip(got, expected):
+        assert g.outputs[0].token_ids == e.outputs[0].token_ids
+    assert [t.logprob for t in got[1].outputs[0].logprobs] == pytest.approx(
+        [t.logprob for t in expected[1].outputs[0].logprobs])
+
+
+def test_pool_pressure_preemption_matches_synchronous(make_llm, default_llm, prompts):
+    options = dict(kv_cache_memory_bytes=24 * default_llm.engine.pool.bytes_per_block,
+                   max_num_batched_tokens=64, prefill_chunk_size=32, max_num_seqs=8)
+    expected, _ = run(make_llm(async_scheduling=False, **options), prompts, [GREEDY] * len(prompts))
+    llm = make_llm(async_scheduling=True, **options)
+    got, in_flight = run(llm, prompts, [GREEDY] * len(prompts))
+    assert in_flight > 0 and llm.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.pool.num_blocks
+
+
+def test_abort_while_a_step_is_in_flight_frees_blocks_and_leaks_nothing(make_llm, prompts):
+    llm = make_llm(async_scheduling=True)
+    engine = llm.engine
+    engine.add_request("gone", prompts[2], GREEDY)
+    engine.add_request("stays", prompts[1], GREEDY)
+    while not engine.requests["gone"].choices[0].seq.output_token_ids:
+        engine.step()
+    engine.step()
+    assert engine._in_flight is not None
+    engine.abort_request("gone")
+    # The same id again, at once: the in-flight token of the aborted sequence must not reach it.
+    engine.add_request("gone", prompts[4], GREEDY)
+    finals = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finals[output.request_id] = output
+    alone = make_llm(async_scheduling=False)
+    assert finals["gone"].outputs[0].token_ids == alone.generate([prompts[4]], GREEDY)[0].outputs[0].token_ids
+    assert finals["stays"].outputs[0].token_ids == alone.generate([prompts[1]], GREEDY)[0].outputs[0].token_ids
+    assert engine.block_manager.num_free_blocks == engine.pool.num_blocks - engine.scheduler.sessions.num_blocks
