@@ -44,7 +44,27 @@ PLACEHOLDER = -1
 class InFlightStep:
     """A launched step whose greedy tokens are still on the device (asynchronous scheduling)."""
     samplers: list[Sequence]
-    tokens: torch.Tensor  # [len(samplers)] int64, row i for samplers[i]
+    tokens: torch.Tensor  # [len(samplers)] int64 on the device, row i for samplers[i]
+    # On CUDA: a pinned copy of tokens and the event after its copy. Reading the device tensor
+    # itself would wait for everything queued behind it, the next step included.
+    host_tokens: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
+
+    @classmethod
+    def launched(cls, samplers: list[Sequence], tokens: torch.Tensor) -> "InFlightStep":
+        if not tokens.is_cuda:
+            return cls(samplers, tokens)
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(samplers, tokens, host_tokens, copied)
+
+    def read(self) -> list[int]:
+        if self.copied is None:
+            return self.tokens.tolist()
+        self.copied.synchronize()
+        return self.host_tokens.tolist()
 
     def rows(self) -> dict[int, int]:
         return {seq.seq_id: row for row, seq in enumerate(self.samplers)}
@@ -263,7 +283,8 @@ class LLMEngine:
                                      (pending.tokens, pending.rows()) if pending else None)
         if len(samplers) != len(logits):
             logits = self._record_prompt_logprobs(plan, logit_rows, logits)
-        tokens = logits.argmax(dim=-1) if pipelined else None
+        # The tokens' copy to the host is queued right behind the step, before the next one.
+        launched = InFlightStep.launched(samplers, logits.argmax(dim=-1)) if pipelined else None
         outputs = self._resolve(pending) if pending else []
         self.scheduler.update_after_step(plan)
         self.counters.steps += 1
@@ -273,7 +294,7 @@ class LLMEngine:
             for seq in samplers:
                 if self._choice_running(seq) is not None:
                     seq.token_ids.append(PLACEHOLDER)
-            self._in_flight = InFlightStep(samplers, tokens)
+            self._in_flight = launched
             return outputs
         # Sequences that stopped on the previous step's tokens sample nothing more.
         live = [row for row, seq in enumerate(samplers) if self._choice_running(seq) is not None]
@@ -305,7 +326,7 @@ class LLMEngine:
 
     def _resolve(self, step: InFlightStep) -> list[RequestOutput]:
         """Read an in-flight step's tokens and put them in place of its placeholders."""
-        tokens = step.tokens.tolist()
+        tokens = step.read()
         live, live_tokens = [], []
         for seq, token in zip(step.samplers, tokens):
             if self._choice_running(seq) is not None:
