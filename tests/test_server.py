@@ -25,8 +25,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def engine(make_llm):
-    """The server's engine: its own KV pool and scheduler on the session's loaded model."""
-    llm = make_llm(max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, kv_cache_memory_bytes=256 << 20)
+    """The server's engine: its own KV pool and scheduler on the session's loaded model, with
+    asynchronous scheduling on, as a server on CUDA runs (greedy steps read a step late)."""
+    llm = make_llm(max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, kv_cache_memory_bytes=256 << 20,
+                   async_scheduling=True)
     async_engine = AsyncEngine(llm.engine)
     async_engine.start()
     yield async_engine
