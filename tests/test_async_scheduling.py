@@ -112,7 +112,9 @@ def test_abort_while_a_step_is_in_flight_frees_blocks_and_leaks_nothing(make_llm
         engine.step()
     engine.step()
     assert engine._in_flight is not None
-    engine.abort_request("gone")
+    aborted = engine.abort_request("gone")
+    assert aborted.outputs[0].finish_reason == "abort"
+    assert PLACEHOLDER not in aborted.outputs[0].token_ids + aborted.outputs[0].delta_token_ids
     # The same id again, at once: the in-flight token of the aborted sequence must not reach it.
     engine.add_request("gone", prompts[4], GREEDY)
     finals = {}

@@ -152,6 +152,39 @@ def test_mixed_step_attends_decodes_and_chunks_in_separate_launches(dtype, with_
     assert_close(split, whole.float(), dtype)
 
 
+# Enough sequences that tile numbering's slack (a sequence's tiles start at
+# query_start // BLOCK_Q + s) pushes the last ones past num_seqs tiles.
+MANY_DECODES = [(20 + 7 * i, 1) for i in range(13)]
+TWO_FULL_TILE_CHUNKS = [(30, 8), (16, 8), (9, 1)]
+
+
+@pytest.mark.parametrize("name,sequences,config", [
+    ("13-decodes-default", MANY_DECODES, None),
+    ("chunks-filling-whole-tiles", TWO_FULL_TILE_CHUNKS, AttentionConfig(16, 16, 1, 4, 1)),
+], ids=["13-decodes-default", "chunks-filling-whole-tiles"])
+def test_every_sequence_gets_its_tiles(name, sequences, config):
+    gen = torch.Generator().manual_seed(9)
+    seq_lens = [s for s, _ in sequences]
+    query_lens = [n for _, n in sequences]
+    case = paged_case(seq_lens, query_lens, 8, 2, 64, 16, torch.float32, "cpu", gen)
+    out = paged_attention_triton(**case, max_query_len=max(query_lens), max_seq_len=max(seq_lens), config=config)
+    expected = paged_attention_reference(**case)
+    assert_close(out, expected, torch.float32)
+
+
+def test_short_chunks_after_decodes_beside_a_long_sequence_do_not_split_keys():
+    """Chunks of 2 queries x 4 heads fit decode tiles, and a 2.1k-token sequence would have
+    them split their keys; a launch that starts after the decodes must not (its partials
+    would be indexed from token 0)."""
+    gen = torch.Generator().manual_seed(13)
+    sequences = [(70, 1), (2100, 2), (40, 2)]
+    seq_lens = [s for s, _ in sequences]
+    query_lens = [n for _, n in sequences]
+    case = paged_case(seq_lens, query_lens, 8, 2, 64, 16, torch.float32, "cpu", gen)
+    out = paged_attention_triton(**case, max_query_len=2, max_seq_len=2100, num_decode_seqs=1)
+    assert_close(out, paged_attention_reference(**case), torch.float32)
+
+
 BIAS_CASES = [case for case in ATTENTION_CASES
               if case[0] in ("mixed-gqa3-small-tiles", "decode-gqa4-split", "one-sequence-chunk-split")]
 

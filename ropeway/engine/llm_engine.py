@@ -250,6 +250,8 @@ class LLMEngine:
             if choice.finish_reason is None:
                 choice.finish_reason = "abort"
                 self.scheduler.finish(choice.seq)
+                if choice.seq.token_ids[-1] == PLACEHOLDER:  # its step is in flight: the token is dropped
+                    choice.seq.token_ids.pop()
         return state.make_output()
 
     def has_unfinished_requests(self) -> bool:

@@ -17,6 +17,7 @@ Same semantics as attention.paged_attention_reference. The grid is
   exactly as before.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -281,10 +282,18 @@ def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, s
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if config is None:
         config = choose_config(q, num_kv_heads, num_seqs, max_query_len, max_seq_len)
+        if first_seq > 0 and config.num_splits > 1:
+            # Short chunks after the decodes can get decode tiles, but split partials are
+            # indexed from token 0: keep the keys in one slice there.
+            config = dataclasses.replace(config, num_splits=1)
     group = num_q_heads // num_kv_heads
     block_q = config.block_m // group
-    num_tiles = min(num_tokens // block_q + num_seqs,
-                    num_seqs * triton.cdiv(max_query_len, block_q))
+    # Sequence s's tiles start at query_start // block_q + s, so its last tile is below
+    # num_tokens // block_q + num_seqs; tiles past a sequence's queries exit at once. (A
+    # tighter min() with num_seqs * cdiv(max_query_len, block_q) dropped the last sequences'
+    # tiles whenever several of them shared the numbering's slack, e.g. rows 52-63 of a
+    # 64-decode batch.)
+    num_tiles = num_tokens // block_q + num_seqs
     if config.num_splits > 1:
         partial_out = torch.empty((num_tokens, num_q_heads, config.num_splits, head_dim),
                                   dtype=torch.float32, device=q.device)

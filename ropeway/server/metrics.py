@@ -172,6 +172,11 @@ class ServerMetrics:
                 yield output
         finally:
             self._observe_end(last, n)
+            # Leaving early must end the request now (the engine's stream aborts it when
+            # closed), not whenever the abandoned generator is collected.
+            close = getattr(outputs, "aclose", None)
+            if close is not None:
+                await close()
 
     def _observe_end(self, last: RequestOutput | None, n: int) -> None:
         if last is None:
