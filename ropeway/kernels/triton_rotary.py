@@ -19,16 +19,44 @@ def load_halves(row_ptrs, row_mask, stride_d, HALF: tl.constexpr, BLOCK_HALF: tl
 
 
 @triton.jit
-def store_rotated(row_ptrs, row_mask, stride_d, x1, x2, cos, sin,
+def token_cos_sin(token, positions_ptr, seq_index_ptr, inv_freq_ptr, factor_ptr, stride_freq, stride_freq_d,
                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Store (x1·cos − x2·sin, x2·cos + x1·sin), computed in fp32, back in x's dtype."""
+    """cos and sin [1, BLOCK_HALF] of the token's position under its sequence's RoPE row,
+    scaled by the row's attention factor."""
+    position = tl.load(positions_ptr + token).to(tl.float32)
+    row = tl.load(seq_index_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    inv_freq = tl.load(inv_freq_ptr + row * stride_freq + dims * stride_freq_d,
+                       mask=dims < HALF, other=0.0)
+    factor = tl.load(factor_ptr + row).to(tl.float32)
+    angle = position * inv_freq.to(tl.float32)
+    return (tl.cos(angle) * factor)[None, :], (tl.sin(angle) * factor)[None, :]
+
+
+@triton.jit
+def rotate_halves(x1, x2, cos, sin):
+    """(x1·cos − x2·sin, x2·cos + x1·sin), computed in fp32, rounded to x's dtype."""
+    x1f = x1.to(tl.float32)
+    x2f = x2.to(tl.float32)
+    return (x1f * cos - x2f * sin).to(x1.dtype), (x2f * cos + x1f * sin).to(x2.dtype)
+
+
+@triton.jit
+def store_halves(row_ptrs, row_mask, stride_d, x1, x2, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The inverse of load_halves (values converted to the destination's dtype)."""
     dims = tl.arange(0, BLOCK_HALF)
     mask = row_mask[:, None] & (dims < HALF)[None, :]
     first = row_ptrs[:, None] + dims[None, :] * stride_d
-    x1f = x1.to(tl.float32)
-    x2f = x2.to(tl.float32)
-    tl.store(first, (x1f * cos - x2f * sin).to(x1.dtype), mask=mask)
-    tl.store(first + HALF * stride_d, (x2f * cos + x1f * sin).to(x2.dtype), mask=mask)
+    tl.store(first, x1.to(row_ptrs.dtype.element_ty), mask=mask)
+    tl.store(first + HALF * stride_d, x2.to(row_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_rotated(row_ptrs, row_mask, stride_d, x1, x2, cos, sin,
+                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Store the halves rotated (rotate_halves) back in place."""
+    r1, r2 = rotate_halves(x1, x2, cos, sin)
+    store_halves(row_ptrs, row_mask, stride_d, r1, r2, HALF, BLOCK_HALF)
 
 
 @triton.jit
@@ -38,15 +66,8 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, seq_index_ptr, inv_freq_ptr, fac
                    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
                    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.float32)
-    row = tl.load(seq_index_ptr + token).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)
-    inv_freq = tl.load(inv_freq_ptr + row * stride_freq + dims * stride_freq_d,
-                       mask=dims < HALF, other=0.0)
-    factor = tl.load(factor_ptr + row).to(tl.float32)
-    angle = position * inv_freq.to(tl.float32)
-    cos = (tl.cos(angle) * factor)[None, :]
-    sin = (tl.sin(angle) * factor)[None, :]
+    cos, sin = token_cos_sin(token, positions_ptr, seq_index_ptr, inv_freq_ptr, factor_ptr,
+                             stride_freq, stride_freq_d, HALF, BLOCK_HALF)
 
 
     # q then k, each loaded and stored before the next: holding both in registers at once

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_rotary import load_halves
+from .triton_rotary import load_halves, rotate_halves, store_halves, store_rotated, token_cos_sin
 
 
 @triton.jit
@@ -26,53 +26,29 @@ def _rotary_write_kv_kernel(
         HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
         BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.float32)
-    row = tl.load(seq_index_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)
-    dim_mask = dims < HALF
-    inv_freq = tl.load(inv_freq_ptr + row * stride_freq + dims * stride_freq_d,
-                       mask=dim_mask, other=0.0)
-    factor = tl.load(factor_ptr + row).to(tl.float32)
-    angle = position * inv_freq.to(tl.float32)
-    cos = (tl.cos(angle) * factor)[None, :]
-    sin = (tl.sin(angle) * factor)[None, :]
+    cos, sin = token_cos_sin(token, positions_ptr, seq_index_ptr, inv_freq_ptr, factor_ptr,
+                             stride_freq, stride_freq_d, HALF, BLOCK_HALF)
 
     # Queries: rotate in place.
     q_heads = tl.arange(0, BLOCK_HQ)
     q_rows = q_ptr + token * stride_qt + q_heads * stride_qh
-    q_mask = (q_heads < num_q_heads)[:, None] & dim_mask[None, :]
     q1, q2 = load_halves(q_rows, q_heads < num_q_heads, stride_qd, HALF, BLOCK_HALF)
-    q1f = q1.to(tl.float32)
-    q2f = q2.to(tl.float32)
-    q_first = q_rows[:, None] + dims[None, :] * stride_qd
-    tl.store(q_first, (q1f * cos - q2f * sin).to(q1.dtype), mask=q_mask)
-    tl.store(q_first + HALF * stride_qd, (q2f * cos + q1f * sin).to(q2.dtype), mask=q_mask)
+    store_rotated(q_rows, q_heads < num_q_heads, stride_qd, q1, q2, cos, sin, HALF, BLOCK_HALF)
 
     # Keys: rotate, round to k's dtype (as the in-place reference does), store in place
     # and, unless the token is padding, to the cache slot.
     k_heads = tl.arange(0, BLOCK_HK)
     k_rows = k_ptr + token * stride_kt + k_heads * stride_kh
-    k_mask = (k_heads < num_kv_heads)[:, None] & dim_mask[None, :]
     k1, k2 = load_halves(k_rows, k_heads < num_kv_heads, stride_kd, HALF, BLOCK_HALF)
-    k1f = k1.to(tl.float32)
-    k2f = k2.to(tl.float32)
-    r1 = (k1f * cos - k2f * sin).to(k1.dtype)
-    r2 = (k2f * cos + k1f * sin).to(k2.dtype)
-    k_first = k_rows[:, None] + dims[None, :] * stride_kd
-    tl.store(k_first, r1, mask=k_mask)
-    tl.store(k_first + HALF * stride_kd, r2, mask=k_mask)
-
+    r1, r2 = rotate_halves(k1, k2, cos, sin)
+    store_halves(k_rows, k_heads < num_kv_heads, stride_kd, r1, r2, HALF, BLOCK_HALF)
     block = slot // page_size
     offset = slot % page_size
     # A padding token masks out all heads (the interpreter rejects scalar & tensor masks).
     cache_heads = k_heads < tl.where(slot >= 0, num_kv_heads, 0)
-    cache_mask = cache_heads[:, None] & dim_mask[None, :]
-    kc_first = (k_cache_ptr + block * stride_kcb + offset * stride_kco
-                + k_heads[:, None] * stride_kch + dims[None, :] * stride_kcd)
-    kc_dtype = k_cache_ptr.dtype.element_ty
-    tl.store(kc_first, r1.to(kc_dtype), mask=cache_mask)
-    tl.store(kc_first + HALF * stride_kcd, r2.to(kc_dtype), mask=cache_mask)
+    kc_rows = k_cache_ptr + block * stride_kcb + offset * stride_kco + k_heads * stride_kch
+    store_halves(kc_rows, cache_heads, stride_kcd, r1, r2, HALF, BLOCK_HALF)
 
     # Values: copied to the slot, both halves at once.
     full_dims = tl.arange(0, 2 * BLOCK_HALF)
