@@ -89,6 +89,10 @@ ATTENTION_CASES = [
     ([(3000, 1), (45, 1), (1025, 1), (16, 1)], 8, 8, 128, 256),
     ([(20000, 1)], 32, 8, 128, 16),
     ([(5000, 5000)], 16, 4, 64, 32),
+    # A full 64-decode batch and two chunks filling whole tiles: tile numbering's slack once
+    # left the last sequences without tiles (rows 52-63 here).
+    ([(100 + 13 * i, 1) for i in range(64)], 32, 8, 128, 16),
+    ([(512, 512), (1024, 512), (90, 1)], 32, 8, 128, 16),
 ]
 
 
@@ -101,6 +105,20 @@ def test_paged_attention_against_fp64(dtype, sequences, num_q_heads, num_kv_head
     case = paged_case(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page_size,
                       dtype, "cuda")
     out = paged_attention(**case, max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+    fp64_case = {key: value.double() if value.is_floating_point() else value
+                 for key, value in case.items() if key != "scale"}
+    expected = paged_attention_reference(**fp64_case, scale=case["scale"])
+    assert relative_error(out, expected) < ATTENTION_ERROR
+
+
+def test_mixed_step_split_launches_against_fp64():
+    """Decodes first with decode tiles, then chunks (some short, beside a long sequence) in a
+    launch of their own, as the runner orders a mixed step."""
+    sequences = [(100 + 37 * i, 1) for i in range(20)] + [(4100, 2), (2048, 512), (300, 3)]
+    seq_lens = [s for s, _ in sequences]
+    query_lens = [n for _, n in sequences]
+    case = paged_case(seq_lens, query_lens, 32, 8, 128, 16, torch.bfloat16, "cuda")
+    out = paged_attention(**case, max_query_len=max(query_lens), max_seq_len=max(seq_lens), num_decode_seqs=20)
     fp64_case = {key: value.double() if value.is_floating_point() else value
                  for key, value in case.items() if key != "scale"}
     expected = paged_attention_reference(**fp64_case, scale=case["scale"])
