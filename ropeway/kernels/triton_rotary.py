@@ -54,9 +54,20 @@ def store_halves(row_ptrs, row_mask, stride_d, x1, x2, HALF: tl.constexpr, BLOCK
 @triton.jit
 def store_rotated(row_ptrs, row_mask, stride_d, x1, x2, cos, sin,
                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Store the halves rotated (rotate_halves) back in place."""
+    """Store the halves rotated (rotate_halves) back in place; returns them."""
     r1, r2 = rotate_halves(x1, x2, cos, sin)
     store_halves(row_ptrs, row_mask, stride_d, r1, r2, HALF, BLOCK_HALF)
+    return r1, r2
+
+
+@triton.jit
+def rotate_heads(x_ptr, token, stride_t, stride_h, stride_d, num_heads, cos, sin,
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """RoPE in place on the token's heads of x; returns the rotated halves [BLOCK_H, BLOCK_HALF]."""
+    heads = tl.arange(0, BLOCK_H)
+    rows = x_ptr + token * stride_t + heads * stride_h
+    x1, x2 = load_halves(rows, heads < num_heads, stride_d, HALF, BLOCK_HALF)
+    return store_rotated(rows, heads < num_heads, stride_d, x1, x2, cos, sin, HALF, BLOCK_HALF)
 
 
 @triton.jit
@@ -68,18 +79,10 @@ def _rotary_kernel(q_ptr, k_ptr, positions_ptr, seq_index_ptr, inv_freq_ptr, fac
     token = tl.program_id(0).to(tl.int64)
     cos, sin = token_cos_sin(token, positions_ptr, seq_index_ptr, inv_freq_ptr, factor_ptr,
                              stride_freq, stride_freq_d, HALF, BLOCK_HALF)
-
-
     # q then k, each loaded and stored before the next: holding both in registers at once
     # measured slower on an H200 (fewer programs resident per SM).
-    q_heads = tl.arange(0, BLOCK_HQ)
-    q_rows = q_ptr + token * stride_qt + q_heads * stride_qh
-    q1, q2 = load_halves(q_rows, q_heads < num_q_heads, stride_qd, HALF, BLOCK_HALF)
-    store_rotated(q_rows, q_heads < num_q_heads, stride_qd, q1, q2, cos, sin, HALF, BLOCK_HALF)
-    k_heads = tl.arange(0, BLOCK_HK)
-    k_rows = k_ptr + token * stride_kt + k_heads * stride_kh
-    k1, k2 = load_halves(k_rows, k_heads < num_kv_heads, stride_kd, HALF, BLOCK_HALF)
-    store_rotated(k_rows, k_heads < num_kv_heads, stride_kd, k1, k2, cos, sin, HALF, BLOCK_HALF)
+    rotate_heads(q_ptr, token, stride_qt, stride_qh, stride_qd, num_q_heads, cos, sin, HALF, BLOCK_HALF, BLOCK_HQ)
+    rotate_heads(k_ptr, token, stride_kt, stride_kh, stride_kd, num_kv_heads, cos, sin, HALF, BLOCK_HALF, BLOCK_HK)
 
 
 def apply_rotary_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

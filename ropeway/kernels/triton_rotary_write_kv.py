@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_rotary import load_halves, rotate_halves, store_halves, store_rotated, token_cos_sin
+from .triton_rotary import rotate_heads, store_halves, token_cos_sin
 
 
 @triton.jit
@@ -30,19 +30,12 @@ def _rotary_write_kv_kernel(
     cos, sin = token_cos_sin(token, positions_ptr, seq_index_ptr, inv_freq_ptr, factor_ptr,
                              stride_freq, stride_freq_d, HALF, BLOCK_HALF)
 
-    # Queries: rotate in place.
-    q_heads = tl.arange(0, BLOCK_HQ)
-    q_rows = q_ptr + token * stride_qt + q_heads * stride_qh
-    q1, q2 = load_halves(q_rows, q_heads < num_q_heads, stride_qd, HALF, BLOCK_HALF)
-    store_rotated(q_rows, q_heads < num_q_heads, stride_qd, q1, q2, cos, sin, HALF, BLOCK_HALF)
-
-    # Keys: rotate, round to k's dtype (as the in-place reference does), store in place
-    # and, unless the token is padding, to the cache slot.
+    rotate_heads(q_ptr, token, stride_qt, stride_qh, stride_qd, num_q_heads, cos, sin, HALF, BLOCK_HALF, BLOCK_HQ)
+    # Keys: rotated in place (rounded to k's dtype, as the reference does) and, unless the
+    # token is padding, also stored to its cache slot.
+    r1, r2 = rotate_heads(k_ptr, token, stride_kt, stride_kh, stride_kd, num_kv_heads, cos, sin,
+                          HALF, BLOCK_HALF, BLOCK_HK)
     k_heads = tl.arange(0, BLOCK_HK)
-    k_rows = k_ptr + token * stride_kt + k_heads * stride_kh
-    k1, k2 = load_halves(k_rows, k_heads < num_kv_heads, stride_kd, HALF, BLOCK_HALF)
-    r1, r2 = rotate_halves(k1, k2, cos, sin)
-    store_halves(k_rows, k_heads < num_kv_heads, stride_kd, r1, r2, HALF, BLOCK_HALF)
     block = slot // page_size
     offset = slot % page_size
     # A padding token masks out all heads (the interpreter rejects scalar & tensor masks).
