@@ -4,17 +4,9 @@ what the synchronous engine gives it."""
 
 import pytest
 
+from batching_cases import GREEDY, prompts_of_mixed_lengths
 from ropeway import SamplingParams
 from ropeway.engine.llm_engine import PLACEHOLDER
-
-GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-
-def mixed_prompts(tokenizer) -> list[list[int]]:
-    base = ("In the beginning of the long report, the committee described the river, the valley, the old "
-            "mill and the people who lived nearby, one family at a time, with great care. ")
-    ids = tokenizer.encode(base * 8)
-    return [ids[:5], ids[:37], ids[3:120], ids[10:260], ids[:16], ids[50:81]]
 
 
 def run(llm, prompts, params_list):
@@ -34,7 +26,7 @@ def run(llm, prompts, params_list):
 
 @pytest.fixture(scope="module")
 def prompts(default_llm):
-    return mixed_prompts(default_llm.tokenizer)
+    return prompts_of_mixed_lengths(default_llm.tokenizer)
 
 
 def test_greedy_batch_with_chunked_prefill_matches_synchronous(make_llm, prompts):

@@ -3,16 +3,8 @@ whatever the batching, every request gets exactly the tokens it gets alone."""
 
 import pytest
 
+from batching_cases import GREEDY, prompts_of_mixed_lengths
 from ropeway import SamplingParams
-
-GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-
-def prompts_of_mixed_lengths(tokenizer) -> list[list[int]]:
-    base = ("In the beginning of the long report, the committee described the river, the valley, the old "
-            "mill and the people who lived nearby, one family at a time, with great care. ")
-    ids = tokenizer.encode(base * 8)
-    return [ids[:5], ids[:37], ids[3:120], ids[10:260], ids[:16], ids[50:81]]
 
 
 @pytest.fixture(scope="module")
