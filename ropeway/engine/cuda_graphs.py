@@ -21,6 +21,7 @@ import bisect
 import torch
 
 from ropeway.models import ForwardBatch, LlamaModel
+from ropeway.models.forward_batch import block_table_width
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
@@ -42,8 +43,7 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((largest,), -1, dtype=torch.int64, device=device)
         self.query_start_loc = index.to(torch.int32)
         self.seq_lens = torch.ones(largest, dtype=torch.int32, device=device)
-        # Rows a multiple of 16 entries wide, as the runner pads its batches' tables.
-        self.block_tables = torch.zeros(largest, -(-num_blocks // 16) * 16, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(largest, block_table_width(num_blocks), dtype=torch.int32, device=device)
         self.inv_freq = torch.zeros(largest, model.config.head_dim // 2, dtype=torch.float32, device=device)
         self.attention_factor = torch.ones(largest, dtype=torch.float32, device=device)
         self.logits_indices = index[:largest]

@@ -8,6 +8,7 @@ import torch
 
 from ropeway.kernels import rerotate_keys
 from ropeway.models import Capture, ForwardBatch, LlamaModel
+from ropeway.models.forward_batch import block_table_width
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
 from .cuda_graphs import DecodeGraphs
@@ -214,9 +215,7 @@ class ModelRunner:
                               + np.arange(int(rows.sum())) - np.repeat(row_start, rows))
 
         table_lens = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, num_seqs)
-        # Rows padded to a multiple of 16 entries: a row stride that changed divisibility
-        # from step to step recompiled the attention kernel (Triton specializes on it).
-        block_tables = np.zeros((num_seqs, -(-int(table_lens.max()) // 16) * 16), dtype=np.int32)
+        block_tables = np.zeros((num_seqs, block_table_width(int(table_lens.max()))), dtype=np.int32)
         # A boolean mask fills row after row, in the order the tables are chained.
         block_tables[np.arange(block_tables.shape[1]) < table_lens[:, None]] = np.fromiter(
             chain.from_iterable(seq.block_table for seq in seqs), np.int32, int(table_lens.sum()))

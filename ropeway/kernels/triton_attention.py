@@ -99,7 +99,7 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
 # Triton compiles a variant per "divisible by 16" / "equal to 1" value of an integer
 # argument: these change from step to step, and each new variant cost a 2.5 s compile in
 # the middle of serving. (The block tables' row stride stays specialized: the runner pads
-# rows to a multiple of 16 entries, which also keeps their loads vectorized.)
+# rows to a multiple of 16 entries, models.forward_batch.block_table_width.)
 @triton.jit(do_not_specialize=["first_seq", "num_seqs", "num_tiles"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,

@@ -5,6 +5,13 @@ from dataclasses import dataclass
 import torch
 
 
+def block_table_width(num_blocks: int) -> int:
+    """Block-table rows are padded to a multiple of 16 entries: Triton specializes the
+    attention kernel on its row stride being divisible by 16, so a width that changed with
+    the batch recompiled it mid-serving (and the padding keeps the row loads vectorized)."""
+    return -(-num_blocks // 16) * 16
+
+
 @dataclass
 class ForwardBatch:
     input_ids: torch.Tensor        # [T] token ids of every scheduled token, sequence after sequence
