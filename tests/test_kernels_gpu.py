@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kernel_cases import paged_case, rope_rows
-from ropeway.kernels import (apply_rotary, paged_attention, rerotate_keys, rotary_write_kv,
-                             silu_mul, write_kv)
+from ropeway.kernels import (apply_rotary, linear, linear_silu_mul, paged_attention, rerotate_keys,
+                             rotary_write_kv, silu_mul, write_kv)
 from ropeway.kernels.attention import paged_attention_reference
 from ropeway.kernels.rerotate import rerotate_keys_reference
 from ropeway.kernels.rotary import apply_rotary_reference
@@ -231,6 +231,27 @@ def test_fused_kernels_replay_in_a_cuda_graph():
     assert torch.equal(v_cache.reshape(flat)[slot_mapping[keep]], v_new[keep])
     assert int((k_cache.reshape(flat).abs().sum((1, 2)) != 0).sum()) == int(keep.sum())
     assert relative_error(out, silu_mul_reference(gate_up.double())) < BF16_ROUNDING
+
+
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (4096, 14336), (128256, 4096), (1000, 100)],
+                         ids=["qkv", "o", "down", "lm_head", "tails"])
+def test_one_token_linear_bf16_against_fp64(n, k):
+    """Batch-1 decode's GEMMs (the Triton GEMV) at Llama-3-8B shapes, and a batch of 3 (cuBLAS)."""
+    weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for rows in (1, 3):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ weight.double().T
+        assert relative_error(linear(x, weight), ref) < BF16_ROUNDING
+        assert relative_error(linear(x, weight, bias), ref + bias.double()) < BF16_ROUNDING
+
+
+def test_one_token_linear_silu_mul_bf16_against_fp64():
+    weight = torch.randn(2 * 14336, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    out = linear_silu_mul(x, weight)
+    assert out.shape == (1, 14336)
+    assert relative_error(out, silu_mul_reference(x.double() @ weight.double().T)) < BF16_ROUNDING
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ropeway.kernels.rotary import apply_rotary_reference  # noqa: E402
 from ropeway.kernels.rotary_write_kv import rotary_write_kv_reference  # noqa: E402
 from ropeway.kernels.silu_mul import silu_mul_reference  # noqa: E402
 from ropeway.kernels.triton_attention import AttentionConfig, paged_attention_triton  # noqa: E402
+from ropeway.kernels.triton_gemv import gemv_triton  # noqa: E402
 from ropeway.kernels.triton_kv_cache import write_kv_triton  # noqa: E402
 from ropeway.kernels.triton_rerotate import rerotate_keys_triton  # noqa: E402
 from ropeway.kernels.triton_rotary import apply_rotary_triton  # noqa: E402
@@ -359,3 +360,52 @@ def test_silu_mul_on_row_strided_input():
 
 def test_silu_mul_with_no_tokens():
     assert silu_mul_triton(torch.empty(0, 128)).shape == (0, 64)
+
+
+# (name, N, K, BLOCK_N, BLOCK_K): N and K off the blocks mask the last column block and the
+# last K slice; "one-slice" runs the loop once (the prefetch of slice 2 is all masked).
+GEMV_CASES = [
+    ("tails", 40, 100, 16, 32),
+    ("one-slice", 24, 64, 8, 64),
+    ("many-slices", 16, 256, 16, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("name,n,k,block_n,block_k", GEMV_CASES, ids=[case[0] for case in GEMV_CASES])
+def test_gemv_matches_linear(dtype, name, n, k, block_n, block_k):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    weight = torch.randn(n, k, generator=gen).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    config = (block_n, block_k, 4)
+    expected = torch.nn.functional.linear(x.float(), weight.float())
+    out = gemv_triton(x, weight, config=config)
+    assert out.shape == (1, n) and out.dtype == dtype
+    # Sums of k products: the tolerance scales with their size.
+    tol = TOLERANCE[dtype] * k ** 0.5
+    torch.testing.assert_close(out.float(), expected, atol=tol, rtol=TOLERANCE[dtype])
+    torch.testing.assert_close(gemv_triton(x, weight, bias, config=config).float(),
+                               expected + bias.float(), atol=tol, rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+def test_gemv_silu_mul_matches_linear_then_silu_mul(dtype):
+    gen = torch.Generator().manual_seed(12)
+    intermediate, k = 40, 100
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    gate_up = (torch.randn(2 * intermediate, k, generator=gen) / 4).to(dtype)
+    out = gemv_triton(x, gate_up, silu_mul=True, config=(16, 32, 4))
+    assert out.shape == (1, intermediate) and out.dtype == dtype
+    # The kernel rounds gate and up to the dtype before the activation, as linear + silu_mul does.
+    expected = silu_mul_reference(torch.nn.functional.linear(x.float(), gate_up.float()).to(dtype).float())
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype] * 2)
+
+
+def test_gemv_reads_a_row_of_a_wider_buffer():
+    """The model hands it views: one row of a [T, K] buffer, here the second."""
+    gen = torch.Generator().manual_seed(13)
+    rows = torch.randn(3, 64, generator=gen)
+    weight = torch.randn(24, 64, generator=gen)
+    torch.testing.assert_close(gemv_triton(rows[1:2], weight, config=(8, 32, 4)),
+                               torch.nn.functional.linear(rows[1:2], weight), atol=1e-4, rtol=1e-5)

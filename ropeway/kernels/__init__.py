@@ -5,6 +5,11 @@ run on CUDA tensors. The public functions below pick by the tensors' device, and
 the Triton modules only then, so a CPU server never imports triton.
 """
 
+import os
+
+import torch
+import torch.nn.functional as F
+
 from .attention import paged_attention_reference
 from .kv_cache import write_kv_reference
 from .rerotate import rerotate_keys_reference
@@ -67,6 +72,32 @@ def add_rms_norm(delta, residual, weight, eps):
         from .triton_rms_norm import add_rms_norm_triton
         return add_rms_norm_triton(delta, residual, weight, eps)
     return add_rms_norm_reference(delta, residual, weight, eps)
+
+
+# ROPEWAY_GEMV=0 keeps cuBLAS for one-token steps too (for A/B timings).
+_GEMV_DISABLED = os.environ.get("ROPEWAY_GEMV") == "0"
+
+
+def _takes_gemv(x, weight) -> bool:
+    """One-token CUDA steps (batch-1 decode) go to the Triton GEMV; cuBLAS wins from 2 rows on."""
+    return (x.is_cuda and not _GEMV_DISABLED and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.is_contiguous())
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias, as F.linear."""
+    if _takes_gemv(x, weight):
+        from .triton_gemv import gemv_triton
+        return gemv_triton(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def linear_silu_mul(x, gate_up_weight):
+    """silu_mul(linear(x, gate_up_weight)): one launch for a one-token CUDA step."""
+    if _takes_gemv(x, gate_up_weight):
+        from .triton_gemv import gemv_triton
+        return gemv_triton(x, gate_up_weight, silu_mul=True)
+    return silu_mul(F.linear(x, gate_up_weight))
 
 
 def silu_mul(gate_up):

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import use_pdl, wait_for_previous_kernel
+
 LOG2_E = 1.4426950408889634
 
 
@@ -110,7 +112,8 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SEQ_OFFSET: tl.constexpr):
+        HAS_BIAS: tl.constexpr, SEQ_OFFSET: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     # Late tiles of a causal prefill have the most keys: start them first.
     tile = num_tiles - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -144,6 +147,8 @@ def _paged_attention_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
     q_mask = row_valid[:, None] & dim_mask[None, :]
+    # Loaded before seq_len is known, so the two loads overlap (even where the slice turns
+    # out empty: cheaper than serializing them).
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=q_mask, other=0.0)
     row_limit = context_len + q_index
@@ -157,6 +162,14 @@ def _paged_attention_kernel(
     kv_hi = tl.minimum(kv_lo + slice_len, kv_end)
     seen_by_all = tl.minimum(kv_hi, context_len + q_first + 1)
     unmasked_hi = kv_lo + tl.maximum(seen_by_all - kv_lo, 0) // BLOCK_N * BLOCK_N
+    if NUM_SPLITS > 1:
+        partial_row = (token * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
+        if kv_lo >= kv_end:
+            # A slice past the keys (the split count is sized for the longest context a
+            # graph serves): mark it empty for the merge and skip the partial, which would
+            # weigh 0 anyway.
+            tl.store(partial_lse_ptr + partial_row, float("-inf"), mask=row_valid)
+            return
 
     block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -182,7 +195,6 @@ def _paged_attention_kernel(
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
-        partial_row = (token * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
         tl.store(partial_out_ptr + partial_row[:, None] * HEAD_DIM + dims[None, :], out, mask=q_mask)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
         tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
@@ -191,7 +203,8 @@ def _paged_attention_kernel(
 @triton.jit
 def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ot, stride_oh,
                          num_q_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, NUM_SPLITS)
@@ -200,8 +213,9 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ot, s
     row = (token * num_q_heads + head) * NUM_SPLITS + splits
     lse = tl.load(partial_lse_ptr + row)
     weight = tl.exp2(lse - tl.max(lse, 0))
+    # Empty slices stored only their -inf log-sum-exp: their partial rows hold stale values.
     part = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
-                   mask=dim_mask[None, :], other=0.0)
+                   mask=(lse > float("-inf"))[:, None] & dim_mask[None, :], other=0.0)
     out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
              out.to(out_ptr.dtype.element_ty), mask=dim_mask)
@@ -218,17 +232,20 @@ def choose_config(q: torch.Tensor, num_kv_heads: int, num_seqs: int, max_query_l
     """Tiles and KV splits from host-side sizes only (no device sync).
 
     Decode-only batches use 16-row tiles (a GQA group padded to the smallest tensor-core
-    tile) and split the keys until the grid covers the GPU about six programs per SM;
+    tile) and, unless the tiles alone give every SM three programs, split the keys until the
+    grid covers the GPU about six programs per SM;
     batches with prefill chunks use 256x64 tiles and no splits, since their query tiles
     fill it. Tile shapes and pipeline depths were picked by the sweep in
     benchmarks/kernels.py on an H200 (see BENCHMARKS.md)."""
     group = q.shape[1] // num_kv_heads
     if max_query_len * group <= 16:
         tiles = num_seqs * num_kv_heads
-        target = 6 * _sm_count(q.device)
+        sms = _sm_count(q.device)
         num_splits = 1
         # Each slice keeps at least 1024 keys so the merge stays cheap next to the reads.
-        while tiles * num_splits < target and num_splits * 2048 <= max_seq_len:
+        # Tiles alone at 3+ per SM already keep the reads going: a split would only add
+        # partial writes and a merge (64 decodes at 1k keys: 80 us split in 2, 67 us whole).
+        while tiles < 3 * sms and tiles * num_splits < 6 * sms and num_splits * 2048 <= max_seq_len:
             num_splits *= 2
         return AttentionConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=64,
                                num_splits=num_splits, num_warps=4, num_stages=2)
@@ -302,6 +319,7 @@ def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, s
     else:
         partial_out = partial_lse = out
     block_d = triton.next_power_of_2(head_dim)
+    pdl = use_pdl(q)
     _paged_attention_kernel[(num_tiles, num_kv_heads, config.num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse,
         block_tables, seq_lens, query_start_loc, q if slot_bias is None else slot_bias,
@@ -313,11 +331,13 @@ def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, s
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
         PAGE_SIZE=page_size, NUM_SPLITS=config.num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_BIAS=slot_bias is not None,
-        SEQ_OFFSET=first_seq > 0, num_warps=config.num_warps, num_stages=config.num_stages,
+        SEQ_OFFSET=first_seq > 0, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
+        launch_pdl=pdl,
     )
     if config.num_splits > 1:
         # Split launches are decode-only and start at sequence 0 and token 0.
         assert first_seq == 0
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), num_q_heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=config.num_splits, num_warps=4)
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=config.num_splits, PDL=pdl, num_warps=4,
+            launch_pdl=pdl)

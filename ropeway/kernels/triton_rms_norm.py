@@ -10,10 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import use_pdl, wait_for_previous_kernel
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, delta_ptr, out_ptr, weight_ptr, stride_x, stride_delta, stride_out,
-                     hidden, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+                     hidden, eps, ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -35,10 +38,11 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, e
     if num_rows == 0:
         return out
     block = triton.next_power_of_2(hidden)
+    pdl = use_pdl(x)
     _rms_norm_kernel[(num_rows,)](
         x, x if delta is None else delta, out, weight,
         x.stride(0), 0 if delta is None else delta.stride(0), out.stride(0), hidden, eps,
-        ADD=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+        ADD=delta is not None, BLOCK=block, PDL=pdl, num_warps=min(16, max(1, block // 256)), launch_pdl=pdl)
     return out
 
 

@@ -12,10 +12,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import use_pdl, wait_for_previous_kernel
+
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, out_ptr, stride_xt, stride_xc, stride_ot, intermediate,
-                     BLOCK: tl.constexpr):
+                     BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
@@ -34,7 +37,8 @@ def silu_mul_triton(gate_up: torch.Tensor, block: int = 1024, num_warps: int = 4
     if num_tokens == 0 or intermediate == 0:
         return out
     block = min(block, triton.next_power_of_2(intermediate))
+    pdl = use_pdl(gate_up)
     _silu_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
         gate_up, out, gate_up.stride(0), gate_up.stride(1), out.stride(0), intermediate,
-        BLOCK=block, num_warps=num_warps)
+        BLOCK=block, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     return out

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ropeway.kernels import add_rms_norm, paged_attention, rms_norm, rotary_write_kv, silu_mul
+from ropeway.kernels import add_rms_norm, linear, linear_silu_mul, paged_attention, rms_norm, rotary_write_kv
 
 from .config import ModelConfig
 from .errors import ModelLoadError
@@ -96,7 +96,7 @@ class LlamaModel:
         # The residual stream h is updated in place by the fused add + norm kernels.
         x = rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)
+            qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
             q = qkv[:, : self.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -109,12 +109,12 @@ class LlamaModel:
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
                                    batch.slot_bias, batch.num_decode_seqs)
-            x = add_rms_norm(F.linear(attn.reshape(num_tokens, self.q_size), layer.o_weight), h,
+            x = add_rms_norm(linear(attn.reshape(num_tokens, self.q_size), layer.o_weight), h,
                              layer.post_attention_norm, cfg.rms_norm_eps)
-            mlp = F.linear(silu_mul(F.linear(x, layer.gate_up_weight)), layer.down_weight)
+            mlp = linear(linear_silu_mul(x, layer.gate_up_weight), layer.down_weight)
             if i + 1 < len(self.layers):
                 x = add_rms_norm(mlp, h, self.layers[i + 1].input_norm, cfg.rms_norm_eps)
             else:
                 h.add_(mlp)
         h = rms_norm(h[batch.logits_indices], self.norm, cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).to(torch.float32)
+        return linear(h, self.lm_head).to(torch.float32)
