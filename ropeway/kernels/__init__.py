@@ -78,15 +78,19 @@ def add_rms_norm(delta, residual, weight, eps):
 _GEMV_DISABLED = os.environ.get("ROPEWAY_GEMV") == "0"
 
 
-def _takes_gemv(x, weight) -> bool:
-    """One-token CUDA steps (batch-1 decode) go to the Triton GEMV; cuBLAS wins from 2 rows on."""
+def _takes_gemv(x, weight, bias=None) -> bool:
+    """One-token CUDA steps (batch-1 decode) go to the Triton GEMV; cuBLAS wins from 2 rows on.
+    Anything the kernel does not handle as F.linear would (mixed dtypes, strided operands)
+    stays with F.linear."""
     return (x.is_cuda and not _GEMV_DISABLED and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1
-            and x.dtype in (torch.bfloat16, torch.float16) and weight.is_contiguous())
+            and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and weight.is_contiguous()
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
 
 
 def linear(x, weight, bias=None):
     """x @ weight.T + bias, as F.linear."""
-    if _takes_gemv(x, weight):
+    if _takes_gemv(x, weight, bias):
         from .triton_gemv import gemv_triton
         return gemv_triton(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -94,7 +98,7 @@ def linear(x, weight, bias=None):
 
 def linear_silu_mul(x, gate_up_weight):
     """silu_mul(linear(x, gate_up_weight)): one launch for a one-token CUDA step."""
-    if _takes_gemv(x, gate_up_weight):
+    if _takes_gemv(x, gate_up_weight) and gate_up_weight.shape[0] % 2 == 0:
         from .triton_gemv import gemv_triton
         return gemv_triton(x, gate_up_weight, silu_mul=True)
     return silu_mul(F.linear(x, gate_up_weight))

@@ -27,7 +27,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w,
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
     rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w + ks[None, :]
-    up_rows = rows + N * stride_w  # SILU_MUL: the up half's matching rows
+    up_rows = w_ptr + (cols.to(tl.int64) + N)[:, None] * stride_w + ks[None, :]  # SILU_MUL: up's rows
     w = tl.load(rows, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
     if SILU_MUL:
         w_up = tl.load(up_rows, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)

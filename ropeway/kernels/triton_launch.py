@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-_DISABLED = os.environ.get("ROPEWAY_PDL") == "0"
+_DISABLED = os.environ.get("ROPEWAY_PDL") == "0" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
