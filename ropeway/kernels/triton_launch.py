@@ -1,12 +1,14 @@
 """Programmatic dependent launch (PDL) for the small Triton kernels of a step.
 
-A batch-1 decode step is ~400 kernels of a few microseconds each, so the time between one
-kernel's end and the next one's start is a real share of it. On Hopper and later a kernel
-launched with PDL may be scheduled before the kernel ahead of it in the stream has finished.
-Each kernel here calls wait_for_previous_kernel first thing, before touching memory, so it
-is safe whatever ran before it (a cuBLAS GEMM, a copy, another Triton kernel): the overlap
-is the launch and scheduling of its programs, not their work. Right after the wait it lets
-the next PDL kernel be scheduled in turn. Graph capture records the same dependencies.
+A batch-1 decode step is some 300 kernels of a few microseconds each, so the time between
+one kernel's end and the next one's start is a real share of it. On Hopper and later a
+kernel launched with PDL may be scheduled before the kernel ahead of it in the stream has
+finished. Each kernel here calls wait_for_previous_kernel before touching memory an earlier
+kernel may write or read, so it is safe whatever ran before it (a cuBLAS GEMM, a copy,
+another Triton kernel): the overlap is the launch and scheduling of its programs, plus, in
+the GEMV, its first weight loads (weights never depend on an earlier kernel). Right after
+the wait it lets the next PDL kernel be scheduled in turn. Graph capture records the same
+dependencies.
 
 ROPEWAY_PDL=0 turns it off (for A/B timings). The interpreter and CPU tensors never use it.
 """
