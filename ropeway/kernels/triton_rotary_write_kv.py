@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .triton_launch import use_pdl, wait_for_previous_kernel
-from .triton_rotary import load_halves, store_halves, store_rotated, token_cos_sin
+from .triton_rotary import rotate_heads, store_halves, token_cos_sin
 
 
 @triton.jit
@@ -28,37 +28,31 @@ def _rotary_write_kv_kernel(
         BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
-    # Every load is issued before the first store: a store to q could alias a later load
-    # as far as the compiler knows, so loads after it wait for it: a chain of round trips
-    # that a one-token launch (batch-1 decode) is all latency of.
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-    q_heads = tl.arange(0, BLOCK_HQ)
-    q_rows = q_ptr + token * stride_qt + q_heads * stride_qh
-    q1, q2 = load_halves(q_rows, q_heads < num_q_heads, stride_qd, HALF, BLOCK_HALF)
-    k_heads = tl.arange(0, BLOCK_HK)
-    k_rows = k_ptr + token * stride_kt + k_heads * stride_kh
-    k1, k2 = load_halves(k_rows, k_heads < num_kv_heads, stride_kd, HALF, BLOCK_HALF)
-    full_dims = tl.arange(0, 2 * BLOCK_HALF)
-    dims_valid = (full_dims < 2 * HALF)[None, :]
-    v = tl.load(v_ptr + token * stride_vt + k_heads[:, None] * stride_vh + full_dims[None, :] * stride_vd,
-                mask=(k_heads < num_kv_heads)[:, None] & dims_valid)
     cos, sin = token_cos_sin(token, positions_ptr, seq_index_ptr, inv_freq_ptr, factor_ptr,
                              stride_freq, stride_freq_d, HALF, BLOCK_HALF)
 
-    store_rotated(q_rows, q_heads < num_q_heads, stride_qd, q1, q2, cos, sin, HALF, BLOCK_HALF)
+    rotate_heads(q_ptr, token, stride_qt, stride_qh, stride_qd, num_q_heads, cos, sin, HALF, BLOCK_HALF, BLOCK_HQ)
     # Keys: rotated in place (rounded to k's dtype, as the reference does) and, unless the
     # token is padding, also stored to its cache slot.
-    r1, r2 = store_rotated(k_rows, k_heads < num_kv_heads, stride_kd, k1, k2, cos, sin, HALF, BLOCK_HALF)
+    r1, r2 = rotate_heads(k_ptr, token, stride_kt, stride_kh, stride_kd, num_kv_heads, cos, sin,
+                          HALF, BLOCK_HALF, BLOCK_HK)
+    k_heads = tl.arange(0, BLOCK_HK)
     block = slot // page_size
     offset = slot % page_size
     # A padding token masks out all heads (the interpreter rejects scalar & tensor masks).
     cache_heads = k_heads < tl.where(slot >= 0, num_kv_heads, 0)
     kc_rows = k_cache_ptr + block * stride_kcb + offset * stride_kco + k_heads * stride_kch
     store_halves(kc_rows, cache_heads, stride_kcd, r1, r2, HALF, BLOCK_HALF)
+
     # Values: copied to the slot, both halves at once.
+    full_dims = tl.arange(0, 2 * BLOCK_HALF)
+    v_mask = cache_heads[:, None] & (full_dims < 2 * HALF)[None, :]
+    v = tl.load(v_ptr + token * stride_vt + k_heads[:, None] * stride_vh
+                + full_dims[None, :] * stride_vd, mask=v_mask)
     vc = (v_cache_ptr + block * stride_vcb + offset * stride_vco
           + k_heads[:, None] * stride_vch + full_dims[None, :] * stride_vcd)
-    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=cache_heads[:, None] & dims_valid)
+    tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=v_mask)
 
 
 def rotary_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
