@@ -11,14 +11,14 @@ alternative is checked against the default's output before it is timed.
 import argparse
 import itertools
 import json
-import math
 
 import torch
+from kernels import HEAD_DIM, KV_HEADS, Q_HEADS, shuffled_cache
 from triton.testing import do_bench_cudagraph
 
 from ropeway.kernels.triton_attention import AttentionConfig, choose_config, paged_attention_triton
 
-HEADS, KV_HEADS, HEAD_DIM, PAGE, CAPACITY = 32, 8, 128, 16, 131072
+CAPACITY = 131072
 
 
 def main() -> None:
@@ -28,11 +28,8 @@ def main() -> None:
     torch.manual_seed(0)
     rows = []
     for batch, length in ((1, 1024), (32, 1024), (64, 1024), (128, 1024)):
-        num_pages = batch * math.ceil(length / PAGE)
-        k_cache = torch.randn(num_pages, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-        v_cache = torch.randn_like(k_cache)
-        tables = torch.randperm(num_pages, device="cuda").to(torch.int32).view(batch, -1)
-        q = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        k_cache, v_cache, tables, _, _ = shuffled_cache(batch, length)
+        q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         seq_lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
         query_start_loc = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
         default = choose_config(q, KV_HEADS, batch, 1, CAPACITY)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from issue8_shapes import run_issue_shapes  # noqa: E402
-from random_model import LLAMA3_8B, load_random_model  # noqa: E402
+from random_model import build_engine  # noqa: E402
 
 from ropeway import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 
@@ -77,11 +77,7 @@ def main() -> None:
         kv_cache_memory_bytes=int(args.kv_gib * 2**30) if args.kv_gib else None,
         enable_prefix_caching=False,  # every prompt is computed, never served from the cache
     )
-    loaded = None
-    if args.random_llama3_8b:
-        device = config.torch_device()
-        loaded = load_random_model(LLAMA3_8B, config.torch_dtype(device), device)
-    engine = LLMEngine(config, loaded=loaded)
+    engine = build_engine(config, args.random_llama3_8b)
     vocab = min(engine.model_config.vocab_size, engine.tokenizer.vocab_size or engine.model_config.vocab_size)
     generator = torch.Generator().manual_seed(0)
 

@@ -15,13 +15,14 @@ import json
 
 import torch
 import torch.nn.functional as F
+from kernels import HEAD_DIM, KV_HEADS, PAGE, Q_HEADS, shuffled_cache
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from triton.testing import do_bench
 
 from ropeway.kernels.triton_attention import paged_attention_triton
 
-HEADS, KV_HEADS, HEAD_DIM, PAGE, LAYERS = 32, 8, 128, 16, 32
+LAYERS = 32
 
 
 def main() -> None:
@@ -31,16 +32,13 @@ def main() -> None:
     parser.add_argument("--out", default="results/prefill_vs_sdpa.json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    num_pages = args.length // PAGE
-    k_cache = torch.randn(num_pages, PAGE, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    pages = torch.randperm(num_pages, device="cuda")
-    block_table = pages.to(torch.int32).view(1, -1)
+    k_cache, v_cache, block_table, _, _ = shuffled_cache(1, args.length)
+    pages = block_table[0].long()
     scale = HEAD_DIM ** -0.5
     rows, totals = [], {}
     for prefix in range(0, args.length, args.chunk):
         seq_len = prefix + args.chunk
-        q = torch.randn(args.chunk, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(args.chunk, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         query_start_loc = torch.tensor([0, args.chunk], dtype=torch.int32, device="cuda")
         seq_lens = torch.tensor([seq_len], dtype=torch.int32, device="cuda")
         mask = causal_lower_right(args.chunk, seq_len)
@@ -59,7 +57,7 @@ def main() -> None:
             def run():
                 k, v = gather()
                 if expand:
-                    k, v = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (k, v))
+                    k, v = (t.repeat_interleave(Q_HEADS // KV_HEADS, dim=1) for t in (k, v))
                 call = lambda: F.scaled_dot_product_attention(  # noqa: E731
                     q_sdpa, k, v, attn_mask=mask, scale=scale, enable_gqa=not expand)
                 if backend is None:

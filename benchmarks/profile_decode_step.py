@@ -14,9 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_model import LLAMA3_8B, load_random_model  # noqa: E402
+from random_model import build_engine  # noqa: E402
 
-from ropeway import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from ropeway import EngineConfig, SamplingParams  # noqa: E402
 
 
 def main() -> None:
@@ -29,9 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     config = EngineConfig(max_num_seqs=args.batch, max_num_batched_tokens=8192, enable_prefix_caching=False,
                           kv_cache_memory_bytes=int(args.kv_gib * 2**30))
-    device = config.torch_device()
-    loaded = load_random_model(LLAMA3_8B, config.torch_dtype(device), device) if args.random_llama3_8b else None
-    engine = LLMEngine(config, loaded=loaded)
+    engine = build_engine(config, args.random_llama3_8b)
     params = SamplingParams(temperature=0, max_tokens=args.steps * 2 + 8, ignore_eos=True, detokenize=False)
     prompts = torch.randint(0, 1000, (args.batch, args.context), generator=torch.Generator().manual_seed(0))
     for i, prompt in enumerate(prompts.tolist()):

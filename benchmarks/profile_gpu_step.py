@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from issue8_shapes import COPY_BYTES_PER_S, model_step, synthetic_decode_batch  # noqa: E402
-from random_model import LLAMA3_8B, load_random_model  # noqa: E402
+from random_model import build_engine  # noqa: E402
 
 from ropeway import EngineConfig, LLMEngine  # noqa: E402
 
@@ -129,9 +128,7 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",") if b]
     config = EngineConfig(max_num_seqs=max(batches), enable_prefix_caching=False,
                           kv_cache_memory_bytes=int(args.kv_gib * 2**30))
-    device = config.torch_device()
-    loaded = load_random_model(LLAMA3_8B, config.torch_dtype(device), device) if args.random_llama3_8b else None
-    engine = LLMEngine(config, loaded=loaded)
+    engine = build_engine(config, args.random_llama3_8b)
     engine.runner.decode_graphs.capture_up_to(max(batches))
     result = {"steps": [kernel_table(engine, b, args.context) for b in batches]}
     if args.gemms:

@@ -3,7 +3,8 @@
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from ropeway.engine import LoadedModel
+from ropeway import EngineConfig
+from ropeway.engine import LLMEngine, LoadedModel
 from ropeway.models import LlamaModel, ModelConfig, RopewayTokenizer
 from ropeway.models.tokenizer import byte_level_alphabet
 
@@ -65,3 +66,12 @@ def load_random_model(config: ModelConfig, dtype: torch.dtype, device: torch.dev
     model = LlamaModel(config, weights, device)
     del weights
     return LoadedModel(model, tokenizer or byte_tokenizer(), 0.0)
+
+
+def build_engine(config: EngineConfig, random_llama3_8b: bool, tokenizer: RopewayTokenizer | None = None) -> LLMEngine:
+    """An LLMEngine on config's model, or, with random_llama3_8b, on the random-weight Llama-3-8B shape."""
+    loaded = None
+    if random_llama3_8b:
+        device = config.torch_device()
+        loaded = load_random_model(LLAMA3_8B, config.torch_dtype(device), device, tokenizer)
+    return LLMEngine(config, loaded=loaded)

@@ -16,18 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from random_model import LLAMA3_8B, full_vocab_tokenizer, load_random_model  # noqa: E402
+from random_model import LLAMA3_8B, build_engine, full_vocab_tokenizer  # noqa: E402
 from step_trace import StepTrace  # noqa: E402
 
-from ropeway.engine import LLMEngine  # noqa: E402
 from ropeway.server import cli  # noqa: E402
 
 
 def engine_on_random_weights(config):
-    device = config.torch_device()
-    loaded = load_random_model(LLAMA3_8B, config.torch_dtype(device), device,
-                               full_vocab_tokenizer(LLAMA3_8B.vocab_size))
-    engine = LLMEngine(config, loaded=loaded)
+    engine = build_engine(config, True, full_vocab_tokenizer(LLAMA3_8B.vocab_size))
     trace_path = os.environ.get("ROPEWAY_STEP_TRACE")
     if trace_path:
         trace = StepTrace(engine)

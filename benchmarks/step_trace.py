@@ -105,9 +105,9 @@ def run_offline(engine, requests: list[tuple[list[int], int]], concurrency: int)
 
 
 def main() -> None:
-    from random_model import LLAMA3_8B, load_random_model
+    from random_model import build_engine
 
-    from ropeway import EngineConfig, LLMEngine
+    from ropeway import EngineConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: the built-in model)")
@@ -124,11 +124,7 @@ def main() -> None:
     config = EngineConfig(model=args.model, max_num_seqs=max(scenario.concurrency, 1),
                           max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
                           kv_cache_memory_bytes=int(args.kv_gib * 2**30) if args.kv_gib else None)
-    loaded = None
-    if args.random_llama3_8b:
-        device = config.torch_device()
-        loaded = load_random_model(LLAMA3_8B, config.torch_dtype(device), device)
-    engine = LLMEngine(config, loaded=loaded)
+    engine = build_engine(config, args.random_llama3_8b)
     engine.capture_decode_graphs()
     vocab = min(args.vocab, engine.model_config.vocab_size)
     # Warm-up, as serving.py's: kernels compiled for the shapes of short mixed steps.
