@@ -96,6 +96,13 @@ ATTENTION_CASES = [
 ]
 
 
+def fp64_attention(case: dict) -> torch.Tensor:
+    """paged_attention_reference on the case's tensors in fp64."""
+    fp64_case = {key: value.double() if value.is_floating_point() else value
+                 for key, value in case.items() if key != "scale"}
+    return paged_attention_reference(**fp64_case, scale=case["scale"])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("sequences,num_q_heads,num_kv_heads,head_dim,page_size", ATTENTION_CASES)
 def test_paged_attention_against_fp64(dtype, sequences, num_q_heads, num_kv_heads, head_dim,
@@ -105,10 +112,7 @@ def test_paged_attention_against_fp64(dtype, sequences, num_q_heads, num_kv_head
     case = paged_case(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page_size,
                       dtype, "cuda")
     out = paged_attention(**case, max_query_len=max(query_lens), max_seq_len=max(seq_lens))
-    fp64_case = {key: value.double() if value.is_floating_point() else value
-                 for key, value in case.items() if key != "scale"}
-    expected = paged_attention_reference(**fp64_case, scale=case["scale"])
-    assert relative_error(out, expected) < ATTENTION_ERROR
+    assert relative_error(out, fp64_attention(case)) < ATTENTION_ERROR
 
 
 def test_mixed_step_split_launches_against_fp64():
@@ -119,10 +123,7 @@ def test_mixed_step_split_launches_against_fp64():
     query_lens = [n for _, n in sequences]
     case = paged_case(seq_lens, query_lens, 32, 8, 128, 16, torch.bfloat16, "cuda")
     out = paged_attention(**case, max_query_len=max(query_lens), max_seq_len=max(seq_lens), num_decode_seqs=20)
-    fp64_case = {key: value.double() if value.is_floating_point() else value
-                 for key, value in case.items() if key != "scale"}
-    expected = paged_attention_reference(**fp64_case, scale=case["scale"])
-    assert relative_error(out, expected) < ATTENTION_ERROR
+    assert relative_error(out, fp64_attention(case)) < ATTENTION_ERROR
 
 
 def test_add_rms_norm_bf16_against_fp64():
