@@ -4,7 +4,7 @@ whatever the batching, every request gets exactly the tokens it gets alone."""
 import pytest
 
 from batching_cases import GREEDY, prompts_of_mixed_lengths
-from ropeway import SamplingParams
+from ropeway import SamplingParams, kernels
 
 
 @pytest.fixture(scope="module")
@@ -15,11 +15,14 @@ def alone_outputs(make_llm):
     return prompts, [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
 
 
-def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_outputs):
+def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_outputs, monkeypatch):
     prompts, expected = alone_outputs
+    # Chunks of 16 after a cached prefix count as long here (cuDNN's on CUDA), first chunks not.
+    monkeypatch.setattr(kernels, "LONG_CHUNK_MIN_QUERIES", 10)
+    monkeypatch.setattr(kernels, "LONG_CHUNK_MIN_WORK", 200)
     llm = make_llm(max_num_batched_tokens=48, prefill_chunk_size=16, max_num_seqs=8)
     runner = llm.engine.runner
-    reordered = []
+    reordered, long_chunks_last = [], []
     build_batch = runner.build_batch
 
     def recording_build_batch(step, logit_rows, previous=None):
@@ -28,14 +31,23 @@ def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_out
         chunk_before_decode = any(a > 1 and b == 1 for a, b in zip(sizes, sizes[1:]))
         if chunk_before_decode:
             reordered.append(batch.num_decode_seqs == sizes.count(1))
+        if batch.long_chunks:
+            starts, seq_lens = batch.query_start_loc.tolist(), batch.seq_lens.tolist()
+            rows = range(len(seq_lens) - len(batch.long_chunks), len(seq_lens))
+            expected_chunks = [(starts[r], starts[r + 1] - starts[r], seq_lens[r] - (starts[r + 1] - starts[r]))
+                               for r in rows]
+            long_chunks_last.append(list(batch.long_chunks) == expected_chunks
+                                    and all(n >= 10 and n * (c + n // 2) >= 200 for _, n, c in batch.long_chunks))
         return batch
 
     runner.build_batch = recording_build_batch
     outputs = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     # Steps that scheduled a chunk before a decode ran with the decodes moved first (their
-    # own attention tiles on the GPU), and the logits still reached the right requests.
+    # own attention tiles on the GPU), long chunks last (cuDNN on the GPU), and the logits
+    # still reached the right requests.
     assert reordered and all(reordered)
+    assert long_chunks_last and all(long_chunks_last)
 
 
 def test_long_prompt_never_stalls_decodes_for_more_than_one_chunk(make_llm, alone_outputs):

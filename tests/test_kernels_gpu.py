@@ -126,6 +126,27 @@ def test_mixed_step_split_launches_against_fp64():
     assert relative_error(out, fp64_attention(case)) < ATTENTION_ERROR
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_long_chunks_through_cudnn_against_fp64(dtype):
+    """A mixed step as the runner orders it: decodes, a short chunk in Triton, then long
+    chunks through cuDNN: one from scratch, one after a prefix of whole key granules, one
+    after a prefix that is not (its last keys join the causal part)."""
+    from ropeway.kernels.cudnn_attention import cudnn_prefill_usable
+
+    if not cudnn_prefill_usable(torch.empty(1, device="cuda", dtype=dtype)):
+        pytest.skip("cuDNN attention is not available")
+    sequences = [(100 + 37 * i, 1) for i in range(6)] + [(700, 300), (3000, 3000), (6144, 2048), (7000, 1500)]
+    seq_lens = [s for s, _ in sequences]
+    query_lens = [n for _, n in sequences]
+    case = paged_case(seq_lens, query_lens, 32, 8, 128, 16, dtype, "cuda")
+    starts = case["query_start_loc"].tolist()
+    long_chunks = tuple((starts[r], query_lens[r], seq_lens[r] - query_lens[r]) for r in range(7, 10))
+    out = paged_attention(**case, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+                          num_decode_seqs=6, long_chunks=long_chunks)
+    assert cudnn_prefill_usable(case["q"]), "cuDNN refused the chunks: they ran in Triton"
+    assert relative_error(out, fp64_attention(case)) < ATTENTION_ERROR
+
+
 def test_add_rms_norm_bf16_against_fp64():
     from ropeway.kernels import add_rms_norm
     from ropeway.kernels.rms_norm import add_rms_norm_reference

@@ -409,3 +409,36 @@ def test_gemv_reads_a_row_of_a_wider_buffer():
     weight = torch.randn(24, 64, generator=gen)
     torch.testing.assert_close(gemv_triton(rows[1:2], weight, config=(8, 32, 4)),
                                torch.nn.functional.linear(rows[1:2], weight), atol=1e-4, rtol=1e-5)
+
+
+def attention_with_lse(q, k, v, causal, scale):
+    """The reference for cuDNN's call in cudnn_attention: q [T, H, D], k/v [L, Hkv, D] ->
+    (out [1, H, T, D], natural-log lse [1, H, T, 1]); causal is the square, top-left mask."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.double().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = torch.einsum("thd,lhd->htl", q.double(), k) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(scores.shape[1:], dtype=torch.bool).triu(1), float("-inf"))
+    out = torch.einsum("htl,lhd->htd", scores.softmax(-1), v)
+    return out[None].to(q.dtype), scores.logsumexp(-1)[None, ..., None].float()
+
+
+@pytest.mark.parametrize("context_len,num_queries", [
+    (0, 300),      # the chunk's own square only, its queries padded to 512
+    (700, 40),     # a prefix shorter than a key granule: it joins the causal part, in front
+    (2048, 256),   # a prefix of whole granules, nothing padded
+    (2500, 300),   # both: 2048 keys in the prefix call, 452 in front of the causal part
+])
+def test_long_chunk_split_pads_and_merges_to_paged_attention(context_len, num_queries):
+    """cudnn_attention's two calls (prefix, own causal square) over gathered pages, with the
+    shapes rounded to granules, merged by log-sum-exp: the same as paged attention. A plain
+    torch attention stands in for cuDNN (CPU); the merge is the Triton kernel."""
+    from ropeway.kernels.cudnn_attention import attend_long_chunk
+
+    gen = torch.Generator().manual_seed(21)
+    seq_len = context_len + num_queries
+    case = paged_case([seq_len], [num_queries], 4, 2, 16, 16, torch.float32, "cpu", gen)
+    out = torch.full_like(case["q"], float("nan"))
+    assert attend_long_chunk(case["q"], case["k_cache"], case["v_cache"], case["block_tables"][0],
+                             context_len, case["scale"], out, attend=attention_with_lse)
+    assert_close(out, paged_attention_reference(**case), torch.float32)

@@ -6,7 +6,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from ropeway.kernels import rerotate_keys
+from ropeway.kernels import is_long_chunk, rerotate_keys
 from ropeway.models import Capture, ForwardBatch, LlamaModel
 from ropeway.models.forward_batch import block_table_width
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
@@ -179,19 +179,23 @@ class ModelRunner:
         num_seqs = len(items)
         num_new = np.fromiter((item.num_new_tokens for item in items), np.int64, num_seqs)
         rows = np.asarray(logit_rows, dtype=np.int64)
+        # Cache positions differ from token indices once a bounded cache has evicted.
+        cached = np.fromiter((item.seq.num_cached_positions for item in items), np.int64, num_seqs)
         # Single-query sequences go first, so attention can give them decode tiles of their own
-        # (num_decode_seqs); logits still come back in scheduled order.
+        # (num_decode_seqs), and long chunks last, so it can hand them to cuDNN (long_chunks);
+        # logits still come back in scheduled order.
         is_chunk = num_new > 1
         num_decodes = num_seqs - int(is_chunk.sum())
+        group = is_chunk.astype(np.int64)
+        for i in np.flatnonzero(is_chunk):
+            group[i] += is_long_chunk(int(num_new[i]), int(cached[i]))
         restore = None
-        if 0 < num_decodes < num_seqs and is_chunk[:num_decodes].any():
-            order = np.argsort(is_chunk, kind="stable")
+        if (group[1:] < group[:-1]).any():
+            order = np.argsort(group, kind="stable")
             restore = np.argsort(order)
-            items, num_new = [items[i] for i in order], num_new[order]
+            items, num_new, cached, group = [items[i] for i in order], num_new[order], cached[order], group[order]
         seqs = [item.seq for item in items]
         computed = [seq.num_computed_tokens for seq in seqs]
-        # Cache positions differ from token indices once a bounded cache has evicted.
-        cached = np.fromiter((seq.num_cached_positions for seq in seqs), np.int64, num_seqs)
         seq_lens = cached + num_new
         query_start = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start[1:])
@@ -252,6 +256,8 @@ class ModelRunner:
             max_query_len=int(num_new.max()),
             max_seq_len=int(seq_lens.max()),
             num_decode_seqs=num_decodes if total > num_seqs else 0,
+            long_chunks=tuple((int(query_start[i]), int(num_new[i]), int(cached[i]))
+                              for i in np.flatnonzero(group == 2)),
             slot_bias=self.slot_bias if any(seq.num_region_positions for seq in seqs) else None,
         )
 

@@ -47,14 +47,29 @@ def rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_inde
                                   inv_freq, attention_factor)
 
 
+# A prefill chunk this long, with this much attention work (queries x keys it sees), goes
+# to cuDNN on CUDA (kernels/cudnn_attention.py): on the H200 that is 1.5-1.75x faster from
+# here on, and slower below (benchmarks/prefill_vs_sdpa.py --crossover).
+LONG_CHUNK_MIN_QUERIES = 1024
+LONG_CHUNK_MIN_WORK = 1 << 23
+
+
+def is_long_chunk(num_queries: int, context_len: int) -> bool:
+    return (num_queries >= LONG_CHUNK_MIN_QUERIES
+            and num_queries * (context_len + num_queries // 2) >= LONG_CHUNK_MIN_WORK)
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                    max_query_len=None, max_seq_len=None, slot_bias=None, num_decode_seqs=0):
-    """num_decode_seqs: how many leading sequences have one query (a launch hint only)."""
+                    max_query_len=None, max_seq_len=None, slot_bias=None, num_decode_seqs=0,
+                    long_chunks=()):
+    """num_decode_seqs: how many leading sequences have one query; long_chunks: (first query,
+    queries, cached tokens before them) of the last sequences, chunks that is_long_chunk
+    picks. Both are launch hints only: the result is the same without them."""
     if q.is_cuda:
         from .triton_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                       scale, max_query_len, max_seq_len, slot_bias=slot_bias,
-                                      num_decode_seqs=num_decode_seqs)
+                                      num_decode_seqs=num_decode_seqs, long_chunks=long_chunks)
     return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
                                      query_start_loc, scale, max_query_len, max_seq_len, slot_bias)
 
@@ -123,5 +138,5 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
                                 new_inv_freq, old_attention_factor, new_attention_factor)
 
 
-__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "paged_attention", "rms_norm",
+__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "paged_attention", "is_long_chunk", "rms_norm",
            "add_rms_norm", "silu_mul", "rerotate_keys"]

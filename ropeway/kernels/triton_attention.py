@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .cudnn_attention import attend_long_chunk, cudnn_prefill_usable
 from .triton_launch import use_pdl, wait_for_previous_kernel
 
 LOG2_E = 1.4426950408889634
@@ -259,7 +260,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_query_len: int | None = None, max_seq_len: int | None = None,
                            config: AttentionConfig | None = None,
                            slot_bias: torch.Tensor | None = None,
-                           num_decode_seqs: int = 0) -> torch.Tensor:
+                           num_decode_seqs: int = 0,
+                           long_chunks: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
     """See attention.paged_attention_reference. Without the hints, the grid is sized from
     shapes (all tokens in one sequence; the block table's full capacity). slot_bias must be
     contiguous [num_blocks, page_size] fp32.
@@ -267,7 +269,11 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_decode_seqs > 0 says the first sequences have one query each. In a step that also
     has prefill chunks, those decodes get a launch of their own with decode tiles: in the
     chunks' 64-query tiles each decode would fill one query row of 64 and still stream all
-    its keys through the tile (at 250 decodes that was a third of a 2k-token step)."""
+    its keys through the tile (at 250 decodes that was a third of a 2k-token step).
+
+    long_chunks: (first query, queries, cached tokens before them) of the batch's last
+    sequences, long prefill chunks: each goes to cuDNN (cudnn_attention.attend_long_chunk)
+    where it can, else stays in a Triton launch."""
     num_tokens = q.shape[0]
     page_size = k_cache.shape[1]
     num_seqs = block_tables.shape[0]
@@ -278,15 +284,28 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_query_len = num_tokens
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * page_size
-    d = num_decode_seqs
     common = (q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale, max_seq_len, slot_bias)
-    if config is None and 0 < d < num_seqs and max_query_len > 1:
-        _attend(*common, first_seq=0, num_seqs=d, num_tokens=d, max_query_len=1, config=None)
-        _attend(*common, first_seq=d, num_seqs=num_seqs - d, num_tokens=num_tokens - d,
-                max_query_len=max_query_len, config=None)
-    else:
+    if config is not None:
         _attend(*common, first_seq=0, num_seqs=num_seqs, num_tokens=num_tokens,
                 max_query_len=max_query_len, config=config)
+        return out
+    num_long = len(long_chunks) if long_chunks and slot_bias is None and cudnn_prefill_usable(q) else 0
+    first_long = num_seqs - num_long
+    # Sequences [start, first_long) in Triton: the decodes in a launch of their own, then
+    # the other chunks.
+    start = 0
+    d = num_decode_seqs
+    if 0 < d < num_seqs and max_query_len > 1:
+        _attend(*common, first_seq=0, num_seqs=d, num_tokens=d, max_query_len=1, config=None)
+        start = d
+    if start < first_long:
+        end_token = long_chunks[0][0] if num_long else num_tokens
+        _attend(*common, first_seq=start, num_seqs=first_long - start, num_tokens=end_token - start,
+                max_query_len=max_query_len, config=None)
+    for row, (first_query, queries, context_len) in enumerate(long_chunks[:num_long], first_long):
+        rows = slice(first_query, first_query + queries)
+        if not attend_long_chunk(q[rows], k_cache, v_cache, block_tables[row], context_len, scale, out[rows]):
+            _attend(*common, first_seq=row, num_seqs=1, num_tokens=queries, max_query_len=queries, config=None)
     return out
 
 

@@ -29,5 +29,8 @@ class ForwardBatch:
     # The first sequences of a step that also has prefill chunks, one query each (decodes):
     # attention gives them tiles of their own. 0: no such split.
     num_decode_seqs: int = 0
+    # (first query, queries, cached tokens before them) of the last sequences, prefill chunks
+    # long enough for cuDNN's attention on CUDA (kernels.is_long_chunk). Host ints.
+    long_chunks: tuple[tuple[int, int, int], ...] = ()
     # [num_blocks, block_size] fp32 logit bias per cache slot, when a landmark cache is in the batch.
     slot_bias: torch.Tensor | None = None

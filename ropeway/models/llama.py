@@ -108,7 +108,7 @@ class LlamaModel:
                             batch.seq_index, batch.inv_freq, batch.attention_factor)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
-                                   batch.slot_bias, batch.num_decode_seqs)
+                                   batch.slot_bias, batch.num_decode_seqs, batch.long_chunks)
             x = add_rms_norm(linear(attn.reshape(num_tokens, self.q_size), layer.o_weight), h,
                              layer.post_attention_norm, cfg.rms_norm_eps)
             mlp = linear(linear_silu_mul(x, layer.gate_up_weight), layer.down_weight)
