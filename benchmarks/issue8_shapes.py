@@ -72,8 +72,8 @@ def engine_decode(engine: LLMEngine, batch: int, context: int, steps: int, vocab
     return decode_s / decode_steps
 
 
-def engine_ttft(engine: LLMEngine, length: int, vocab: int) -> float:
-    prompt = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+def engine_ttft(engine: LLMEngine, length: int, vocab: int, seed: int = 0) -> float:
+    prompt = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(length + seed)).tolist()
     sync(engine)
     started = time.perf_counter()
     engine.add_request(f"ttft-{length}-{time.monotonic_ns()}", prompt,
@@ -175,8 +175,13 @@ def run_issue_shapes(engine: LLMEngine, vocab: int) -> list[dict]:
         row(f"model step B={batch} L={context // 1024}k", graph_s, floor, target,
             graph_s <= 1.2 * floor, eager_ms=eager_s * 1000)
 
+    # The first long prompt of a process also pays one-off costs (Triton compiles, cuDNN's
+    # handle and a plan per chunk shape): the target row is the next prompt of that length,
+    # other tokens (no prefix-cache hit).
+    first = engine_ttft(engine, 32768, vocab, seed=1)
     ttft = engine_ttft(engine, 32768, vocab)
     flops = prefill_flops(engine, 32768)
     row("engine TTFT 32k prompt", ttft, flops / MATMUL_FLOPS_PER_S, "<= 1.3 s", ttft <= 1.3,
-        tflop_s=flops / ttft / 1e12)
+        tflop_s=flops / ttft / 1e12, first_prompt_s=first)
+    print(f"  (the process's first 32k prompt: {first:.3f} s)", flush=True)
     return rows
