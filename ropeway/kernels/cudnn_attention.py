@@ -56,9 +56,9 @@ def _merge_two_kernel(o1_ptr, lse1_ptr, o2_ptr, lse2_ptr, out_ptr, num_rows,
 
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
     """q [T, H, D], k/v [L, Hkv, D] -> (out [1, H, T, D], natural-log lse [1, H, T, 1])."""
-    as_bhld = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  (views, no copies)
+    q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, tokens, D] views
     out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        as_bhld(q), as_bhld(k), as_bhld(v), None, True, 0.0, causal, False, scale=scale)[:2]
+        q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
     return out, lse
 
 
