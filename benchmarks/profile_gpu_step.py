@@ -77,8 +77,7 @@ def graph_time_us(fn, calls: int = 10, replays: int = 10) -> float:
 def gemm_table(engine: LLMEngine, context: int) -> dict:
     """Each decode GEMM shape at M=1: cuBLAS and every Triton GEMV config (gate_up with its
     SiLU fused, against cuBLAS + silu_mul), timed inside CUDA graphs; then the whole batch-1
-    step with cuBLAS, the GEMV's default configs (also with each RMSNorm in its own launch
-    ahead of its GEMV, as ROPEWAY_GEMV_NORM=0 runs it), and the best swept config per shape."""
+    step with cuBLAS, the GEMV's default configs, and the best swept config per shape."""
     import ropeway.kernels as kernels
     from ropeway.kernels import triton_gemv
 
@@ -110,10 +109,6 @@ def gemm_table(engine: LLMEngine, context: int) -> dict:
     steps = {"cublas": graph_time_us(step, calls=5)}
     kernels._GEMV_DISABLED = False
     steps["gemv default"] = graph_time_us(step, calls=5)
-    norm_disabled = kernels._GEMV_NORM_DISABLED
-    kernels._GEMV_NORM_DISABLED = not norm_disabled
-    steps["gemv default, norms " + ("fused" if norm_disabled else "apart")] = graph_time_us(step, calls=5)
-    kernels._GEMV_NORM_DISABLED = norm_disabled
     triton_gemv.gemv_config = lambda n, k, silu=False: picks.get((n, k, silu)) or default_config(n, k, silu)
     steps["gemv best"] = graph_time_us(step, calls=5)
     triton_gemv.gemv_config = default_config

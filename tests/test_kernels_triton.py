@@ -3,7 +3,6 @@
 Grids stay at tens of programs: each costs about a millisecond in the interpreter.
 """
 
-import os
 import subprocess
 import sys
 
@@ -222,8 +221,6 @@ def test_cpu_dispatch_never_imports_triton():
             "cache, cache.clone(), torch.zeros(1, dtype=torch.long), torch.zeros(1), "
             "torch.zeros(1, dtype=torch.int32), torch.ones(1, 2), torch.ones(1)); "
             "kernels.silu_mul(torch.randn(2, 8)); "
-            "kernels.add_rms_norm_linear(torch.randn(1, 8), torch.randn(1, 8), torch.ones(8), 1e-5, "
-            "torch.randn(4, 8)); "
             "assert 'triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -445,64 +442,3 @@ def test_long_chunk_split_pads_and_merges_to_paged_attention(context_len, num_qu
     assert attend_long_chunk(case["q"], case["k_cache"], case["v_cache"], case["block_tables"][0],
                              context_len, case["scale"], out, attend=attention_with_lse)
     assert_close(out, paged_attention_reference(**case), torch.float32)
-
-# (name, with_delta, with_bias, silu_mul): N=40 and K=100 fill neither the 16-column blocks
-# nor the 32-wide slices, so the pre-pass and the main loop both mask a tail.
-NORM_GEMV_CASES = [
-    ("norm", False, False, False),
-    ("add-norm", True, False, False),
-    ("add-norm-bias", True, True, False),
-    ("norm-bias", False, True, False),
-    ("add-norm-silu-mul", True, False, True),
-]
-
-
-@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
-@pytest.mark.parametrize("name,with_delta,with_bias,silu_mul", NORM_GEMV_CASES, ids=[c[0] for c in NORM_GEMV_CASES])
-def test_add_rms_norm_gemv_matches_norm_then_linear(dtype, name, with_delta, with_bias, silu_mul):
-    from ropeway.kernels.rms_norm import add_rms_norm_reference, rms_norm_reference
-    from ropeway.kernels.triton_gemv import add_rms_norm_gemv_triton
-    from ropeway.kernels.triton_rms_norm import add_rms_norm_triton, rms_norm_triton
-
-    gen = torch.Generator().manual_seed(14)
-    n, k, eps, config = 40, 100, 1e-5, (16, 32, 4)
-    residual = torch.randn(1, k, generator=gen).to(dtype)
-    delta = torch.randn(1, k, generator=gen).to(dtype) if with_delta else None
-    norm_weight = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype)
-    weight = (torch.randn(2 * n if silu_mul else n, k, generator=gen) / 4).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
-    residual_before = residual.clone()
-
-    out, new_residual = add_rms_norm_gemv_triton(delta, residual, norm_weight, eps, weight, bias,
-                                                 silu_mul=silu_mul, config=config)
-
-    assert out.shape == (1, n) and out.dtype == dtype
-    assert torch.equal(residual, residual_before)  # read only: the sum goes to a new buffer
-    if with_delta:
-        assert new_residual.data_ptr() != residual.data_ptr()
-        assert_close(new_residual, residual_before + delta, dtype)
-    else:
-        assert new_residual is residual
-    # Against the torch reference: norm (with its in-place add), then an fp32 product.
-    ref_residual = residual.clone()
-    x = (rms_norm_reference(ref_residual, norm_weight, eps) if delta is None
-         else add_rms_norm_reference(delta, ref_residual, norm_weight, eps))
-    torch.testing.assert_close(new_residual, ref_residual)
-    expected = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    tol = TOLERANCE[dtype] * k ** 0.5
-    if silu_mul:
-        expected = silu_mul_reference(expected.to(dtype).float())
-        torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype] * 2)
-    else:
-        torch.testing.assert_close(out.float(), expected, atol=tol, rtol=TOLERANCE[dtype])
-    # Against the unfused kernels (the norm's launch, then the same GEMV config): the same
-    # roundings at the same points, so the same bits in fp16 and bf16. The sum of squares is
-    # added in another order than the norm kernel's: in fp32 no rounding hides that, and
-    # compiled it may move an output by an ulp.
-    unfused_x = (rms_norm_triton(residual.clone(), norm_weight, eps) if delta is None
-                 else add_rms_norm_triton(delta, residual.clone(), norm_weight, eps))
-    unfused = gemv_triton(unfused_x, weight, bias, silu_mul=silu_mul, config=config)
-    if dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1":
-        assert torch.equal(out, unfused)
-    else:
-        assert_close(out, unfused, dtype)

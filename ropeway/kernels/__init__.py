@@ -91,9 +91,6 @@ def add_rms_norm(delta, residual, weight, eps):
 
 # ROPEWAY_GEMV=0 keeps cuBLAS for one-token steps too (for A/B timings).
 _GEMV_DISABLED = os.environ.get("ROPEWAY_GEMV") == "0"
-# ROPEWAY_GEMV_NORM=0 keeps the GEMV but runs each RMSNorm ahead of it in its own launch
-# (add_rms_norm_linear unfused, for A/B timings).
-_GEMV_NORM_DISABLED = os.environ.get("ROPEWAY_GEMV_NORM") == "0"
 
 
 def _takes_gemv(x, weight, bias=None) -> bool:
@@ -122,30 +119,6 @@ def linear_silu_mul(x, gate_up_weight):
     return silu_mul(F.linear(x, gate_up_weight))
 
 
-def add_rms_norm_linear(delta, residual, norm_weight, eps, weight, bias=None, silu_mul=False):
-    """linear(add_rms_norm(delta, residual, norm_weight, eps), weight, bias) (with silu_mul:
-    linear_silu_mul, no bias) and the new residual: returns (out, residual + delta). delta None:
-    rms_norm alone, and the residual returned is residual itself.
-
-    A norm ahead of a GEMV is a launch of a few microseconds per use, 2 per layer. On a
-    one-token CUDA step the GEMV does the norm (and the add) itself, and writes residual +
-    delta to a new tensor, leaving residual as it was; elsewhere residual is updated in place
-    and returned. Either way, callers continue from the returned residual."""
-    assert not (silu_mul and bias is not None), "the SiLU-gated GEMV takes no bias"
-    if (_takes_gemv(residual, weight, bias) and not _GEMV_NORM_DISABLED
-            and norm_weight.dtype == residual.dtype and norm_weight.is_contiguous()
-            and (delta is None or (delta.dtype == residual.dtype and delta.shape == residual.shape
-                                   and delta.stride(1) == 1))
-            and (not silu_mul or weight.shape[0] % 2 == 0)):
-        from .triton_gemv import add_rms_norm_gemv_triton
-        return add_rms_norm_gemv_triton(delta, residual, norm_weight, eps, weight, bias, silu_mul)
-    if delta is None:
-        x = rms_norm(residual, norm_weight, eps)
-    else:
-        x = add_rms_norm(delta, residual, norm_weight, eps)
-    return (linear_silu_mul(x, weight) if silu_mul else linear(x, weight, bias)), residual
-
-
 def silu_mul(gate_up):
     """silu(gate) * up for gate_up [T, 2I] (gate first): [T, I]."""
     if gate_up.is_cuda:
@@ -166,4 +139,4 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
 
 
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "paged_attention", "is_long_chunk", "rms_norm",
-           "add_rms_norm", "add_rms_norm_linear", "silu_mul", "rerotate_keys"]
+           "add_rms_norm", "silu_mul", "rerotate_keys"]

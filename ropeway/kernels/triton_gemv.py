@@ -9,14 +9,7 @@ the current one), and reduces once at the end:
   never depend on it, so their first round trip overlaps that kernel's tail;
 - SILU_MUL reads a fused [gate; up] matrix and writes silu(gate) * up, so the MLP's
   activation costs no launch and no [1, 2I] round trip through memory (gate and up are
-  rounded to the output dtype first, as the unfused GEMM + silu_mul would);
-- NORM makes x the RMSNorm of a residual row (plus ADD: of residual + delta), so the norm
-  ahead of qkv, gate_up and lm_head costs no launch of its own. Every program sums the
-  row's squares itself (a pre-pass over 4-8K elements, from L2), then normalises each slice
-  as it multiplies it, rounding where triton_rms_norm rounds (the residual sum, the
-  normalised row, the scaled row): the product is the unfused one's up to fp32 summation
-  order. Program 0 writes residual + delta to a new buffer; in place would race with the
-  programs still reading it.
+  rounded to the output dtype first, as the unfused GEMM + silu_mul would).
 """
 
 import torch
@@ -27,20 +20,9 @@ from .triton_launch import use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
-def _residual_slice(x_ptr, delta_ptr, offsets, mask, ADD: tl.constexpr):
-    """fp32 values of residual (+ delta, rounded to the residual's dtype as add_rms_norm does)."""
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    if ADD:
-        delta = tl.load(delta_ptr + offsets, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + delta.to(tl.float32)).to(x_ptr.dtype.element_ty)
-    return x.to(tl.float32)
-
-
-@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w,
-                 delta_ptr, norm_w_ptr, residual_out_ptr, eps,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SILU_MUL: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr):
+                 SILU_MUL: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
@@ -50,29 +32,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w,
     if SILU_MUL:
         w_up = tl.load(up_rows, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
     wait_for_previous_kernel(PDL)
-    if NORM:
-        # The whole row's sum of squares, before any slice can be normalised.
-        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = k0 + ks < K
-            residual = _residual_slice(x_ptr, delta_ptr, k0 + ks, k_mask, ADD)
-            if ADD:
-                if tl.program_id(0) == 0:
-                    tl.store(residual_out_ptr + k0 + ks, residual.to(residual_out_ptr.dtype.element_ty),
-                             mask=k_mask)
-            squares += residual * residual
-        inv_rms = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if NORM:
-            k_mask = k0 + ks < K
-            residual = _residual_slice(x_ptr, delta_ptr, k0 + ks, k_mask, ADD)
-            norm_w = tl.load(norm_w_ptr + k0 + ks, mask=k_mask, other=0.0).to(tl.float32)
-            normed = (residual * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
-            x = (normed * norm_w).to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
-        else:
-            x = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)[None, :]
+        x = tl.load(x_ptr + k0 + ks, mask=k0 + ks < K, other=0.0).to(tl.float32)[None, :]
         next_mask = col_mask[:, None] & (k0 + BLOCK_K + ks < K)[None, :]
         w_next = tl.load(rows + k0 + BLOCK_K, mask=next_mask, other=0.0)
         acc += w.to(tl.float32) * x
@@ -108,37 +71,14 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 silu_mul: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [1, K] (unit stride along K), weight [N, K] contiguous: x @ weight.T + bias, [1, N].
     With silu_mul, weight is [gate; up] ([2I, K]) and the result is silu(gate) * up, [1, I]."""
-    return _launch(x, weight, bias, silu_mul, config)
-
-
-def add_rms_norm_gemv_triton(delta: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor,
-                             eps: float, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                             silu_mul: bool = False, config: tuple[int, int, int] | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """gemv_triton(rms_norm(residual + delta) * norm_weight, weight, bias, silu_mul) in one launch,
-    and residual + delta in a new [1, K] buffer (residual is left as it is). delta None: no add,
-    and the residual returned is residual itself. delta and norm_weight have unit stride."""
-    k = residual.shape[1]
-    assert norm_weight.shape == (k,) and norm_weight.stride(0) == 1
-    assert delta is None or (delta.shape == residual.shape and delta.stride(1) == 1)
-    new_residual = residual if delta is None else torch.empty((1, k), dtype=residual.dtype, device=residual.device)
-    out = _launch(residual, weight, bias, silu_mul, config, delta=delta, norm_weight=norm_weight, eps=eps,
-                  residual_out=new_residual)
-    return out, new_residual
-
-
-def _launch(x, weight, bias, silu_mul, config, delta=None, norm_weight=None, eps=0.0, residual_out=None):
     rows, k = x.shape
     assert rows == 1 and x.stride(1) == 1 and weight.is_contiguous() and weight.shape[1] == k
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config or gemv_config(n, k, silu_mul)
     pdl = use_pdl(x)
-    norm = norm_weight is not None
-    # Pointers a variant does not read get x as a stand-in.
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, weight if bias is None else bias, out, n, k, weight.stride(0),
-        x if delta is None else delta, norm_weight if norm else x, x if residual_out is None else residual_out, eps,
-        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul,
-        NORM=norm, ADD=delta is not None, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+        BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl)
     return out

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ropeway.kernels import add_rms_norm_linear, linear, paged_attention, rotary_write_kv
+from ropeway.kernels import add_rms_norm, linear, linear_silu_mul, paged_attention, rms_norm, rotary_write_kv
 
 from .config import ModelConfig
 from .errors import ModelLoadError
@@ -93,14 +93,10 @@ class LlamaModel:
         cfg = self.config
         num_tokens = batch.input_ids.shape[0]
         h = F.embedding(batch.input_ids, self.embed_tokens)
-        eps = cfg.rms_norm_eps
-        # Each norm goes with the projection it feeds, and adds the delta (the previous
-        # attention or MLP output) into the residual stream h first. That add may write a new
-        # tensor instead of updating h in place (see add_rms_norm_linear), so h is always
-        # the one returned.
-        delta = None
+        # The residual stream h is updated in place by the fused add + norm kernels.
+        x = rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            qkv, h = add_rms_norm_linear(delta, h, layer.input_norm, eps, layer.qkv_weight, layer.qkv_bias)
+            qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
             q = qkv[:, : self.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -113,13 +109,12 @@ class LlamaModel:
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
                                    batch.slot_bias, batch.num_decode_seqs, batch.long_chunks)
-            o = linear(attn.reshape(num_tokens, self.q_size), layer.o_weight)
-            activation, h = add_rms_norm_linear(o, h, layer.post_attention_norm, eps, layer.gate_up_weight,
-                                                silu_mul=True)
-            delta = linear(activation, layer.down_weight)
-        # Only the sampled rows reach the final norm and lm_head. In a one-token step the one
-        # index can only be row 0: no gather, and the last add fuses into lm_head's norm too.
-        if not (num_tokens == 1 and batch.logits_indices.shape[0] == 1):
-            h, delta = h[batch.logits_indices], delta[batch.logits_indices]
-        logits, _ = add_rms_norm_linear(delta, h, self.norm, eps, self.lm_head)
-        return logits.to(torch.float32)
+            x = add_rms_norm(linear(attn.reshape(num_tokens, self.q_size), layer.o_weight), h,
+                             layer.post_attention_norm, cfg.rms_norm_eps)
+            mlp = linear(linear_silu_mul(x, layer.gate_up_weight), layer.down_weight)
+            if i + 1 < len(self.layers):
+                x = add_rms_norm(mlp, h, self.layers[i + 1].input_norm, cfg.rms_norm_eps)
+            else:
+                h.add_(mlp)
+        h = rms_norm(h[batch.logits_indices], self.norm, cfg.rms_norm_eps)
+        return linear(h, self.lm_head).to(torch.float32)
