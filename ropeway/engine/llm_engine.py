@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ropeway.config import EngineConfig
+from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention
 from ropeway.models import LlamaModel, RopewayTokenizer, load_model_files
 from ropeway.outputs import RequestOutput, TokenLogprob
 from ropeway.sampling_params import InvalidParameter, SamplingParams
@@ -120,6 +121,10 @@ class LLMEngine:
             session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes)
+        if is_long_chunk(self.scheduler.config.prefill_chunk_size):
+            # Chunks this long can reach cuDNN: load it now, not inside a first long prompt.
+            warm_up_long_chunk_attention(self.device, self.dtype, model_config.num_heads,
+                                         model_config.num_kv_heads, model_config.head_dim)
         self.default_rope_plan = self.planner.model_plan
         self.requests: dict[str, RequestState] = {}
         self.counters = EngineCounters()

@@ -188,7 +188,7 @@ class ModelRunner:
         num_decodes = num_seqs - int(is_chunk.sum())
         group = is_chunk.astype(np.int64)
         for i in np.flatnonzero(is_chunk):
-            group[i] += is_long_chunk(int(num_new[i]), int(cached[i]))
+            group[i] += is_long_chunk(int(num_new[i]))
         restore = None
         if (group[1:] < group[:-1]).any():
             order = np.argsort(group, kind="stable")

@@ -47,16 +47,26 @@ def rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_inde
                                   inv_freq, attention_factor)
 
 
-# A prefill chunk this long, with this much attention work (queries x keys it sees), goes
-# to cuDNN on CUDA (kernels/cudnn_attention.py): on the H200 that is 1.5-1.75x faster from
-# here on, and slower below (benchmarks/prefill_vs_sdpa.py --crossover).
-LONG_CHUNK_MIN_QUERIES = 1024
-LONG_CHUNK_MIN_WORK = 1 << 23
+# Prefill chunks of this many queries go to cuDNN on CUDA (kernels/cudnn_attention.py).
+# On the H200 cuDNN runs a 4k chunk 1.5-1.7x faster than Triton at any prefix (2k chunks:
+# 1.6x past 4k keys, 0.9x on their own). Each new shape costs cuDNN a ~75 ms plan, though,
+# and the default 2,048-token budget makes chunks of every size: they stay in Triton, where
+# a cold server's long prompts measured half the TTFT. Budgets of 4k+ tokens per step, as
+# long-prompt deployments set, make chunks of a few sizes, whose plans are soon all made.
+LONG_CHUNK_MIN_QUERIES = 4096
 
 
-def is_long_chunk(num_queries: int, context_len: int) -> bool:
-    return (num_queries >= LONG_CHUNK_MIN_QUERIES
-            and num_queries * (context_len + num_queries // 2) >= LONG_CHUNK_MIN_WORK)
+def is_long_chunk(num_queries: int) -> bool:
+    return num_queries >= LONG_CHUNK_MIN_QUERIES
+
+
+def warm_up_long_chunk_attention(device, dtype, num_heads, num_kv_heads, head_dim) -> None:
+    """Loads cuDNN's attention where long chunks will use it (no-op elsewhere)."""
+    if device.type != "cuda":
+        return
+    from .cudnn_attention import cudnn_prefill_usable, warm_up
+    if cudnn_prefill_usable(torch.empty(0, device=device, dtype=dtype)):
+        warm_up(device, dtype, num_heads, num_kv_heads, head_dim)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
@@ -138,5 +148,5 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
                                 new_inv_freq, old_attention_factor, new_attention_factor)
 
 
-__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "paged_attention", "is_long_chunk", "rms_norm",
-           "add_rms_norm", "silu_mul", "rerotate_keys"]
+__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "paged_attention", "is_long_chunk",
+           "warm_up_long_chunk_attention", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys"]

@@ -23,7 +23,7 @@ import triton.language as tl
 _DISABLED = os.environ.get("ROPEWAY_CUDNN_PREFILL") == "0"
 # Shapes cuDNN sees are rounded to these (see chunk_attention).
 KEY_GRANULE = 1024
-QUERY_GRANULE = 256
+QUERY_GRANULE = 1024
 
 _unsupported: set[tuple] = set()  # (dtype, head_dim) cuDNN refused once: do not ask again
 
@@ -108,6 +108,17 @@ def chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, c
         o1.stride(0), o1.stride(1), o2.stride(0), o2.stride(1),
         l1.stride(0), l1.stride(1), l2.stride(0), l2.stride(1), out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=block_t, num_warps=4)
+
+
+def warm_up(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Load cuDNN's attention (its first call takes ~1.3 s) and compile the merge, so the
+    first long prompt a server sees does not pay for them."""
+    q = torch.zeros(QUERY_GRANULE, num_heads, head_dim, device=device, dtype=dtype)
+    keys = torch.zeros(KEY_GRANULE + QUERY_GRANULE, num_kv_heads, head_dim, device=device, dtype=dtype)
+    try:
+        chunk_attention(q, keys, keys, KEY_GRANULE, head_dim ** -0.5, torch.empty_like(q))
+    except RuntimeError:
+        _unsupported.add((dtype, head_dim))
 
 
 def attend_long_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
