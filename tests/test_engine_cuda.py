@@ -105,3 +105,32 @@ def test_start_up_capture_covers_every_bucket_and_decodes_as_eager():
     expected = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, params)]
     assert [o.outputs[0].token_ids for o in graphs.generate(PROMPTS, params)] == expected
     assert len(graphs.engine.runner.decode_graphs.graphs) == 6  # nothing captured mid-stream
+
+
+def test_cuda_long_chunks_through_cudnn_as_accurate_as_triton(monkeypatch):
+    """A 7k-token prompt in 2k chunks, long chunks made to take cuDNN (kernels/cudnn_attention:
+    a chunk from scratch, then chunks after whole and split key granules): its bf16 prompt
+    logprobs are as close to an fp32 run (Triton throughout) as the bf16 Triton path's are."""
+    from ropeway import kernels
+    from ropeway.kernels import cudnn_attention, triton_attention
+
+    monkeypatch.setattr(kernels, "LONG_CHUNK_MIN_QUERIES", 2000)
+    calls = []
+    attend = triton_attention.attend_long_chunk
+    monkeypatch.setattr(triton_attention, "attend_long_chunk", lambda *a, **k: calls.append(a[4]) or attend(*a, **k))
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=True)
+    config = {"device": "cuda", "kv_cache_memory_bytes": 1 << 29, "max_num_batched_tokens": 2000,
+              "enable_prefix_caching": False}
+    fp32 = LLM(dtype="float32", **config)
+    prompt = fp32.tokenizer.encode(" ".join(PROMPTS) * 160)[:7000]
+    reference = torch.tensor(fp32.generate([prompt], params)[0].prompt_logprobs[1:])
+    bf16 = LLM(dtype="bfloat16", **config)
+    through_cudnn = torch.tensor(bf16.generate([prompt], params)[0].prompt_logprobs[1:])
+    layers = bf16.engine.model_config.num_layers
+    assert calls == [context for context in (0, 2000, 4000) for _ in range(layers)]
+    monkeypatch.setattr(cudnn_attention, "_DISABLED", True)
+    through_triton = torch.tensor(bf16.generate([prompt], params)[0].prompt_logprobs[1:])
+    assert len(calls) == 3 * layers
+    cudnn_error = (through_cudnn - reference).abs().mean().item()
+    triton_error = (through_triton - reference).abs().mean().item()
+    assert cudnn_error <= 1.25 * triton_error + 1e-3, (cudnn_error, triton_error)
