@@ -147,34 +147,6 @@ def test_long_chunks_through_cudnn_against_fp64(dtype):
     assert relative_error(out, fp64_attention(case)) < ATTENTION_ERROR
 
 
-def test_qkv_gemv_with_rotary_and_kv_write_bf16_against_fp64():
-    """A batch-1 step's qkv projection at Llama-3-8B's shape with RoPE (position 100k) and
-    the KV write as the GEMV's epilogue (kernels.qkv_rotary_write_kv)."""
-    from ropeway.kernels import qkv_rotary_write_kv
-    from ropeway.kernels.rotary_write_kv import rotary_write_kv_reference
-
-    num_q_heads, num_kv_heads, head_dim, hidden = 32, 8, 128, 4096
-    n = (num_q_heads + 2 * num_kv_heads) * head_dim
-    x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
-    weight = (torch.randn(n, hidden, device="cuda") / 64).to(torch.bfloat16)
-    inv_freq, factors = rope_rows(1, head_dim, "cuda")
-    rope = (torch.tensor([1234], device="cuda"), torch.tensor([100000], device="cuda"),
-            torch.tensor([0], device="cuda", dtype=torch.int32), inv_freq, factors)
-    k_cache, v_cache = (torch.zeros(128, 16, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-                        for _ in range(2))
-    out = qkv_rotary_write_kv(x, weight, None, num_q_heads, num_kv_heads, head_dim, k_cache, v_cache, *rope)
-    expected = x.double() @ weight.double().T
-    k_ref, v_ref = k_cache.double(), v_cache.double()
-    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
-    rotary_write_kv_reference(expected[:, :q_size].view(1, num_q_heads, head_dim),
-                              expected[:, q_size:q_size + kv_size].view(1, num_kv_heads, head_dim),
-                              expected[:, q_size + kv_size:].view(1, num_kv_heads, head_dim),
-                              k_ref, v_ref, *rope)
-    assert relative_error(out, expected) < BF16_ROUNDING
-    assert relative_error(k_cache, k_ref) < BF16_ROUNDING
-    assert relative_error(v_cache, v_ref) < BF16_ROUNDING
-
-
 def test_add_rms_norm_bf16_against_fp64():
     from ropeway.kernels import add_rms_norm
     from ropeway.kernels.rms_norm import add_rms_norm_reference

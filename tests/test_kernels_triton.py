@@ -415,8 +415,8 @@ def test_gemv_rotary_write_kv_matches_linear_then_rotary_write_kv(dtype, slot, w
     x = torch.randn(1, k, generator=gen).to(dtype)
     weight = (torch.randn(n, k, generator=gen) / 4).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
-    inv_freq, factors = rope_rows(1, head_dim, "cpu", gen)  # one token: one sequence's row
-    positions, seq_index = torch.tensor([1234]), torch.tensor([0], dtype=torch.int32)
+    inv_freq, factors = rope_rows(3, head_dim, "cpu", gen)
+    positions, seq_index = torch.tensor([1234]), torch.tensor([2], dtype=torch.int32)
     slot_mapping = torch.tensor([slot])
     k_cache = torch.randn(6, 8, num_kv_heads, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(6, 8, num_kv_heads, head_dim, generator=gen).to(dtype)

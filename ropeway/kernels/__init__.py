@@ -125,7 +125,7 @@ def qkv_rotary_write_kv(x, qkv_weight, qkv_bias, num_q_heads, num_kv_heads, head
                         slot_mapping, positions, seq_index, inv_freq, attention_factor):
     """linear(x, qkv_weight, qkv_bias), then rotary_write_kv on its q, k and v heads; returns
     the (rotated) qkv rows. A one-token CUDA step does it all in the GEMV's launch."""
-    if (_takes_gemv(x, qkv_weight, qkv_bias) and inv_freq.shape[0] == 1 and inv_freq.stride(1) == 1
+    if (_takes_gemv(x, qkv_weight, qkv_bias) and inv_freq.stride(1) == 1
             and k_cache.stride(3) == 1 and v_cache.stride(3) == 1):
         from .triton_gemv import gemv_rotary_write_kv_triton, rope_pairs_per_program
         if rope_pairs_per_program(head_dim) is not None:

@@ -25,14 +25,15 @@ from .triton_rotary import cos_sin_of
 
 
 @triton.jit
-def _rope_write_kv(x1, x2, cols, out_ptr, k_cache_ptr, v_cache_ptr, slot, position, inv_freq, factor,
-                   stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
-                   num_q_heads, num_kv_heads, page_size, HEAD_DIM: tl.constexpr):
+def _rope_write_kv(x1, x2, cols, out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, positions_ptr,
+                   seq_index_ptr, inv_freq_ptr, factor_ptr, stride_kcb, stride_kco, stride_kch,
+                   stride_vcb, stride_vco, stride_vch, stride_freq, num_q_heads, num_kv_heads, page_size,
+                   HEAD_DIM: tl.constexpr):
     """The epilogue of the one-token qkv projection: x1, x2 (fp32 sums) are dimensions `cols`
     of one head's first half and their partners in its second half. As linear then
-    rotary_write_kv would: round them to the output dtype, rotate q and k heads (by the
-    token's cos/sin from position, inv_freq at those dimensions and factor), store them, and
-    copy k and v heads to the token's cache slot (none for a negative slot)."""
+    rotary_write_kv would: round them to the output dtype, rotate q and k heads (the token's
+    position under its sequence's RoPE row), store them, and copy k and v heads to the
+    token's cache slot (none for a negative slot)."""
     HALF: tl.constexpr = HEAD_DIM // 2
     dtype = out_ptr.dtype.element_ty
     x1 = x1.to(dtype).to(tl.float32)
@@ -40,11 +41,14 @@ def _rope_write_kv(x1, x2, cols, out_ptr, k_cache_ptr, v_cache_ptr, slot, positi
     head = cols // HEAD_DIM                   # the same head for every column of the program
     dims = cols % HEAD_DIM
     is_rotated = head < num_q_heads + num_kv_heads
-    cos, sin = cos_sin_of(position, inv_freq, factor)
+    row = tl.load(seq_index_ptr).to(tl.int64)
+    cos, sin = cos_sin_of(tl.load(positions_ptr), tl.load(inv_freq_ptr + row * stride_freq + dims),
+                          tl.load(factor_ptr + row))
     r1 = tl.where(is_rotated, x1 * cos - x2 * sin, x1).to(dtype)
     r2 = tl.where(is_rotated, x2 * cos + x1 * sin, x2).to(dtype)
     tl.store(out_ptr + cols, r1)
     tl.store(out_ptr + cols + HALF, r2)
+    slot = tl.load(slot_mapping_ptr).to(tl.int64)
     kv_head = (head - num_q_heads) % num_kv_heads
     # Masks from comparisons only (the interpreter rejects a scalar & a tensor).
     to_k = (head >= num_q_heads) & is_rotated & (dims < tl.where(slot >= 0, HEAD_DIM, 0))
@@ -60,9 +64,9 @@ def _rope_write_kv(x1, x2, cols, out_ptr, k_cache_ptr, v_cache_ptr, slot, positi
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w,
-                 k_cache_ptr, v_cache_ptr, slot_mapping_ptr, positions_ptr, inv_freq_ptr, factor_ptr,
-                 stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
-                 num_q_heads, num_kv_heads, page_size,
+                 k_cache_ptr, v_cache_ptr, slot_mapping_ptr, positions_ptr, seq_index_ptr, inv_freq_ptr,
+                 factor_ptr, stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
+                 stride_freq, num_q_heads, num_kv_heads, page_size,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  SILU_MUL: tl.constexpr, ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr):
     # Paired variants stream two row sets at once: gate and up rows (SILU_MUL), or each
@@ -86,14 +90,6 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w,
     if PAIRED:
         w_partner = tl.load(partner_rows, mask=col_mask[:, None] & (ks < K)[None, :], other=0.0)
     wait_for_previous_kernel(PDL)
-    if ROPE:
-        # The epilogue's inputs, requested now so their round trips overlap the weight
-        # stream (loaded after it, they added ~9 us a layer on the H200). One token means
-        # one sequence: its RoPE row is row 0.
-        slot = tl.load(slot_mapping_ptr).to(tl.int64)
-        position = tl.load(positions_ptr)
-        factor = tl.load(factor_ptr)
-        inv_freq = tl.load(inv_freq_ptr + cols % HEAD_DIM)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_partner = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -117,9 +113,10 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, stride_w,
         partner = tl.sum(acc_partner, 1)
         if HAS_BIAS:
             partner += tl.load(bias_ptr + cols + HALF, mask=col_mask, other=0.0).to(tl.float32)
-        _rope_write_kv(out, partner, cols, out_ptr, k_cache_ptr, v_cache_ptr, slot, position, inv_freq, factor,
-                       stride_kcb, stride_kco, stride_kch, stride_vcb, stride_vco, stride_vch,
-                       num_q_heads, num_kv_heads, page_size, HEAD_DIM)
+        _rope_write_kv(out, partner, cols, out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, positions_ptr,
+                       seq_index_ptr, inv_freq_ptr, factor_ptr, stride_kcb, stride_kco, stride_kch,
+                       stride_vcb, stride_vco, stride_vch, stride_freq, num_q_heads, num_kv_heads, page_size,
+                       HEAD_DIM)
     else:
         tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=col_mask)
 
@@ -146,7 +143,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, num_warps = config or gemv_config(n, k, silu_mul)
-    _launch(x, weight, bias, out, n, triton.cdiv(n, block_n), (x,) * 6 + (0,) * 9,
+    _launch(x, weight, bias, out, n, triton.cdiv(n, block_n), (x,) * 7 + (0,) * 10,
             block_n, block_k, num_warps, silu_mul=silu_mul, rope=False, head_dim=2)
     return out
 
@@ -167,20 +164,19 @@ def gemv_rotary_write_kv_triton(x: torch.Tensor, qkv_weight: torch.Tensor, qkv_b
                                 attention_factor: torch.Tensor) -> torch.Tensor:
     """One token's qkv projection, [1, (Hq + 2 Hkv) D], with RoPE applied to its q and k
     heads and k and v copied to the token's cache slot: linear(x, qkv_weight, qkv_bias), then
-    rotary_write_kv on its q, k, v views, in one launch. One token is one sequence, so
-    inv_freq and attention_factor hold one row (seq_index is [0] and goes unread)."""
+    rotary_write_kv on its q, k, v views, in one launch."""
     rows, k = x.shape
     n = qkv_weight.shape[0]
     assert rows == 1 and x.stride(1) == 1 and qkv_weight.is_contiguous() and qkv_weight.shape[1] == k
-    assert n == (num_q_heads + 2 * num_kv_heads) * head_dim and inv_freq.shape[0] == 1 and inv_freq.stride(1) == 1
+    assert n == (num_q_heads + 2 * num_kv_heads) * head_dim and inv_freq.stride(1) == 1
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
     pairs = rope_pairs_per_program(head_dim)
     assert pairs is not None
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _, block_k, num_warps = gemv_config(n, k)
-    # One token is one sequence: the kernel reads RoPE row 0 (seq_index is all zeros).
-    rope_args = (k_cache, v_cache, slot_mapping, positions, inv_freq, attention_factor,
-                 *k_cache.stride()[:3], *v_cache.stride()[:3], num_q_heads, num_kv_heads, k_cache.shape[1])
+    rope_args = (k_cache, v_cache, slot_mapping, positions, seq_index, inv_freq, attention_factor,
+                 *k_cache.stride()[:3], *v_cache.stride()[:3], inv_freq.stride(0),
+                 num_q_heads, num_kv_heads, k_cache.shape[1])
     _launch(x, qkv_weight, qkv_bias, out, n, n // 2 // pairs, rope_args, pairs, block_k, num_warps,
             silu_mul=False, rope=True, head_dim=head_dim)
     return out
