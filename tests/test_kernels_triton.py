@@ -402,44 +402,6 @@ def test_gemv_silu_mul_matches_linear_then_silu_mul(dtype):
     torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype] * 2)
 
 
-@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
-@pytest.mark.parametrize("slot,with_bias", [(37, False), (37, True), (-1, False)], ids=["slot", "bias", "padding"])
-def test_gemv_rotary_write_kv_matches_linear_then_rotary_write_kv(dtype, slot, with_bias):
-    """The one-token qkv GEMV with RoPE and the KV write as its epilogue: the rotated qkv
-    row and the cache slot as linear + rotary_write_kv leave them (a padding slot: no write)."""
-    from ropeway.kernels.triton_gemv import gemv_rotary_write_kv_triton
-
-    gen = torch.Generator().manual_seed(14)
-    num_q_heads, num_kv_heads, head_dim, k = 4, 2, 16, 100
-    n = (num_q_heads + 2 * num_kv_heads) * head_dim
-    x = torch.randn(1, k, generator=gen).to(dtype)
-    weight = (torch.randn(n, k, generator=gen) / 4).to(dtype)
-    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
-    inv_freq, factors = rope_rows(3, head_dim, "cpu", gen)
-    positions, seq_index = torch.tensor([1234]), torch.tensor([2], dtype=torch.int32)
-    slot_mapping = torch.tensor([slot])
-    k_cache = torch.randn(6, 8, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v_cache = torch.randn(6, 8, num_kv_heads, head_dim, generator=gen).to(dtype)
-    k_expected, v_expected = k_cache.clone(), v_cache.clone()
-    expected = torch.nn.functional.linear(x.float(), weight.float(),
-                                          None if bias is None else bias.float()).to(dtype)
-    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
-    rotary_write_kv_reference(expected[:, :q_size].view(1, num_q_heads, head_dim),
-                              expected[:, q_size:q_size + kv_size].view(1, num_kv_heads, head_dim),
-                              expected[:, q_size + kv_size:].view(1, num_kv_heads, head_dim),
-                              k_expected, v_expected, slot_mapping, positions, seq_index, inv_freq, factors)
-    out = gemv_rotary_write_kv_triton(x, weight, bias, num_q_heads, num_kv_heads, head_dim, k_cache, v_cache,
-                                      slot_mapping, positions, seq_index, inv_freq, factors)
-    tol = TOLERANCE[dtype] * k ** 0.5
-    torch.testing.assert_close(out.float(), expected.float(), atol=tol, rtol=TOLERANCE[dtype])
-    torch.testing.assert_close(k_cache.float(), k_expected.float(), atol=tol, rtol=TOLERANCE[dtype])
-    torch.testing.assert_close(v_cache.float(), v_expected.float(), atol=tol, rtol=TOLERANCE[dtype])
-    if slot >= 0:
-        assert not torch.equal(v_cache, v_cache.new_zeros(v_cache.shape))
-        assert torch.allclose(v_cache.view(-1, num_kv_heads, head_dim)[slot].float(),
-                              expected[:, q_size + kv_size:].view(num_kv_heads, head_dim).float(), atol=tol)
-
-
 def test_gemv_reads_a_row_of_a_wider_buffer():
     """The model hands it views: one row of a [T, K] buffer, here the second."""
     gen = torch.Generator().manual_seed(13)

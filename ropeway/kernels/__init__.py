@@ -121,26 +121,6 @@ def linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
-def qkv_rotary_write_kv(x, qkv_weight, qkv_bias, num_q_heads, num_kv_heads, head_dim, k_cache, v_cache,
-                        slot_mapping, positions, seq_index, inv_freq, attention_factor):
-    """linear(x, qkv_weight, qkv_bias), then rotary_write_kv on its q, k and v heads; returns
-    the (rotated) qkv rows. A one-token CUDA step does it all in the GEMV's launch."""
-    if (_takes_gemv(x, qkv_weight, qkv_bias) and inv_freq.stride(1) == 1
-            and k_cache.stride(3) == 1 and v_cache.stride(3) == 1):
-        from .triton_gemv import gemv_rotary_write_kv_triton, rope_pairs_per_program
-        if rope_pairs_per_program(head_dim) is not None:
-            return gemv_rotary_write_kv_triton(x, qkv_weight, qkv_bias, num_q_heads, num_kv_heads, head_dim,
-                                               k_cache, v_cache, slot_mapping, positions, seq_index,
-                                               inv_freq, attention_factor)
-    qkv = linear(x, qkv_weight, qkv_bias)
-    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
-    q = qkv[:, :q_size].view(-1, num_q_heads, head_dim)
-    k = qkv[:, q_size : q_size + kv_size].view(-1, num_kv_heads, head_dim)
-    v = qkv[:, q_size + kv_size :].view(-1, num_kv_heads, head_dim)
-    rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index, inv_freq, attention_factor)
-    return qkv
-
-
 def linear_silu_mul(x, gate_up_weight):
     """silu_mul(linear(x, gate_up_weight)): one launch for a one-token CUDA step."""
     if _takes_gemv(x, gate_up_weight) and gate_up_weight.shape[0] % 2 == 0:
@@ -168,5 +148,5 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
                                 new_inv_freq, old_attention_factor, new_attention_factor)
 
 
-__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "qkv_rotary_write_kv", "paged_attention", "is_long_chunk",
+__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "paged_attention", "is_long_chunk",
            "warm_up_long_chunk_attention", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys"]

@@ -19,24 +19,18 @@ def load_halves(row_ptrs, row_mask, stride_d, HALF: tl.constexpr, BLOCK_HALF: tl
 
 
 @triton.jit
-def cos_sin_of(position, inv_freq, factor):
-    """cos and sin of position x inv_freq (fp32 angles, as rotary.rope_cos_sin), times factor."""
-    angle = position.to(tl.float32) * inv_freq.to(tl.float32)
-    factor = factor.to(tl.float32)
-    return tl.cos(angle) * factor, tl.sin(angle) * factor
-
-
-@triton.jit
 def token_cos_sin(token, positions_ptr, seq_index_ptr, inv_freq_ptr, factor_ptr, stride_freq, stride_freq_d,
                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """cos and sin [1, BLOCK_HALF] of the token's position under its sequence's RoPE row,
     scaled by the row's attention factor."""
+    position = tl.load(positions_ptr + token).to(tl.float32)
     row = tl.load(seq_index_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)
     inv_freq = tl.load(inv_freq_ptr + row * stride_freq + dims * stride_freq_d,
                        mask=dims < HALF, other=0.0)
-    cos, sin = cos_sin_of(tl.load(positions_ptr + token), inv_freq, tl.load(factor_ptr + row))
-    return cos[None, :], sin[None, :]
+    factor = tl.load(factor_ptr + row).to(tl.float32)
+    angle = position * inv_freq.to(tl.float32)
+    return (tl.cos(angle) * factor)[None, :], (tl.sin(angle) * factor)[None, :]
 
 
 @triton.jit

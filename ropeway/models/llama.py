@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ropeway.kernels import (add_rms_norm, linear, linear_silu_mul, paged_attention, qkv_rotary_write_kv,
-                             rms_norm, rotary_write_kv)
+from ropeway.kernels import add_rms_norm, linear, linear_silu_mul, paged_attention, rms_norm, rotary_write_kv
 
 from .config import ModelConfig
 from .errors import ModelLoadError
@@ -85,14 +84,6 @@ class LlamaModel:
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.dtype
 
-    def _split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [T, Hq, D], k and v [T, Hkv, D]: views of the fused projection's rows."""
-        cfg = self.config
-        q = qkv[:, : self.q_size].view(-1, cfg.num_heads, cfg.head_dim)
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(-1, cfg.num_kv_heads, cfg.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(-1, cfg.num_kv_heads, cfg.head_dim)
-        return q, k, v
-
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor,
                 capture: Capture | None = None) -> torch.Tensor:
@@ -104,19 +95,17 @@ class LlamaModel:
         h = F.embedding(batch.input_ids, self.embed_tokens)
         # The residual stream h is updated in place by the fused add + norm kernels.
         x = rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
-        rope = (batch.slot_mapping, batch.positions, batch.seq_index, batch.inv_freq, batch.attention_factor)
         for i, layer in enumerate(self.layers):
+            qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
+            q = qkv[:, : self.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            if capture is not None:
+                capture.add(q, k, v)
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
-            # RoPE on q and k, then k and v to their cache slots: one launch on CUDA, and none
-            # of its own for a one-token step (the qkv GEMV does it).
-            if capture is None:
-                qkv = qkv_rotary_write_kv(x, layer.qkv_weight, layer.qkv_bias, cfg.num_heads, cfg.num_kv_heads,
-                                          cfg.head_dim, k_cache, v_cache, *rope)
-            else:
-                qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
-                capture.add(*self._split_heads(qkv))  # before RoPE
-                rotary_write_kv(*self._split_heads(qkv), k_cache, v_cache, *rope)
-            q = self._split_heads(qkv)[0]
+            # RoPE on q and k in place, then k and v to their cache slots: one launch on CUDA.
+            rotary_write_kv(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions,
+                            batch.seq_index, batch.inv_freq, batch.attention_factor)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
                                    batch.slot_bias, batch.num_decode_seqs, batch.long_chunks)
