@@ -186,9 +186,7 @@ class ModelRunner:
         # logits still come back in scheduled order.
         is_chunk = num_new > 1
         num_decodes = num_seqs - int(is_chunk.sum())
-        group = is_chunk.astype(np.int64)
-        for i in np.flatnonzero(is_chunk):
-            group[i] += is_long_chunk(int(num_new[i]))
+        group = is_chunk.astype(np.int64) + is_long_chunk(num_new)  # 0 decode, 1 chunk, 2 long chunk
         restore = None
         if (group[1:] < group[:-1]).any():
             order = np.argsort(group, kind="stable")

@@ -56,7 +56,8 @@ def rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_inde
 LONG_CHUNK_MIN_QUERIES = 4096
 
 
-def is_long_chunk(num_queries: int) -> bool:
+def is_long_chunk(num_queries):
+    """For an int, or elementwise for an array of query counts."""
     return num_queries >= LONG_CHUNK_MIN_QUERIES
 
 

@@ -133,6 +133,8 @@ def attend_long_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     values = v_cache.index_select(0, pages).flatten(0, 1)
     try:
         chunk_attention(q, keys, values, context_len, scale, out, attend)
+    except torch.cuda.OutOfMemoryError:
+        return False  # the gathered copies did not fit this time; Triton reads the pages in place
     except RuntimeError:
         _unsupported.add((q.dtype, q.shape[-1]))
         return False
