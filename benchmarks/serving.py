@@ -7,26 +7,20 @@ Starts the server as a subprocess (benchmarks/serve_random_model.py for the rand
 Llama-3-8B shape, else `ropeway serve --model ...`), then runs each scenario: N requests
 with prompt and output lengths drawn from a seeded distribution, at most C in flight, each
 a streamed /v1/completions call with token-id prompts and ignore_eos (so a request yields
-exactly max_tokens tokens, counted from the stream's usage chunk). The requests are dealt
-to one client process by default; --client-processes P deals them round-robin to P spawned
-processes, each with its own event loop and httpx client and an even share of C (not lent to
-another process once its own requests run out), starting together at a barrier. At 256
-streams on the H200 one process was not the bottleneck (7,565 tok/s with 1, 7,117 with 8,
-same machine); the busiest process's CPU time tells when it would be. Reports output tok/s over the scenario's wall time (from that common start to the
-last request's end), p50/p99 time to first token and inter-token latency over all requests
-(between SSE chunks, as vLLM's benchmark: a chunk that carries several tokens counts as one
-gap), and the clients' CPU time (total, and the busiest process's: near the wall time, the
-client limited the run); prints a table, writes JSON. --transformers-baseline first measures
-transformers' generate on the same model shape in this process (batch-1 ms per token,
-batch-32 tok/s), then frees it.
+exactly max_tokens tokens, counted from the stream's usage chunk). Reports output tok/s over
+the scenario's wall time, p50/p99 time to first token and inter-token latency (between SSE
+chunks, as vLLM's benchmark: a chunk that carries several tokens counts as one gap); prints
+a table, writes JSON. The client is one Python process: at 256 streams on the H200 it spent
+14.7 s of CPU in a 19.2 s run, yet was not the bottleneck (the same requests over 8 client
+processes ran no faster: 7,117 tok/s against 7,565, BENCHMARKS.md, fifth session).
+--transformers-baseline first measures transformers' generate on the same model
+shape in this process (batch-1 ms per token, batch-32 tok/s), then frees it.
 """
 
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
-import queue
 import random
 import subprocess
 import sys
@@ -88,8 +82,8 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
-                # Measured: json.loads is ~2.5 us of the ~110 us of client CPU a chunk costs (httpx,
-                # h11 and anyio take the rest), too little to trade for string matching on its JSON.
+                # json.loads is ~2.5 us of the ~110 us of client CPU a chunk costs (httpx, h11 and
+                # anyio take the rest): too little to trade for string matching on the JSON.
                 chunk = json.loads(line[6:])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     times.append(time.perf_counter())
@@ -110,80 +104,18 @@ def scenario_requests(scenario: Scenario, vocab: int, seed: int) -> list[tuple[l
              rng.randint(*scenario.output_range)) for _ in range(scenario.num_requests)]
 
 
-@dataclass
-class ClientShare:
-    """One client process's requests: their results, when it started and ended sending
-    (time.monotonic, which is system-wide on Linux, so comparable across processes) and the
-    CPU it spent meanwhile."""
-    results: list[RequestResult]
-    started: float
-    ended: float
-    cpu_s: float
-
-
-async def drive_requests(base_url: str, model: str, requests: list[tuple[list[int], int]], concurrency: int,
-                         start_barrier=None) -> ClientShare:
-    gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+async def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int, seed: int) -> dict:
+    requests = scenario_requests(scenario, vocab, seed)
+    gate = asyncio.Semaphore(scenario.concurrency)
+    limits = httpx.Limits(max_connections=scenario.concurrency, max_keepalive_connections=scenario.concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
         async def bounded(prompt, max_tokens):
             async with gate:
                 return await one_request(client, model, prompt, max_tokens)
 
-        if start_barrier is not None:
-            # Blocks the event loop, but nothing runs on it yet; 120 s covers spawning the others.
-            start_barrier.wait(timeout=120)
-        started, cpu_started = time.monotonic(), time.process_time()
+        started, cpu_started = time.perf_counter(), time.process_time()
         results = await asyncio.gather(*(bounded(p, n) for p, n in requests))
-        return ClientShare(results, started, time.monotonic(), time.process_time() - cpu_started)
-
-
-def client_process(base_url: str, model: str, requests: list[tuple[list[int], int]], concurrency: int,
-                   start_barrier, shares) -> None:
-    shares.put(asyncio.run(drive_requests(base_url, model, requests, concurrency, start_barrier)))
-
-
-def drive_in_processes(base_url: str, model: str, requests: list[tuple[list[int], int]], concurrency: int,
-                       processes: int) -> list[ClientShare]:
-    """Round-robin the requests over `processes` client processes (so each gets a similar mix)
-    and split the in-flight limit as evenly as possible; all start sending at one barrier."""
-    # spawn, not fork: the parent may hold CUDA (the transformers baseline).
-    context = multiprocessing.get_context("spawn")
-    start_barrier, shares = context.Barrier(processes), context.Queue()
-    workers = [context.Process(target=client_process, daemon=True,
-                               args=(base_url, model, requests[i::processes],
-                                     concurrency // processes + (i < concurrency % processes), start_barrier, shares))
-               for i in range(processes)]
-    for worker in workers:
-        worker.start()
-    try:
-        collected = []
-        while len(collected) < processes:  # read before joining: a worker exits only once its share is sent
-            try:
-                collected.append(shares.get(timeout=1.0))
-            except queue.Empty:
-                failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
-                if failed:
-                    raise RuntimeError(f"a client process exited with {failed[0]}; its traceback is above")
-        for worker in workers:
-            worker.join()
-        return collected
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-
-
-def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int, seed: int, client_processes: int) -> dict:
-    requests = scenario_requests(scenario, vocab, seed)
-    # Every process gets at least one request and one slot of the concurrency.
-    processes = max(1, min(client_processes, scenario.concurrency, len(requests)))
-    if processes == 1:
-        shares = [asyncio.run(drive_requests(base_url, model, requests, scenario.concurrency))]
-    else:
-        shares = drive_in_processes(base_url, model, requests, scenario.concurrency, processes)
-    results = [r for share in shares for r in share.results]
-    wall = max(s.ended for s in shares) - min(s.started for s in shares)
+        wall, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     ok = [r for r in results if r.error is None]
     output_tokens = sum(r.tokens for r in ok)
     itls = [x for r in ok for x in r.itls]
@@ -195,10 +127,8 @@ def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int, seed
         "tokens_match_max_tokens": all(r.tokens == r.output_len for r in ok),
         # The server joins tokens into one chunk for a reader that fell a step behind.
         "tokens_per_chunk": output_tokens / max(1, sum(r.chunks for r in ok)),
-        "wall_s": wall, "client_cpu_s": sum(s.cpu_s for s in shares),
-        # A client process whose CPU nears wall_s is itself the bottleneck: give it more processes.
-        "client_cpu_busiest_s": max(s.cpu_s for s in shares), "client_processes": processes,
-        "prompt_tokens": sum(r.prompt_len for r in ok), "output_tokens": output_tokens,
+        # Near wall_s, the client itself (one Python process parsing every SSE chunk) is the bottleneck.
+        "wall_s": wall, "client_cpu_s": client_cpu, "prompt_tokens": sum(r.prompt_len for r in ok), "output_tokens": output_tokens,
         "output_tok_s": output_tokens / wall,
         "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
         "itl_p50_ms": 1000 * percentile(itls, 50), "itl_p99_ms": 1000 * percentile(itls, 99),
@@ -274,8 +204,6 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-waiting", type=int, default=1024)
     parser.add_argument("--port", type=int, default=8471)
-    parser.add_argument("--client-processes", type=int, default=1,
-                        help="client processes each scenario's requests are spread over (1: in this process)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab", type=int, default=128000, help="prompt token ids are drawn below this")
     parser.add_argument("--server-log", default="results/serving_server.log")
@@ -284,8 +212,6 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.model or args.random_llama3_8b):
         parser.error("give --model or --random-llama3-8b")
-    if args.client_processes < 1:
-        parser.error("--client-processes must be at least 1")
     Path(args.server_log).parent.mkdir(parents=True, exist_ok=True)
 
     report = {"command": " ".join(sys.argv), "scenarios": []}
@@ -299,10 +225,10 @@ def main() -> None:
     try:
         model = wait_ready(base_url, server, timeout=600)
         # Warm-up: compiles kernels and captures the decode graphs the scenarios will use.
-        run_scenario(base_url, model, Scenario("warm-up", args.max_num_seqs, args.max_num_seqs, (16, 64), (4, 8)),
-                     args.vocab, args.seed + 1, args.client_processes)
+        asyncio.run(run_scenario(base_url, model, Scenario("warm-up", args.max_num_seqs, args.max_num_seqs,
+                                                            (16, 64), (4, 8)), args.vocab, args.seed + 1))
         for name in args.scenarios.split(","):
-            result = run_scenario(base_url, model, SCENARIOS[name], args.vocab, args.seed, args.client_processes)
+            result = asyncio.run(run_scenario(base_url, model, SCENARIOS[name], args.vocab, args.seed))
             report["scenarios"].append(result)
             print(json.dumps(result), flush=True)
     finally:
