@@ -17,6 +17,7 @@ import torch
 
 from ropeway import LLMEngine, SamplingParams
 from ropeway.models import ForwardBatch
+from ropeway.arith import cdiv
 
 COPY_BYTES_PER_S = 4.25e12
 MATMUL_FLOPS_PER_S = 692e12
@@ -87,7 +88,7 @@ def engine_ttft(engine: LLMEngine, length: int, vocab: int, seed: int = 0) -> fl
 def synthetic_decode_batch(engine: LLMEngine, batch: int, context: int) -> ForwardBatch:
     """B sequences of `context` cached tokens each on distinct random-valued pages, one new token each."""
     device, block_size = engine.device, engine.config.block_size
-    blocks_per_seq = -(-context // block_size)
+    blocks_per_seq = cdiv(context, block_size)
     total_blocks = batch * blocks_per_seq
     if total_blocks > engine.kv_cache.shape[2]:
         raise ValueError(f"{batch} x {context} tokens do not fit the KV pool")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ropeway import LLM, ContextParams, SamplingParams
 from ropeway.models import ForwardBatch
 from ropeway.scheduler import RopeScaling
+from ropeway.arith import cdiv
 
 FACTOR = 4.0
 PLANS = {
@@ -56,7 +57,7 @@ def perplexity(llm: LLM, ids: list[int], scaling: dict | None, chunk: int) -> fl
     n = len(ids) - 1
     plan = engine.planner.plan(n, RopeScaling.from_dict(scaling) if scaling else None)
     inv_freq, factor = plan.parameters()
-    blocks = -(-n // block_size)
+    blocks = cdiv(n, block_size)
     kv_cache = torch.zeros(cfg.num_layers, 2, blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                            dtype=engine.dtype, device=device)
     table = torch.randperm(blocks, device=device).to(torch.int32)  # paged, not contiguous

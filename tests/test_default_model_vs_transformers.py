@@ -5,6 +5,7 @@ import torch
 
 from ropeway import SamplingParams
 from ropeway.models.forward_batch import ForwardBatch
+from ropeway.arith import cdiv
 
 PLAIN_PROMPTS = [
     "The history of the Roman Empire began",
@@ -75,7 +76,7 @@ def test_prompt_logits_match_transformers(default_llm, hf_default):
     n = len(ids)
     cfg, block_size = engine.model_config, engine.config.block_size
     # A private cache, with the sequence's blocks in shuffled order: tables need not be sorted.
-    table = torch.randperm(-(-n // block_size) + 3, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    table = torch.randperm(cdiv(n, block_size) + 3, generator=torch.Generator().manual_seed(0)).to(torch.int32)
     kv_cache = torch.zeros(cfg.num_layers, 2, len(table), block_size, cfg.num_kv_heads, cfg.head_dim)
     positions = torch.arange(n)
     batch = ForwardBatch(

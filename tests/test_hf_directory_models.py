@@ -33,7 +33,7 @@ def test_config_read_from_directory(tiny):
 def test_prompt_logits_match_transformers(tiny):
     _, hf_model, llm = tiny
     ids = llm.tokenizer.encode("The tiny model reads this sentence.")
-    assert ids == list("The tiny model reads this sentence.".encode())
+    assert ids == list(b"The tiny model reads this sentence.")
     out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=1, logprobs=5))[0].outputs[0]
     with torch.no_grad():
         reference = hf_model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from bounded_streams import long_text_ids, stream_checking_positions
 
+from ropeway.arith import cdiv
 from ropeway import ContextParams, SamplingParams
 from ropeway.engine.recall import ArchiveBudget, RecallArchive
 from ropeway.sampling_params import InvalidParameter
@@ -81,7 +82,7 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
     engine.runner.recall = recall_and_read
     seq, seen = stream_checking_positions(llm, RETRIEVING, prompt)
     settled = [used for computed, used in seen if computed >= policy.max_cache_tokens(16)]
-    assert len(settled) > 10 and max(settled) <= -(-policy.max_cache_tokens(16) // 16)
+    assert len(settled) > 10 and max(settled) <= cdiv(policy.max_cache_tokens(16), 16)
 
     archive = seq.archive
     assert archive.num_blocks == seq.num_evicted_tokens // 16 >= 20

@@ -8,6 +8,7 @@ from tiny_models import save_tiny_model
 from ropeway import LLM, ContextParams, SamplingParams
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
 from ropeway.models import ForwardBatch
+from ropeway.arith import cdiv
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
 PROMPTS = ["The history of the Roman Empire began", "List three facts about the Moon:\n1."]
@@ -16,7 +17,7 @@ PROMPTS = ["The history of the Roman Empire began", "List three facts about the 
 def forward_logits(engine, ids: list[int], plan) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt logits for every position under `plan`, in a private cache; also the cache."""
     cfg, block_size, n = engine.model_config, engine.config.block_size, len(ids)
-    blocks = -(-n // block_size)
+    blocks = cdiv(n, block_size)
     kv_cache = torch.zeros(cfg.num_layers, 2, blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     positions = torch.arange(n)
     inv_freq, factor = plan.parameters()

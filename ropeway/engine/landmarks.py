@@ -9,6 +9,7 @@ import torch
 
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
 from ropeway.models import Capture, ForwardBatch, LlamaModel
+from ropeway.arith import cdiv
 
 
 def chunk_summary(model: LlamaModel, token_ids: list[int], inv_freq: torch.Tensor,
@@ -17,7 +18,7 @@ def chunk_summary(model: LlamaModel, token_ids: list[int], inv_freq: torch.Tenso
     chunk run through the model alone (positions 0..n-1) in a private cache."""
     cfg, device = model.config, model.device
     n = len(token_ids)
-    num_blocks = -(-n // block_size)
+    num_blocks = cdiv(n, block_size)
     cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                         dtype=model.dtype, device=device)
     positions = torch.arange(n, device=device)

@@ -14,6 +14,7 @@ from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence,
 from .cuda_graphs import DecodeGraphs
 from .landmarks import chunk_summary, rotate_to
 from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
+from ropeway.arith import round_up
 
 
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
@@ -269,7 +270,7 @@ class ModelRunner:
         # Each array starts 16-byte aligned: Triton specializes kernels on pointer alignment,
         # and offsets that changed with the batch's sizes recompiled kernels mid-serving.
         per_16_bytes = 16 // torch.empty(0, dtype=dtype).element_size()
-        sizes = [-(-a.size // per_16_bytes) * per_16_bytes for a in arrays]
+        sizes = [round_up(a.size, per_16_bytes) for a in arrays]
         host = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
         host_array = host.numpy()
         start = 0

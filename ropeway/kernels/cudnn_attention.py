@@ -72,7 +72,7 @@ def _padded(t: torch.Tensor, front: int, total: int) -> torch.Tensor:
 
 
 def _round_up(n: int, granule: int) -> int:
-    return -(-n // granule) * granule
+    return triton.cdiv(n, granule) * granule
 
 
 def chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, context_len: int,

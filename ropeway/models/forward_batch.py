@@ -3,13 +3,14 @@
 from dataclasses import dataclass
 
 import torch
+from ropeway.arith import round_up
 
 
 def block_table_width(num_blocks: int) -> int:
     """Block-table rows are padded to a multiple of 16 entries: Triton specializes the
     attention kernel on its row stride being divisible by 16, so a width that changed with
     the batch recompiled it mid-serving (and the padding keeps the row loads vectorized)."""
-    return -(-num_blocks // 16) * 16
+    return round_up(num_blocks, 16)
 
 
 @dataclass

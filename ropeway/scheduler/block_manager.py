@@ -11,6 +11,7 @@ from array import array
 from collections import OrderedDict
 
 from .sequence import Sequence
+from ropeway.arith import cdiv
 
 
 def block_hash(parent: bytes, tokens: list[int], plan_key: bytes) -> bytes:
@@ -43,7 +44,7 @@ class BlockManager:
         return self.num_blocks - len(self.free_blocks)
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return cdiv(num_tokens, self.block_size)
 
     # ----- prefix cache -----
 

@@ -14,6 +14,7 @@ brought back there (InfLLM-style), so a needle far outside the window can still 
 from dataclasses import dataclass, fields
 
 from ropeway.sampling_params import InvalidParameter
+from ropeway.arith import cdiv
 
 POLICY_TYPES = ("none", "sink_window", "landmark")
 
@@ -31,13 +32,13 @@ class ContextPolicy:
         return self.type != "none"
 
     def sink_blocks(self, block_size: int) -> int:
-        return -(-self.sinks // block_size)
+        return cdiv(self.sinks, block_size)
 
     def landmark_blocks(self, block_size: int) -> int:
-        return -(-self.landmarks // block_size) if self.type == "landmark" else 0
+        return cdiv(self.landmarks, block_size) if self.type == "landmark" else 0
 
     def recall_blocks(self, block_size: int) -> int:
-        return -(-self.retrieve // block_size) if self.type == "landmark" else 0
+        return cdiv(self.retrieve, block_size) if self.type == "landmark" else 0
 
     def region_blocks(self, block_size: int) -> int:
         """Blocks between sinks and window: landmark slots, then recalled blocks."""

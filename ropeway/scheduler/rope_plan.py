@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .rope_scaling import RopeScaling
+from ropeway.arith import round_up
 
 BUCKETS_PER_OCTAVE = 8
 
@@ -23,7 +24,7 @@ def bucket_length(length: int) -> int:
     if length <= BUCKETS_PER_OCTAVE:
         return max(length, 1)
     step = (1 << (length.bit_length() - 1)) // BUCKETS_PER_OCTAVE
-    return -(-length // step) * step
+    return round_up(length, step)
 
 
 def _default_inv_freq(base: float, dim: int) -> torch.Tensor:

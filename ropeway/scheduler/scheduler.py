@@ -15,6 +15,7 @@ from .block_manager import BlockManager
 from .rope_plan import RopePlan, RopePlanner
 from .sequence import Sequence, SequenceStatus
 from .session_store import SessionStore
+from ropeway.arith import round_up
 
 
 @dataclass(frozen=True)
@@ -258,7 +259,7 @@ class Scheduler:
         # Landmark evictions come in whole chunks, one summary each; rounding up to a chunk
         # must not reach past the window's newest token.
         unit = chunk if policy.type == "landmark" else size
-        evict = min(max(chunk, -(-excess // unit) * unit), (length - evicted_from * size) // unit * unit)
+        evict = min(max(chunk, round_up(excess, unit)), (length - evicted_from * size) // unit * unit)
         evicted_blocks = seq.block_table[evicted_from : evicted_from + evict // size]
         bm.drop_blocks(seq, sink_blocks + region_blocks, evict // size - kept_blocks)
         if bm.num_shared_blocks(seq, sink_blocks) > bm.num_free_blocks:
