@@ -25,6 +25,7 @@ from ropeway import LLM, ContextParams, SamplingParams
 from ropeway.models import ForwardBatch
 from ropeway.scheduler import RopeScaling
 from ropeway.arith import cdiv
+from ropeway.models import rope_parameters
 
 FACTOR = 4.0
 PLANS = {
@@ -56,7 +57,7 @@ def perplexity(llm: LLM, ids: list[int], scaling: dict | None, chunk: int) -> fl
     cfg, block_size, device = engine.model_config, engine.config.block_size, engine.device
     n = len(ids) - 1
     plan = engine.planner.plan(n, RopeScaling.from_dict(scaling) if scaling else None)
-    inv_freq, factor = plan.parameters()
+    inv_freq, factor = rope_parameters(plan)
     blocks = cdiv(n, block_size)
     kv_cache = torch.zeros(cfg.num_layers, 2, blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
                            dtype=engine.dtype, device=device)

@@ -3,13 +3,13 @@
   python benchmarks/serve_random_model.py [any ropeway serve flags except --model]
 
 The weights are built in memory (nothing to download); the tokenizer gives every id a
-plain-text word, so streams carry one chunk per token. This swaps the engine constructor
-that `ropeway serve` calls and is otherwise the real server. With ROPEWAY_STEP_TRACE=path,
+plain-text word, so streams carry one chunk per token. This swaps the engine-core constructor
+that `ropeway serve`'s engine process calls and is otherwise the real server. With ROPEWAY_STEP_TRACE=path,
 every engine step is timed and classified (step_trace.py) and written there at exit.
 """
 
-import atexit
 import json
+import multiprocessing.util
 import os
 import sys
 from pathlib import Path
@@ -22,18 +22,18 @@ from step_trace import StepTrace  # noqa: E402
 from ropeway.server import cli  # noqa: E402
 
 
-def engine_on_random_weights(config):
-    engine = build_engine(config, True, full_vocab_tokenizer(LLAMA3_8B.vocab_size))
+def engine_core_on_random_weights(config):
+    """Runs in the engine-core process (it reaches there by name)."""
+    core = build_engine(config, True, full_vocab_tokenizer(LLAMA3_8B.vocab_size)).core
     trace_path = os.environ.get("ROPEWAY_STEP_TRACE")
     if trace_path:
-        trace = StepTrace(engine)
-        atexit.register(lambda: Path(trace_path).write_text(
-            json.dumps({"steps_by_kind": trace.summary(), "steps": trace.records})))
-    return engine
+        trace = StepTrace(core)
+        # A spawned process ends without running atexit handlers; multiprocessing's finalizers run.
+        multiprocessing.util.Finalize(None, lambda: Path(trace_path).write_text(
+            json.dumps({"steps_by_kind": trace.summary(), "steps": trace.records})), exitpriority=10)
+    return core
 
 
 if __name__ == "__main__":
-    if os.environ.get("ROPEWAY_SWITCH_INTERVAL"):  # experiments with the GIL's hand-over interval
-        cli.SWITCH_INTERVAL_SECONDS = float(os.environ["ROPEWAY_SWITCH_INTERVAL"])
-    cli.LLMEngine = engine_on_random_weights
+    cli.ENGINE_CORE_FACTORY = engine_core_on_random_weights
     sys.exit(cli.main(["serve", *sys.argv[1:], "--served-model-name", LLAMA3_8B.name]))

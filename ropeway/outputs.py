@@ -18,8 +18,8 @@ class CompletionOutput:
 
     The cumulative fields (text, token_ids, logprobs) are cut, on first read, from the
     choice's records: the output keeps the records and their lengths at that moment. The
-    records only grow (token and logprob lists are appended to, and text before
-    `released` never changes), so the cut equals a copy taken then, while making an
+    records only grow (token, text and logprob lists are appended to), so the cut equals a
+    copy taken then, while making an
     output each step costs O(1) instead of O(length so far)."""
     index: int
     cumulative_logprob: float | None = None
@@ -30,8 +30,8 @@ class CompletionOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[TokenLogprob] = field(default_factory=list)
     # The records the cumulative fields are cut from.
-    all_text: str = field(default="", repr=False)
-    num_text_chars: int = 0
+    text_pieces: list[str] = field(default_factory=list, repr=False)
+    num_text_pieces: int = 0
     all_token_ids: list[int] = field(default_factory=list, repr=False)  # prompt, then output tokens
     first_output_token: int = 0
     num_all_token_ids: int = 0
@@ -40,7 +40,7 @@ class CompletionOutput:
 
     @cached_property
     def text(self) -> str:
-        return self.all_text[: self.num_text_chars]
+        return "".join(self.text_pieces[: self.num_text_pieces])
 
     @cached_property
     def token_ids(self) -> list[int]:

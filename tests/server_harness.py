@@ -8,7 +8,7 @@ import time
 import httpx
 import uvicorn
 
-from ropeway.engine import AsyncEngine
+from ropeway.engine import AsyncLLM
 from ropeway.server import ServerContext, ServerSettings, build_app
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, engine: AsyncEngine, **settings):
+    def __init__(self, engine: AsyncLLM, **settings):
         self.ctx = ServerContext.create(engine, ServerSettings(served_model_names=(MODEL_NAME,), **settings))
         self.port = free_port()
         config = uvicorn.Config(build_app(self.ctx), host="127.0.0.1", port=self.port, log_level="warning")

@@ -6,7 +6,7 @@ import pytest
 
 from batching_cases import GREEDY, prompts_of_mixed_lengths
 from ropeway import SamplingParams
-from ropeway.engine.llm_engine import PLACEHOLDER
+from ropeway.engine.core import PLACEHOLDER
 
 
 def run(llm, prompts, params_list):
@@ -39,7 +39,7 @@ def test_greedy_batch_with_chunked_prefill_matches_synchronous(make_llm, prompts
     assert [o.outputs[0].text for o in got] == [o.outputs[0].text for o in expected]
     engine = llm.engine
     assert engine.block_manager.num_free_blocks == engine.pool.num_blocks - engine.scheduler.sessions.num_blocks
-    assert engine.counters.generation_tokens == 24 * len(prompts)
+    assert engine.stats_totals.generation_tokens == 24 * len(prompts)
 
 
 def test_stops_mid_flight_drop_the_extra_token(make_llm, prompts, default_llm):

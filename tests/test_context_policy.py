@@ -10,6 +10,7 @@ from ropeway.kernels.rotary import rope_cos_sin, rotate_by
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import ContextPolicy
 from ropeway.arith import cdiv
+from ropeway.models import rope_inv_freq
 
 WINDOW = {"type": "sink_window", "sinks": 4, "window": 32}
 
@@ -64,7 +65,7 @@ def test_evicted_window_keys_equal_keys_rotated_afresh_at_their_new_positions(ma
 
     seq = run_wrapping_runner(engine, WINDOW, prompt, "apply_eviction", capture_and_apply)
     assert applied
-    inv_freq = seq.rope_plan.inv_freq().double()
+    inv_freq = rope_inv_freq(seq.rope_plan).double()
     for eviction, slots, before in applied:
         n = eviction.num_tokens
         new = torch.arange(eviction.first_position, eviction.first_position + n)

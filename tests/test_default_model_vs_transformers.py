@@ -6,6 +6,7 @@ import torch
 from ropeway import SamplingParams
 from ropeway.models.forward_batch import ForwardBatch
 from ropeway.arith import cdiv
+from ropeway.models import rope_inv_freq
 
 PLAIN_PROMPTS = [
     "The history of the Roman Empire began",
@@ -83,7 +84,7 @@ def test_prompt_logits_match_transformers(default_llm, hf_default):
         input_ids=torch.tensor(ids), positions=positions, seq_index=torch.zeros(n, dtype=torch.int32),
         slot_mapping=table[positions // block_size].long() * block_size + positions % block_size,
         query_start_loc=torch.tensor([0, n], dtype=torch.int32), seq_lens=torch.tensor([n], dtype=torch.int32),
-        block_tables=table[None], inv_freq=engine.default_rope_plan.inv_freq()[None],
+        block_tables=table[None], inv_freq=rope_inv_freq(engine.default_rope_plan)[None],
         attention_factor=torch.ones(1), logits_indices=torch.arange(n), max_query_len=n, max_seq_len=n,
     )
     ours = engine.model.forward(batch, kv_cache)

@@ -11,6 +11,7 @@ from ropeway.kernels.rotary import rope_cos_sin, rotate_by
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import ContextPolicy
 from ropeway.arith import cdiv
+from ropeway.models import rope_inv_freq
 
 # Block size 16: one sink block, one landmark block (4 slots used), a 16-token eviction chunk.
 LANDMARK = {"type": "landmark", "sinks": 4, "window": 32, "landmarks": 4}
@@ -71,11 +72,11 @@ def test_landmark_slot_holds_the_rotated_mean_of_the_chunks_keys_computed_alone(
     alone.add_request("chunk", landmark.token_ids, SamplingParams(temperature=0, max_tokens=2))
     alone.step()
     chunk_seq = alone.requests["chunk"].choices[0].seq
-    assert chunk_seq.rope_plan.inv_freq().tolist() == seq.rope_plan.inv_freq().tolist()
+    assert rope_inv_freq(chunk_seq.rope_plan).tolist() == rope_inv_freq(seq.rope_plan).tolist()
     n = len(landmark.token_ids)
     slots = torch.tensor([chunk_seq.block_table[p // 16] * 16 + p % 16 for p in range(n)])
     cached = alone.kv_cache.flatten(2, 3)[:, :, slots].double()  # [layers, 2, n, Hkv, D]
-    inv_freq = seq.rope_plan.inv_freq().double()
+    inv_freq = rope_inv_freq(seq.rope_plan).double()
     cos, sin = rope_cos_sin(torch.arange(n), inv_freq.expand(n, -1), torch.ones(n, dtype=torch.float64))
     slot_cos, slot_sin = rope_cos_sin(torch.tensor([16]), inv_freq[None], torch.ones(1, dtype=torch.float64))
     for layer in range(cached.shape[0]):

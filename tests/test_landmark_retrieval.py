@@ -11,6 +11,7 @@ from ropeway import ContextParams, SamplingParams
 from ropeway.engine.recall import ArchiveBudget, RecallArchive
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import ContextPolicy
+from ropeway.models import rope_parameters
 
 # Block size 16: one sink block, one landmark block, two recall blocks, window 64.
 RETRIEVING = {"type": "landmark", "sinks": 4, "window": 64, "landmarks": 4, "retrieve": 32}
@@ -117,7 +118,7 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
 
 def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(default_llm):
     plan = default_llm.engine.default_rope_plan
-    inv_freq, factor = plan.parameters()
+    inv_freq, factor = rope_parameters(plan)
     budget_archives = [RecallArchive(), RecallArchive()]
     kv = torch.randn(2, 2, 1, 16, 3, 64)
     one_chunk = None

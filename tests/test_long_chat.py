@@ -10,7 +10,7 @@ import openai
 import pytest
 from server_harness import MODEL_NAME, RunningServer
 
-from ropeway.engine import AsyncEngine
+from ropeway.engine import AsyncLLM
 
 TURNS = 50
 POLICY = {"type": "sink_window", "sinks": 4, "window": 1024}
@@ -20,7 +20,7 @@ POLICY = {"type": "sink_window", "sinks": 4, "window": 1024}
 def chat_server(make_llm):
     llm = make_llm(max_model_len=2048, context_policy=POLICY, kv_cache_memory_bytes=256 << 20,
                    max_num_batched_tokens=256)
-    engine = AsyncEngine(llm.engine)
+    engine = AsyncLLM.in_thread(llm.engine)
     engine.start()
     with RunningServer(engine) as server:
         yield server, llm

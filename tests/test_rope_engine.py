@@ -9,6 +9,7 @@ from ropeway import LLM, ContextParams, SamplingParams
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
 from ropeway.models import ForwardBatch
 from ropeway.arith import cdiv
+from ropeway.models import rope_inv_freq, rope_parameters
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
 PROMPTS = ["The history of the Roman Empire began", "List three facts about the Moon:\n1."]
@@ -20,7 +21,7 @@ def forward_logits(engine, ids: list[int], plan) -> tuple[torch.Tensor, torch.Te
     blocks = cdiv(n, block_size)
     kv_cache = torch.zeros(cfg.num_layers, 2, blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     positions = torch.arange(n)
-    inv_freq, factor = plan.parameters()
+    inv_freq, factor = rope_parameters(plan)
     batch = ForwardBatch(
         input_ids=torch.tensor(ids), positions=positions, seq_index=torch.zeros(n, dtype=torch.int32),
         slot_mapping=positions.clone(), query_start_loc=torch.tensor([0, n], dtype=torch.int32),
@@ -70,7 +71,7 @@ def test_a_batch_mixing_plans_gives_each_request_its_output_alone(make_llm):
     requests = [(f"r{i}", prompt, 12000 if i == 1 else 64, ContextParams(rope_scaling=s))
                 for i, s in enumerate(MIXED_PLANS)]
     together = first_tokens(engine, requests, 12)
-    plans = {engine.scheduler.planner.plan(len(prompt) + r[2], engine.request_rope_scaling(r[3]))
+    plans = {engine.scheduler.planner.plan(len(prompt) + r[2], r[3].rope_scaling)
              for r in requests}
     assert len(plans) == 4
     for request in requests:
@@ -134,9 +135,9 @@ def test_plan_growth_rerotates_the_cache_to_the_new_plan(tmp_path):
 
     # Every layer: the old keys taken back to no rotation and rotated afresh, in fp64.
     positions = torch.arange(n)
-    old_cos, old_sin = (t.double() for t in rope_cos_sin(positions, old_plan.inv_freq().double().expand(n, -1),
+    old_cos, old_sin = (t.double() for t in rope_cos_sin(positions, rope_inv_freq(old_plan).double().expand(n, -1),
                                                           torch.ones(n, dtype=torch.float64)))
-    new_cos, new_sin = (t.double() for t in rope_cos_sin(positions, new_plan.inv_freq().double().expand(n, -1),
+    new_cos, new_sin = (t.double() for t in rope_cos_sin(positions, rope_inv_freq(new_plan).double().expand(n, -1),
                                                           torch.ones(n, dtype=torch.float64)))
     for layer in range(k_before.shape[0]):
         unrotated = rotate_by(k_before[layer].double(), old_cos, -old_sin)

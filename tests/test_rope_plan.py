@@ -10,6 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import RopePlanner, RopeScaling, bucket_length
+from ropeway.models import rope_parameters
 
 
 def hf_config(head_dim, trained, rope_parameters):
@@ -68,7 +69,7 @@ def test_parameters_equal_transformers_over_random_configs(kind):
         planner = RopePlanner(base, head_dim, trained, RopeScaling.from_dict(scaling))
         planned_length = rng.randint(trained + 1, 8 * trained)
         plan = planner.plan(planned_length)
-        inv_freq, factor = plan.parameters()
+        inv_freq, factor = rope_parameters(plan)
         expected_inv_freq, expected_factor = hf_parameters(kind, head_dim, trained, base, scaling,
                                                            plan.planned_length or planned_length)
         assert torch.equal(inv_freq, expected_inv_freq), (kind, scaling, head_dim, base)

@@ -15,7 +15,7 @@ import pytest
 from server_harness import MODEL_NAME, RunningServer
 
 from ropeway import SamplingParams
-from ropeway.engine import AsyncEngine
+from ropeway.engine import AsyncLLM
 
 MAX_MODEL_LEN = 1024
 MAX_NUM_SEQS = 32
@@ -29,7 +29,7 @@ def engine(make_llm):
     asynchronous scheduling on, as a server on CUDA runs (greedy steps read a step late)."""
     llm = make_llm(max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, kv_cache_memory_bytes=256 << 20,
                    async_scheduling=True)
-    async_engine = AsyncEngine(llm.engine)
+    async_engine = AsyncLLM.in_thread(llm.engine)
     async_engine.start()
     yield async_engine
     async_engine.shutdown()
@@ -414,7 +414,7 @@ def test_api_key_is_required_when_set(engine):
 
 def test_full_waiting_queue_gets_503(make_llm):
     """An engine that runs one sequence and lets none wait: a second request is turned away."""
-    tiny = AsyncEngine(make_llm(max_num_seqs=1, max_num_batched_tokens=64, kv_cache_memory_bytes=16 << 20).engine)
+    tiny = AsyncLLM.in_thread(make_llm(max_num_seqs=1, max_num_batched_tokens=64, kv_cache_memory_bytes=16 << 20).engine)
     tiny.start()
     try:
         with RunningServer(tiny, max_waiting=0) as small, httpx.Client(base_url=small.url, timeout=60) as http:
@@ -434,7 +434,7 @@ def test_full_waiting_queue_gets_503(make_llm):
 
 
 def test_a_stopped_engine_makes_health_and_requests_503(make_llm):
-    stopped = AsyncEngine(make_llm(kv_cache_memory_bytes=16 << 20).engine)  # never started
+    stopped = AsyncLLM.in_thread(make_llm(kv_cache_memory_bytes=16 << 20).engine)  # never started
     with RunningServer(stopped) as down, httpx.Client(base_url=down.url, timeout=60) as http:
         assert_openai_error(http.get("/health"), 503)
         assert_openai_error(http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1}), 503,
@@ -462,7 +462,7 @@ def request_blocks_in_use(http) -> float:
 
 
 def engine_is_idle(engine) -> bool:
-    core = engine.engine
+    core = engine.core.core
     return not core.requests and core.block_manager.num_used_blocks == core.scheduler.sessions.num_blocks
 
 
@@ -510,7 +510,7 @@ def test_error_midway_through_a_stream_is_an_error_frame_then_done(http, engine,
     error = json.loads(frames[-2])["error"]
     assert error["type"] == "server_error" and "secret" not in error["message"]
     assert json.loads(frames[0])["choices"][0]["delta"]["role"] == "assistant"
-    assert wait_for(lambda: not engine.engine.requests)
+    assert wait_for(lambda: not engine.core.core.requests)
 
 
 def test_unexpected_failure_is_a_500_without_internals(http, monkeypatch):

@@ -1,5 +1,8 @@
-from .async_engine import AsyncEngine, EngineDeadError
+from .async_llm import AsyncLLM, EngineDeadError
+from .core import EngineCore, LoadedModel, load_model
+from .core_client import EngineStartError
 from .llm import LLM
-from .llm_engine import LLMEngine, LoadedModel, load_model
+from .llm_engine import LLMEngine
 
-__all__ = ["AsyncEngine", "EngineDeadError", "LLM", "LLMEngine", "LoadedModel", "load_model"]
+__all__ = ["AsyncLLM", "EngineCore", "EngineDeadError", "EngineStartError", "LLM", "LLMEngine", "LoadedModel",
+           "load_model"]

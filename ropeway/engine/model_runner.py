@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ropeway.kernels import is_long_chunk, rerotate_keys
-from ropeway.models import Capture, ForwardBatch, LlamaModel
+from ropeway.models import Capture, ForwardBatch, LlamaModel, rope_parameters
 from ropeway.models.forward_batch import block_table_width
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
@@ -50,7 +50,7 @@ class ModelRunner:
         """The plan's row in the RoPE tables, added the first time the plan is seen."""
         index = self._rope_index.get(plan)
         if index is None:
-            inv_freq, factor = plan.parameters()
+            inv_freq, factor = rope_parameters(plan)
             index = self._rope_index[plan] = len(self._attention_factors)
             self._attention_factors.append(factor)
             self._inv_freq_table = torch.cat([self._inv_freq_table, inv_freq.to(self.device, torch.float32)[None]])

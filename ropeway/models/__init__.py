@@ -3,6 +3,8 @@ from .errors import ModelLoadError
 from .forward_batch import ForwardBatch
 from .llama import Capture, LlamaModel
 from .loader import load_model_files
+from .rope import effective_base, rope_inv_freq, rope_parameters
 from .tokenizer import RopewayTokenizer
 
-__all__ = ["ModelConfig", "ModelLoadError", "ForwardBatch", "Capture", "LlamaModel", "load_model_files", "RopewayTokenizer"]
+__all__ = ["Capture", "ForwardBatch", "LlamaModel", "ModelConfig", "ModelLoadError", "RopewayTokenizer",
+           "effective_base", "load_model_files", "rope_inv_freq", "rope_parameters"]

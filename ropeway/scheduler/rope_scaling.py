@@ -12,6 +12,9 @@ from ropeway.sampling_params import InvalidParameter
 ROPE_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "dynamic-yarn", "llama3")
 # Types whose parameters depend on the request's planned length.
 LENGTH_DEPENDENT_TYPES = ("dynamic", "dynamic-yarn")
+# The largest factor (or other scaling number) accepted: every formula's parameters stay finite
+# and non-zero in fp32 up to it, for any head size and base a Llama-family model uses.
+MAX_SCALING_VALUE = 1024.0
 _ALIASES = {"default": "none", "dynamic_yarn": "dynamic-yarn", "ntk-aware": "ntk"}
 
 
@@ -62,6 +65,8 @@ class RopeScaling:
         if values.get("partial_rotary_factor", 1.0) != 1.0:
             raise InvalidParameter(f"{param}.partial_rotary_factor", "partial rotary embeddings are not supported")
         values.pop("partial_rotary_factor", None)
+        if not isinstance(kind, str):
+            raise InvalidParameter(f"{param}.rope_type", f"rope_type must be a string, one of {', '.join(ROPE_TYPES)}")
         kind = _ALIASES.get(kind, kind)
         if kind not in ROPE_TYPES:
             raise InvalidParameter(f"{param}.rope_type",
@@ -81,6 +86,10 @@ class RopeScaling:
                     raise InvalidParameter(f"{param}.{name}", f"{name} must be a positive integer")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise InvalidParameter(f"{param}.{name}", f"{name} must be a positive number")
+            elif value > MAX_SCALING_VALUE:
+                raise InvalidParameter(f"{param}.{name}", f"{name} must be at most {MAX_SCALING_VALUE:g}")
+            else:
+                values[name] = float(value)  # 2 and 2.0 are one setting (and one plan key)
         scaling = cls(rope_type=kind, **values)
         scaling._check_required(param)
         return scaling

@@ -16,9 +16,8 @@ import uvicorn
 from sse_starlette.sse import AppStatus
 
 from ropeway.config import EngineConfig
-from ropeway.engine import AsyncEngine, LLMEngine
+from ropeway.engine import AsyncLLM, EngineCore, EngineStartError
 from ropeway.models.default_model import DEFAULT_MODEL_NAME
-from ropeway.models.errors import ModelLoadError
 
 from .app import build_app
 from .context import ServerContext, ServerSettings
@@ -26,7 +25,8 @@ from .context import ServerContext, ServerSettings
 log = logging.getLogger("ropeway")
 
 API_KEY_ENV = "ROPEWAY_API_KEY"
-SWITCH_INTERVAL_SECONDS = 1e-4  # the GIL's hand-over interval while serving (see serve)
+# What builds the engine core in its process (benchmarks/serve_random_model.py swaps in random weights).
+ENGINE_CORE_FACTORY = EngineCore
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -154,31 +154,27 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
-    try:
-        engine = LLMEngine(engine_config(args))
-        engine.capture_decode_graphs()
-    except (ModelLoadError, ValueError, FileNotFoundError) as error:
-        log.error("cannot start: %s", error)
-        return 2
     # As vLLM does, clients name the model by the --model argument unless told otherwise.
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
+    try:
+        config = engine_config(args)
+        # The engine core (scheduler, model, KV cache) runs in a process of its own, so the HTTP
+        # event loop and the engine's busy loop never share a GIL.
+        engine = AsyncLLM.spawn(config, names[0], args.log_level, ENGINE_CORE_FACTORY)
+    except (EngineStartError, ValueError) as error:
+        log.error("cannot start: %s", error)
+        return 2
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     settings = ServerSettings(served_model_names=names, api_key=api_key, max_waiting=args.max_waiting)
-    # The engine thread and the HTTP event loop share the GIL, and every torch call the engine
-    # makes hands it back. With CPython's default 5 ms hand-over, each re-acquisition behind a
-    # busy event loop could stall a step for up to 5 ms; at 256 streams that took the decode
-    # step from 14.5 ms (offline) to 29 ms. 0.1 ms measured 21 ms (BENCHMARKS.md).
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-    async_engine = AsyncEngine(engine)
-    ctx = ServerContext.create(async_engine, settings)
+    ctx = ServerContext.create(engine, settings)
     app = build_app(ctx)
-    # Everything allocated so far (torch, the tokenizer, the app: ~200k objects) lives as long
-    # as the process. Left to the collector, every full collection walks it all (100 ms on this
-    # 2-core machine) on whichever thread allocates, and at 256 streams the outputs each step
-    # makes set one off every few seconds: a stall for every stream. Frozen, it is never walked.
+    # Everything allocated so far (the tokenizer, the app, pydantic's schemas) lives as long as the
+    # process. Left to the collector, every full collection walks it all on whichever thread
+    # allocates, and at 256 streams the outputs each step makes set one off every few seconds: a
+    # stall for every stream. Frozen, it is never walked.
     gc.collect()
     gc.freeze()
-    async_engine.start()
+    engine.start()
     log.info("serving %s at http://%s:%d (OpenAI API under /v1, docs at /docs, metrics at /metrics)%s",
              names[0], args.host, args.port, "; API key required" if settings.api_key else "")
     # sse-starlette would end every open stream as soon as uvicorn sees the signal; draining lets
@@ -195,7 +191,7 @@ def serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C the same way, once it has stopped
         pass
     finally:
-        async_engine.shutdown()
+        engine.shutdown()
     return 0
 
 

@@ -5,9 +5,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ropeway.context_params import ContextParams
-from ropeway.engine import AsyncEngine
+from ropeway.engine import AsyncLLM
 from ropeway.outputs import RequestOutput
-from ropeway.sampling_params import SamplingParams
+from ropeway.sampling_params import InvalidParameter, SamplingParams
 
 from .admission import AdmissionGate
 from .errors import APIError
@@ -23,22 +23,22 @@ class ServerSettings:
 
 @dataclass
 class ServerContext:
-    engine: AsyncEngine
+    engine: AsyncLLM
     settings: ServerSettings
     metrics: ServerMetrics
     gate: AdmissionGate
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def create(cls, engine: AsyncEngine, settings: ServerSettings) -> "ServerContext":
-        metrics = ServerMetrics(engine.engine, settings.served_model_names[0])
-        engine.step_listeners.append(metrics.observe_engine)
-        gate = AdmissionGate(engine.engine.config.max_num_seqs, settings.max_waiting)
+    def create(cls, engine: AsyncLLM, settings: ServerSettings) -> "ServerContext":
+        metrics = ServerMetrics(engine.info, settings.served_model_names[0])
+        engine.stats_listeners.append(metrics.observe_engine)
+        gate = AdmissionGate(engine.info.max_num_seqs, settings.max_waiting)
         return cls(engine, settings, metrics, gate)
 
     @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     @property
     def model_name(self) -> str:
@@ -46,11 +46,11 @@ class ServerContext:
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.engine.info.max_model_len
 
     @property
     def max_num_seqs(self) -> int:
-        return self.engine.engine.config.max_num_seqs
+        return self.engine.info.max_num_seqs
 
     def require_engine(self) -> None:
         # Checked up front so a stream is refused with a status, not opened only to fail.
@@ -71,14 +71,15 @@ class ServerContext:
             raise APIError.bad_request(f"n must be at most {self.max_num_seqs} (the server's --max-num-seqs)", "n")
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
-        vocab = self.engine.engine.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in token_ids):
-            raise APIError.bad_request(f"token ids must be integers in [0, {vocab})", param)
+        try:
+            self.engine.input.check_token_ids(token_ids, param)
+        except InvalidParameter as error:
+            raise APIError.from_invalid_parameter(error) from error
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str,
                      context: ContextParams | None) -> None:
         """Also validates the request's RoPE scaling, which can lower its context limit."""
-        self.engine.engine.check_length(num_prompt_tokens, max_tokens, param, context)
+        self.engine.limits.check(num_prompt_tokens, max_tokens, context, param)
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                  context: ContextParams | None) -> AsyncIterator[RequestOutput]:

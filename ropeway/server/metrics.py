@@ -1,17 +1,17 @@
 """Prometheus metrics, prefixed `ropeway:` and named after vLLM's.
 
-Engine-wide state (queue lengths, KV usage, token and preemption totals) is read on the
-engine's loop thread after every step, where it is consistent, and copied into gauges and
-counters; the HTTP side never reads engine state directly. Per-request latencies and
+Engine-wide state (queue lengths, KV usage, token and preemption totals) arrives as data: the
+engine core's StatsSnapshot after each step, copied into gauges and counters; nothing here
+reads or changes the engine's objects. Per-request latencies and
 lengths are observed from the request's own stream of outputs.
 """
 
 from collections.abc import AsyncIterator
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ropeway.engine import LLMEngine
+from ropeway.engine.messages import EngineInfo
+from ropeway.engine.stats import StatsSnapshot
 from ropeway.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -33,7 +33,7 @@ def length_buckets(max_len: int) -> list[int]:
 
 
 class ServerMetrics:
-    def __init__(self, engine: LLMEngine, model_name: str):
+    def __init__(self, info: EngineInfo, model_name: str):
         self.registry = registry = CollectorRegistry()
         label = {"model_name": model_name}
         names = ["model_name"]
@@ -54,7 +54,7 @@ class ServerMetrics:
         self.kv_blocks_capacity = gauge("kv_cache_capacity_blocks", "KV cache blocks in the pool.")
         self.kv_bytes_used = gauge("kv_cache_used_bytes", "Bytes of the KV cache pool in use.")
         self.kv_bytes_capacity = gauge("kv_cache_capacity_bytes", "Bytes of the KV cache pool.")
-        self.on_cuda = engine.device.type == "cuda"
+        self.on_cuda = info.device.startswith("cuda")
         if self.on_cuda:
             self.gpu_allocated = gauge("gpu_memory_allocated_bytes", "GPU memory held by tensors (torch).")
             self.gpu_reserved = gauge("gpu_memory_reserved_bytes", "GPU memory reserved by torch's allocator.")
@@ -97,57 +97,55 @@ class ServerMetrics:
                                              "Seconds from arrival to the last token.", _LATENCY_BUCKETS)
         self.request_queue_time = histogram("request_queue_time_seconds",
                                             "Seconds from arrival to first being scheduled.", _LATENCY_BUCKETS)
-        lengths = length_buckets(engine.max_model_len)
+        lengths = length_buckets(info.max_model_len)
         self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per request.", lengths)
         self.request_generation_tokens = histogram("request_generation_tokens",
                                                    "Generated tokens per request (all choices).", lengths)
 
-        self.kv_blocks_capacity.set(engine.pool.num_blocks)
-        self.kv_bytes_capacity.set(engine.pool.num_bytes)
-        self._bytes_per_block = engine.pool.bytes_per_block
-        # Engine totals that only grow, each mirrored by a counter: (counter, read the total).
+        self.kv_blocks_capacity.set(info.num_blocks)
+        self.kv_bytes_capacity.set(info.num_blocks * info.bytes_per_block)
+        self._num_blocks = info.num_blocks
+        self._bytes_per_block = info.bytes_per_block
+        # Engine totals that only grow, each mirrored by a counter: (counter, the snapshot's field).
         self._engine_totals = [
-            (self.prompt_tokens, lambda e: e.counters.prompt_tokens),
-            (self.generation_tokens, lambda e: e.counters.generation_tokens),
-            (self.num_preemptions, lambda e: e.scheduler.num_preemptions),
-            (self.prefix_cache_queries, lambda e: e.block_manager.prefix_queries),
-            (self.prefix_cache_hits, lambda e: e.block_manager.prefix_hits),
-            (self.rope_plan_growths, lambda e: e.scheduler.num_plan_growths),
-            (self.kv_evictions, lambda e: e.scheduler.num_evictions),
-            (self.kv_evicted_tokens, lambda e: e.scheduler.num_evicted_tokens),
-            (self.kv_rerotated_keys, lambda e: e.scheduler.num_rerotated_keys),
-            (self.landmark_recomputations, lambda e: e.scheduler.num_landmark_recomputations),
-            (self.session_hits, lambda e: e.scheduler.sessions.hits),
-            (self.session_misses, lambda e: e.scheduler.sessions.misses),
-            (self.retrieval_recalls, lambda e: e.runner.num_recalls),
-            (self.retrieval_recalled_blocks, lambda e: e.runner.num_recalled_blocks),
+            (self.prompt_tokens, "prompt_tokens"),
+            (self.generation_tokens, "generation_tokens"),
+            (self.num_preemptions, "num_preemptions"),
+            (self.prefix_cache_queries, "prefix_cache_queries"),
+            (self.prefix_cache_hits, "prefix_cache_hits"),
+            (self.rope_plan_growths, "rope_plan_growths"),
+            (self.kv_evictions, "kv_evictions"),
+            (self.kv_evicted_tokens, "kv_evicted_tokens"),
+            (self.kv_rerotated_keys, "kv_rerotated_keys"),
+            (self.landmark_recomputations, "landmark_recomputations"),
+            (self.session_hits, "session_hits"),
+            (self.session_misses, "session_misses"),
+            (self.retrieval_recalls, "retrieval_recalls"),
+            (self.retrieval_recalled_blocks, "retrieval_recalled_blocks"),
         ]
-        # What each counter already holds; the loop thread's first call brings them up to date.
-        self._copied = [0] * len(self._engine_totals)
+        self._previous = StatsSnapshot()
 
-    def observe_engine(self, engine: LLMEngine) -> None:
-        """Copy engine-wide state; runs on the engine's loop thread after each step."""
-        bm = engine.block_manager
-        self.num_requests_running.set(engine.num_running)
-        self.num_requests_waiting.set(engine.num_waiting)
-        used = bm.num_used_blocks
-        self.kv_blocks_used.set(used)
-        self.kv_bytes_used.set(used * self._bytes_per_block)
-        self.kv_cache_usage.set(used / bm.num_blocks)
-        scheduler = engine.scheduler
-        for index, (counter, read_total) in enumerate(self._engine_totals):
-            total = read_total(engine)
-            counter.inc(total - self._copied[index])
-            self._copied[index] = total
-        self.session_store_bytes.set(scheduler.sessions.num_blocks * self._bytes_per_block)
-        self.retrieval_archive_bytes.set(engine.runner.archive_budget.num_bytes)
-        for plan in scheduler.new_plans:
+    def observe_engine(self, stats: StatsSnapshot) -> None:
+        """Copy one snapshot of the engine core's state (called on the engine's output thread)."""
+        self.num_requests_running.set(stats.num_running)
+        self.num_requests_waiting.set(stats.num_waiting)
+        self.kv_blocks_used.set(stats.kv_used_blocks)
+        self.kv_bytes_used.set(stats.kv_used_blocks * self._bytes_per_block)
+        self.kv_cache_usage.set(stats.kv_used_blocks / self._num_blocks)
+        previous = self._previous
+        for counter, name in self._engine_totals:
+            grown = getattr(stats, name) - getattr(previous, name)
+            if grown > 0:
+                counter.inc(grown)
+        self._previous = stats
+        self.session_store_bytes.set(stats.session_store_blocks * self._bytes_per_block)
+        self.retrieval_archive_bytes.set(stats.retrieval_archive_bytes)
+        for plan in stats.new_plans:
             self.rope_plan_base.observe(plan.effective_base)
             self.rope_plan_factor.observe(plan.scaling_factor)
-        scheduler.new_plans.clear()
         if self.on_cuda:
-            self.gpu_allocated.set(torch.cuda.memory_allocated(engine.device))
-            self.gpu_reserved.set(torch.cuda.memory_reserved(engine.device))
+            self.gpu_allocated.set(stats.gpu_memory_allocated_bytes)
+            self.gpu_reserved.set(stats.gpu_memory_reserved_bytes)
 
     async def tracked(self, outputs: AsyncIterator[RequestOutput], n: int) -> AsyncIterator[RequestOutput]:
         """Pass the outputs of a request with n choices through, observing its latencies and, at

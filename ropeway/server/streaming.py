@@ -2,7 +2,7 @@
 
 A response may gather several engine requests (one per prompt of a batched completion);
 `merge` reads them concurrently. Leaving `merge` early, as a disconnected client does,
-cancels every reader, and each cancelled `AsyncEngine.generate` aborts its request.
+cancels every reader, and each cancelled `AsyncLLM.generate` aborts its request.
 """
 
 import asyncio
@@ -80,7 +80,8 @@ def as_api_error(error: Exception) -> APIError:
     if isinstance(error, InvalidParameter):
         return APIError.from_invalid_parameter(error)
     if isinstance(error, EngineDeadError):
-        return APIError(503, "the engine is not running")
+        # The request was running when the engine core stopped (new ones get 503 up front).
+        return APIError(500, f"the engine stopped while serving this request: {error}")
     log.error("request failed", exc_info=error)
     return APIError(500, "internal server error; the server log has the details")
 
