@@ -30,12 +30,14 @@ class CoreLoop:
         try:
             while True:
                 failures: list[RequestFailure] = []
-                for message in self._take_inputs(block=not core.has_unfinished_requests()):
+                messages = self._take_inputs(block=not core.has_unfinished_requests())
+                for message in messages:
                     if isinstance(message, Shutdown):
                         return
                     self._apply(message, failures)
-                deltas = core.step() if core.has_unfinished_requests() else []
-                if deltas or failures or core.has_unfinished_requests():
+                busy = core.has_unfinished_requests()
+                deltas = core.step() if busy else []
+                if busy or messages:  # the state changed: a fresh snapshot goes with the outputs
                     self.emit(EngineOutputs(deltas=deltas, failures=failures, stats=core.stats()))
         except BaseException as error:  # noqa: BLE001 -- whatever it was, the API side must hear of it
             log.exception("engine core failed")
