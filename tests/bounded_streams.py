@@ -50,8 +50,8 @@ def run_wrapping_runner(engine, policy: dict, prompt: list[int], method: str, wr
     engine.add_request("wrapped", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
                        ContextParams(context_policy=policy))
     seq = engine.requests["wrapped"].choices[0].seq
-    original = getattr(engine.runner, method)
-    setattr(engine.runner, method, lambda argument: wrapper(original, argument))
+    original = getattr(engine.runner.cache_ops, method)
+    setattr(engine.runner.cache_ops, method, lambda argument: wrapper(original, argument))
     while engine.has_unfinished_requests():
         engine.step()
     return seq

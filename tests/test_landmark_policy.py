@@ -34,7 +34,7 @@ def test_long_landmark_stream_keeps_blocks_constant_and_fills_its_slots_as_a_rin
 
     def landmark_slots_are_weighted_or_empty(seq):
         if seq.num_region_positions and seq.block_table:  # a finished one's blocks are retained
-            region = engine.runner.slot_bias[seq.block_table[1]]
+            region = engine.runner.cache_ops.slot_bias[seq.block_table[1]]
             count = min(seq.num_evicted_tokens // 16, policy.landmarks)
             assert torch.all(region[:count] == math.log(16))
             assert torch.all(region[count:] == float("-inf"))

@@ -54,9 +54,9 @@ def test_retrieval_finds_a_passkey_long_evicted_that_landmarks_alone_lose(make_l
         return sum(key in out.outputs[0].text for out, key in zip(outputs, keys))
 
     assert found(landmark) < len(keys)
-    recalls_before = llm.engine.runner.num_recalls
+    recalls_before = llm.engine.runner.cache_ops.num_recalls
     assert found({**landmark, "retrieve": 64}) == len(keys)
-    assert llm.engine.runner.num_recalls == recalls_before + len(keys)
+    assert llm.engine.runner.cache_ops.num_recalls == recalls_before + len(keys)
     while llm.engine.scheduler.sessions.release_oldest():
         pass
     assert llm.engine.block_manager.num_free_blocks == llm.engine.pool.num_blocks
@@ -71,16 +71,16 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
     policy = ContextPolicy.from_dict(RETRIEVING)
     prompt = long_text_ids(llm.tokenizer, 10 * policy.window)
     recalled = []
-    recall = engine.runner.recall
+    recall = engine.runner.cache_ops.recall
 
     def recall_and_read(item):
         recall(item)
         seq = item.seq
         for slot in range(2):
             block = seq.block_table[2 + slot]
-            recalled.append((slot, engine.kv_cache[:, :, block].clone(), engine.runner.slot_bias[block].clone()))
+            recalled.append((slot, engine.kv_cache[:, :, block].clone(), engine.runner.cache_ops.slot_bias[block].clone()))
 
-    engine.runner.recall = recall_and_read
+    engine.runner.cache_ops.recall = recall_and_read
     seq, seen = stream_checking_positions(llm, RETRIEVING, prompt)
     settled = [used for computed, used in seen if computed >= policy.max_cache_tokens(16)]
     assert len(settled) > 10 and max(settled) <= cdiv(policy.max_cache_tokens(16), 16)
@@ -113,7 +113,7 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
     unrotated = torch.cat((k[..., :half] * cos + k[..., half:] * sin, k[..., half:] * cos - k[..., :half] * sin), -1)
     scoring = torch.cat(archive.scoring_keys, 1)[:, 3]
     torch.testing.assert_close(scoring.double(), unrotated.mean(1), atol=1e-5, rtol=1e-5)
-    assert engine.runner.archive_budget.num_bytes == archive.num_bytes > 0
+    assert engine.runner.cache_ops.archive_budget.num_bytes == archive.num_bytes > 0
 
 
 def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(default_llm):

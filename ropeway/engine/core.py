@@ -356,14 +356,14 @@ class EngineCore:
 
     def stats(self) -> StatsSnapshot:
         """The state after the last step, and the totals since start-up, as data."""
-        totals, scheduler, bm, runner = self.stats_totals, self.scheduler, self.block_manager, self.runner
+        totals, scheduler, bm, ops = self.stats_totals, self.scheduler, self.block_manager, self.runner.cache_ops
         new_plans = [PlanChoice(effective_base(plan), plan.scaling_factor) for plan in scheduler.new_plans]
         scheduler.new_plans.clear()
         on_cuda = self.device.type == "cuda"
         return StatsSnapshot(
             num_running=len(scheduler.running), num_waiting=scheduler.num_waiting,
             kv_used_blocks=bm.num_used_blocks, session_store_blocks=scheduler.sessions.num_blocks,
-            retrieval_archive_bytes=runner.archive_budget.num_bytes,
+            retrieval_archive_bytes=ops.archive_budget.num_bytes,
             gpu_memory_allocated_bytes=torch.cuda.memory_allocated(self.device) if on_cuda else 0,
             gpu_memory_reserved_bytes=torch.cuda.memory_reserved(self.device) if on_cuda else 0,
             prompt_tokens=totals.prompt_tokens, generation_tokens=totals.generation_tokens, steps=totals.steps,
@@ -373,7 +373,7 @@ class EngineCore:
             kv_rerotated_keys=scheduler.num_rerotated_keys,
             landmark_recomputations=scheduler.num_landmark_recomputations,
             session_hits=scheduler.sessions.hits, session_misses=scheduler.sessions.misses,
-            retrieval_recalls=runner.num_recalls, retrieval_recalled_blocks=runner.num_recalled_blocks,
+            retrieval_recalls=ops.num_recalls, retrieval_recalled_blocks=ops.num_recalled_blocks,
             request_failures=totals.request_failures, new_plans=new_plans)
 
     @property

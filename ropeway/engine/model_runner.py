@@ -1,19 +1,17 @@
 """Turns a scheduler step into one flat model batch and runs it."""
 
-import math
 from itertools import chain
 
 import numpy as np
 import torch
 
-from ropeway.kernels import is_long_chunk, rerotate_keys
-from ropeway.models import Capture, ForwardBatch, LlamaModel, rope_parameters
+from ropeway.kernels import is_long_chunk
+from ropeway.models import ForwardBatch, LlamaModel, rope_parameters
 from ropeway.models.forward_batch import block_table_width
-from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
+from ropeway.scheduler import RopePlan, SchedulerOutput
 
+from .cache_ops import CacheOps
 from .cuda_graphs import DecodeGraphs
-from .landmarks import chunk_summary, rotate_to
-from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
 from ropeway.arith import round_up
 
 
@@ -33,17 +31,10 @@ class ModelRunner:
         self._inv_freq_table = torch.empty(0, model.config.head_dim // 2, dtype=torch.float32, device=self.device)
         self._attention_factors: list[float] = []
         self._attention_factor_table = torch.empty(0, dtype=torch.float32, device=self.device)
-        # Logit bias per cache slot [num_blocks, block_size]: ln(chunk length) on a landmark
-        # slot, -inf on an empty region slot, 0 elsewhere. Read only by batches that hold a
-        # landmark cache.
-        self.slot_bias = torch.zeros(kv_cache.shape[2], block_size, dtype=torch.float32, device=self.device)
-        # Until a region is first opened every bias is 0, and steps need not clear any.
-        self.bias_written = False
-        self.archive_budget = ArchiveBudget(archive_bytes)
-        self.num_recalls = 0          # prompts that brought archived blocks back
-        self.num_recalled_blocks = 0
+        # Everything a step does to the cache besides writing its own tokens' K/V.
+        self.cache_ops = CacheOps(self, archive_bytes)
         # Pure-decode steps replay CUDA graphs on the GPU; None runs every step eagerly.
-        self.decode_graphs = (DecodeGraphs(model, kv_cache, block_size, self.slot_bias)
+        self.decode_graphs = (DecodeGraphs(model, kv_cache, block_size, self.cache_ops.slot_bias)
                               if self.device.type == "cuda" else None)
 
     def rope_index(self, plan: RopePlan) -> int:
@@ -62,113 +53,6 @@ class ModelRunner:
         """(inv_freq on the device, attention factor)."""
         index = self.rope_index(plan)
         return self._inv_freq_table[index], self._attention_factors[index]
-
-    def apply_rope_growth(self, growth: RopeGrowth) -> None:
-        """Re-rotate a sequence's cached keys from its old plan to its new one, in place."""
-        self._move_keys(growth.seq, growth.block_copies, 0, growth.num_tokens, 0, growth.old_plan, growth.new_plan)
-
-    def apply_eviction(self, eviction: Eviction) -> None:
-        """Move a sequence's kept window keys down by the evicted length (same plan)."""
-        plan = eviction.plan
-        self._move_keys(eviction.seq, eviction.block_copies, eviction.first_position, eviction.num_tokens,
-                        eviction.shift, plan, plan)
-
-    def _move_keys(self, seq, block_copies: list[tuple[int, int]], first_position: int, count: int, shift: int,
-                   old_plan: RopePlan, new_plan: RopePlan) -> None:
-        """Copy the blocks seq no longer shares, then rotate its keys at cache positions
-        first_position.. (computed at position + shift under old_plan) to those positions under
-        new_plan: every layer at once, by the fp32 angle difference."""
-        self.copy_blocks(block_copies)
-        if count == 0:
-            return
-        positions = torch.arange(first_position, first_position + count, device=self.device)
-        table = torch.tensor(seq.block_table, dtype=torch.int64, device=self.device)
-        slots = table[positions // self.block_size] * self.block_size + positions % self.block_size
-        old_inv_freq, old_factor = self.rope_row(old_plan)
-        new_inv_freq, new_factor = self.rope_row(new_plan)
-        rerotate_keys(self.kv_cache[:, 0], slots, positions + shift, positions,
-                      old_inv_freq.expand(count, -1), new_inv_freq.expand(count, -1),
-                      torch.full((count,), old_factor, device=self.device),
-                      torch.full((count,), new_factor, device=self.device))
-
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        for source, destination in copies:
-            self.kv_cache[:, :, destination].copy_(self.kv_cache[:, :, source])
-            if self.bias_written:
-                self.slot_bias[destination].copy_(self.slot_bias[source])
-
-    def write_landmarks(self, eviction: Eviction) -> None:
-        """Open the landmark region (every slot empty), then write each evicted chunk's
-        summary in its slot: the mean key rotated to the slot's position, the mean value,
-        and ln(chunk length) on the slot's logit so it weighs as the chunk's tokens would."""
-        if eviction.new_region is None and not eviction.landmarks:
-            return
-        table = eviction.seq.block_table
-        bias = self.slot_bias
-        self.bias_written = True
-        if eviction.new_region is not None:
-            for position in eviction.new_region[:: self.block_size]:  # whole blocks
-                bias[table[position // self.block_size]] = float("-inf")
-        inv_freq, factor = self.rope_row(eviction.plan)
-        for landmark in eviction.landmarks:
-            keys, values = chunk_summary(self.model, landmark.token_ids, inv_freq, factor, self.block_size)
-            block, offset = table[landmark.position // self.block_size], landmark.position % self.block_size
-            self.kv_cache[:, 0, block, offset] = rotate_to(keys, landmark.position, inv_freq, factor).to(self.kv_cache.dtype)
-            self.kv_cache[:, 1, block, offset] = values.to(self.kv_cache.dtype)
-            bias[block, offset] = math.log(len(landmark.token_ids))
-
-    def archive_evicted(self, eviction: Eviction) -> None:
-        """Copy a sequence's evicted blocks to host memory before anything reuses them."""
-        seq = eviction.seq
-        if seq.archive is None:
-            seq.archive = RecallArchive()
-        blocks = torch.tensor(eviction.archived_blocks, device=self.device)
-        inv_freq, factor = self.rope_row(eviction.plan)
-        seq.archive.add(self.kv_cache[:, :, blocks], eviction.archived_position, eviction.plan, inv_freq, factor)
-        self.archive_budget.track(seq.archive)
-
-    def clear_written_slots(self, batch: ForwardBatch) -> None:
-        """The batch writes tokens into its slots: clear what a region's bias left there."""
-        if self.bias_written:
-            self.slot_bias.view(-1)[batch.slot_mapping] = 0.0
-
-    @staticmethod
-    def recalls(item: ScheduledSequence) -> bool:
-        """A chunk that ends a prompt of a cache with archived blocks brings the best back."""
-        seq = item.seq
-        return (item.samples and seq.num_computed_tokens < seq.num_prompt_tokens and seq.archive is not None
-                and seq.archive.num_blocks > 0)
-
-    def recall(self, item: ScheduledSequence) -> None:
-        """Run the chunk once for its queries (its K/V writes are redone by the step itself),
-        then fill the recall region with the archived blocks they score highest, oldest
-        first, each re-rotated from where it was evicted to its slot; empty slots stay
-        masked."""
-        seq, size = item.seq, self.block_size
-        batch = self.build_batch(SchedulerOutput(scheduled=[item]), [1])
-        n = item.num_new_tokens
-        first_row = max(0, n - RECALL_QUERY_TOKENS - RECALL_BASELINE_TOKENS)
-        captured = Capture(rows=torch.arange(first_row, n, device=self.device))
-        self.clear_written_slots(batch)
-        self.model.forward(batch, self.kv_cache, captured)
-        policy = seq.context_policy
-        slots = policy.recall_blocks(size)
-        queries = torch.stack(captured.queries)
-        split = max(0, queries.shape[1] - RECALL_QUERY_TOKENS)
-        chosen = seq.archive.select(queries[:, split:], queries[:, :split], slots, self.model.scale)
-        first_block = policy.sink_blocks(size) + policy.landmark_blocks(size)
-        for slot in range(slots):
-            block = seq.block_table[first_block + slot]
-            if slot >= len(chosen):
-                self.slot_bias[block] = float("-inf")
-                continue
-            kv, old_position, plan = seq.archive.block(chosen[slot])
-            self.kv_cache[:, :, block].copy_(kv)
-            self.slot_bias[block] = 0.0
-            position = (first_block + slot) * size
-            self._move_keys(seq, [], position, size, old_position - position, plan, seq.rope_plan)
-        self.num_recalls += 1
-        self.num_recalled_blocks += len(chosen)
 
     def build_batch(self, step: SchedulerOutput, logit_rows: list[int],
                     previous: tuple[torch.Tensor, dict[int, int]] | None = None) -> ForwardBatch:
@@ -257,7 +141,7 @@ class ModelRunner:
             num_decode_seqs=num_decodes if total > num_seqs else 0,
             long_chunks=tuple((int(query_start[i]), int(num_new[i]), int(cached[i]))
                               for i in np.flatnonzero(group == 2)),
-            slot_bias=self.slot_bias if any(seq.num_region_positions for seq in seqs) else None,
+            slot_bias=self.cache_ops.slot_bias if any(seq.num_region_positions for seq in seqs) else None,
         )
 
     def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -292,21 +176,9 @@ class ModelRunner:
                 previous: tuple[torch.Tensor, dict[int, int]] | None = None) -> torch.Tensor:
         """Logits for the rows `logit_rows(step)` asks for, sequence after sequence in scheduled
         order. previous: see build_batch."""
-        # Evicted blocks go to host memory first: this step may hand them out again.
-        for eviction in step.evictions:
-            if eviction.archived_blocks:
-                self.archive_evicted(eviction)
-        for eviction in step.evictions:
-            self.apply_eviction(eviction)
-            self.write_landmarks(eviction)
-        for growth in step.rope_growths:
-            self.apply_rope_growth(growth)
-        if self.archive_budget.archives:  # no per-sequence check on steps of servers that never archive
-            for item in step.scheduled:
-                if self.recalls(item):
-                    self.recall(item)
+        self.cache_ops.apply(step)
         batch = self.build_batch(step, logit_rows, previous)
-        self.clear_written_slots(batch)
+        self.cache_ops.clear_written_slots(batch)
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
         return self.model.forward(batch, self.kv_cache)
