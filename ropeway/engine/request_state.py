@@ -74,6 +74,7 @@ class RequestState:
             outputs=outputs,
             finished=self.finished,
             num_cached_tokens=self.choices[0].seq.num_cached_prompt_tokens,
+            num_evicted_tokens=self.choices[0].seq.num_evicted_tokens,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
             metrics=self.metrics.snapshot(),  # the live record keeps changing
         )

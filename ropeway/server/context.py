@@ -2,7 +2,7 @@
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ropeway.context_params import ContextParams
 from ropeway.engine import AsyncEngine
@@ -47,6 +47,14 @@ class ServerContext:
     @property
     def max_model_len(self) -> int:
         return self.engine.engine.max_model_len
+
+    @property
+    def trained_context_len(self) -> int:
+        return self.engine.engine.model_config.max_position_embeddings
+
+    @property
+    def default_context_policy(self) -> dict:
+        return asdict(self.engine.engine.context_policy)
 
     @property
     def max_num_seqs(self) -> int:
