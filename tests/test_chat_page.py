@@ -172,6 +172,12 @@ def test_reply_streams_token_by_token_and_equals_the_api_greedy_answer(page, cli
     assert stat(page, "trained") == 8192
     assert stat(page, "ttft") > 0 and stat(page, "speed") > 0
 
+    page.click("#regenerate")  # streams the reply again, in place of the last one
+    expect(page.locator("#send")).to_be_visible(timeout=REPLY_SECONDS)
+    again = page.evaluate("window.shown")[len(shown):]
+    assert len(again) >= 3 and again[-1] == expected.strip(), again
+    assert [m["role"] for m in stored_conversations(page)[0]["messages"]] == ["user", "assistant"]
+
 
 def test_stop_mid_stream_aborts_the_request(page, server):
     configure(page, temperature="0", max_tokens="400")
