@@ -237,6 +237,31 @@ def test_model_output_with_a_script_tag_is_shown_as_text(page, client):
         assert set(tags) <= RENDERED_TAGS, set(tags) - RENDERED_TAGS
 
 
+@pytest.mark.parametrize("markdown, html", [
+    ("# Title\n\nSome **bold**, *it* and `a <b>`.\nNext line\n\n- a\n- b\n\n3. x\n4. y\n\n> quoted\n\n---",
+     "<h3>Title</h3><p>Some <strong>bold</strong>, <em>it</em> and <code>a &lt;b&gt;</code>.<br>Next line</p>"
+     '<ul><li>a</li><li>b</li></ul><ol start="3"><li>x</li><li>y</li></ol><blockquote>quoted</blockquote><hr>'),
+    ("```py\nprint('<script>')\n```\nafter", '<pre><span class="code-language">py</span><code data-language="py">'
+     "print('&lt;script&gt;')</code></pre><p>after</p>"),
+    ("```\nunclosed <b>, as mid-stream", "<pre><code>unclosed &lt;b&gt;, as mid-stream</code></pre>"),
+    ('<img src=x onerror="window.pwned=1"><script>window.pwned=1</script>',
+     '<p>&lt;img src=x onerror="window.pwned=1"&gt;&lt;script&gt;window.pwned=1&lt;/script&gt;</p>'),
+    ("[a](javascript:window.pwned=1) [b](https://example.com/x)",
+     '<p>[a](javascript:window.pwned=1) <a href="https://example.com/x" rel="noopener noreferrer" '
+     'target="_blank">b</a></p>'),
+    ("snake_case_name and 2 * 3 * 4", "<p>snake_case_name and 2 * 3 * 4</p>"),
+])
+def test_markdown_renderer_builds_elements_and_never_parses_markup(page, markdown, html):
+    rendered = page.evaluate("""async (text) => {
+        const { renderMarkdown } = await import('/static/markdown.js');
+        const container = document.createElement('div');
+        renderMarkdown(container, text);
+        return container.innerHTML;
+    }""", markdown)
+    assert rendered == html
+    assert page.evaluate("window.pwned") is None
+
+
 def test_reload_keeps_the_conversation_its_settings_and_stats(page):
     configure(page, temperature="0", max_tokens="6", policy__type="sink_window", policy__window="512")
     send(page, "Say hello.")
