@@ -76,6 +76,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # Tokens dropped from a bounded cache (sink_window, landmark) so far, counting earlier chat
+    # turns whose retained session this request continued; like num_cached_tokens, the first choice's.
+    num_evicted_tokens: int = 0
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[float | None] | None = None  # [None, logprob of token 1 given token 0, ...]
 

@@ -101,12 +101,30 @@ def test_next_turn_continues_from_the_retained_session(make_llm):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     first = llm.generate([history], params, context=context)[0]
     assert store.num_blocks > 0 and store.misses == 1
+    # All but the last sampled token were computed; the cache kept sinks + window + at most one chunk.
+    policy = ContextPolicy.from_dict(WINDOW)
+    in_cache = len(history) + len(first.outputs[0].token_ids) - 1 - first.num_evicted_tokens
+    assert policy.kept_tokens(16) <= in_cache <= policy.max_cache_tokens(16)
     turn_two = history + first.outputs[0].token_ids[:-1]  # the last sampled token was never computed
     turn_two = turn_two + first.outputs[0].token_ids[-1:] + llm.tokenizer.encode(" And then?")
     second = llm.generate([turn_two], params, context=context)[0]
     assert store.hits == 1
     assert second.num_cached_tokens == len(history) + len(first.outputs[0].token_ids) - 1
     assert len(second.outputs[0].token_ids) == 6
+    assert second.num_evicted_tokens >= first.num_evicted_tokens > 0  # counted on from the session, not anew
     while store.release_oldest():
         pass
     assert engine.block_manager.num_free_blocks == engine.pool.num_blocks
+
+
+def test_an_aborted_request_still_reports_the_tokens_its_cache_evicted(make_llm):
+    engine = make_llm().engine
+    prompt = long_text_ids(engine.tokenizer, 200)
+    engine.add_request("cut", prompt, SamplingParams(temperature=0, max_tokens=50),
+                       ContextParams(context_policy=WINDOW))
+    outputs = []
+    while not outputs:  # the prompt's chunks, then the first token
+        outputs = engine.step()
+    assert outputs[0].num_evicted_tokens > 0
+    # Aborting frees the cache (not retained), and the last output keeps the count.
+    assert engine.abort_request("cut").num_evicted_tokens == outputs[0].num_evicted_tokens

@@ -191,7 +191,8 @@ def test_chat_stream_opens_with_the_role_and_ends_with_usage_and_done(server, ht
     finishing = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
     assert finishing == [whole.choices[0].finish_reason]
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == whole.usage.model_dump(exclude_none=True)
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert {k: chunks[-1]["usage"][k] for k in counts} == {k: getattr(whole.usage, k) for k in counts}
 
 
 def test_chat_stream_with_n_choices_through_the_openai_client(client):
@@ -212,7 +213,8 @@ def test_chat_content_as_text_parts_equals_content_as_a_string(client):
     by_parts = client.chat.completions.create(model=MODEL_NAME, messages=as_parts, max_tokens=6, **GREEDY)
     by_string = client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, max_tokens=6, **GREEDY)
     assert by_parts.choices[0].message.content == by_string.choices[0].message.content
-    assert by_parts.usage == by_string.usage
+    assert by_parts.usage.prompt_tokens == by_string.usage.prompt_tokens
+    assert by_parts.usage.completion_tokens == by_string.usage.completion_tokens
 
 
 def test_completion_of_several_token_id_prompts_streams_every_choice(client, http):
@@ -273,6 +275,10 @@ def test_request_context_policy_streams_past_the_context_limit_and_is_validated(
         extra_body={"context_policy": {"type": "sink_window", "sinks": 4, "window": 256}}, **GREEDY)
     assert windowed.usage.prompt_tokens > MAX_MODEL_LEN
     assert windowed.usage.completion_tokens == 4
+    # The cache holds sinks (one block) + window + at most one eviction chunk (32) of the tokens
+    # computed (all but the last sampled one); the rest were evicted.
+    in_cache = windowed.usage.total_tokens - 1 - windowed.usage.ropeway["evicted_tokens"]
+    assert 16 + 256 <= in_cache <= 16 + 256 + 32
     bad = http.post("/v1/completions", json={"prompt": "hi", "context_policy": {"type": "sink_window", "window": 4}})
     assert_openai_error(bad, 400, "context_policy.window")
 
@@ -294,6 +300,19 @@ def test_request_retrieving_landmark_policy_recalls_and_shows_in_metrics(client,
     assert_openai_error(bad, 400, "context_policy.retrieve")
 
 
+def test_usage_counts_prompt_tokens_served_from_the_prefix_cache(client):
+    # A system prompt of its own: the template's default one would be cached by earlier tests.
+    messages = [{"role": "system", "content": "Rivers only."},
+                {"role": "user", "content": "Name three rivers of Europe, please. " * 6}]
+    first = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=2, **GREEDY)
+    again = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=2, **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # Whole 16-token blocks, and never the last prompt token (it must be computed to sample).
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == (again.usage.prompt_tokens - 1) // 16 * 16 > 0
+    assert again.usage.ropeway == {"evicted_tokens": 0}
+
+
 # ----- other routes -----
 
 
@@ -301,6 +320,9 @@ def test_models_health_tokenizer_and_docs(http):
     models = http.get("/v1/models").json()
     assert models["object"] == "list"
     assert models["data"][0]["id"] == MODEL_NAME and models["data"][0]["max_model_len"] == MAX_MODEL_LEN
+    assert models["data"][0]["trained_context_len"] == 8192  # the GGUF's context_length
+    assert models["data"][0]["context_policy"] == {"type": "none", "sinks": 4, "window": 4096, "landmarks": 64,
+                                                   "retrieve": 0}
     assert http.get("/health").status_code == 200
     tokens = http.post("/tokenize", json={"prompt": "Hello world"}).json()
     assert tokens["count"] == len(tokens["tokens"]) > 0

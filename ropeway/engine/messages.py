@@ -56,6 +56,7 @@ class RequestDelta(msgspec.Struct, omit_defaults=True):
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    num_evicted_tokens: int = 0
     # Sent once, in the first delta after the whole prompt has been computed.
     prompt_logprobs: list[float | None] | None = None
 

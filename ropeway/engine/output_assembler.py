@@ -56,4 +56,5 @@ class RequestAssembly:
                 num_logprobs=len(record.logprobs) if record.logprobs is not None else 0))
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
                              outputs=outputs, finished=delta.finished, num_cached_tokens=delta.num_cached_tokens,
+                             num_evicted_tokens=delta.num_evicted_tokens,
                              metrics=delta.metrics, prompt_logprobs=self.prompt_logprobs)

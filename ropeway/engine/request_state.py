@@ -59,4 +59,4 @@ class RequestState:
             prompt_logprobs, self.prompt_logprobs_sent = list(self.prompt_logprobs), True
         return RequestDelta(request_id=self.request_id, choices=choices, finished=self.finished,
                             metrics=self.metrics.snapshot(), num_cached_tokens=first.num_cached_prompt_tokens,
-                            prompt_logprobs=prompt_logprobs)
+                            num_evicted_tokens=first.num_evicted_tokens, prompt_logprobs=prompt_logprobs)

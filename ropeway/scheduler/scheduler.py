@@ -149,7 +149,9 @@ class Scheduler:
                 group.remove(seq)
         seq.status = SequenceStatus.FINISHED
         if not (retain and seq.context_policy.bounded and self.sessions.retain(seq)):
+            evicted = seq.num_evicted_tokens
             self.block_manager.free(seq)
+            seq.num_evicted_tokens = evicted  # still reported in the request's last output
         seq.block_table = []
 
     def has_unfinished(self) -> bool:

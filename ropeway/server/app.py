@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI-compatible routes plus health, metrics and tokenizer routes."""
+"""The FastAPI application: OpenAI-compatible routes plus health, metrics, tokenizer routes and the chat page."""
 
 import hmac
 
@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .chat import chat_prompt_ids, create_chat_completion
+from .chat_page import install_chat_page
 from .completions import create_completion
 from .context import ServerContext
 from .errors import APIError, error_response, install_error_handlers
@@ -39,7 +40,8 @@ def build_app(ctx: ServerContext) -> FastAPI:
 
     @api.get("/v1/models")
     async def models() -> ModelList:
-        cards = [ModelCard(id=name, created=ctx.created, root=ctx.model_name, max_model_len=ctx.max_model_len)
+        cards = [ModelCard(id=name, created=ctx.created, root=ctx.model_name, max_model_len=ctx.max_model_len,
+                           trained_context_len=ctx.trained_context_len, context_policy=ctx.default_context_policy)
                  for name in ctx.settings.served_model_names]
         return ModelList(data=cards)
 
@@ -72,4 +74,5 @@ def build_app(ctx: ServerContext) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    install_chat_page(app)
     return app

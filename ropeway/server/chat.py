@@ -14,6 +14,7 @@ from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComple
                        ChatCompletionResponse, ChatLogprobs, ChoiceDelta, TokenLogprobContent, TopLogprob, Usage,
                        new_id, now_seconds)
 from .streaming import merge, respond
+from .usage import response_usage
 
 # Templates written for OpenAI's roles know "system"; "developer" is OpenAI's newer name for it.
 _TEMPLATE_ROLE = {"developer": "system"}
@@ -87,9 +88,7 @@ class ChatStream:
         self.created = now_seconds()
 
     def _usage(self, final: RequestOutput | None) -> Usage:
-        completion_tokens = sum(len(c.token_ids) for c in final.outputs) if final else 0
-        return Usage(prompt_tokens=self.num_prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self.num_prompt_tokens + completion_tokens)
+        return response_usage(self.num_prompt_tokens, [final])
 
     def response(self, final: RequestOutput) -> ChatCompletionResponse:
         choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),

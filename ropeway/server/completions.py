@@ -12,6 +12,7 @@ from .errors import APIError
 from .protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage,
                        new_id, now_seconds)
 from .streaming import merge, respond
+from .usage import response_usage
 
 
 @dataclass
@@ -92,11 +93,8 @@ class CompletionStream:
     def _index(self, prompt_index: int, choice: CompletionOutput) -> int:
         return prompt_index * self.body.n + choice.index
 
-    def _usage(self, finals: list[RequestOutput]) -> Usage:
-        prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
-        completion_tokens = sum(len(c.token_ids) for out in finals for c in out.outputs)
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=prompt_tokens + completion_tokens)
+    def _usage(self, finals: list[RequestOutput | None]) -> Usage:
+        return response_usage(sum(len(p.token_ids) for p in self.prompts), finals)
 
     def response(self, finals: list[RequestOutput]) -> CompletionResponse:
         choices = []

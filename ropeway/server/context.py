@@ -49,6 +49,14 @@ class ServerContext:
         return self.engine.info.max_model_len
 
     @property
+    def trained_context_len(self) -> int:
+        return self.engine.info.trained_context
+
+    @property
+    def default_context_policy(self) -> dict:
+        return dict(self.engine.info.default_context_policy)
+
+    @property
     def max_num_seqs(self) -> int:
         return self.engine.info.max_num_seqs
 

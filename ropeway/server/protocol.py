@@ -96,10 +96,21 @@ class SamplingFields(RequestBody):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class PromptTokensDetails(ResponseBody):
+    cached_tokens: int  # prompt tokens not computed again: prefix-cache hits and a continued chat session
+
+
+class RopewayUsage(ResponseBody):
+    """ropeway's extension of usage: what a bounded cache (sink_window, landmark) did."""
+    evicted_tokens: int  # tokens of the prompt and completion no longer in the cache
+
+
 class Usage(ResponseBody):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+    ropeway: RopewayUsage | None = None
 
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -256,6 +267,10 @@ class ModelCard(ResponseBody):
     owned_by: str = "ropeway"
     root: str
     max_model_len: int
+    # ropeway's extensions: the context the model was trained for, and the server's default
+    # context_policy (what a request without its own gets), every field filled in.
+    trained_context_len: int
+    context_policy: dict
 
 
 class ModelList(ResponseBody):
