@@ -96,7 +96,7 @@ class LLMEngine:
         self.model_config = model_config = self.model.config
         self.device = self.model.device
         self.dtype = self.model.dtype
-        self.pool = plan_kv_pool(model_config, self.dtype, self.device, config.block_size,
+        self.pool = plan_kv_pool(self.model, self.dtype, self.device, config.block_size,
                                  config.kv_cache_memory_bytes, config.gpu_memory_utilization)
         self.rope_scaling = self._server_rope_scaling(config, model_config)
         try:
@@ -109,7 +109,7 @@ class LLMEngine:
         if self.max_model_len < wanted_len:
             log.warning("max_model_len lowered from %d to %d tokens: the KV pool holds no more",
                         wanted_len, self.max_model_len)
-        self.kv_cache = allocate_kv_cache(model_config, self.pool, self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(self.model, self.pool, self.dtype, self.device)
         self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens
         self.planner = RopePlanner(model_config.rope_theta, model_config.head_dim,
@@ -123,8 +123,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes)
         if is_long_chunk(self.scheduler.config.prefill_chunk_size):
             # Chunks this long can reach cuDNN: load it now, not inside a first long prompt.
-            warm_up_long_chunk_attention(self.device, self.dtype, model_config.num_heads,
-                                         model_config.num_kv_heads, model_config.head_dim)
+            warm_up_long_chunk_attention(self.device, self.dtype, self.model.num_local_heads,
+                                         self.model.num_local_kv_heads, model_config.head_dim)
         self.default_rope_plan = self.planner.model_plan
         self.requests: dict[str, RequestState] = {}
         self.counters = EngineCounters()
