@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 from tensor_parallel_ranks import greedy_paged_run, random_llama_weights, run_tensor_parallel, weight_elements
 
+from ropeway.engine.kv_pool import allocate_kv_cache, plan_kv_pool
 from ropeway.models import LlamaModel, ModelConfig, TensorParallel, load_model_files
 
 # 8 query / 2 KV heads: TP=2 splits the KV heads, TP=4 replicates each on two ranks. A vocab
@@ -75,6 +76,17 @@ def test_shards_are_slices_that_own_their_memory(tiny_weights):
     torch.testing.assert_close(layer.qkv_bias, torch.cat([q_bias[4 * d:], k_bias[d:], v_bias[d:]]), rtol=0, atol=0)
     for t in [shard.embed_tokens, shard.lm_head, *vars(layer).values()]:
         assert t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes
+
+
+@pytest.mark.parametrize("world_size,kv_heads_per_rank", [(1, 2), (2, 1), (4, 1)])
+def test_kv_pool_holds_the_ranks_kv_heads_only(tiny_weights, world_size, kv_heads_per_rank):
+    model = LlamaModel(TINY, tiny_weights, CPU, TensorParallel(rank=world_size - 1, world_size=world_size))
+    budget = 1 << 20
+    shape = plan_kv_pool(model, torch.float32, CPU, 16, budget, 0.9)
+    bytes_per_token = 2 * TINY.num_layers * kv_heads_per_rank * TINY.head_dim * 4
+    assert shape.num_blocks == budget // (16 * bytes_per_token)
+    cache = allocate_kv_cache(model, shape, torch.float32, CPU)
+    assert cache.shape == (TINY.num_layers, 2, shape.num_blocks, 16, kv_heads_per_rank, TINY.head_dim)
 
 
 @pytest.mark.parametrize("heads,kv_heads,ffn,world_size,message", [
