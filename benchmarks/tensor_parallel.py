@@ -37,7 +37,6 @@ from random_model import LLAMA3_8B, LLAMA3_70B, RandomWeights  # noqa: E402
 from ropeway.arith import cdiv  # noqa: E402
 from ropeway.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from ropeway.models import ForwardBatch, LlamaModel, ModelConfig, TensorParallel  # noqa: E402
-from ropeway.scheduler import RopePlan  # noqa: E402
 
 TINY = ModelConfig(
     architecture="llama", vocab_size=510, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=2,
@@ -69,7 +68,8 @@ def decode_batch(model: LlamaModel, kv_cache: torch.Tensor, batch: int, context:
     tables = torch.arange(batch * blocks_per_seq, dtype=torch.int32, device=device).view(batch, blocks_per_seq)
     slots = tables[:, -1].to(torch.int64) * BLOCK_SIZE + (context - 1) % BLOCK_SIZE
     cfg = model.config
-    inv_freq, factor = RopePlan("default", cfg.rope_theta, cfg.head_dim, cfg.max_position_embeddings).parameters()
+    # The model's own RoPE (no scaling): the step's cost does not depend on the angles.
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
     index = torch.arange(batch + 1, device=device)
     # The same token ids on every rank: the ranks run one batch.
     ids = torch.randint(0, cfg.vocab_size, (batch,), generator=torch.Generator().manual_seed(batch)).to(device)
@@ -78,7 +78,7 @@ def decode_batch(model: LlamaModel, kv_cache: torch.Tensor, batch: int, context:
         seq_index=index[:batch].to(torch.int32), slot_mapping=slots, query_start_loc=index.to(torch.int32),
         seq_lens=torch.full((batch,), context, dtype=torch.int32, device=device), block_tables=tables,
         inv_freq=inv_freq.to(device).expand(batch, -1).contiguous(),
-        attention_factor=torch.full((batch,), factor, dtype=torch.float32, device=device),
+        attention_factor=torch.ones(batch, dtype=torch.float32, device=device),
         logits_indices=index[:batch], max_query_len=1, max_seq_len=context)
 
 
