@@ -60,8 +60,8 @@ class LlamaModel:
         self.num_local_kv_heads = kv_heads.stop - kv_heads.start
         self.q_size = self.num_local_heads * config.head_dim
         self.kv_size = self.num_local_kv_heads * config.head_dim
-        q_rows = slice(heads.start * config.head_dim, heads.stop * config.head_dim)
-        kv_rows = slice(kv_heads.start * config.head_dim, kv_heads.stop * config.head_dim)
+        q_dims = slice(heads.start * config.head_dim, heads.stop * config.head_dim)
+        kv_dims = slice(kv_heads.start * config.head_dim, kv_heads.stop * config.head_dim)
         everything = slice(None)
 
         def tensor(name: str) -> torch.Tensor:
@@ -86,7 +86,7 @@ class LlamaModel:
         def qkv(layer_prefix: str, kind: str) -> torch.Tensor:
             """q, k and v weights (or biases) of this rank's heads, fused (cat copies them)."""
             return torch.cat([piece(f"{layer_prefix}self_attn.{x}_proj.{kind}", rows)
-                              for x, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows))])
+                              for x, rows in (("q", q_dims), ("k", kv_dims), ("v", kv_dims))])
 
         embed_tokens = tensor("model.embed_tokens.weight")
         if embed_tokens.shape != (config.vocab_size, config.hidden_size):
@@ -106,7 +106,7 @@ class LlamaModel:
                 input_norm=take(p + "input_layernorm.weight"),
                 qkv_weight=qkv(p, "weight"),
                 qkv_bias=qkv(p, "bias") if has_bias else None,
-                o_weight=take(p + "self_attn.o_proj.weight", everything, q_rows),
+                o_weight=take(p + "self_attn.o_proj.weight", everything, q_dims),
                 post_attention_norm=take(p + "post_attention_layernorm.weight"),
                 gate_up_weight=torch.cat([piece(p + "mlp.gate_proj.weight", ffn),
                                           piece(p + "mlp.up_proj.weight", ffn)]),

@@ -7,8 +7,9 @@ by vocabulary rows (vocab-parallel). At world size 1 every collective returns it
 untouched and no torch.distributed call is made, so a single-GPU or CPU model pays nothing
 and needs no process group.
 
-The collectives are plain torch.distributed calls on preallocated-shape tensors, which NCCL
-records into a CUDA graph; each rank captures and replays its own graphs in lockstep.
+The collectives are plain torch.distributed calls on the group, with no Python state kept
+between calls, so NCCL records them into a CUDA graph; each rank captures its own graphs and
+all ranks replay them in lockstep.
 """
 
 from dataclasses import dataclass
@@ -48,8 +49,8 @@ class TensorParallel:
         return slice(self.rank * share, (self.rank + 1) * share)
 
     def kv_heads(self, num_kv_heads: int) -> slice:
-        """The KV heads this rank serves. With fewer KV heads than ranks each head is replicated
-        on world_size / num_kv_heads consecutive ranks, the ranks whose query heads it serves."""
+        """The KV heads this rank keeps. With fewer KV heads than ranks each head is replicated on
+        world_size / num_kv_heads consecutive ranks: those whose query heads attend with it."""
         if num_kv_heads >= self.world_size:
             return self.split(num_kv_heads, "number of KV heads")
         if self.world_size % num_kv_heads:
@@ -58,16 +59,12 @@ class TensorParallel:
         head = self.rank * num_kv_heads // self.world_size
         return slice(head, head + 1)
 
-    def vocab_shard_rows(self, vocab_size: int) -> int:
-        """Rows of the embedding and LM head per rank: the vocabulary is padded up to a multiple
-        of world_size, so every rank's logits have one shape for the all-gather."""
-        return cdiv(vocab_size, self.world_size)
-
     def shard_vocab(self, table: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a [vocab, hidden] table, zero rows past the vocabulary's end."""
+        """This rank's rows of a [vocab, hidden] table. The vocabulary is padded with zero rows
+        up to a multiple of world_size, so every rank's logits have one shape for the all-gather."""
         if self.world_size == 1:
             return table
-        rows = self.vocab_shard_rows(table.shape[0])
+        rows = cdiv(table.shape[0], self.world_size)
         shard = table[self.rank * rows : (self.rank + 1) * rows]
         return F.pad(shard, (0, 0, 0, rows - shard.shape[0]))
 
