@@ -20,9 +20,9 @@ DECODE_STEPS = 6
 CPU = torch.device("cpu")
 
 
-def reference_run(config, weights, prompts, first_chunk):
+def reference_run(config, weights, prompts, first_chunk, device=CPU):
     assert not dist.is_initialized()  # world size 1 makes no collective call, so needs no group
-    return greedy_paged_run(LlamaModel(config, weights, CPU), prompts, first_chunk, DECODE_STEPS)
+    return greedy_paged_run(LlamaModel(config, weights, device), prompts, first_chunk, DECODE_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,17 @@ def test_default_model_tensor_parallel_3_matches_world_size_1(tmp_path):
                                 decode_steps=DECODE_STEPS)
     for rank in ranks:
         assert rank["local_heads"] == (3, 1)
+        assert rank["generated"] == generated
+        torch.testing.assert_close(rank["logits"], logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tensor_parallel_2_over_nccl_with_cuda_graphs_matches_world_size_1(tmp_path, tiny_weights):
+    """Rank r on GPU r; the decode steps replay CUDA graphs with the collectives captured in them."""
+    logits, generated = reference_run(TINY, tiny_weights, TINY_PROMPTS, 13, torch.device("cuda", 0))
+    ranks = run_tensor_parallel(2, tmp_path / "nccl", TINY, tiny_weights, TINY_PROMPTS, first_chunk=13,
+                                decode_steps=DECODE_STEPS, cuda=True)
+    for rank in ranks:
         assert rank["generated"] == generated
         torch.testing.assert_close(rank["logits"], logits, atol=1e-4, rtol=1e-4)
 
