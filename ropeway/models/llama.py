@@ -4,6 +4,7 @@ q/k/v and gate/up projections are fused into one matrix each at load time: one G
 instead of three (two) per layer.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -45,10 +46,11 @@ class Capture:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device,
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], device: torch.device,
                  tp: TensorParallel | None = None):
-        """tp: this rank's place in a tensor-parallel group (None: the whole model here). Each
-        rank keeps only its slices of the weights (see tensor_parallel.py for the split)."""
+        """weights: Hugging Face names to full tensors (on any device). tp: this rank's place in
+        a tensor-parallel group (None: the whole model here); each rank keeps only its slices
+        of the weights (see tensor_parallel.py for the split)."""
         self.config = config
         self.device = device
         self.tp = tp = tp or TensorParallel()
