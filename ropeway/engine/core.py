@@ -105,7 +105,7 @@ class EngineCore:
         self.model_config = model_config = self.model.config
         self.device = self.model.device
         self.dtype = self.model.dtype
-        self.pool = plan_kv_pool(model_config, self.dtype, self.device, config.block_size,
+        self.pool = plan_kv_pool(self.model, self.dtype, self.device, config.block_size,
                                  config.kv_cache_memory_bytes, config.gpu_memory_utilization)
         model_scaling = _parse_server_setting(RopeScaling.from_dict, model_config.rope_scaling or None,
                                               "model rope_scaling")
@@ -127,7 +127,7 @@ class EngineCore:
                         self.rope_scaling.rope_type, cdiv(config.max_model_len, trained))
         self.limits = ContextLimits(self.max_model_len, config.max_model_len is not None, trained,
                                     self.pool.num_tokens, config.block_size, self.context_policy, self.rope_scaling)
-        self.kv_cache = allocate_kv_cache(model_config, self.pool, self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(self.model, self.pool, self.dtype, self.device)
         self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens
         self.planner = RopePlanner(model_config.rope_theta, model_config.head_dim, trained, self.rope_scaling)
@@ -140,8 +140,8 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes)
         if is_long_chunk(self.scheduler.config.prefill_chunk_size):
             # Chunks this long can reach cuDNN: load it now, not inside a first long prompt.
-            warm_up_long_chunk_attention(self.device, self.dtype, model_config.num_heads,
-                                         model_config.num_kv_heads, model_config.head_dim)
+            warm_up_long_chunk_attention(self.device, self.dtype, self.model.num_local_heads,
+                                         self.model.num_local_kv_heads, model_config.head_dim)
         self.default_rope_plan = self.planner.model_plan
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats_totals = StatsSnapshot()

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ropeway.models import ModelConfig
+from ropeway.models import LlamaModel
 
 log = logging.getLogger("ropeway")
 
@@ -27,10 +27,12 @@ class KVPoolShape:
         return self.num_blocks * self.bytes_per_block
 
 
-def plan_kv_pool(model: ModelConfig, dtype: torch.dtype, device: torch.device, block_size: int,
+def plan_kv_pool(model: LlamaModel, dtype: torch.dtype, device: torch.device, block_size: int,
                  budget_bytes: int | None, gpu_memory_utilization: float) -> KVPoolShape:
+    """The pool of this rank: under tensor parallelism a block holds the rank's KV heads only,
+    so the same budget per GPU holds world_size / replication times the tokens."""
     element = torch.tensor([], dtype=dtype).element_size()
-    bytes_per_block = block_size * model.kv_bytes_per_token_per_dtype_byte * element
+    bytes_per_block = block_size * model.kv_elements_per_token * element
     if budget_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -43,8 +45,8 @@ def plan_kv_pool(model: ModelConfig, dtype: torch.dtype, device: torch.device, b
     return KVPoolShape(num_blocks, block_size, bytes_per_block)
 
 
-def allocate_kv_cache(model: ModelConfig, shape: KVPoolShape, dtype: torch.dtype,
+def allocate_kv_cache(model: LlamaModel, shape: KVPoolShape, dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
-    """[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]."""
-    return torch.zeros(model.num_layers, 2, shape.num_blocks, shape.block_size, model.num_kv_heads,
-                       model.head_dim, dtype=dtype, device=device)
+    """[num_layers, 2 (K, V), num_blocks, block_size, num_local_kv_heads, head_dim]."""
+    return torch.zeros(model.config.num_layers, 2, shape.num_blocks, shape.block_size, model.num_local_kv_heads,
+                       model.config.head_dim, dtype=dtype, device=device)

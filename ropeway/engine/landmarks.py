@@ -14,12 +14,12 @@ from ropeway.arith import cdiv
 
 def chunk_summary(model: LlamaModel, token_ids: list[int], inv_freq: torch.Tensor,
                   attention_factor: float, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean key before RoPE and mean value, fp32 [num_layers, num_kv_heads, head_dim], of the
-    chunk run through the model alone (positions 0..n-1) in a private cache."""
+    """Mean key before RoPE and mean value, fp32 [num_layers, num_local_kv_heads, head_dim], of
+    the chunk run through the model alone (positions 0..n-1) in a private cache."""
     cfg, device = model.config, model.device
     n = len(token_ids)
     num_blocks = cdiv(n, block_size)
-    cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
+    cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, model.num_local_kv_heads, cfg.head_dim,
                         dtype=model.dtype, device=device)
     positions = torch.arange(n, device=device)
     batch = ForwardBatch(

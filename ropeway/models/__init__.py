@@ -4,7 +4,8 @@ from .forward_batch import ForwardBatch
 from .llama import Capture, LlamaModel
 from .loader import load_model_files
 from .rope import effective_base, rope_inv_freq, rope_parameters
+from .tensor_parallel import TensorParallel
 from .tokenizer import RopewayTokenizer
 
 __all__ = ["Capture", "ForwardBatch", "LlamaModel", "ModelConfig", "ModelLoadError", "RopewayTokenizer",
-           "effective_base", "load_model_files", "rope_inv_freq", "rope_parameters"]
+           "TensorParallel", "effective_base", "load_model_files", "rope_inv_freq", "rope_parameters"]

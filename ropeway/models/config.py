@@ -29,8 +29,3 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
-
-    @property
-    def kv_bytes_per_token_per_dtype_byte(self) -> int:
-        """Elements of K and V that one token occupies in the cache, over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim

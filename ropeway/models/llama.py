@@ -4,16 +4,17 @@ q/k/v and gate/up projections are fused into one matrix each at load time: one G
 instead of three (two) per layer.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ropeway.kernels import add_rms_norm, linear, linear_silu_mul, paged_attention, rms_norm, rotary_write_kv
 
 from .config import ModelConfig
 from .errors import ModelLoadError
 from .forward_batch import ForwardBatch
+from .tensor_parallel import TensorParallel
 
 
 @dataclass
@@ -45,40 +46,79 @@ class Capture:
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device):
+    def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], device: torch.device,
+                 tp: TensorParallel | None = None):
+        """weights: Hugging Face names to full tensors (on any device). tp: this rank's place in
+        a tensor-parallel group (None: the whole model here); each rank keeps only its slices
+        of the weights (see tensor_parallel.py for the split)."""
         self.config = config
         self.device = device
+        self.tp = tp = tp or TensorParallel()
         self.scale = config.head_dim ** -0.5
-        self.q_size = config.num_heads * config.head_dim
-        self.kv_size = config.num_kv_heads * config.head_dim
+        heads = tp.split(config.num_heads, "number of attention heads")
+        kv_heads = tp.kv_heads(config.num_kv_heads)
+        ffn = tp.split(config.intermediate_size, "intermediate (FFN) size")
+        self.num_local_heads = heads.stop - heads.start
+        self.num_local_kv_heads = kv_heads.stop - kv_heads.start
+        self.q_size = self.num_local_heads * config.head_dim
+        self.kv_size = self.num_local_kv_heads * config.head_dim
+        q_dims = slice(heads.start * config.head_dim, heads.stop * config.head_dim)
+        kv_dims = slice(kv_heads.start * config.head_dim, kv_heads.stop * config.head_dim)
+        everything = slice(None)
 
-        def take(name: str) -> torch.Tensor:
+        def tensor(name: str) -> torch.Tensor:
             if name not in weights:
                 raise ModelLoadError(f"weights lack tensor {name!r}")
-            return weights[name].to(device)
+            return weights[name]
 
-        self.embed_tokens = take("model.embed_tokens.weight")
-        if self.embed_tokens.shape != (config.vocab_size, config.hidden_size):
-            raise ModelLoadError(f"embedding shape {tuple(self.embed_tokens.shape)} does not match "
+        def piece(name: str, rows: slice = everything, columns: slice = everything) -> torch.Tensor:
+            """This rank's slice on the device; may be a view of the whole tensor."""
+            full = tensor(name)
+            return (full[rows] if full.dim() == 1 else full[rows, columns]).to(device)
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            # A view would keep its whole source tensor alive, and with it the other ranks' slices.
+            if tp.world_size == 1 or (t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes):
+                return t
+            return t.contiguous() if not t.is_contiguous() else t.clone()
+
+        def take(name: str, rows: slice = everything, columns: slice = everything) -> torch.Tensor:
+            return own(piece(name, rows, columns))
+
+        def qkv(layer_prefix: str, kind: str) -> torch.Tensor:
+            """q, k and v weights (or biases) of this rank's heads, fused (cat copies them)."""
+            return torch.cat([piece(f"{layer_prefix}self_attn.{x}_proj.{kind}", rows)
+                              for x, rows in (("q", q_dims), ("k", kv_dims), ("v", kv_dims))])
+
+        embed_tokens = tensor("model.embed_tokens.weight")
+        if embed_tokens.shape != (config.vocab_size, config.hidden_size):
+            raise ModelLoadError(f"embedding shape {tuple(embed_tokens.shape)} does not match "
                                  f"vocab {config.vocab_size} x hidden {config.hidden_size}")
+        # Vocab-parallel: [vocab / world_size (padded), hidden] on each rank.
+        self.embed_tokens = own(tp.shard_vocab(embed_tokens).to(device))
         self.norm = take("model.norm.weight")
         self.lm_head = (self.embed_tokens if config.tie_word_embeddings or "lm_head.weight" not in weights
-                        else take("lm_head.weight"))
+                        else own(tp.shard_vocab(tensor("lm_head.weight")).to(device)))
         self.layers = []
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
-            bias = None
-            if config.attention_bias and p + "self_attn.q_proj.bias" in weights:
-                bias = torch.cat([take(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+            has_bias = config.attention_bias and p + "self_attn.q_proj.bias" in weights
+            # Column-parallel q/k/v and gate/up (each rank's slices fused), row-parallel o and down.
             self.layers.append(DecoderLayer(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv_weight=torch.cat([take(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
-                qkv_bias=bias,
-                o_weight=take(p + "self_attn.o_proj.weight"),
+                qkv_weight=qkv(p, "weight"),
+                qkv_bias=qkv(p, "bias") if has_bias else None,
+                o_weight=take(p + "self_attn.o_proj.weight", everything, q_dims),
                 post_attention_norm=take(p + "post_attention_layernorm.weight"),
-                gate_up_weight=torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]),
-                down_weight=take(p + "mlp.down_proj.weight"),
+                gate_up_weight=torch.cat([piece(p + "mlp.gate_proj.weight", ffn),
+                                          piece(p + "mlp.up_proj.weight", ffn)]),
+                down_weight=take(p + "mlp.down_proj.weight", everything, ffn),
             ))
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """Elements of K and V that one token occupies in this rank's cache, over all layers."""
+        return 2 * self.config.num_layers * self.num_local_kv_heads * self.config.head_dim
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,18 +128,20 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor,
                 capture: Capture | None = None) -> torch.Tensor:
         """Logits (fp32) [len(batch.logits_indices), vocab]. kv_cache is
-        [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]. capture, if given,
-        receives each layer's queries and keys before RoPE, and values."""
-        cfg = self.config
+        [num_layers, 2, num_blocks, block_size, num_local_kv_heads, head_dim]. capture, if given,
+        receives each layer's queries and keys before RoPE, and values, of this rank's heads.
+        Under tensor parallelism every rank runs the same batch on its own slice of the cache
+        (num_local_kv_heads) and returns the same full-vocabulary logits."""
+        cfg, tp = self.config, self.tp
         num_tokens = batch.input_ids.shape[0]
-        h = F.embedding(batch.input_ids, self.embed_tokens)
+        h = tp.embed(batch.input_ids, self.embed_tokens)
         # The residual stream h is updated in place by the fused add + norm kernels.
         x = rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
-            q = qkv[:, : self.q_size].view(num_tokens, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+            q = qkv[:, : self.q_size].view(num_tokens, self.num_local_heads, cfg.head_dim)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_local_kv_heads, cfg.head_dim)
+            v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_local_kv_heads, cfg.head_dim)
             if capture is not None:
                 capture.add(q, k, v)
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
@@ -109,12 +151,12 @@ class LlamaModel:
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
                                    batch.slot_bias, batch.num_decode_seqs, batch.long_chunks)
-            x = add_rms_norm(linear(attn.reshape(num_tokens, self.q_size), layer.o_weight), h,
-                             layer.post_attention_norm, cfg.rms_norm_eps)
-            mlp = linear(linear_silu_mul(x, layer.gate_up_weight), layer.down_weight)
+            o = tp.all_reduce(linear(attn.reshape(num_tokens, self.q_size), layer.o_weight))
+            x = add_rms_norm(o, h, layer.post_attention_norm, cfg.rms_norm_eps)
+            mlp = tp.all_reduce(linear(linear_silu_mul(x, layer.gate_up_weight), layer.down_weight))
             if i + 1 < len(self.layers):
                 x = add_rms_norm(mlp, h, self.layers[i + 1].input_norm, cfg.rms_norm_eps)
             else:
                 h.add_(mlp)
         h = rms_norm(h[batch.logits_indices], self.norm, cfg.rms_norm_eps)
-        return linear(h, self.lm_head).to(torch.float32)
+        return tp.gather_vocab(linear(h, self.lm_head), cfg.vocab_size).to(torch.float32)
