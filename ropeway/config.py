@@ -27,6 +27,8 @@ class EngineConfig:
     retrieval_archive_bytes: int = 4 << 30  # host memory for blocks evicted by landmark caches with `retrieve`
     # Launch step N+1 before reading step N's tokens (greedy steps); None: on CUDA only.
     async_scheduling: bool | None = None
+    # Ranks the model is split over (one GPU each; processes over gloo on CPU).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -37,6 +39,8 @@ class EngineConfig:
             raise ValueError("block_size must be a power of two from 8 to 256")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs, "
                              "so every running sequence can decode each step")

@@ -17,7 +17,7 @@ import torch
 from ropeway.arith import cdiv
 from ropeway.config import EngineConfig
 from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention
-from ropeway.models import LlamaModel, RopewayTokenizer, effective_base, load_model_files
+from ropeway.models import LlamaModel, RopewayTokenizer, TensorParallel, effective_base, load_model_files
 from ropeway.outputs import RequestMetrics
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlanner, RopeScaling, Scheduler, SchedulerConfig,
@@ -32,6 +32,7 @@ from .output_processor import OutputProcessor
 from .request_state import ChoiceState, RequestState
 from .sampler import SamplingRow, is_plain_argmax, sample
 from .stats import PlanChoice, StatsSnapshot
+from .workers import CaptureGraphs, WorkerGroup, rank_device
 
 log = logging.getLogger("ropeway")
 
@@ -80,11 +81,12 @@ class LoadedModel:
     seconds: float
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> LoadedModel:
+    """The model (this rank's shard under tensor parallelism) and the tokenizer."""
     started = time.perf_counter()
-    device = config.torch_device()
+    device = rank_device(config, tp.rank if tp else 0)
     model_config, weights, tokenizer = load_model_files(config.model, config.torch_dtype(device))
-    model = LlamaModel(model_config, weights, device)
+    model = LlamaModel(model_config, weights, device, tp)
     return LoadedModel(model, tokenizer, time.perf_counter() - started)
 
 
@@ -99,7 +101,9 @@ def _parse_server_setting(parse, raw, flag: str):
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        loaded = loaded or load_model(config)
+        # Under tensor parallelism the other ranks start first: loading the model joins their group.
+        self.workers = WorkerGroup(config) if config.tensor_parallel_size > 1 else None
+        loaded = loaded or load_model(config, self.workers.tp if self.workers else None)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_config = model_config = self.model.config
@@ -126,8 +130,13 @@ class EngineCore:
                         "\"factor\": %d}') or a bounded --context-policy", config.max_model_len, trained,
                         self.rope_scaling.rope_type, cdiv(config.max_model_len, trained))
         self.limits = ContextLimits(self.max_model_len, config.max_model_len is not None, trained,
-                                    self.pool.num_tokens, config.block_size, self.context_policy, self.rope_scaling)
+                                    self.pool.num_tokens, config.block_size, self.context_policy, self.rope_scaling,
+                                    config.tensor_parallel_size)
         self.kv_cache = allocate_kv_cache(self.model, self.pool, self.dtype, self.device)
+        if self.workers is not None:
+            if self.context_policy.type == "landmark":
+                raise ValueError("--context-policy landmark is not supported with --tensor-parallel-size > 1")
+            self.workers.init_cache(self.pool)
         self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens
         self.planner = RopePlanner(model_config.rope_theta, model_config.head_dim, trained, self.rope_scaling)
@@ -138,6 +147,7 @@ class EngineCore:
             session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes)
+        self.runner.workers = self.workers
         if is_long_chunk(self.scheduler.config.prefill_chunk_size):
             # Chunks this long can reach cuDNN: load it now, not inside a first long prompt.
             warm_up_long_chunk_attention(self.device, self.dtype, self.model.num_local_heads,
@@ -159,6 +169,12 @@ class EngineCore:
                  self.pool.num_blocks, self.pool.block_size, self.pool.num_tokens,
                  self.pool.num_bytes / 2**20, self.max_model_len)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one rank)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
+
     @property
     def requests(self) -> dict[str, RequestState]:
         return self.outputs.requests
@@ -173,7 +189,7 @@ class EngineCore:
             max_model_len=self.max_model_len, max_model_len_is_explicit=self.config.max_model_len is not None,
             pool_tokens=self.pool.num_tokens, block_size=self.config.block_size, num_blocks=self.pool.num_blocks,
             bytes_per_block=self.pool.bytes_per_block, max_num_seqs=self.config.max_num_seqs,
-            tensor_parallel_size=1, default_context_policy=asdict(self.context_policy),
+            tensor_parallel_size=self.config.tensor_parallel_size, default_context_policy=asdict(self.context_policy),
             default_rope_scaling=asdict(self.rope_scaling),
             tokenizer=TokenizerSpec(tok.tokenizer.to_str(), tok.bos_token_id, tok.eos_token_ids, tok.add_bos,
                                     template))
@@ -184,6 +200,8 @@ class EngineCore:
         if self.runner.decode_graphs is None:
             return
         started = time.perf_counter()
+        if self.workers is not None:  # the graphs hold collectives: every rank captures alongside
+            self.workers.send(CaptureGraphs(self.config.max_num_seqs))
         count = self.runner.decode_graphs.capture_up_to(self.config.max_num_seqs)
         log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - started)
 
