@@ -32,6 +32,7 @@ class RequestState:
     choices: list[ChoiceState]
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -75,5 +76,6 @@ class RequestState:
             finished=self.finished,
             num_cached_tokens=self.choices[0].seq.num_cached_prompt_tokens,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
+            prompt_top_logprobs=list(self.prompt_top_logprobs) if self.prompt_top_logprobs is not None else None,
             metrics=self.metrics.snapshot(),  # the live record keeps changing
         )

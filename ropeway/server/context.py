@@ -52,6 +52,10 @@ class ServerContext:
     def max_num_seqs(self) -> int:
         return self.engine.engine.config.max_num_seqs
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.engine.model_config.vocab_size
+
     def require_engine(self) -> None:
         # Checked up front so a stream is refused with a status, not opened only to fail.
         if not self.engine.is_alive:

@@ -20,7 +20,7 @@ from ropeway.sampling_params import InvalidParameter
 
 from .admission import Ticket
 from .errors import APIError
-from .protocol import ErrorResponse
+from .protocol import ErrorResponse, PromptTokensDetails, Usage
 
 log = logging.getLogger("ropeway.server")
 
@@ -72,6 +72,12 @@ async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]
         # No await here: under a cancelled scope it would be cancelled again at once.
         for reader in readers:
             reader.cancel()
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
 def as_api_error(error: Exception) -> APIError:

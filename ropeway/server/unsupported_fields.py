@@ -1,0 +1,39 @@
+"""OpenAI request fields this server knows but does not act on, and what it does with each.
+
+A client that sets one of REFUSED (to anything but null) gets a 400 naming it rather than a
+reply that quietly lacks what it asked for. NO_EFFECT fields change nothing OpenAI would
+return for them here (identifiers, cache and routing hints, a store that is off): they are
+accepted. Both lists follow OpenAI's request schemas (tests/data/openai-openapi); every
+other field of those schemas is a field of protocol.py's requests.
+"""
+
+from .errors import APIError
+
+# Tool calling, structured output, audio, predicted outputs, search, reasoning controls.
+REFUSED_CHAT_FIELDS = (
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+    "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "verbosity",
+    "moderation",
+)
+
+# Accepted, no effect: values that ask for nothing this server would do differently.
+NO_EFFECT: dict[str, tuple | None] = {  # None: any value
+    "metadata": None,                 # tags for stored completions; nothing is stored
+    "store": (False,),                # storing completions is not offered: only false
+    "service_tier": ("auto", "default"),
+    "prompt_cache_key": None,         # a routing hint; the prefix cache finds shared prefixes by content
+    "prompt_cache_retention": None,
+    "prompt_cache_options": None,
+    "safety_identifier": None,
+}
+
+
+def refuse_unsupported(extra_fields: dict | None, refused: tuple[str, ...] = ()) -> None:
+    """400 for the first field of `extra_fields` (a request's model_extra) that asks for
+    something this server does not do."""
+    for name, value in (extra_fields or {}).items():
+        if name in refused:
+            raise APIError.bad_request(f"{name} is not supported by this server", name)
+        if NO_EFFECT.get(name) is not None and value not in NO_EFFECT[name]:
+            allowed = " or ".join(repr(v) for v in NO_EFFECT[name])
+            raise APIError.bad_request(f"{name} may only be {allowed} on this server", name)
