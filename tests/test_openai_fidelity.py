@@ -291,7 +291,13 @@ REFUSALS = [
 ]
 
 
-@pytest.mark.parametrize("fields, param", REFUSALS)
+TOOL_CALL = {"id": "call-1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize("fields, param", REFUSALS + [
+    ({"messages": [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]},
+     "messages.1.tool_calls"),
+])
 def test_fields_that_cannot_be_honoured_get_400_naming_them(http, fields, param):
     response = http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2, **fields})
     assert_openai_error(response, 400, param)

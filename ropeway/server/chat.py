@@ -15,7 +15,7 @@ from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComple
                        ChatCompletionResponse, ChatLogprobs, ChoiceDelta, TokenLogprobContent, TopLogprob, Usage,
                        new_id, now_seconds)
 from .streaming import merge, respond, usage
-from .unsupported_fields import REFUSED_CHAT_FIELDS, refuse_unsupported
+from .unsupported_fields import REFUSED_CHAT_FIELDS, REFUSED_MESSAGE_FIELDS, refuse_unsupported
 
 # Templates written for OpenAI's roles know "system"; "developer" is OpenAI's newer name for it.
 _TEMPLATE_ROLE = {"developer": "system"}
@@ -24,7 +24,8 @@ _TEMPLATE_ROLE = {"developer": "system"}
 def chat_prompt_ids(ctx: ServerContext, body_messages, add_generation_prompt: bool,
                     continue_final_message: bool = False) -> list[int]:
     messages = []
-    for message in body_messages:
+    for index, message in enumerate(body_messages):
+        refuse_unsupported(message.model_extra, REFUSED_MESSAGE_FIELDS, f"messages.{index}.")
         entry = message.template_dict()
         entry["role"] = _TEMPLATE_ROLE.get(entry["role"], entry["role"])
         messages.append(entry)

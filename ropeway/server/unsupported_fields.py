@@ -16,6 +16,9 @@ REFUSED_CHAT_FIELDS = (
     "moderation",
 )
 
+# A message's tool calls, function call and audio: the template and the model get text only.
+REFUSED_MESSAGE_FIELDS = ("tool_calls", "function_call", "audio")
+
 # Accepted, no effect: values that ask for nothing this server would do differently.
 NO_EFFECT: dict[str, tuple | None] = {  # None: any value
     "metadata": None,                 # tags for stored completions; nothing is stored
@@ -28,12 +31,12 @@ NO_EFFECT: dict[str, tuple | None] = {  # None: any value
 }
 
 
-def refuse_unsupported(extra_fields: dict | None, refused: tuple[str, ...] = ()) -> None:
+def refuse_unsupported(extra_fields: dict | None, refused: tuple[str, ...] = (), where: str = "") -> None:
     """400 for the first field of `extra_fields` (a request's model_extra) that asks for
-    something this server does not do."""
+    something this server does not do; `where` prefixes the field's name ("messages.2.")."""
     for name, value in (extra_fields or {}).items():
         if name in refused:
-            raise APIError.bad_request(f"{name} is not supported by this server", name)
+            raise APIError.bad_request(f"{where}{name} is not supported by this server", where + name)
         if NO_EFFECT.get(name) is not None and value not in NO_EFFECT[name]:
             allowed = " or ".join(repr(v) for v in NO_EFFECT[name])
             raise APIError.bad_request(f"{name} may only be {allowed} on this server", name)
