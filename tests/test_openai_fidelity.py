@@ -355,15 +355,15 @@ def test_min_tokens_holds_off_eos(client):
 
 @needs_sampler
 def test_logit_bias_moves_greedy_choices(client, http):
-    free = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=1, logprobs=0, **GREEDY)
-    first = tokenize(http, PROMPT + free.choices[0].text)[len(tokenize(http, PROMPT)):][0]
-    banned = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=1, logit_bias={str(first): -100},
-                                       **GREEDY)
-    assert banned.choices[0].text != free.choices[0].text
-    forced_id = tokenize(http, " zebra")[0]
-    forced = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3,
-                                       logit_bias={str(forced_id): 100}, **GREEDY)
-    assert forced.choices[0].text == http.post("/detokenize", json={"tokens": [forced_id] * 3}).json()["prompt"]
+    def token_ids(**options) -> list[int]:
+        result = client.completions.create(model=MODEL_NAME, prompt=PROMPT, logprobs=0, **GREEDY,
+                                           extra_body={"return_tokens_as_token_ids": True}, **options)
+        return [int(token.removeprefix("token_id:")) for token in result.choices[0].logprobs.tokens]
+
+    favourite = token_ids(max_tokens=1)[0]
+    assert token_ids(max_tokens=1, logit_bias={str(favourite): -100})[0] != favourite
+    forced = tokenize(http, " zebra")[0]
+    assert token_ids(max_tokens=3, logit_bias={str(forced): 100}) == [forced] * 3
 
 
 def test_error_frames_and_chunks_of_a_stream_parse(http):
