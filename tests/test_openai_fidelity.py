@@ -306,6 +306,7 @@ def test_fields_that_cannot_be_honoured_get_400_naming_them(http, fields, param)
 def test_no_effect_fields_are_accepted(client):
     result = client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, max_tokens=2, store=False,
                                             metadata={"team": "eval"}, service_tier="auto", user="u-1",
+                                            response_format={"type": "text"}, modalities=["text"], tool_choice="none",
                                             extra_body={"safety_identifier": "s", "prompt_cache_key": "k"}, **GREEDY)
     assert result.usage.completion_tokens == 2
 
