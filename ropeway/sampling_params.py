@@ -30,10 +30,13 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: until a stop, EOS or the context limit
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: the sampled token's logprob and the top k
+    prompt_top_logprobs: int = 0  # with prompt_logprobs: also the k likeliest tokens at each prompt position
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False: token ids only (no text, so no stop strings)
     prompt_logprobs: bool = False  # the logprob of every prompt token given the ones before it
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens
+    logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit (OpenAI: -100..100)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -54,6 +57,8 @@ class SamplingParams:
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
              f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            ("prompt_logprobs", 0 <= self.prompt_top_logprobs <= MAX_TOP_LOGPROBS,
+             f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
             ("stop", len(self.stop) <= 16, "at most 16 stop strings"),
             ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),

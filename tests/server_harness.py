@@ -7,6 +7,7 @@ import time
 
 import httpx
 import uvicorn
+from openai_spec import SpecCheckedApp
 
 from ropeway.engine import AsyncLLM
 from ropeway.server import ServerContext, ServerSettings, build_app
@@ -24,7 +25,9 @@ class RunningServer:
     def __init__(self, engine: AsyncLLM, **settings):
         self.ctx = ServerContext.create(engine, ServerSettings(served_model_names=(MODEL_NAME,), **settings))
         self.port = free_port()
-        config = uvicorn.Config(build_app(self.ctx), host="127.0.0.1", port=self.port, log_level="warning")
+        # Every response is checked against OpenAI's spec on its way out (conftest.py reports).
+        config = uvicorn.Config(SpecCheckedApp(build_app(self.ctx)), host="127.0.0.1", port=self.port,
+                                log_level="warning")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
 

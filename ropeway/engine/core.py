@@ -232,9 +232,11 @@ class EngineCore:
                 seed=self._choice_seed(params.seed, index),
                 logprobs=[] if params.logprobs is not None else None,
             ))
+        wants_top = params.prompt_logprobs and params.prompt_top_logprobs > 0
         self.requests[request.request_id] = RequestState(
             request.request_id, params, choices, RequestMetrics(arrival_time=request.arrival_time),
-            prompt_logprobs=[None] if params.prompt_logprobs else None)
+            prompt_logprobs=[None] if params.prompt_logprobs else None,
+            prompt_top_logprobs=[[]] if wants_top else None)
         self.scheduler.add([c.seq for c in choices])
         self.stats_totals.prompt_tokens += len(token_ids)
 
@@ -358,13 +360,18 @@ class EngineCore:
         for item, rows in zip(plan.scheduled, logit_rows):
             seq = item.seq
             if seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens:
-                recorded = self.requests[seq.request_id].prompt_logprobs
+                state = self.requests[seq.request_id]
+                recorded = state.prompt_logprobs
                 first = seq.num_computed_tokens  # token index of the chunk's first row
                 targets = seq.token_ids[first + 1 : min(first + rows, seq.num_prompt_tokens - 1) + 1]
                 if targets and len(recorded) == first + 1:  # not again after a preemption
                     values = logits[start : start + len(targets)].log_softmax(-1)
                     ids = torch.tensor(targets, device=logits.device)
                     recorded.extend(values.gather(1, ids[:, None])[:, 0].tolist())
+                    if state.prompt_top_logprobs is not None:
+                        top_values, top_ids = values.topk(state.params.prompt_top_logprobs, dim=-1)
+                        state.prompt_top_logprobs.extend(
+                            list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist()))
             if item.samples:
                 sample_rows.append(start + rows - 1)
             start += rows

@@ -60,6 +60,10 @@ class ServerContext:
     def max_num_seqs(self) -> int:
         return self.engine.info.max_num_seqs
 
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.info.vocab_size
+
     def require_engine(self) -> None:
         # Checked up front so a stream is refused with a status, not opened only to fail.
         if not self.engine.is_alive:
