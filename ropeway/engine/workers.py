@@ -69,6 +69,8 @@ def rank_device(config: EngineConfig, rank: int) -> torch.device:
 def init_process_group(device: torch.device, init_method: str, rank: int, world_size: int) -> TensorParallel:
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # ranks on one CPU share its cores: each taking all of them would oversubscribe it
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
                             world_size=world_size)
     return TensorParallel.from_process_group()
