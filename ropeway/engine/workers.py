@@ -97,6 +97,7 @@ class WorkerGroup:
                                     args=(rank, world_size, init_method, config_bytes, address))
             process.start()
             self.processes.append(process)
+        self._threads_before = torch.get_num_threads()
         self.tp = init_process_group(rank_device(config, 0), init_method, 0, world_size)
         self._plans_sent = 0
         self._stopping = threading.Event()
@@ -141,6 +142,7 @@ class WorkerGroup:
         self._zmq.term()
         if dist.is_initialized():
             dist.destroy_process_group()
+        torch.set_num_threads(self._threads_before)
         shutil.rmtree(self._directory, ignore_errors=True)
 
 
