@@ -1,7 +1,8 @@
 """Ops used by the model, each with one signature and two implementations.
 
 Torch reference versions run on CPU and are the ground truth in tests; Triton versions
-run on CUDA tensors. The public functions below pick by the tensors' device, and import
+run on CUDA tensors. Attention on CPU takes a fast path (cpu_attention.py) that tests hold
+equal to its reference. The public functions below pick by the tensors' device, and import
 the Triton modules only then, so a CPU server never imports triton.
 """
 
@@ -10,7 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .attention import paged_attention_reference
+from .cpu_attention import paged_attention_cpu
 from .kv_cache import write_kv_reference
 from .rerotate import rerotate_keys_reference
 from .rms_norm import add_rms_norm_reference, rms_norm_reference
@@ -81,8 +82,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                       scale, max_query_len, max_seq_len, slot_bias=slot_bias,
                                       num_decode_seqs=num_decode_seqs, long_chunks=long_chunks)
-    return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
-                                     query_start_loc, scale, max_query_len, max_seq_len, slot_bias)
+    return paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, slot_bias)
 
 
 def rms_norm(x, weight, eps):
