@@ -9,7 +9,8 @@ import httpx
 import uvicorn
 
 from ropeway.engine import AsyncEngine
-from ropeway.server import ServerContext, ServerSettings, build_app
+from ropeway.server.app import build_app
+from ropeway.server.context import ServerContext, ServerSettings
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 

@@ -5,6 +5,7 @@ With no arguments it serves the built-in default model on http://127.0.0.1:8000.
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import logging
 import os
@@ -12,16 +13,9 @@ import re
 import signal
 import sys
 
-import uvicorn
-from sse_starlette.sse import AppStatus
-
+# Only what parsing needs: torch, the engine and the web stack load in serve(), so --help
+# and --version answer at once.
 from ropeway.config import EngineConfig
-from ropeway.engine import AsyncEngine, LLMEngine
-from ropeway.models.default_model import DEFAULT_MODEL_NAME
-from ropeway.models.errors import ModelLoadError
-
-from .app import build_app
-from .context import ServerContext, ServerSettings
 
 log = logging.getLogger("ropeway")
 
@@ -73,7 +67,8 @@ def json_object(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropeway", description="ropeway: a long-context LLM inference server")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('ropeway')}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API",
                                 description="Serve the OpenAI-compatible API (the built-in default model "
                                             "on 127.0.0.1:8000 when run without arguments).")
@@ -113,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='KV cache policy for unbounded streams, e.g. '
                              '\'{"type": "sink_window", "sinks": 4, "window": 4096}\' (default: none, '
                              'requests past the context are refused); requests may override it')
-    engine.add_argument("--session-store-fraction", type=float, default=0.25,
-                        help="share of the KV pool that may hold retained chat sessions (sink_window)")
+    engine.add_argument("--session-store-fraction", type=float, default=defaults.session_store_fraction,
+                        help="share of the KV pool that may hold retained chat sessions (sink_window) "
+                             f"(default: {defaults.session_store_fraction})")
     engine.add_argument("--retrieval-archive-memory", type=memory_size, default=defaults.retrieval_archive_bytes,
                         help="host memory for blocks evicted by landmark caches that retrieve, all requests "
                              "together; over it the largest archive forgets its oldest blocks (default: 4GiB)")
@@ -154,6 +150,16 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    from ropeway.engine import AsyncEngine, LLMEngine
+    from ropeway.models.default_model import DEFAULT_MODEL_NAME
+    from ropeway.models.errors import ModelLoadError
+
+    from .app import build_app
+    from .context import ServerContext, ServerSettings
+
     try:
         engine = LLMEngine(engine_config(args))
         engine.capture_decode_graphs()
@@ -200,7 +206,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `ropeway`
+        parser.print_help()
+        return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args)
 
