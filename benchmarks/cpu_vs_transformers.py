@@ -13,6 +13,7 @@ runs `generate` on its whole prompt at once (its SDPA attention). Prints a table
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -79,9 +80,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # Other work on the machine slows both libraries, and 2-thread runs far more than 1-thread ones.
+    load_before = os.getloadavg()
     from transformers import AutoModelForCausalLM
 
-    longest = max(args.prefill + [c + args.decode_tokens for c in args.decode_contexts])
+    # Prompt plus output tokens: one after a prefill, decode_tokens + 1 after a decode context.
+    longest = max([n + 1 for n in args.prefill] + [c + args.decode_tokens + 1 for c in args.decode_contexts])
     # The default 1 GiB KV pool holds 23k tokens of the default model.
     llm = LLM(dtype="float32", device="cpu", enable_prefix_caching=False, max_model_len=longest)
     gguf = default_model_path()
@@ -123,8 +127,9 @@ def main() -> None:
               f"| {row['transformers_s'] / row['ropeway_s']:.2f}x |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "machine": f"{platform.machine()}, {args.threads} threads of {torch.get_num_threads()} set",
-        "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats, "rows": rows,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]], "rows": rows,
     }, indent=2) + "\n")
     print(f"wrote {args.out}")
 
