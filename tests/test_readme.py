@@ -15,6 +15,8 @@ import httpx
 import pytest
 from server_harness import free_port
 
+pytestmark = pytest.mark.slow  # the model in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 # Subprocesses import this tree, as a path entry (what scripts/bootstrap's editable install is).
@@ -81,7 +83,6 @@ def test_client_example_streams_a_sensible_answer(serve_on_free_port):
     assert "Paris" in done.stdout
 
 
-@pytest.mark.slow
 def test_bootstrap_installs_a_ropeway_that_imports_from_next_to_the_clone(tmp_path):
     """scripts/bootstrap in a copy of the tree, then `from ropeway import LLM` from the folder
     holding it. Its .venv layers on this environment's packages (torch and the rest are not

@@ -109,6 +109,7 @@ def served():
         process.wait(30)
 
 
+@pytest.mark.slow  # the model in a subprocess
 def test_console_script_serves_with_the_key_from_the_environment(served):
     url, _ = served
     assert httpx.get(f"{url}/v1/models").status_code == 401
@@ -119,6 +120,7 @@ def test_console_script_serves_with_the_key_from_the_environment(served):
     assert "Paris" in reply.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_start_up_logs_model_dtype_device_pool_and_url_then_stops_cleanly(served):
     url, process = served
     process.send_signal(signal.SIGINT)
