@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_model import LLAMA3_8B, build_engine, full_vocab_tokenizer  # noqa: E402
 from step_trace import StepTrace  # noqa: E402
 
+import ropeway.engine  # noqa: E402
 from ropeway.server import cli  # noqa: E402
 
 
@@ -35,5 +36,6 @@ def engine_on_random_weights(config):
 if __name__ == "__main__":
     if os.environ.get("ROPEWAY_SWITCH_INTERVAL"):  # experiments with the GIL's hand-over interval
         cli.SWITCH_INTERVAL_SECONDS = float(os.environ["ROPEWAY_SWITCH_INTERVAL"])
-    cli.LLMEngine = engine_on_random_weights
+    # serve() imports the engine when it starts (so --help stays fast): replace it where it is found.
+    ropeway.engine.LLMEngine = engine_on_random_weights
     sys.exit(cli.main(["serve", *sys.argv[1:], "--served-model-name", LLAMA3_8B.name]))
