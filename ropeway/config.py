@@ -1,10 +1,14 @@
 """Engine configuration: one frozen dataclass, built from CLI flags or keyword arguments."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch.<name>; torch itself is imported only where a device or dtype is made, so the CLI's
+# --help reads these defaults without loading it.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -45,15 +49,19 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs, "
                              "so every running sequence can decode each step")
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self) -> "torch.device":
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def uses_async_scheduling(self, device: torch.device) -> bool:
+    def uses_async_scheduling(self, device: "torch.device") -> bool:
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
+    def torch_dtype(self, device: "torch.device") -> "torch.dtype":
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return getattr(torch, self.dtype)

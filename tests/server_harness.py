@@ -10,7 +10,8 @@ import uvicorn
 from openai_spec import SpecCheckedApp
 
 from ropeway.engine import AsyncLLM
-from ropeway.server import ServerContext, ServerSettings, build_app
+from ropeway.server.app import build_app
+from ropeway.server.context import ServerContext, ServerSettings
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 

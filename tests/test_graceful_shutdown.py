@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from server_harness import free_port, wait_until_healthy
+
+pytestmark = pytest.mark.slow  # a server in a subprocess, draining for seconds
 
 ROPEWAY = Path(sys.executable).parent / "ropeway"
 SHUTDOWN_TIMEOUT = 8.0

@@ -5,6 +5,7 @@ With no arguments it serves the built-in default model on http://127.0.0.1:8000.
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import logging
 import os
@@ -12,21 +13,16 @@ import re
 import signal
 import sys
 
-import uvicorn
-from sse_starlette.sse import AppStatus
-
+# Only what parsing needs: torch, the engine and the web stack load in serve(), so --help
+# and --version answer at once.
 from ropeway.config import EngineConfig
-from ropeway.engine import AsyncLLM, EngineCore, EngineStartError
-from ropeway.models.default_model import DEFAULT_MODEL_NAME
-
-from .app import build_app
-from .context import ServerContext, ServerSettings
 
 log = logging.getLogger("ropeway")
 
 API_KEY_ENV = "ROPEWAY_API_KEY"
-# What builds the engine core in its process (benchmarks/serve_random_model.py swaps in random weights).
-ENGINE_CORE_FACTORY = EngineCore
+# What builds the engine core in its process; None: EngineCore (benchmarks/serve_random_model.py
+# swaps in one that builds random weights).
+ENGINE_CORE_FACTORY = None
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -73,7 +69,8 @@ def json_object(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropeway", description="ropeway: a long-context LLM inference server")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('ropeway')}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API",
                                 description="Serve the OpenAI-compatible API (the built-in default model "
                                             "on 127.0.0.1:8000 when run without arguments).")
@@ -113,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='KV cache policy for unbounded streams, e.g. '
                              '\'{"type": "sink_window", "sinks": 4, "window": 4096}\' (default: none, '
                              'requests past the context are refused); requests may override it')
-    engine.add_argument("--session-store-fraction", type=float, default=0.25,
-                        help="share of the KV pool that may hold retained chat sessions (sink_window)")
+    engine.add_argument("--session-store-fraction", type=float, default=defaults.session_store_fraction,
+                        help="share of the KV pool that may hold retained chat sessions (sink_window) "
+                             f"(default: {defaults.session_store_fraction})")
     engine.add_argument("--retrieval-archive-memory", type=memory_size, default=defaults.retrieval_archive_bytes,
                         help="host memory for blocks evicted by landmark caches that retrieve, all requests "
                              "together; over it the largest archive forgets its oldest blocks (default: 4GiB)")
@@ -158,13 +156,22 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    from ropeway.engine import AsyncLLM, EngineCore, EngineStartError
+    from ropeway.models.default_model import DEFAULT_MODEL_NAME
+
+    from .app import build_app
+    from .context import ServerContext, ServerSettings
+
     # As vLLM does, clients name the model by the --model argument unless told otherwise.
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
     try:
         config = engine_config(args)
         # The engine core (scheduler, model, KV cache) runs in a process of its own, so the HTTP
         # event loop and the engine's busy loop never share a GIL.
-        engine = AsyncLLM.spawn(config, names[0], args.log_level, ENGINE_CORE_FACTORY)
+        engine = AsyncLLM.spawn(config, names[0], args.log_level, ENGINE_CORE_FACTORY or EngineCore)
     except (EngineStartError, ValueError) as error:
         log.error("cannot start: %s", error)
         return 2
@@ -200,7 +207,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `ropeway`
+        parser.print_help()
+        return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args)
 
