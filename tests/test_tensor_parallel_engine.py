@@ -15,6 +15,9 @@ from tiny_models import save_tiny_model
 from ropeway import LLM, ContextParams, EngineConfig, SamplingParams
 from ropeway.engine import AsyncLLM
 
+# Models in processes of their own (engine core, workers).
+pytestmark = pytest.mark.slow
+
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[5, 9, 17, 33, 65, 129, 2, 4], list(range(40, 100)), [200, 100, 50, 25, 12, 6, 3]]
 
@@ -26,11 +29,12 @@ def tiny_llama(tmp_path_factory) -> str:
     return str(directory)
 
 
-def generate(options: dict, prompts, params=GREEDY, context=None) -> list[list[int]]:
+def generate(options: dict, prompts, runs=((GREEDY, None),)) -> list[list[list[int]]]:
+    """Token ids of each prompt, for each (params, context) run, on one engine."""
     llm = LLM(dtype="float32", kv_cache_memory_bytes=8 << 20, max_num_batched_tokens=64, **options)
     try:
-        outputs = llm.generate(prompts, params, context=context)
-        return [o.outputs[0].token_ids for o in outputs]
+        return [[o.outputs[0].token_ids for o in llm.generate(prompts, params, context=context, use_tqdm=False)]
+                for params, context in runs]
     finally:
         llm.engine.core.shutdown()
 
@@ -46,13 +50,12 @@ def test_tiny_model_at_tp_2_and_4_matches_one_rank(tiny_llama, size):
 def test_default_model_at_tp_3_matches_one_rank_with_a_bounded_cache(default_llm):
     prompts = [default_llm.tokenizer.encode(p) for p in
                ("The old lighthouse keeper climbed the stairs every evening and", "def fibonacci(n):")]
-    one = [o.outputs[0].token_ids for o in default_llm.generate(prompts, GREEDY)]
-    assert generate({"tensor_parallel_size": 3}, prompts) == one
-    # A sink_window cache evicts and re-rotates kept keys on every rank.
+    # The second run's sink_window cache evicts and re-rotates kept keys on every rank.
     window = ContextParams(context_policy={"type": "sink_window", "sinks": 4, "window": 32})
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    bounded_one = [o.outputs[0].token_ids for o in default_llm.generate(prompts, params, context=window)]
-    assert generate({"tensor_parallel_size": 3}, prompts, params, window) == bounded_one
+    runs = ((GREEDY, None), (SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), window))
+    one = [[o.outputs[0].token_ids for o in default_llm.generate(prompts, p, context=c, use_tqdm=False)]
+           for p, c in runs]
+    assert generate({"tensor_parallel_size": 3}, prompts, runs) == one
 
 
 def worker_pids(core_pid: int) -> list[int]:
