@@ -21,7 +21,8 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_pool import allocate_kv_cache, plan_kv_pool
 from .model_runner import ModelRunner
 from .request_state import ChoiceState, RequestState
-from .sampler import SamplingRow, is_plain_argmax, sample
+from .sampler import SamplingRow, has_penalty, is_plain_argmax, sample
+from .sampling_state import PenaltyState
 
 log = logging.getLogger("ropeway")
 
@@ -121,6 +122,7 @@ class LLMEngine:
             session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes)
+        self.penalty_state = PenaltyState(model_config.vocab_size, self.device)
         if is_long_chunk(self.scheduler.config.prefill_chunk_size):
             # Chunks this long can reach cuDNN: load it now, not inside a first long prompt.
             warm_up_long_chunk_attention(self.device, self.dtype, model_config.num_heads,
@@ -212,6 +214,9 @@ class LLMEngine:
             if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
                 raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
         self.check_length(len(token_ids), params.max_tokens, context=context)
+        if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
+            raise InvalidParameter("logit_bias", f"logit_bias keys must be token ids in "
+                                                 f"[0, {self.model_config.vocab_size})")
         scaling = self.request_rope_scaling(context)
         policy = self.request_context_policy(context)
         limit = self.context_limit(scaling)
@@ -255,6 +260,7 @@ class LLMEngine:
             if choice.finish_reason is None:
                 choice.finish_reason = "abort"
                 self.scheduler.finish(choice.seq)
+                self.penalty_state.release(choice.seq.seq_id)
                 if choice.seq.token_ids[-1] == PLACEHOLDER:  # its step is in flight: the token is dropped
                     choice.seq.token_ids.pop()
         return state.make_output()
@@ -309,11 +315,19 @@ class LLMEngine:
             samplers, logits = [samplers[row] for row in live], logits[live]
         if not samplers:
             return outputs
-        states = [self.requests[seq.request_id] for seq in samplers]
-        rows = [SamplingRow(state.params, state.choices[seq.choice_index].seed, seq.prompt_token_ids, seq.token_ids)
-                for seq, state in zip(samplers, states)]
-        result = sample(logits, rows)
+        rows = [self._sampling_row(seq) for seq in samplers]
+        sampled = sample(logits, rows, self.penalty_state, tuple(self.tokenizer.eos_token_ids))
+        self.penalty_state.record([row.penalty_row for row in rows], sampled.token_ids)
+        result = sampled.read()
         return outputs + self._accept_all(samplers, result.token_ids, result)
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        state = self.requests[seq.request_id]
+        penalty_row = -1
+        if has_penalty(state.params):
+            penalty_row = self.penalty_state.row(seq.seq_id, seq.prompt_token_ids, seq.output_token_ids)
+        return SamplingRow(state.params, state.choices[seq.choice_index].seed,
+                           seq.num_tokens - seq.num_prompt_tokens, penalty_row)
 
     def _can_pipeline(self, plan: SchedulerOutput, samplers: list[Sequence]) -> bool:
         if not (self.async_scheduling and samplers):
@@ -403,6 +417,7 @@ class LLMEngine:
             choice.finish_reason = "length"
         if choice.finish_reason is not None:
             self.scheduler.finish(seq, retain=True)
+            self.penalty_state.release(seq.seq_id)
 
     # ----- introspection for metrics and tests -----
 
