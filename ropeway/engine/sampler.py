@@ -10,10 +10,11 @@ For logits [R, V] (fp32, one row per sequence that samples this step):
    - top-k: s >= the k-th largest s (`torch.topk`);
    - top-p, over what min-p and top-k kept, renormalized: a token stays while the mass of the
      tokens above it is below top_p. The cut is the largest value v whose mass at or above v
-     reaches top_p: read off the top-k candidates when the row has top-k, else found by
-     bisection on the fp32 values' bit patterns (32 masked sums over the row, exact).
-4. The draw inverts the kept tokens' cumulative distribution (vocabulary order, fp64) at the
-   row's counter-based uniform, so a seeded row draws the same token whatever the batch.
+     reaches top_p: read off the top-k candidates when the row has top-k, else searched by
+     `kernels.filtered_draw` (exact bisection on the fp32 values' bit patterns).
+4. The draw (`kernels.filtered_draw`: Triton on CUDA, one program per row; torch on CPU)
+   inverts the kept tokens' cumulative distribution (vocabulary order, fp64) at the row's
+   counter-based uniform, so a seeded row draws the same token whatever the batch.
 5. Logprobs, when asked, are the model's distribution before any of this (as vLLM reports them).
 
 `sample()` returns device tensors (on CUDA their copy to pinned host memory is queued right
@@ -24,15 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ropeway.kernels import filtered_draw
 from ropeway.sampling_params import SamplingParams
 
 from .random_stream import uniform_per_row
 from .sampling_state import PenaltyState
-
-# Bisection on the ordered 32-bit keys of fp32 values: each halving of the key interval is one
-# masked sum over the row; 32 of them pin the cut to one value exactly.
-_BISECTION_STEPS = 32
-
 
 @dataclass
 class SamplingRow:
@@ -102,10 +99,12 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], penalties: PenaltyStat
     logits = process_logits(logits, rows, penalties, eos_token_ids)
     chosen = logits.argmax(dim=-1)
     drawn_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if drawn_rows:
-        drawn = draw(logits[drawn_rows] if len(drawn_rows) < len(rows) else logits,
-                     [rows[i] for i in drawn_rows])
-        chosen = chosen.index_copy(0, _column(drawn_rows, torch.int64, logits.device), drawn)
+    if len(drawn_rows) == len(rows):
+        chosen = draw(logits, rows)
+    elif drawn_rows:
+        # (Indexing with a Python list would copy it to the device synchronously.)
+        index = _column(drawn_rows, torch.int64, logits.device)
+        chosen = chosen.index_copy(0, index, draw(logits.index_select(0, index), [rows[i] for i in drawn_rows]))
     result = SampledTokens(chosen)
     if want:
         result.logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0]
@@ -160,48 +159,37 @@ def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device = logits.device
     temperature = _column([r.params.temperature for r in rows], torch.float32, device)
     scaled = logits / temperature[:, None]
-    cut = filter_thresholds(scaled, rows)
-    kept = torch.where(scaled >= cut[:, None], (scaled - scaled.amax(dim=-1, keepdim=True)).exp(), 0.0)
-    cumulative = kept.to(torch.float64).cumsum(dim=-1)
+    cut, top_p, search = cuts_before_top_p_search(scaled, rows)
     uniform = uniform_per_row(_column([r.seed for r in rows], torch.int64, device),
                               _column([r.step for r in rows], torch.int64, device))
-    # The first token whose cumulative mass passes u * total: never a token of mass 0.
-    target = uniform[:, None] * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, target, right=True)[:, 0]
+    return filtered_draw(scaled, cut, top_p, uniform, search)
 
 
-def filter_thresholds(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """[R] the smallest scaled logit each row keeps under min-p, top-k and top-p (-inf: all)."""
+def cuts_before_top_p_search(scaled: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per row, the smallest scaled logit that min-p and top-k keep (-inf: all), with top-p
+    already applied where the row has top-k; the top_p (1: none) of the rows whose top-p cut
+    `filtered_draw` still searches; and whether any row needs that search."""
     device, vocab = scaled.device, scaled.shape[1]
     row_max = scaled.amax(dim=-1)
     cut = torch.full_like(row_max, float("-inf"))
     if any(r.params.min_p > 0 for r in rows):
         min_p = _column([r.params.min_p for r in rows], torch.float32, device)
         cut = torch.maximum(cut, row_max + min_p.log())  # log(0) = -inf: no cut
-    top_k_rows = [i for i, r in enumerate(rows) if 0 < r.params.top_k < vocab]
-    candidates = None
-    if top_k_rows:
-        top_k = _column([r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows], torch.int64, device)
-        largest_k = max(rows[i].params.top_k for i in top_k_rows)
-        candidates = scaled.topk(largest_k, dim=-1).values
-        kth = candidates.gather(1, (top_k.clamp(max=candidates.shape[1]) - 1)[:, None])[:, 0]
-        cut = torch.where(top_k < vocab, torch.maximum(cut, kth), cut)
-    top_p_rows = [i for i, r in enumerate(rows) if r.params.top_p < 1.0]
-    if not top_p_rows:
-        return cut
-    top_p = _column([r.params.top_p for r in rows], torch.float32, device)
-    kept = torch.where(scaled >= cut[:, None], (scaled - row_max[:, None]).exp(), 0.0)
-    needed = top_p * kept.sum(dim=-1)  # the mass the kept set must reach
-    top_p_cut = cut
-    if candidates is not None:
-        top_p_cut = _top_p_cut_from_candidates(candidates, cut, row_max, needed)
-    with_top_k = set(top_k_rows)
-    searched = [i for i in top_p_rows if i not in with_top_k]
-    if searched:
-        index = _column(searched, torch.int64, device)
-        top_p_cut = top_p_cut.index_copy(0, index, _top_p_cut_by_bisection(
-            scaled[index], kept[index], cut[index], row_max[index], needed[index]))
-    return torch.where(top_p < 1.0, torch.maximum(cut, top_p_cut), cut)
+    has_top_k = [0 < r.params.top_k < vocab for r in rows]
+    searched = [r.params.top_p < 1.0 and not k for r, k in zip(rows, has_top_k)]
+    search_top_p = _column([r.params.top_p if s else 1.0 for r, s in zip(rows, searched)], torch.float32, device)
+    if not any(has_top_k):
+        return cut, search_top_p, any(searched)
+    top_k = _column([r.params.top_k if k else vocab for r, k in zip(rows, has_top_k)], torch.int64, device)
+    candidates = scaled.topk(max(r.params.top_k for r, k in zip(rows, has_top_k) if k), dim=-1).values
+    kth = candidates.gather(1, (top_k.clamp(max=candidates.shape[1]) - 1)[:, None])[:, 0]
+    cut = torch.where(top_k < vocab, torch.maximum(cut, kth), cut)
+    if any(r.params.top_p < 1.0 and k for r, k in zip(rows, has_top_k)):
+        top_p = _column([r.params.top_p if k else 1.0 for r, k in zip(rows, has_top_k)], torch.float32, device)
+        kept = torch.where(scaled >= cut[:, None], (scaled - row_max[:, None]).exp(), 0.0)
+        needed = top_p * kept.sum(dim=-1)  # the mass the kept set must reach
+        cut = torch.where(top_p < 1.0, _top_p_cut_from_candidates(candidates, cut, row_max, needed), cut)
+    return cut, search_top_p, any(searched)
 
 
 def _top_p_cut_from_candidates(candidates, cut, row_max, needed) -> torch.Tensor:
@@ -212,31 +200,6 @@ def _top_p_cut_from_candidates(candidates, cut, row_max, needed) -> torch.Tensor
     first = reached.to(torch.int8).argmax(dim=-1)
     # Not reached within the candidates (rounding, or ties past them): everything kept stays.
     return torch.where(reached.any(dim=-1), candidates.gather(1, first[:, None])[:, 0], cut)
-
-
-def _top_p_cut_by_bisection(scaled, kept, cut, row_max, needed) -> torch.Tensor:
-    """The largest value v of a row such that the kept mass at or above v reaches `needed`,
-    by bisection on the ordered keys of the fp32 values (no sort)."""
-    keys = _ordered_keys(scaled)
-    low = _ordered_keys(cut)              # the whole kept set reaches it: invariant mass(low) >= needed
-    high = _ordered_keys(row_max) + 1     # nothing is above the maximum: mass(high) < needed
-    for _ in range(_BISECTION_STEPS):
-        middle = (low + high) // 2
-        reaches = torch.where(keys >= middle[:, None], kept, 0.0).sum(dim=-1) >= needed
-        low = torch.where(reaches, middle, low)
-        high = torch.where(reaches, high, middle)
-    return _value_of_key(low)
-
-
-def _ordered_keys(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys that order like the fp32 values (-0.0 counted as +0.0)."""
-    bits = (values + 0.0).view(torch.int32).to(torch.int64)
-    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-
-
-def _value_of_key(keys: torch.Tensor) -> torch.Tensor:
-    bits = torch.where(keys >= 0, keys, keys ^ 0x7FFFFFFF)
-    return bits.to(torch.int32).view(torch.float32)
 
 
 def _column(values, dtype, device) -> torch.Tensor:
