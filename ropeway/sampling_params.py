@@ -64,7 +64,8 @@ class SamplingParams:
             ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
             ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0,
              "min_tokens must be a non-negative integer"),
-            ("min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            ("min_tokens", not isinstance(self.min_tokens, int) or self.max_tokens is None
+             or self.min_tokens <= self.max_tokens,
              "min_tokens must not exceed max_tokens"),
             ("logit_bias", self._logit_bias_is_valid(),
              f"logit_bias maps at most {MAX_LOGIT_BIAS_ENTRIES} non-negative integer token ids "
