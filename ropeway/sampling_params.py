@@ -12,6 +12,7 @@ class InvalidParameter(ValueError):
 
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 
 
 @dataclass
@@ -64,10 +65,25 @@ class SamplingParams:
              "stop_token_ids must be non-negative integers"),
             ("stop", self.detokenize or not self.stop, "stop strings need detokenize=True"),
             ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
+            ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+             "min_tokens must be a non-negative integer"),
+            ("min_tokens", not isinstance(self.min_tokens, int) or self.max_tokens is None
+             or self.min_tokens <= self.max_tokens,
+             "min_tokens must not exceed max_tokens"),
+            ("logit_bias", self._logit_bias_is_valid(),
+             f"logit_bias maps at most {MAX_LOGIT_BIAS_ENTRIES} non-negative integer token ids "
+             "to finite biases in [-100, 100]"),
         ]
         for param, ok, message in checks:
             if not ok:
                 raise InvalidParameter(param, message)
+
+    def _logit_bias_is_valid(self) -> bool:
+        if self.logit_bias is None:
+            return True
+        return len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES and all(
+            isinstance(token, int) and token >= 0 and isinstance(bias, (int, float)) and -100.0 <= bias <= 100.0
+            for token, bias in self.logit_bias.items())
 
     @property
     def greedy(self) -> bool:

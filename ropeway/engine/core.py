@@ -21,7 +21,7 @@ from ropeway.models import LlamaModel, RopewayTokenizer, TensorParallel, effecti
 from ropeway.outputs import RequestMetrics
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlanner, RopeScaling, Scheduler, SchedulerConfig,
-                               SchedulerOutput, Sequence)
+                               Sequence)
 
 from .detokenizer import IncrementalDetokenizer
 from .kv_pool import allocate_kv_cache, plan_kv_pool
@@ -30,7 +30,8 @@ from .messages import EngineInfo, EngineRequest, RequestDelta, TokenizerSpec
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .request_state import ChoiceState, RequestState
-from .sampler import SamplingRow, is_plain_argmax, sample
+from .sampler import SampledTokens, SamplerOutput, SamplingRow, has_penalty, sample
+from .sampling_state import PenaltyState
 from .stats import PlanChoice, StatsSnapshot
 from .workers import CaptureGraphs, WorkerGroup, rank_device
 
@@ -43,34 +44,68 @@ _GOLDEN = 0x9E3779B97F4A7C15
 PLACEHOLDER = -1
 
 
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy queued behind the work that makes the tensor (pinned, asynchronous on CUDA)."""
+    if not tensor.is_cuda:
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+
+
+@dataclass
+class PromptLogprobChunk:
+    """One chunk's prompt logprobs, on their way to the host."""
+    state: RequestState
+    first: int                      # token index of the chunk's first row
+    values: torch.Tensor            # [n] the logprobs of the chunk's next prompt tokens
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+
+    def record(self) -> None:
+        recorded = self.state.prompt_logprobs
+        if len(recorded) != self.first + 1:  # not again after a preemption recomputed the chunk
+            return
+        recorded.extend(self.values.tolist())
+        if self.top_ids is not None:
+            self.state.prompt_top_logprobs.extend(
+                list(zip(i, v)) for i, v in zip(self.top_ids.tolist(), self.top_values.tolist()))
+
+
 @dataclass
 class InFlightStep:
-    """A launched step whose greedy tokens are still on the device (asynchronous scheduling)."""
+    """A launched step whose results are still on the device: its sampled tokens (and logprobs)
+    and its prompt logprobs. Their copies to the host are queued right behind the step."""
     samplers: list[Sequence]
-    tokens: torch.Tensor  # [len(samplers)] int64 on the device, row i for samplers[i]
-    # On CUDA: a pinned copy of tokens and the event after its copy. Reading the device tensor
-    # itself would wait for everything queued behind it, the next step included.
-    host_tokens: torch.Tensor | None = None
+    sampled: SampledTokens | None
+    prompt_chunks: list[PromptLogprobChunk]
     copied: torch.cuda.Event | None = None
 
     @classmethod
-    def launched(cls, samplers: list[Sequence], tokens: torch.Tensor) -> "InFlightStep":
-        if not tokens.is_cuda:
-            return cls(samplers, tokens)
-        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host_tokens.copy_(tokens, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return cls(samplers, tokens, host_tokens, copied)
+    def launched(cls, samplers: list[Sequence], sampled: SampledTokens | None,
+                 prompt_chunks: list[PromptLogprobChunk]) -> "InFlightStep":
+        copied = None
+        if prompt_chunks and prompt_chunks[0].values.is_cuda:
+            for chunk in prompt_chunks:
+                chunk.values = _to_host(chunk.values)
+                if chunk.top_ids is not None:
+                    chunk.top_values, chunk.top_ids = _to_host(chunk.top_values), _to_host(chunk.top_ids)
+            copied = torch.cuda.Event()
+            copied.record()
+        return cls(samplers, sampled, prompt_chunks, copied)
 
-    def read(self) -> list[int]:
-        if self.copied is None:
-            return self.tokens.tolist()
-        self.copied.synchronize()
-        return self.host_tokens.tolist()
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.sampled.token_ids
 
     def rows(self) -> dict[int, int]:
         return {seq.seq_id: row for row, seq in enumerate(self.samplers)}
+
+    def read(self) -> SamplerOutput | None:
+        """Wait for the host copies; record the prompt logprobs; the sampled tokens as lists."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        for chunk in self.prompt_chunks:
+            chunk.record()
+        return self.sampled.read() if self.sampled is not None else None
 
 
 @dataclass
@@ -148,6 +183,8 @@ class EngineCore:
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes)
         self.runner.workers = self.workers
+        self.penalty_state = PenaltyState(model_config.vocab_size, self.device)
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
         if is_long_chunk(self.scheduler.config.prefill_chunk_size):
             # Chunks this long can reach cuDNN: load it now, not inside a first long prompt.
             warm_up_long_chunk_attention(self.device, self.dtype, self.model.num_local_heads,
@@ -216,6 +253,8 @@ class EngineCore:
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
         self.limits.check(len(token_ids), params.max_tokens, context)
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidParameter("logit_bias", f"logit_bias keys must be token ids in [0, {vocab})")
         max_total, planned = self.limits.sequence_lengths(len(token_ids), params.max_tokens, context)
         policy = self.limits.policy(context)
         arrival = next(self._arrivals)
@@ -254,6 +293,7 @@ class EngineCore:
             if choice.finish_reason is None:
                 choice.finish_reason = "abort"
                 self.scheduler.finish(choice.seq)
+                self.penalty_state.release(choice.seq.seq_id)
                 if choice.seq.token_ids and choice.seq.token_ids[-1] == PLACEHOLDER:
                     choice.seq.token_ids.pop()  # its step is in flight: the token is dropped
         return state.make_delta()
@@ -266,13 +306,14 @@ class EngineCore:
     def step(self) -> list[RequestDelta]:
         """Run one batch; return a delta for every request that progressed.
 
-        With asynchronous scheduling, a step whose sequences all sample greedily (no
-        logprobs, penalties, prompt logprobs or bounded caches) leaves its tokens on the
-        device: each sampling sequence gets a PLACEHOLDER token, the next step is scheduled
-        and launched with those inputs taken from the device, and only then are the tokens
-        read (the GPU already busy with the next step) and checked for stops. Outputs thus
-        come one step later; a sequence that stopped has computed one token too many, which
-        is dropped."""
+        The step's results stay on the device (the sampler makes no host synchronization), their
+        copies to the host queued behind it. With asynchronous scheduling (on CUDA), each
+        sampling sequence then gets a PLACEHOLDER token and step() returns: the next call
+        schedules and launches the next step, its inputs taken from the device, before it reads
+        this step's tokens (the GPU already busy) and checks them for stops. Outputs thus come
+        one step later, whatever the requests ask for (sampling, penalties, logprobs, prompt
+        logprobs, bounded caches); a sequence that stopped has computed one token too many,
+        which is dropped. Without it, each step is read at its end."""
         plan = self.scheduler.schedule()
         pending, self._in_flight = self._in_flight, None
         if plan.is_empty:
@@ -284,62 +325,63 @@ class EngineCore:
                 metrics.first_scheduled_time = now
         samplers = [item.seq for item in plan.scheduled if item.samples]
         logit_rows = self.runner.logit_rows(plan)
-        pipelined = self._can_pipeline(plan, samplers)
         logits = self.runner.execute(plan, logit_rows, (pending.tokens, pending.rows()) if pending else None)
+        prompt_chunks = []
         if len(samplers) != len(logits):
-            logits = self._record_prompt_logprobs(plan, logit_rows, logits)
-        # The tokens' copy to the host is queued right behind the step, before the next one.
-        launched = InFlightStep.launched(samplers, logits.argmax(dim=-1)) if pipelined else None
+            logits, prompt_chunks = self._prompt_logprobs(plan, logit_rows, logits)
+        sampled = None
+        if samplers:
+            # (Sequences that stopped on the in-flight step's tokens sample too; their token is dropped.)
+            rows = [self._sampling_row(seq) for seq in samplers]
+            sampled = sample(logits, rows, self.penalty_state, self.eos_token_ids)
+            self.penalty_state.record([row.penalty_row for row in rows], sampled.token_ids)
+        launched = InFlightStep.launched(samplers, sampled, prompt_chunks)
         outputs = self._resolve(pending) if pending else []
         self.scheduler.update_after_step(plan)
         self.stats_totals.steps += 1
-        if not samplers:
-            return outputs
-        if pipelined:
-            for seq in samplers:
-                if self.outputs.choice(seq) is not None:
-                    seq.token_ids.append(PLACEHOLDER)
-            self._in_flight = launched
-            return outputs
-        # Sequences that stopped on the previous step's tokens sample nothing more.
-        live = [row for row, seq in enumerate(samplers) if self.outputs.choice(seq) is not None]
-        if len(live) != len(samplers):
-            samplers, logits = [samplers[row] for row in live], logits[live]
-        if not samplers:
-            return outputs
-        states = [self.requests[seq.request_id] for seq in samplers]
-        rows = [SamplingRow(state.params, state.choices[seq.choice_index].seed, seq.prompt_token_ids, seq.token_ids)
-                for seq, state in zip(samplers, states)]
-        result = sample(logits, rows)
-        return outputs + self._accept_all(samplers, result.token_ids, result)
+        if not self.async_scheduling:
+            return outputs + self._resolve(launched)
+        for seq in samplers:
+            if self.outputs.choice(seq) is not None:
+                seq.token_ids.append(PLACEHOLDER)
+        self._in_flight = launched
+        return outputs
 
-    def _can_pipeline(self, plan: SchedulerOutput, samplers: list[Sequence]) -> bool:
-        if not (self.async_scheduling and samplers):
-            return False
-        if any(item.seq.wants_prompt_logprobs or item.seq.context_policy.bounded for item in plan.scheduled):
-            return False
-        return all(is_plain_argmax(self.requests[seq.request_id].params) for seq in samplers)
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        state = self.requests[seq.request_id]
+        penalty_row = -1
+        if has_penalty(state.params):
+            penalty_row = self.penalty_state.row(seq.seq_id, seq.prompt_token_ids, seq.output_token_ids)
+        # The stream's counter: output tokens so far, an in-flight placeholder included.
+        return SamplingRow(state.params, state.choices[seq.choice_index].seed,
+                           seq.num_tokens - seq.num_prompt_tokens, penalty_row)
 
     def _resolve(self, step: InFlightStep) -> list[RequestDelta]:
-        """Read an in-flight step's tokens and put them in place of its placeholders."""
-        tokens = step.read()
-        live, live_tokens = [], []
-        for seq, token in zip(step.samplers, tokens):
+        """Read a launched step's results; its tokens replace their placeholders."""
+        result = step.read()
+        if result is None:
+            return []
+        live, live_tokens, live_rows = [], [], []
+        for row, (seq, token) in enumerate(zip(step.samplers, result.token_ids)):
             if self.outputs.choice(seq) is not None:
-                placeholder = seq.token_ids.pop()
-                assert placeholder == PLACEHOLDER, "an in-flight token was not the sequence's last"
+                if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+                    seq.token_ids.pop()
                 live.append(seq)
                 live_tokens.append(token)
-        return self._accept_all(live, live_tokens, None)
+                live_rows.append(row)
+        return self._accept_all(live, live_tokens, result, live_rows)
 
-    def _accept_all(self, samplers: list[Sequence], token_ids: list[int], result) -> list[RequestDelta]:
-        """Append each sequence's new token, check stops, and make the touched requests' deltas."""
+    def _accept_all(self, samplers: list[Sequence], token_ids: list[int], result: SamplerOutput,
+                    result_rows: list[int]) -> list[RequestDelta]:
+        """Append each sequence's new token, check stops, and make the touched requests' deltas.
+        result_rows: each sequence's row in result (its logprobs)."""
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
-        for row, seq in enumerate(samplers):
+        for seq, token, row in zip(samplers, token_ids, result_rows):
             state = self.requests[seq.request_id]
-            if self.outputs.accept(state, state.choices[seq.choice_index], token_ids[row], result, row):
+            if self.outputs.accept(state, state.choices[seq.choice_index], token, result, row):
                 self.scheduler.finish(seq, retain=True)
+                self.penalty_state.release(seq.seq_id)
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             state.metrics.last_token_time = now
@@ -353,29 +395,29 @@ class EngineCore:
             deltas.append(state.make_delta())
         return deltas
 
-    def _record_prompt_logprobs(self, plan, logit_rows: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """Keep the logprobs of prompt tokens for the sequences that asked; return the rows to
-        sample from (the last row of each sampling sequence)."""
-        sample_rows, start = [], 0
+    def _prompt_logprobs(self, plan, logit_rows: list[int], logits: torch.Tensor
+                         ) -> tuple[torch.Tensor, list[PromptLogprobChunk]]:
+        """The logprobs of the prompt tokens of the sequences that asked, still on the device; and
+        the rows to sample from (the last row of each sampling sequence)."""
+        sample_rows, chunks, start = [], [], 0
         for item, rows in zip(plan.scheduled, logit_rows):
             seq = item.seq
             if seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens:
                 state = self.requests[seq.request_id]
-                recorded = state.prompt_logprobs
                 first = seq.num_computed_tokens  # token index of the chunk's first row
                 targets = seq.token_ids[first + 1 : min(first + rows, seq.num_prompt_tokens - 1) + 1]
-                if targets and len(recorded) == first + 1:  # not again after a preemption
+                if targets:
                     values = logits[start : start + len(targets)].log_softmax(-1)
-                    ids = torch.tensor(targets, device=logits.device)
-                    recorded.extend(values.gather(1, ids[:, None])[:, 0].tolist())
+                    ids = torch.tensor(targets).to(logits.device, non_blocking=True)
+                    chunk = PromptLogprobChunk(state, first, values.gather(1, ids[:, None])[:, 0])
                     if state.prompt_top_logprobs is not None:
-                        top_values, top_ids = values.topk(state.params.prompt_top_logprobs, dim=-1)
-                        state.prompt_top_logprobs.extend(
-                            list(zip(i, v)) for i, v in zip(top_ids.tolist(), top_values.tolist()))
+                        chunk.top_values, chunk.top_ids = values.topk(state.params.prompt_top_logprobs, dim=-1)
+                    chunks.append(chunk)
             if item.samples:
                 sample_rows.append(start + rows - 1)
             start += rows
-        return logits[sample_rows]
+        index = torch.tensor(sample_rows).to(logits.device, non_blocking=True)
+        return logits.index_select(0, index), chunks
 
     # ----- stats -----
 
