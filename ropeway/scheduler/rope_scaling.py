@@ -84,7 +84,8 @@ class RopeScaling:
             elif name == "original_max_position_embeddings":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise InvalidParameter(f"{param}.{name}", f"{name} must be a positive integer")
-            elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            elif (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                  or value <= 0):
                 raise InvalidParameter(f"{param}.{name}", f"{name} must be a positive number")
             elif value > MAX_SCALING_VALUE:
                 raise InvalidParameter(f"{param}.{name}", f"{name} must be at most {MAX_SCALING_VALUE:g}")
