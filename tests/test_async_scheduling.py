@@ -135,3 +135,17 @@ def test_abort_while_a_step_is_in_flight_frees_blocks_and_leaks_nothing(make_llm
     assert finals["gone"].outputs[0].token_ids == alone.generate([prompts[4]], GREEDY)[0].outputs[0].token_ids
     assert finals["stays"].outputs[0].token_ids == alone.generate([prompts[1]], GREEDY)[0].outputs[0].token_ids
     assert engine.block_manager.num_free_blocks == engine.pool.num_blocks - engine.scheduler.sessions.num_blocks
+
+
+def test_a_lone_chunked_prompt_with_prompt_logprobs_pipelines(make_llm, prompts):
+    """Steps that sample nothing (a prompt's first chunks) are in flight too, and leave no
+    tokens for the next step to take."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=True)
+    options = dict(max_num_batched_tokens=16, prefill_chunk_size=16, max_num_seqs=2)
+    prompt = prompts[3]
+    assert len(prompt) > 32
+    expected, _ = run(make_llm(async_scheduling=False, **options), [prompt], [params])
+    got, in_flight = run(make_llm(async_scheduling=True, **options), [prompt], [params])
+    assert in_flight > 2
+    assert got[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
+    assert got[0].prompt_logprobs[1:] == pytest.approx(expected[0].prompt_logprobs[1:])

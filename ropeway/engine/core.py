@@ -325,7 +325,9 @@ class EngineCore:
                 metrics.first_scheduled_time = now
         samplers = [item.seq for item in plan.scheduled if item.samples]
         logit_rows = self.runner.logit_rows(plan)
-        logits = self.runner.execute(plan, logit_rows, (pending.tokens, pending.rows()) if pending else None)
+        # The in-flight step's tokens fill this one's placeholders (a step that sampled nothing left none).
+        previous = (pending.tokens, pending.rows()) if pending and pending.sampled is not None else None
+        logits = self.runner.execute(plan, logit_rows, previous)
         prompt_chunks = []
         if len(samplers) != len(logits):
             logits, prompt_chunks = self._prompt_logprobs(plan, logit_rows, logits)
@@ -408,7 +410,7 @@ class EngineCore:
                 targets = seq.token_ids[first + 1 : min(first + rows, seq.num_prompt_tokens - 1) + 1]
                 if targets:
                     values = logits[start : start + len(targets)].log_softmax(-1)
-                    ids = torch.tensor(targets).to(logits.device, non_blocking=True)
+                    ids = torch.tensor(targets, dtype=torch.int64).to(logits.device, non_blocking=True)
                     chunk = PromptLogprobChunk(state, first, values.gather(1, ids[:, None])[:, 0])
                     if state.prompt_top_logprobs is not None:
                         chunk.top_values, chunk.top_ids = values.topk(state.params.prompt_top_logprobs, dim=-1)
@@ -416,7 +418,7 @@ class EngineCore:
             if item.samples:
                 sample_rows.append(start + rows - 1)
             start += rows
-        index = torch.tensor(sample_rows).to(logits.device, non_blocking=True)
+        index = torch.tensor(sample_rows, dtype=torch.int64).to(logits.device, non_blocking=True)
         return logits.index_select(0, index), chunks
 
     # ----- stats -----

@@ -67,9 +67,16 @@ def json_object(text: str) -> dict:
     return value
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("ropeway")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree on PYTHONPATH, not installed
+        return "(not installed: a source tree)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropeway", description="ropeway: a long-context LLM inference server")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('ropeway')}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API",
                                 description="Serve the OpenAI-compatible API (the built-in default model "
