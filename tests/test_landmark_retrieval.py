@@ -56,7 +56,7 @@ def test_retrieval_finds_a_passkey_long_evicted_that_landmarks_alone_lose(make_l
     assert found(landmark) < len(keys)
     recalls_before = llm.engine.runner.cache_ops.num_recalls
     assert found({**landmark, "retrieve": 64}) == len(keys)
-    assert llm.engine.runner.cache_ops.num_recalls == recalls_before + len(keys)
+    assert llm.engine.runner.cache_ops.num_recalls >= recalls_before + len(keys)  # at least once per prompt
     while llm.engine.scheduler.sessions.release_oldest():
         pass
     assert llm.engine.block_manager.num_free_blocks == llm.engine.pool.num_blocks
@@ -76,6 +76,7 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
     def recall_and_read(item):
         recall(item)
         seq = item.seq
+        recalled.clear()  # the prompt's last recall is checked
         for slot in range(2):
             block = seq.block_table[2 + slot]
             recalled.append((slot, engine.kv_cache[:, :, block].clone(), engine.runner.cache_ops.slot_bias[block].clone()))
@@ -104,15 +105,16 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
         torch.testing.assert_close(kv[:, 0].double(), expected, atol=1e-4, rtol=1e-4)
     assert chosen == sorted(chosen)  # oldest first, as they stood in the stream
 
-    # Scoring keys: each block's mean key before RoPE, rotated back in fp64.
+    # Scoring keys: every archived key before RoPE, rotated back in fp64; blocks know their tokens.
     archived, old_position, _ = archive.block(3)
     angles = torch.arange(old_position, old_position + 16, dtype=torch.float64)[:, None] * inv_freq
     cos, sin = torch.cos(angles)[None, :, None], torch.sin(angles)[None, :, None]
     k = archived[:, 0].double()
     half = k.shape[-1] // 2
     unrotated = torch.cat((k[..., :half] * cos + k[..., half:] * sin, k[..., half:] * cos - k[..., :half] * sin), -1)
-    scoring = torch.cat(archive.scoring_keys, 1)[:, 3]
-    torch.testing.assert_close(scoring.double(), unrotated.mean(1), atol=1e-5, rtol=1e-5)
+    archive.block_scores(torch.zeros(30, 1, 9, 64), 1.0, lambda x: x)  # joins the newest scoring keys
+    torch.testing.assert_close(archive.scoring_keys[:, 3 * 16 : 4 * 16].double(), unrotated, atol=1e-5, rtol=1e-5)
+    assert archive.first_token(3) == 16 + 3 * 16  # after the sink block
     assert engine.runner.cache_ops.archive_budget.num_bytes == archive.num_bytes > 0
 
 
@@ -125,7 +127,7 @@ def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(defau
     budget = ArchiveBudget(max_bytes=0)
     for archive, chunks in zip(budget_archives, (3, 1)):
         for position in range(chunks):
-            archive.add(kv, 16 * position, plan, inv_freq, factor)
+            archive.add(kv, 16 * position, 16 * position, plan, inv_freq, factor)
         one_chunk = archive.num_bytes // chunks
     budget.max_bytes = 3 * one_chunk
     for archive in budget_archives:

@@ -83,6 +83,8 @@ class ModelRunner:
         query_start = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start[1:])
         total = int(query_start[-1])
+        # Where each scheduled sequence's tokens start in the batch, in scheduled order.
+        self.chunk_starts = query_start[:-1] if restore is None else query_start[:-1][restore]
 
         if total == num_seqs:  # one token each, as in every decode step: no offsets to spread
             input_ids = np.fromiter((seq.token_ids[c] for seq, c in zip(seqs, computed)), np.int64, total)
@@ -179,6 +181,10 @@ class ModelRunner:
         self.cache_ops.apply(step)
         batch = self.build_batch(step, logit_rows, previous)
         self.cache_ops.clear_written_slots(batch)
-        if self.decode_graphs is not None and self.decode_graphs.fits(batch):
+        capture = self.cache_ops.query_capture(step, self.chunk_starts)
+        if capture is None and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
-        return self.model.forward(batch, self.kv_cache)
+        logits = self.model.forward(batch, self.kv_cache, capture)
+        if capture is not None:
+            self.cache_ops.keep_queries(capture)
+        return logits
