@@ -14,7 +14,7 @@ from ropeway.models import Capture, ForwardBatch
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
 from .landmarks import chunk_summary, rotate_to
-from .recall import RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
+from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
 
 
 class CacheOps:
@@ -34,7 +34,7 @@ class CacheOps:
         self.archive_budget = ArchiveBudget(archive_bytes)
         self.num_recalls = 0          # prompt chunks that brought archived blocks back
         self.num_recalled_blocks = 0
-        self._capturing: list[tuple[object, int]] = []  # (sequence, query rows) the running step captures
+        self._capturing: list[tuple[object, int, int]] = []  # (sequence, baseline rows, query rows) of a step
 
     def apply(self, step: SchedulerOutput) -> None:
         # Evicted blocks go to host memory first: this step may hand them out again.
@@ -133,28 +133,30 @@ class CacheOps:
         return item.samples or seq.archive.queries is not None
 
     def query_capture(self, step: SchedulerOutput, chunk_starts) -> Capture | None:
-        """A Capture of the last queries of each retrieving prompt chunk in the step that
-        more of its prompt follows (None when there is none: decode steps capture nothing).
-        chunk_starts: each scheduled sequence's first row in the batch."""
+        """A Capture of queries of each retrieving prompt chunk in the step that more of its
+        prompt follows: some spread over the chunk (the baseline), then its last ones (None
+        when there is none: decode steps capture nothing). chunk_starts: each scheduled
+        sequence's first row in the batch."""
         rows, self._capturing = [], []
         for item, start in zip(step.scheduled, chunk_starts):
-            seq = item.seq
+            seq, n = item.seq, item.num_new_tokens
             if seq.context_policy.retrieve and not item.samples and seq.num_computed_tokens < seq.num_prompt_tokens:
-                count = min(RECALL_QUERY_TOKENS, item.num_new_tokens)
-                end = int(start) + item.num_new_tokens
-                rows.append(torch.arange(end - count, end, device=self.device))
-                self._capturing.append((seq, count))
+                count = min(RECALL_QUERY_TOKENS, n)
+                spread = torch.linspace(0, n - 1, min(RECALL_BASELINE_TOKENS, n), device=self.device).long()
+                rows += [int(start) + spread, torch.arange(int(start) + n - count, int(start) + n, device=self.device)]
+                self._capturing.append((seq, len(spread), count))
         return Capture(rows=torch.cat(rows)) if rows else None
 
     def keep_queries(self, capture: Capture) -> None:
         """Hand each sequence the queries captured for it, for its next chunk's recall."""
         queries = torch.stack(capture.queries)
         first = 0
-        for seq, count in self._capturing:
+        for seq, spread, count in self._capturing:
             if seq.archive is None:
                 seq.archive = RecallArchive()
-            seq.archive.queries = queries[:, first : first + count]
-            first += count
+            seq.archive.baseline_queries = queries[:, first : first + spread]
+            seq.archive.queries = queries[:, first + spread : first + spread + count]
+            first += spread + count
         self._capturing = []
 
     def recall(self, item: ScheduledSequence) -> None:
@@ -176,7 +178,8 @@ class CacheOps:
         archive.queries = None  # a new turn's prompt is scored by its own queries
         policy = seq.context_policy
         slots = policy.recall_blocks(size)
-        chosen = archive.select(queries, slots, self.model.scale, self.model.tp.all_reduce)
+        # The baseline: the latest chunk before this one (never the question being scored).
+        chosen = archive.select(queries, archive.baseline_queries, slots, self.model.scale, self.model.tp.all_reduce)
         archive.recalled_tokens = [archive.first_token(index) for index in chosen]
         first_block = policy.sink_blocks(size) + policy.landmark_blocks(size)
         for slot in range(slots):

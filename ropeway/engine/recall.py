@@ -15,11 +15,14 @@ of 17 to 60 tokens, including ones repeating the needle's words):
   needle is one or two tokens in a block of filler, and the mean key (the old score, and
   InfLLM's representative mean) or Quest's per-channel bound blur it into the filler.
 - Per layer, query token and head, a softmax over all archived blocks turns logits into the
-  share of attention each block would draw; the shares are summed over heads (the one place
-  tensor-parallel ranks must all-reduce), the most any single query token gives a block is
-  its score in that layer, and layers are averaged. The max over query tokens makes the
-  score independent of the question's length and of how many of its words repeat the
-  needle's: there is no baseline for those words to cancel against.
+  share of attention each block would draw; shares are summed over heads (the one place
+  tensor-parallel ranks must all-reduce). The most any single query token gives a block, over
+  what ordinary text gives it (queries spread over the prompt chunk before, the baseline),
+  is its score in that layer; layers are averaged. Some blocks draw attention from any query
+  (a text's start, recurring phrases): the baseline discounts them. The max over query tokens
+  keeps the score independent of the question's length, and a baseline from the text before
+  the question keeps the question's own words (repeating the needle's) out of it: the old
+  baseline, the 32 tokens before the last 16, cancelled the needle for long questions.
 - A chosen block brings the block after it too: the answer usually follows the words that
   matched the question, and a needle often straddles a block boundary.
 """
@@ -36,6 +39,8 @@ from ropeway.scheduler import RopePlan
 # Queries of a chunk's last tokens score the archive: enough to cover the end of a question
 # and an answer's first words.
 RECALL_QUERY_TOKENS = 16
+# Queries spread over a prompt chunk stand for ordinary text in the baseline.
+RECALL_BASELINE_TOKENS = 16
 # Blocks brought back after each chosen block.
 RECALL_FOLLOWING_BLOCKS = 1
 
@@ -59,9 +64,11 @@ class RecallArchive:
         self._new_keys: list[torch.Tensor] = []
         self.num_blocks = 0
         self.num_bytes = 0  # host copies and device scoring keys together
-        # Queries [num_layers, Q, num_heads, head_dim] of the last prompt chunk computed, to
-        # score the archive before the next chunk.
+        # Queries [num_layers, Q, num_heads, head_dim] of the last prompt chunk computed: its
+        # last tokens, to score the archive before the next chunk, and tokens spread over it,
+        # the baseline of later scores.
         self.queries: torch.Tensor | None = None
+        self.baseline_queries: torch.Tensor | None = None
         # Token index of the first token of each block the last recall brought back.
         self.recalled_tokens: list[int] = []
 
@@ -97,12 +104,13 @@ class RecallArchive:
             self.scoring_keys = torch.cat(parts, 1)
             self._new_keys = []
 
-    def select(self, queries: torch.Tensor, count: int, scale: float,
+    def select(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float,
                all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
         """Indices (oldest first) of at most count archived blocks to bring back for queries
-        [num_layers, Q, num_heads, head_dim] (before RoPE, this rank's heads). all_reduce sums
-        a tensor over tensor-parallel ranks, so every rank chooses the same blocks."""
-        scores = self.block_scores(queries, scale, all_reduce)
+        [num_layers, Q, num_heads, head_dim] (before RoPE, this rank's heads) over baseline
+        queries (same layout, or None). all_reduce sums a tensor over tensor-parallel ranks,
+        so every rank chooses the same blocks."""
+        scores = self.block_scores(queries, baseline, scale, all_reduce)
         chosen: set[int] = set()
         for block in scores.argsort(descending=True).tolist():
             if len(chosen) >= count:
@@ -111,24 +119,32 @@ class RecallArchive:
             chosen.update(list(span)[: count - len(chosen)])
         return sorted(chosen)
 
-    def block_scores(self, queries: torch.Tensor, scale: float,
+    def block_scores(self, queries: torch.Tensor, baseline: torch.Tensor | None, scale: float,
                      all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """[num_blocks]: per layer, the most attention any one query token would give each
-        block (softmax over blocks of each block's best key, summed over heads); averaged
-        over layers. One layer at a time bounds the memory."""
+        block (softmax over blocks of each block's best key, summed over heads) over the mean
+        the baseline queries give it; averaged over layers."""
         self._join_keys()
-        keys = self.scoring_keys
-        num_layers, num_queries, num_heads, head_dim = queries.shape
-        num_kv_heads = keys.shape[2]
-        block_size = self.chunks[0].kv.shape[3]
-        score = torch.zeros(self.num_blocks, device=keys.device)
-        for layer in range(num_layers):
-            grouped = queries[layer].view(num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
-            logits = torch.einsum("qkgd,nkd->qkgn", grouped.to(keys.dtype), keys[layer]).float() * scale
-            best = logits.view(*logits.shape[:3], self.num_blocks, block_size).amax(-1)
-            shares = all_reduce(best.softmax(-1).sum((1, 2)))  # [Q, num_blocks], summed over all heads
-            score += shares.amax(0)
-        return score / num_layers
+        score = torch.zeros(self.num_blocks, device=self.scoring_keys.device)
+        for layer in range(queries.shape[0]):
+            relevance = self._shares(queries[layer], layer, scale, all_reduce).amax(0)
+            if baseline is None:
+                score += relevance
+                continue
+            prior = self._shares(baseline[layer], layer, scale, all_reduce).mean(0)
+            score += relevance / (prior + 0.1 * prior.mean())
+        return score / queries.shape[0]
+
+    def _shares(self, queries: torch.Tensor, layer: int, scale: float,
+                all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """[Q, num_blocks]: each query's attention over the blocks' best keys, summed over heads."""
+        keys = self.scoring_keys[layer]
+        num_queries, num_heads, head_dim = queries.shape
+        num_kv_heads = keys.shape[1]
+        grouped = queries.view(num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        logits = torch.einsum("qkgd,nkd->qkgn", grouped.to(keys.dtype), keys).float() * scale
+        best = logits.view(*logits.shape[:3], self.num_blocks, -1).amax(-1)
+        return all_reduce(best.softmax(-1).sum((1, 2)))
 
     def block(self, index: int) -> tuple[torch.Tensor, int, RopePlan]:
         """Archived block index: kv [num_layers, 2, block_size, Hkv, D], its first token's
