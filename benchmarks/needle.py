@@ -99,6 +99,9 @@ def fillers(tokenizer, count: int) -> dict[str, list[int]]:
              "repetitive": REPETITIVE * 64}
     out = {}
     for name, text in texts.items():
+        if not text.strip():
+            print(f"filler {name}: no text on this machine, left out", file=sys.stderr)
+            continue
         ids = tokenizer.encode(text)
         out[name] = (ids * (count // len(ids) + 2))[: count + len(ids)]
     return out
@@ -212,7 +215,8 @@ def plot(results: dict, windows: list[int], lengths: list[int], depths: list[flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 depths, 8 trials, two policies and the oracle")
+    parser.add_argument("--quick", action="store_true",
+                        help="3 depths, 8 trials, retrieval with 64 and with 1 landmark, and the oracle")
     parser.add_argument("--lengths", default="16384,32768,65536,131072")
     parser.add_argument("--windows", default="1024,4096")
     parser.add_argument("--depths", default=None, help="comma-separated shares of the evicted part")
@@ -229,7 +233,7 @@ def main() -> None:
     depths = [float(d) for d in (args.depths or ("0.1,0.5,0.9" if args.quick else "0.1,0.3,0.5,0.7,0.9")).split(",")]
     trials = args.trials or (8 if args.quick else 16)
     policy_names = (args.policies.split(",") if args.policies
-                    else ["retrieve", "landmark"] if args.quick else list(policies(1024, 256)))
+                    else ["retrieve", "retrieve, 1 landmark"] if args.quick else list(policies(1024, 256)))
     llm = LLM(dtype="bfloat16" if cuda else "float32", max_model_len=max(lengths) + 64,
               kv_cache_memory_bytes=(8 << 30) if cuda else (2 << 30), max_num_seqs=8,
               max_num_batched_tokens=8192 if cuda else 1024, prefill_chunk_size=2048 if cuda else 512,
@@ -240,6 +244,10 @@ def main() -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
+            "lengths": lengths, "windows": windows, "depths": depths, "trials": trials, "retrieve": args.retrieve,
+            "sinks": SINKS, "landmarks": LANDMARKS, "command": " ".join(sys.argv)}
     results = {}
     for window in windows:
         for length in lengths:
@@ -247,13 +255,10 @@ def main() -> None:
                 key = f"{window}/{length}/{depth}"
                 results[key] = run_cell(llm, texts, window, length, depth, trials, args.retrieve, policy_names,
                                         args.seed)
-                print(key, json.dumps(results[key]), f"{time.perf_counter() - started:.0f} s", flush=True)
-    device = torch.cuda.get_device_name() if cuda else "cpu"
-    meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
-            "lengths": lengths, "windows": windows, "depths": depths, "trials": trials, "retrieve": args.retrieve,
-            "sinks": SINKS, "landmarks": LANDMARKS, "seconds": time.perf_counter() - started,
-            "command": " ".join(sys.argv)}
-    (out_dir / "needle.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=1))
+                meta["seconds"] = time.perf_counter() - started
+                print(key, json.dumps(results[key]), f"{meta['seconds']:.0f} s", flush=True)
+                # Written after every cell: a run cut short keeps what it measured.
+                (out_dir / "needle.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=1))
     plot(results, windows, lengths, depths, out_dir)
     for name in [*policy_names, "oracle"]:
         cells = [c[name] for c in results.values()]
