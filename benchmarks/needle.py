@@ -182,6 +182,22 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
     return cell
 
 
+def time_to_first_token(llm: LLM, texts: dict, length: int, window: int, retrieve: int) -> dict[str, float]:
+    """Median seconds (of 3) to prefill one prompt and sample a token, without and with retrieval."""
+    prompt = next(iter(texts.values()))[:length]
+    out = {}
+    for name in ("landmark", "retrieve"):
+        policy = policies(window, retrieve)[name]
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1),
+                         context=ContextParams(context_policy=policy))
+            times.append(time.perf_counter() - started)
+        out[name] = sorted(times)[1]
+    return out
+
+
 def plot(results: dict, windows: list[int], lengths: list[int], depths: list[float], out_dir: Path) -> None:
     import matplotlib
 
@@ -223,6 +239,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None, help="prompts per cell, run as concurrent streams")
     parser.add_argument("--retrieve", type=int, default=256)
     parser.add_argument("--policies", default=None, help=f"comma-separated, of: {', '.join(policies(1024, 256))}")
+    parser.add_argument("--ttft-length", type=int, default=0,
+                        help="also time one prompt of this length without and with retrieval (window: the first)")
     parser.add_argument("--out-dir", default="benchmarks/results/needle")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -248,6 +266,9 @@ def main() -> None:
     meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
             "lengths": lengths, "windows": windows, "depths": depths, "trials": trials, "retrieve": args.retrieve,
             "sinks": SINKS, "landmarks": LANDMARKS, "command": " ".join(sys.argv)}
+    if args.ttft_length:
+        meta["ttft_seconds"] = time_to_first_token(llm, texts, args.ttft_length, windows[0], args.retrieve)
+        print("time to first token", meta["ttft_seconds"], flush=True)
     results = {}
     for window in windows:
         for length in lengths:
