@@ -9,8 +9,8 @@ prompt (a question, a new chat turn) is scored with its own last queries (a quer
 that chunk alone); earlier chunks with the last queries of the chunk before them, captured
 during that chunk's step.
 
-How a block is scored, and why (ranks measured on natural text with needles and questions
-of 17 to 60 tokens, including ones repeating the needle's words):
+How a block is scored, and why (needle ranks measured on natural text, questions of 14 to
+52 tokens, one repeating the needle's words; BENCHMARKS.md, issue 19):
 - A block's logit for a query is its best key's logit (the exact max over its tokens): a
   needle is one or two tokens in a block of filler, and the mean key (the old score, and
   InfLLM's representative mean) or Quest's per-channel bound blur it into the filler.
