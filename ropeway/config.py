@@ -28,7 +28,7 @@ class EngineConfig:
     rope_scaling: dict | None = None      # e.g. {"rope_type": "dynamic", "factor": 4}; None: the model's own
     context_policy: dict | None = None    # e.g. {"type": "sink_window", "sinks": 4, "window": 4096}; None: none
     session_store_fraction: float = 0.25  # at most this share of the KV pool holds retained chat sessions
-    retrieval_archive_bytes: int = 4 << 30  # host memory for blocks evicted by landmark caches with `retrieve`
+    retrieval_archive_bytes: int = 4 << 30  # blocks evicted by landmark caches with `retrieve`: host + device
     # Launch step N+1 before reading step N's tokens (greedy steps); None: on CUDA only.
     async_scheduling: bool | None = None
     # Ranks the model is split over (one GPU each; processes over gloo on CPU).

@@ -56,7 +56,7 @@ def test_retrieval_finds_a_passkey_long_evicted_that_landmarks_alone_lose(make_l
     assert found(landmark) < len(keys)
     recalls_before = llm.engine.runner.cache_ops.num_recalls
     assert found({**landmark, "retrieve": 64}) == len(keys)
-    assert llm.engine.runner.cache_ops.num_recalls == recalls_before + len(keys)
+    assert llm.engine.runner.cache_ops.num_recalls >= recalls_before + len(keys)  # at least once per prompt
     while llm.engine.scheduler.sessions.release_oldest():
         pass
     assert llm.engine.block_manager.num_free_blocks == llm.engine.pool.num_blocks
@@ -76,6 +76,7 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
     def recall_and_read(item):
         recall(item)
         seq = item.seq
+        recalled.clear()  # the prompt's last recall is checked
         for slot in range(2):
             block = seq.block_table[2 + slot]
             bias = engine.runner.cache_ops.slot_bias[block].clone()
@@ -105,15 +106,16 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
         torch.testing.assert_close(kv[:, 0].double(), expected, atol=1e-4, rtol=1e-4)
     assert chosen == sorted(chosen)  # oldest first, as they stood in the stream
 
-    # Scoring keys: each block's mean key before RoPE, rotated back in fp64.
+    # Scoring keys: every archived key before RoPE, rotated back in fp64; blocks know their tokens.
     archived, old_position, _ = archive.block(3)
     angles = torch.arange(old_position, old_position + 16, dtype=torch.float64)[:, None] * inv_freq
     cos, sin = torch.cos(angles)[None, :, None], torch.sin(angles)[None, :, None]
     k = archived[:, 0].double()
     half = k.shape[-1] // 2
     unrotated = torch.cat((k[..., :half] * cos + k[..., half:] * sin, k[..., half:] * cos - k[..., :half] * sin), -1)
-    scoring = torch.cat(archive.scoring_keys, 1)[:, 3]
-    torch.testing.assert_close(scoring.double(), unrotated.mean(1), atol=1e-5, rtol=1e-5)
+    archive.block_scores(torch.zeros(30, 1, 9, 64), None, 1.0, lambda x: x)  # joins the newest scoring keys
+    torch.testing.assert_close(archive.scoring_keys[:, 3 * 16 : 4 * 16].double(), unrotated, atol=1e-5, rtol=1e-5)
+    assert archive.first_token(3) == 16 + 3 * 16  # after the sink block
     assert engine.runner.cache_ops.archive_budget.num_bytes == archive.num_bytes > 0
 
 
@@ -126,7 +128,7 @@ def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(defau
     budget = ArchiveBudget(max_bytes=0)
     for archive, chunks in zip(budget_archives, (3, 1)):
         for position in range(chunks):
-            archive.add(kv, 16 * position, plan, inv_freq, factor)
+            archive.add(kv, 16 * position, 16 * position, plan, inv_freq, factor)
         one_chunk = archive.num_bytes // chunks
     budget.max_bytes = 3 * one_chunk
     for archive in budget_archives:
@@ -135,3 +137,88 @@ def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(defau
     assert (first.num_blocks, second.num_blocks) == (2, 1)
     assert first.block(0)[1] == 16  # the block archived at position 0 went first
     assert budget.num_bytes == 3 * one_chunk
+
+
+NEEDLE = " Grandma's secret ingredient for her famous tomato soup is smoked paprika from Hungary. "
+QUESTIONS = {  # the end of each prompt: a question and the answer's first words
+    "short": " What is the secret ingredient? The secret ingredient is",
+    "repeats the needle": (" Question: What is Grandma's secret ingredient for her famous tomato soup?"
+                           " Answer: Grandma's secret ingredient for her famous tomato soup is"),
+    "long": (" Question: I have been reading this long manual about the Python language, and somewhere in it there"
+             " was a short remark about cooking that had nothing to do with programming. Please tell me, what"
+             " exactly was the secret ingredient that the text said Grandma puts in her famous soup? Answer: The"
+             " secret ingredient is"),
+}
+
+
+def test_retrieval_brings_back_the_needle_in_natural_text_whatever_the_question(make_llm):
+    """Python's documentation with one sentence about soup at a third of it, far outside the
+    window; three questions of 10 to 60 tokens, one repeating the needle's own words. The
+    last recall of each prompt brings back the block holding the answer."""
+    llm = make_llm(prefill_chunk_size=256, max_num_batched_tokens=768)
+    policy = {"type": "landmark", "sinks": 4, "window": 256, "landmarks": 16, "retrieve": 64}
+    tokenizer = llm.tokenizer
+    filler = long_text_ids(tokenizer, 1100)
+    needle = tokenizer.encode(NEEDLE)
+    depth = len(filler) // 3
+    answer_token = depth + len(tokenizer.encode(NEEDLE.split(" smoked")[0]))
+    prompts = [filler[:depth] + needle + filler[depth:] + tokenizer.encode(q) for q in QUESTIONS.values()]
+    recalled = {}
+    ops = llm.engine.runner.cache_ops
+    recall = ops.recall
+
+    def record(item):
+        recall(item)
+        if item.samples:
+            recalled[item.seq.request_id] = item.seq.archive.recalled_tokens
+
+    ops.recall = record
+    try:
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
+                               context=ContextParams(context_policy=policy))
+    finally:
+        ops.recall = recall
+    for name, out in zip(QUESTIONS, outputs):
+        starts = recalled[out.request_id]
+        assert len(starts) == 4 and len(prompts[0]) - 256 > answer_token, name
+        assert any(start <= answer_token < start + 16 for start in starts), (name, starts, answer_token)
+
+
+def test_block_scores_and_choice_match_plain_attention_math(default_llm):
+    """Scores against a loop over layers, query tokens and heads in fp64; each chosen block
+    brings the block after it, and the choice fills exactly the slots it is given."""
+    plan = default_llm.engine.default_rope_plan
+    inv_freq, factor = rope_parameters(plan)
+    generator = torch.Generator().manual_seed(3)
+    num_layers, num_blocks, block_size, num_kv_heads, num_heads, dim = 2, 6, 16, 3, 9, 64
+    archive = RecallArchive()
+    kv = torch.randn(num_layers, 2, num_blocks, block_size, num_kv_heads, dim, generator=generator)
+    archive.add(kv[:, :, :4], 64, 80, plan, inv_freq, factor)
+    archive.add(kv[:, :, 4:], 128, 144, plan, inv_freq, factor)
+    queries = torch.randn(num_layers, 5, num_heads, dim, generator=generator) * 3
+    baseline = torch.randn(num_layers, 4, num_heads, dim, generator=generator) * 3
+    scores = archive.block_scores(queries, baseline, 0.125, lambda x: x)
+
+    keys = archive.scoring_keys.double().view(num_layers, num_blocks, block_size, num_kv_heads, dim)
+    expected = torch.zeros(num_blocks, dtype=torch.float64)
+
+    def shares(layer: int, q: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(q.shape[0], num_blocks, dtype=torch.float64)
+        for token in range(q.shape[0]):
+            for head in range(num_heads):
+                best = (keys[layer, :, :, head // 3] @ q[token, head].double()).amax(-1) * 0.125
+                out[token] += best.softmax(0)
+        return out
+
+    for layer in range(num_layers):
+        prior = shares(layer, baseline[layer]).mean(0)
+        expected += shares(layer, queries[layer]).amax(0) / (prior + 0.1 * prior.mean()) / num_layers
+    torch.testing.assert_close(scores.double(), expected, atol=1e-5, rtol=1e-5)
+    assert [archive.first_token(i) for i in (0, 3, 4, 5)] == [80, 128, 144, 160]
+
+    order = expected.argsort(descending=True).tolist()
+    first = order[0]
+    assert archive.select(queries, baseline, 1, 0.125, lambda x: x) == [first]
+    two = archive.select(queries, baseline, 2, 0.125, lambda x: x)
+    assert two == ([first, first + 1] if first + 1 < num_blocks else sorted([first, order[1]]))
+    assert len(archive.select(queries, baseline, 5, 0.125, lambda x: x)) == 5

@@ -2,7 +2,8 @@
 evictions of bounded caches (keys moved down and re-rotated), RoPE-plan growths (keys re-rotated
 to the larger plan), landmark summaries written into their slots, evicted blocks archived to
 host memory and the best of them recalled. The runner applies them all, in this order, before
-it builds the step's batch."""
+it builds the step's batch; during the step it captures the queries that the next recall of a
+long prompt scores with."""
 
 import math
 
@@ -43,10 +44,11 @@ class CacheOps:
         # Until a region is first opened every bias is 0, and steps need not clear any.
         self.bias_written = False
         self.archive_budget = ArchiveBudget(archive_bytes)
-        self.num_recalls = 0          # prompts that brought archived blocks back
+        self.num_recalls = 0          # prompt chunks that brought archived blocks back
         self.num_recalled_blocks = 0
         # Under tensor parallelism, the key moves of the step (sent to the other ranks with it).
         self.recorded: list[KeyMove] | None = None
+        self._capturing: list[tuple[object, int, int]] = []  # (sequence, baseline rows, query rows) of a step
 
     def apply(self, step: SchedulerOutput) -> None:
         # Evicted blocks go to host memory first: this step may hand them out again.
@@ -127,7 +129,8 @@ class CacheOps:
             seq.archive = RecallArchive()
         blocks = torch.tensor(eviction.archived_blocks, device=self.device)
         inv_freq, factor = self.runner.rope_row(eviction.plan)
-        seq.archive.add(self.kv_cache[:, :, blocks], eviction.archived_position, eviction.plan, inv_freq, factor)
+        seq.archive.add(self.kv_cache[:, :, blocks], eviction.archived_position, eviction.archived_first_token,
+                        eviction.plan, inv_freq, factor)
         self.archive_budget.track(seq.archive)
 
     def clear_written_slots(self, batch: ForwardBatch) -> None:
@@ -137,35 +140,70 @@ class CacheOps:
 
     @staticmethod
     def recalls(item: ScheduledSequence) -> bool:
-        """A chunk that ends a prompt of a cache with archived blocks brings the best back."""
+        """Every chunk of a prompt whose cache has archived blocks brings the best back: the
+        last chunk scored by its own queries, earlier ones by those of the chunk before."""
         seq = item.seq
-        return (item.samples and seq.num_computed_tokens < seq.num_prompt_tokens and seq.archive is not None
-                and seq.archive.num_blocks > 0)
+        if not (seq.num_computed_tokens < seq.num_prompt_tokens and seq.archive is not None
+                and seq.archive.num_blocks > 0):
+            return False
+        return item.samples or seq.archive.queries is not None
+
+    def query_capture(self, step: SchedulerOutput, chunk_starts) -> Capture | None:
+        """A Capture of queries of each retrieving prompt chunk in the step that more of its
+        prompt follows: some spread over the chunk (the baseline), then its last ones (None
+        when there is none: decode steps capture nothing). chunk_starts: each scheduled
+        sequence's first row in the batch."""
+        rows, self._capturing = [], []
+        for item, start in zip(step.scheduled, chunk_starts):
+            seq, n = item.seq, item.num_new_tokens
+            if seq.context_policy.retrieve and not item.samples and seq.num_computed_tokens < seq.num_prompt_tokens:
+                count = min(RECALL_QUERY_TOKENS, n)
+                spread = torch.linspace(0, n - 1, min(RECALL_BASELINE_TOKENS, n), device=self.device).long()
+                rows += [int(start) + spread, torch.arange(int(start) + n - count, int(start) + n, device=self.device)]
+                self._capturing.append((seq, len(spread), count))
+        return Capture(rows=torch.cat(rows)) if rows else None
+
+    def keep_queries(self, capture: Capture) -> None:
+        """Hand each sequence the queries captured for it, for its next chunk's recall."""
+        queries = torch.stack(capture.queries)
+        first = 0
+        for seq, spread, count in self._capturing:
+            if seq.archive is None:
+                seq.archive = RecallArchive()
+            seq.archive.baseline_queries = queries[:, first : first + spread]
+            seq.archive.queries = queries[:, first + spread : first + spread + count]
+            first += spread + count
+        self._capturing = []
 
     def recall(self, item: ScheduledSequence) -> None:
-        """Run the chunk once for its queries (its K/V writes are redone by the step itself),
-        then fill the recall region with the archived blocks they score highest, oldest
-        first, each re-rotated from where it was evicted to its slot; empty slots stay
-        masked."""
+        """Fill the recall region with the archived blocks the chunk's queries score highest,
+        oldest first, each re-rotated from where it was evicted to its slot; empty slots
+        stay masked. A prompt's last chunk is run once first for its own queries (its K/V
+        writes are redone by the step itself)."""
         seq, size = item.seq, self.block_size
-        batch = self.runner.build_batch(SchedulerOutput(scheduled=[item]), [1])
-        n = item.num_new_tokens
-        first_row = max(0, n - RECALL_QUERY_TOKENS - RECALL_BASELINE_TOKENS)
-        captured = Capture(rows=torch.arange(first_row, n, device=self.device))
-        self.clear_written_slots(batch)
-        self.model.forward(batch, self.kv_cache, captured)
+        archive = seq.archive
+        if item.samples:
+            batch = self.runner.build_batch(SchedulerOutput(scheduled=[item]), [1])
+            n = item.num_new_tokens
+            captured = Capture(rows=torch.arange(max(0, n - RECALL_QUERY_TOKENS), n, device=self.device))
+            self.clear_written_slots(batch)
+            self.model.forward(batch, self.kv_cache, captured)
+            queries = torch.stack(captured.queries)
+        else:
+            queries = archive.queries
+        archive.queries = None  # a new turn's prompt is scored by its own queries
         policy = seq.context_policy
         slots = policy.recall_blocks(size)
-        queries = torch.stack(captured.queries)
-        split = max(0, queries.shape[1] - RECALL_QUERY_TOKENS)
-        chosen = seq.archive.select(queries[:, split:], queries[:, :split], slots, self.model.scale)
+        # The baseline: the latest chunk before this one (never the question being scored).
+        chosen = archive.select(queries, archive.baseline_queries, slots, self.model.scale, self.model.tp.all_reduce)
+        archive.recalled_tokens = [archive.first_token(index) for index in chosen]
         first_block = policy.sink_blocks(size) + policy.landmark_blocks(size)
         for slot in range(slots):
             block = seq.block_table[first_block + slot]
             if slot >= len(chosen):
                 self.slot_bias[block] = float("-inf")
                 continue
-            kv, old_position, plan = seq.archive.block(chosen[slot])
+            kv, old_position, plan = archive.block(chosen[slot])
             self.kv_cache[:, :, block].copy_(kv)
             self.slot_bias[block] = 0.0
             position = (first_block + slot) * size

@@ -95,6 +95,8 @@ class ModelRunner:
         query_start = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(num_new, out=query_start[1:])
         total = int(query_start[-1])
+        # Where each scheduled sequence's tokens start in the batch, in scheduled order.
+        self.chunk_starts = query_start[:-1] if restore is None else query_start[:-1][restore]
 
         if total == num_seqs:  # one token each, as in every decode step: no offsets to spread
             input_ids = np.fromiter((seq.token_ids[c] for seq, c in zip(seqs, computed)), np.int64, total)
@@ -207,13 +209,17 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.send_step(self._rope_plans, ops.recorded, host, previous_tokens)
             ops.recorded = None
-        return self.run(self.upload(host, previous_tokens))
+        # Retrieval keeps queries of prompt chunks for the next chunk's selection.
+        return self.run(self.upload(host, previous_tokens), ops.query_capture(step, self.chunk_starts))
 
-    def run(self, batch: ForwardBatch) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, capture=None) -> torch.Tensor:
         self.cache_ops.clear_written_slots(batch)
-        if self.decode_graphs is not None and self.decode_graphs.fits(batch):
+        if capture is None and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
-        return self.model.forward(batch, self.kv_cache)
+        logits = self.model.forward(batch, self.kv_cache, capture)
+        if capture is not None:
+            self.cache_ops.keep_queries(capture)
+        return logits
 
     def run_worker_step(self, step) -> None:
         """On a tensor-parallel worker: the step rank 0 sent (a WorkerStep), on this rank's shard."""

@@ -1,23 +1,34 @@
-"""Retrieval of evicted blocks for the landmark policy (InfLLM-style).
+"""Retrieval of evicted blocks for the landmark policy.
 
 A landmark cache with `retrieve` keeps, for every block it evicts, a host copy of the
-block's keys (as cached: rotated for the position they had) and values, and one scoring key
-per layer and KV head: the mean of the block's keys before RoPE. When a prompt ends (a new
-chat turn, a question), the queries of its last tokens score every archived block by the
-attention mass they would give it (softmax over blocks, summed over layers and heads),
-relative to the mass the tokens just before them give it, and the best blocks go back
-into the recall region in their original order, re-rotated once to the region's positions.
+block's keys (as cached: rotated for the position they had) and values, and on the device
+every key of the block before RoPE (the scoring keys). Before each chunk of a prompt is
+computed, queries score every archived block and the best go back into the recall region
+in their original order, re-rotated once to the region's positions. The final chunk of a
+prompt (a question, a new chat turn) is scored with its own last queries (a query pass of
+that chunk alone); earlier chunks with the last queries of the chunk before them, captured
+during that chunk's step.
 
-The relative score matters: some blocks draw attention from any query (the text's start,
-recurring phrases); by raw mass they fill the region, while the block the question is
-about is the one the question attends to far more than the text before it does.
-
-Scoring keys come from the cache, where each key was computed with its full context. Keys
-of a chunk re-computed alone (as landmark summaries are) do not work for this: the chunk's
-first tokens become attention sinks and outscore every block that matters.
+How a block is scored, and why (needle ranks measured on natural text, questions of 14 to
+52 tokens, one repeating the needle's words; BENCHMARKS.md, issue 19):
+- A block's logit for a query is its best key's logit (the exact max over its tokens): a
+  needle is one or two tokens in a block of filler, and the mean key (the old score, and
+  InfLLM's representative mean) or Quest's per-channel bound blur it into the filler.
+- Per layer, query token and head, a softmax over all archived blocks turns logits into the
+  share of attention each block would draw; shares are summed over heads (the one place
+  tensor-parallel ranks must all-reduce). The most any single query token gives a block, over
+  what ordinary text gives it (queries spread over the prompt chunk before, the baseline),
+  is its score in that layer; layers are averaged. Some blocks draw attention from any query
+  (a text's start, recurring phrases): the baseline discounts them. The max over query tokens
+  keeps the score independent of the question's length, and a baseline from the text before
+  the question keeps the question's own words (repeating the needle's) out of it: the old
+  baseline, the 32 tokens before the last 16, cancelled the needle for long questions.
+- A chosen block brings the block after it too: the answer usually follows the words that
+  matched the question, and a needle often straddles a block boundary.
 """
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +36,13 @@ import torch
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
 from ropeway.scheduler import RopePlan
 
-# Queries of a prompt's last tokens score the archive (enough to cover a question), against
-# the tokens before them as the baseline.
+# Queries of a chunk's last tokens score the archive: enough to cover the end of a question
+# and an answer's first words.
 RECALL_QUERY_TOKENS = 16
-RECALL_BASELINE_TOKENS = 32
+# Queries spread over a prompt chunk stand for ordinary text in the baseline.
+RECALL_BASELINE_TOKENS = 16
+# Blocks brought back after each chosen block.
+RECALL_FOLLOWING_BLOCKS = 1
 
 
 @dataclass
@@ -36,6 +50,7 @@ class ArchivedBlocks:
     kv: torch.Tensor  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], host, cache dtype
     position: int     # cache position of the first token when the blocks were evicted
     plan: RopePlan    # the plan their keys were rotated under
+    first_token: int  # token index (in the stream) of the first token
 
 
 class RecallArchive:
@@ -43,14 +58,25 @@ class RecallArchive:
 
     def __init__(self):
         self.chunks: list[ArchivedBlocks] = []
-        self.scoring_keys: list[torch.Tensor] = []  # per chunk [num_layers, num_blocks, num_kv_heads, head_dim] fp32
+        # Keys before RoPE on the device, [num_layers, archived tokens, num_kv_heads, head_dim]
+        # in the cache dtype: one tensor, re-joined when chunks arrive (scoring is one pass).
+        self.scoring_keys: torch.Tensor | None = None
+        self._new_keys: list[torch.Tensor] = []
         self.num_blocks = 0
-        self.num_bytes = 0
+        self.num_bytes = 0  # host copies and device scoring keys together
+        # Queries [num_layers, Q, num_heads, head_dim] of the last prompt chunk computed: its
+        # last tokens, to score the archive before the next chunk, and tokens spread over it,
+        # the baseline of later scores.
+        self.queries: torch.Tensor | None = None
+        self.baseline_queries: torch.Tensor | None = None
+        # Token index of the first token of each block the last recall brought back.
+        self.recalled_tokens: list[int] = []
 
-    def add(self, kv: torch.Tensor, position: int, plan: RopePlan, inv_freq: torch.Tensor,
+    def add(self, kv: torch.Tensor, position: int, first_token: int, plan: RopePlan, inv_freq: torch.Tensor,
             attention_factor: float) -> None:
         """Archive evicted blocks kv [num_layers, 2, n, block_size, Hkv, D] (on the device)
-        whose first token sat at cache position `position` under plan."""
+        whose first token, token first_token of the stream, sat at cache position `position`
+        under plan."""
         num_layers, _, num_blocks, block_size, num_kv_heads, head_dim = kv.shape
         n = num_blocks * block_size
         keys = kv[:, 0].reshape(num_layers, n, num_kv_heads, head_dim).transpose(0, 1).reshape(n, -1, head_dim)
@@ -58,59 +84,91 @@ class RecallArchive:
         positions = torch.arange(position, position + n, device=kv.device)
         cos, sin = rope_cos_sin(positions, inv_freq.expand(n, -1),
                                 torch.full((n,), 1.0 / attention_factor, device=kv.device))
-        unrotated = rotate_by(keys.float(), cos, -sin).view(n, num_layers, num_kv_heads, head_dim)
-        scoring = unrotated.view(num_blocks, block_size, num_layers, num_kv_heads, head_dim).mean(1)
-        self.scoring_keys.append(scoring.permute(1, 0, 2, 3).contiguous().cpu())
-        self.chunks.append(ArchivedBlocks(kv.cpu(), position, plan))
+        unrotated = rotate_by(keys.float(), cos, -sin).to(kv.dtype).view(n, num_layers, num_kv_heads, head_dim)
+        self._new_keys.append(unrotated.transpose(0, 1))
+        self.chunks.append(ArchivedBlocks(kv.cpu(), position, plan, first_token))
         self.num_blocks += num_blocks
-        self.num_bytes += self.chunks[-1].kv.nbytes + self.scoring_keys[-1].nbytes
+        self.num_bytes += self.chunks[-1].kv.nbytes + unrotated.nbytes
 
     def drop_oldest(self) -> None:
-        self.num_blocks -= self.chunks[0].kv.shape[2]
-        self.num_bytes -= self.chunks[0].kv.nbytes + self.scoring_keys[0].nbytes
-        del self.chunks[0], self.scoring_keys[0]
+        oldest = self.chunks.pop(0)
+        num_tokens = oldest.kv.shape[2] * oldest.kv.shape[3]
+        self._join_keys()
+        self.scoring_keys = self.scoring_keys[:, num_tokens:].clone()
+        self.num_blocks -= oldest.kv.shape[2]
+        self.num_bytes -= oldest.kv.nbytes + oldest.kv[:, 0].nbytes
 
-    def select(self, queries: torch.Tensor, baseline: torch.Tensor, count: int, scale: float) -> list[int]:
-        """Indices (oldest first) of the count archived blocks that queries [num_layers, Q,
-        num_heads, head_dim] (before RoPE) attend to most, relative to the baseline queries
-        of the tokens before them (same layout; Q may be 0)."""
-        keys = torch.cat(self.scoring_keys, 1).to(queries.device)
-        relevance = self._attention_mass(queries, keys, scale)
-        if baseline.shape[1]:
-            prior = self._attention_mass(baseline, keys, scale)
-        else:
-            prior = relevance.mean().expand_as(relevance)
-        score = relevance / (prior + 0.1 * prior.mean())
-        top = score.topk(min(count, score.shape[0])).indices
-        return sorted(top.tolist())
+    def _join_keys(self) -> None:
+        if self._new_keys:
+            parts = ([] if self.scoring_keys is None else [self.scoring_keys]) + self._new_keys
+            self.scoring_keys = torch.cat(parts, 1)
+            self._new_keys = []
 
-    @staticmethod
-    def _attention_mass(queries: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-        """[num_blocks]: per query token, the softmax attention over blocks summed over layers
-        and heads; averaged over the query tokens. One layer at a time bounds the memory."""
-        num_layers, num_queries, num_heads, head_dim = queries.shape
-        num_kv_heads = keys.shape[2]
-        mass = torch.zeros(keys.shape[1], device=keys.device)
-        for layer in range(num_layers):
-            grouped = queries[layer].float().view(num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
-            logits = torch.einsum("qkgd,bkd->qkgb", grouped, keys[layer]) * scale
-            mass += logits.softmax(-1).sum((1, 2)).mean(0)
-        return mass
+    def select(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float,
+               all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
+        """Indices (oldest first) of at most count archived blocks to bring back for queries
+        [num_layers, Q, num_heads, head_dim] (before RoPE, this rank's heads) over baseline
+        queries (same layout, or None). all_reduce sums a tensor over tensor-parallel ranks,
+        so every rank chooses the same blocks."""
+        scores = self.block_scores(queries, baseline, scale, all_reduce)
+        chosen: set[int] = set()
+        for block in scores.argsort(descending=True).tolist():
+            if len(chosen) >= count:
+                break
+            span = range(block, min(block + 1 + RECALL_FOLLOWING_BLOCKS, self.num_blocks))
+            chosen.update(list(span)[: count - len(chosen)])
+        return sorted(chosen)
+
+    def block_scores(self, queries: torch.Tensor, baseline: torch.Tensor | None, scale: float,
+                     all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """[num_blocks]: per layer, the most attention any one query token would give each
+        block (softmax over blocks of each block's best key, summed over heads) over the mean
+        the baseline queries give it; averaged over layers."""
+        self._join_keys()
+        score = torch.zeros(self.num_blocks, device=self.scoring_keys.device)
+        for layer in range(queries.shape[0]):
+            relevance = self._shares(queries[layer], layer, scale, all_reduce).amax(0)
+            if baseline is None:
+                score += relevance
+                continue
+            prior = self._shares(baseline[layer], layer, scale, all_reduce).mean(0)
+            score += relevance / (prior + 0.1 * prior.mean())
+        return score / queries.shape[0]
+
+    def _shares(self, queries: torch.Tensor, layer: int, scale: float,
+                all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """[Q, num_blocks]: each query's attention over the blocks' best keys, summed over heads."""
+        keys = self.scoring_keys[layer]
+        num_queries, num_heads, head_dim = queries.shape
+        num_kv_heads = keys.shape[1]
+        grouped = queries.view(num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
+        logits = torch.einsum("qkgd,nkd->qkgn", grouped.to(keys.dtype), keys).float() * scale
+        best = logits.view(*logits.shape[:3], self.num_blocks, -1).amax(-1)
+        return all_reduce(best.softmax(-1).sum((1, 2)))
 
     def block(self, index: int) -> tuple[torch.Tensor, int, RopePlan]:
         """Archived block index: kv [num_layers, 2, block_size, Hkv, D], its first token's
         position when evicted, its plan."""
+        chunk, offset = self._locate(index)
+        return chunk.kv[:, :, offset], chunk.position + offset * chunk.kv.shape[3], chunk.plan
+
+    def first_token(self, index: int) -> int:
+        """Token index (in the stream) of archived block index's first token."""
+        chunk, offset = self._locate(index)
+        return chunk.first_token + offset * chunk.kv.shape[3]
+
+    def _locate(self, index: int) -> tuple[ArchivedBlocks, int]:
         for chunk in self.chunks:
-            num_blocks, block_size = chunk.kv.shape[2], chunk.kv.shape[3]
-            if index < num_blocks:
-                return chunk.kv[:, :, index], chunk.position + index * block_size, chunk.plan
-            index -= num_blocks
+            if index < chunk.kv.shape[2]:
+                return chunk, index
+            index -= chunk.kv.shape[2]
         raise IndexError(index)
 
 
 class ArchiveBudget:
-    """Host bytes all archives may hold together; over it, the largest archive drops its
-    oldest chunk first (a long stream forgets its distant past before a short one does)."""
+    """Bytes all archives may hold together (host copies and scoring keys); over it, the
+    largest archive drops its oldest chunk first (a long stream forgets its distant past
+    before a short one does)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes

@@ -70,9 +70,11 @@ class Eviction:
     # slots, then the recall region, empty until something is written there.
     new_region: range | None = None
     # With retrieval: the evicted blocks, in order, to copy to host memory before anything
-    # reuses them; their tokens sat at cache positions archived_position.. .
+    # reuses them; their tokens, tokens archived_first_token.. of the stream, sat at cache
+    # positions archived_position.. .
     archived_blocks: list[int] = field(default_factory=list)
     archived_position: int = 0
+    archived_first_token: int = 0
 
 
 @dataclass
@@ -282,9 +284,10 @@ class Scheduler:
             if opens_region:
                 seq.num_region_positions = region_blocks * size
                 eviction.new_region = range(region_start, window_start)
+            first_token = region_start + seq.num_evicted_tokens
             if policy.retrieve:
                 eviction.archived_blocks, eviction.archived_position = evicted_blocks, evicted_from * size
-            first_token = region_start + seq.num_evicted_tokens
+                eviction.archived_first_token = first_token
             for start in range(first_token, first_token + evict, chunk):
                 slot = (start - region_start) // chunk % policy.landmarks
                 eviction.landmarks.append(Landmark(seq.token_ids[start : start + chunk], region_start + slot))

@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of the KV pool that may hold retained chat sessions (sink_window) "
                              f"(default: {defaults.session_store_fraction})")
     engine.add_argument("--retrieval-archive-memory", type=memory_size, default=defaults.retrieval_archive_bytes,
-                        help="host memory for blocks evicted by landmark caches that retrieve, all requests "
-                             "together; over it the largest archive forgets its oldest blocks (default: 4GiB)")
+                        help="memory for blocks evicted by landmark caches that retrieve, all requests together: "
+                             "host copies plus their keys before RoPE on the device (a third of it); over it the "
+                             "largest archive forgets its oldest blocks (default: 4GiB)")
     engine.add_argument("--kv-cache-memory", type=memory_size, default=None,
                         help="KV cache pool size, e.g. 2GiB (default: 1GiB on CPU; on CUDA, "
                              "--gpu-memory-utilization of the free memory)")

@@ -82,12 +82,13 @@ class ServerMetrics:
         self.session_hits = counter("session_hits", "Requests that continued from a retained chat session.")
         self.session_misses = counter("session_misses", "Bounded-cache requests that found no retained session.")
         self.session_store_bytes = gauge("session_store_bytes", "KV bytes held by retained chat sessions.")
-        self.retrieval_recalls = counter("retrieval_recalls",
-                                         "Prompts of retrieving landmark caches that brought evicted blocks back.")
+        self.retrieval_recalls = counter("retrieval_recalls", "Prompt chunks of retrieving landmark caches "
+                                         "that brought evicted blocks back.")
         self.retrieval_recalled_blocks = counter("retrieval_recalled_blocks",
                                                  "Evicted blocks brought back from host memory into caches.")
         self.retrieval_archive_bytes = gauge("retrieval_archive_bytes",
-                                             "Host bytes holding blocks evicted by retrieving landmark caches.")
+                                             "Bytes holding blocks evicted by retrieving landmark caches "
+                                             "(host copies, device scoring keys).")
 
         self.time_to_first_token = histogram("time_to_first_token_seconds",
                                              "Seconds from arrival to the first generated token.", _LATENCY_BUCKETS)
