@@ -22,11 +22,11 @@ def stream_checking_positions(llm, policy: dict, prompt: list[int], after_step=N
     engine.add_request("stream", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
                        ContextParams(context_policy=policy))
     seq = engine.requests["stream"].choices[0].seq
-    build = engine.runner.build_batch
+    upload = engine.runner.upload
     seen = []
 
-    def checked_build(step, logit_rows, previous=None):
-        batch = build(step, logit_rows, previous)
+    def checked_upload(host, previous_tokens=None):
+        batch = upload(host, previous_tokens)
         cached = seq.num_cached_positions
         n = batch.input_ids.shape[0]
         assert batch.positions.tolist() == list(range(cached, cached + n))
@@ -34,12 +34,12 @@ def stream_checking_positions(llm, policy: dict, prompt: list[int], after_step=N
         seen.append((seq.num_computed_tokens, engine.block_manager.num_used_blocks))
         return batch
 
-    engine.runner.build_batch = checked_build
+    engine.runner.upload = checked_upload  # every batch the runner builds reaches the device through it
     while engine.has_unfinished_requests():
         engine.step()
         if after_step is not None:
             after_step(seq)
-    engine.runner.build_batch = build
+    engine.runner.upload = upload
     return seq, seen
 
 

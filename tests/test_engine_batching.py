@@ -22,24 +22,25 @@ def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_out
     llm = make_llm(max_num_batched_tokens=48, prefill_chunk_size=16, max_num_seqs=8)
     runner = llm.engine.runner
     reordered, long_chunks_last = [], []
-    build_batch = runner.build_batch
+    host_batch = runner.host_batch
 
-    def recording_build_batch(step, logit_rows, previous=None):
-        batch = build_batch(step, logit_rows, previous)
+    def recording_host_batch(step, logit_rows, previous_rows=None):
+        batch = host_batch(step, logit_rows, previous_rows)
         sizes = [item.num_new_tokens for item in step.scheduled]
         chunk_before_decode = any(a > 1 and b == 1 for a, b in zip(sizes, sizes[1:]))
         if chunk_before_decode:
             reordered.append(batch.num_decode_seqs == sizes.count(1))
         if batch.long_chunks:
-            starts, seq_lens = batch.query_start_loc.tolist(), batch.seq_lens.tolist()
+            _, _, query_start, seq_lens = batch.int32
+            starts, seq_lens = query_start.tolist(), seq_lens.tolist()
             rows = range(len(seq_lens) - len(batch.long_chunks), len(seq_lens))
             expected_chunks = [(starts[r], starts[r + 1] - starts[r], seq_lens[r] - (starts[r + 1] - starts[r]))
                                for r in rows]
-            long_chunks_last.append(list(batch.long_chunks) == expected_chunks
+            long_chunks_last.append([tuple(c) for c in batch.long_chunks] == expected_chunks
                                     and all(n >= 16 for _, n, _ in batch.long_chunks))
         return batch
 
-    runner.build_batch = recording_build_batch
+    runner.host_batch = recording_host_batch
     outputs = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outputs] == expected
     # Steps that scheduled a chunk before a decode ran with the decodes moved first (their
