@@ -19,10 +19,6 @@ from ropeway.server.unsupported_fields import NO_EFFECT, REFUSED_CHAT_FIELDS
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 
-# The sampler applies logit_bias and min_tokens on another branch; until it is merged these
-# behaviour tests fail, and strict xfail turns their first pass into a failure: remove the mark then.
-needs_sampler = pytest.mark.xfail(strict=True, reason="logit_bias / min_tokens are applied by the sampler branch")
-
 
 @pytest.fixture(scope="module")
 def server(make_llm):
@@ -344,7 +340,6 @@ def test_continue_final_message_and_add_generation_prompt_follow_transformers_te
     assert bare.usage.prompt_tokens == len(hf_tokenizer(bare_prompt, add_special_tokens=False)["input_ids"])
 
 
-@needs_sampler
 def test_min_tokens_holds_off_eos(client):
     free = client.chat.completions.create(model=MODEL_NAME, messages=QUESTION, max_tokens=60, **GREEDY)
     assert free.choices[0].finish_reason == "stop"
@@ -354,7 +349,6 @@ def test_min_tokens_holds_off_eos(client):
     assert held.usage.completion_tokens >= floor
 
 
-@needs_sampler
 def test_logit_bias_moves_greedy_choices(client, http):
     def token_ids(**options) -> list[int]:
         result = client.completions.create(model=MODEL_NAME, prompt=PROMPT, logprobs=0, **GREEDY,

@@ -52,7 +52,8 @@ def run_engine_core(config_bytes: bytes, input_address: str, output_address: str
         core = core_factory(config)
         core.capture_decode_graphs()
     except Exception as error:  # noqa: BLE001 -- reported to the API process, which exits with it
-        log.exception("engine core start-up failed")
+        # The API process logs the reason and exits 2: a bad model path or flag is not a crash.
+        log.debug("engine core start-up failed", exc_info=True)
         output_socket.send_multipart([FAILED, str(error).encode()])
         output_socket.close(linger=2000)
         return
