@@ -90,7 +90,8 @@ def test_cuda_retrieving_landmark_stream_equals_cpu():
     expected = cpu.generate([prompt], params, context=policy)[0]
     got = gpu.generate([prompt], params, context=policy)[0]
     runner = gpu.engine.runner
-    assert runner.cache_ops.num_recalls == 1 and runner.cache_ops.num_recalled_blocks == 2
+    # Re-selection before every prompt chunk past the first eviction (issue 19): several recalls.
+    assert runner.cache_ops.num_recalls >= 1 and runner.cache_ops.num_recalled_blocks >= 2
     assert (1, True) in runner.decode_graphs.graphs
     assert got.outputs[0].token_ids == expected.outputs[0].token_ids
 
