@@ -292,9 +292,12 @@ def test_request_retrieving_landmark_policy_recalls_and_shows_in_metrics(client,
                                        "retrieve": 32}}, **GREEDY)
     assert recalled.usage.completion_tokens == 4
     after = scrape(http)
-    assert metric(after, "ropeway:retrieval_recalls_total") == metric(before, "ropeway:retrieval_recalls_total") + 1
-    assert (metric(after, "ropeway:retrieval_recalled_blocks_total")
-            == metric(before, "ropeway:retrieval_recalled_blocks_total") + 2)
+    # Retrieval re-selects before every prompt chunk past the first eviction: one recall or more,
+    # each bringing back up to retrieve / block size = 2 blocks.
+    recalls = metric(after, "ropeway:retrieval_recalls_total") - metric(before, "ropeway:retrieval_recalls_total")
+    blocks = (metric(after, "ropeway:retrieval_recalled_blocks_total")
+              - metric(before, "ropeway:retrieval_recalled_blocks_total"))
+    assert recalls >= 1 and 2 <= blocks <= 2 * recalls
     assert metric(after, "ropeway:retrieval_archive_bytes") >= 0
     bad = http.post("/v1/completions", json={"prompt": "hi", "context_policy": {"type": "sink_window", "retrieve": 64}})
     assert_openai_error(bad, 400, "context_policy.retrieve")
