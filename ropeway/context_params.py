@@ -21,8 +21,8 @@ class ContextParams:
 
     def __post_init__(self):
         # A dict is parsed (InvalidParameter names the field); a parsed object passes through.
-        if isinstance(self.rope_scaling, dict) or not isinstance(self.rope_scaling, RopeScaling | None):
+        if not isinstance(self.rope_scaling, RopeScaling | None):
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling, "rope_scaling"))
-        if isinstance(self.context_policy, dict) or not isinstance(self.context_policy, ContextPolicy | None):
+        if not isinstance(self.context_policy, ContextPolicy | None):
             object.__setattr__(self, "context_policy",
                                ContextPolicy.from_dict(self.context_policy, "context_policy"))

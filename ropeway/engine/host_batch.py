@@ -33,7 +33,8 @@ def _array(value, dtype) -> np.ndarray:
 
 
 def encode_array(value):
-    """msgspec's enc_hook for numpy arrays: (shape, raw bytes); the dtype is the field's."""
-    if isinstance(value, np.ndarray):
-        return (list(value.shape), np.ascontiguousarray(value).tobytes())
-    raise NotImplementedError(f"cannot encode {type(value)}")
+    """msgspec's enc_hook for numpy arrays: (shape, raw bytes); the dtype is the field's. A worker
+    step holds nothing else that msgpack cannot encode by itself."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"a worker step cannot carry {type(value).__name__}")
+    return (list(value.shape), np.ascontiguousarray(value).tobytes())
