@@ -1,5 +1,8 @@
 """Real uvicorn servers on 127.0.0.1 for the server tests, each on a free port in a thread."""
 
+import json
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -64,3 +67,22 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120
             log = process.stderr.read() if process.stderr else ""
             raise RuntimeError(f"{url} did not come up:\n{log}")
         time.sleep(0.2)
+
+
+def kill_mid_stream(url: str, body: dict, pid: int, says: str) -> None:
+    """Start a completion stream, kill process pid after its first frame, and check what a dying
+    engine must do: the stream ends with an OpenAI error naming `says`, then [DONE], and /health
+    turns 503 within 5 s."""
+    frames = []
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        lines = (line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: "))
+        frames.append(next(lines))
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        frames.extend(lines)
+    assert frames[-1] == "[DONE]"
+    error = json.loads(frames[-2])["error"]
+    assert error["type"] == "server_error" and says in error["message"]
+    while httpx.get(f"{url}/health").status_code != 503:
+        assert time.monotonic() - killed < 5, f"/health still 200 five seconds after the {says} died"
+        time.sleep(0.1)
