@@ -17,12 +17,13 @@ from ropeway.config import EngineConfig
 from ropeway.context_params import ContextParams
 from ropeway.models.tokenizer import RopewayTokenizer
 from ropeway.outputs import RequestOutput
-from ropeway.sampling_params import InvalidParameter, SamplingParams
+from ropeway.sampling_params import SamplingParams
 from ropeway.scheduler import ContextPolicy, RopeScaling
 
 from .core import EngineCore
 from .core_client import CoreProcess
 from .core_thread import CoreThread
+from .faults import failure_error
 from .input_processor import InputProcessor
 from .limits import ContextLimits
 from .messages import AbortRequests, EngineInfo, EngineOutputs
@@ -153,9 +154,7 @@ class AsyncLLM:
             if target is not None:
                 deliver(delta.request_id, target[2].apply(delta))
         for failure in outputs.failures:
-            error = (InvalidParameter(failure.param or "request", failure.message) if failure.status == 400
-                     else RuntimeError(failure.message))
-            deliver(failure.request_id, error)
+            deliver(failure.request_id, failure_error(failure))
         if outputs.fatal is not None:
             self.fatal = outputs.fatal
             log.error("%s; every open request fails and /health answers 503", outputs.fatal)

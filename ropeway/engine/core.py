@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ropeway import fault_injection
 from ropeway.arith import cdiv
 from ropeway.config import EngineConfig
 from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention
@@ -26,7 +27,8 @@ from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlanner, RopeSca
 from .detokenizer import IncrementalDetokenizer
 from .kv_pool import allocate_kv_cache, plan_kv_pool
 from .limits import ContextLimits
-from .messages import EngineInfo, EngineRequest, RequestDelta, TokenizerSpec
+from .faults import is_device_fault, request_failure
+from .messages import EngineInfo, EngineRequest, RequestDelta, RequestFailure, TokenizerSpec
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .request_state import ChoiceState, RequestState
@@ -145,6 +147,7 @@ class EngineCore:
         self.default_rope_plan = self.planner.model_plan
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats_totals = StatsSnapshot()
+        self.failures: list[RequestFailure] = []  # requests failed since the loop last took them
         self.async_scheduling = config.uses_async_scheduling(self.device)
         self._in_flight: InFlightStep | None = None
         self._arrivals = itertools.count()
@@ -193,6 +196,10 @@ class EngineCore:
         """Queue a request; raises InvalidParameter (naming the field) for one it cannot serve."""
         if request.request_id in self.requests:
             raise InvalidParameter("request_id", f"request id {request.request_id!r} is already in use")
+        if fault_injection.is_armed():
+            fault_injection.note_prompt(request.request_id,
+                                        request.prompt or self.tokenizer.decode(request.prompt_token_ids))
+            fault_injection.check("admit", request.request_id)
         params, context, token_ids = request.params, request.context, request.prompt_token_ids
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
@@ -238,6 +245,19 @@ class EngineCore:
                     choice.seq.token_ids.pop()  # its step is in flight: the token is dropped
         return state.make_delta()
 
+    def fail_request(self, request_id: str, error: Exception, stage: str) -> None:
+        """A fault tied to one request ends that request alone: its blocks are freed and the API
+        side hears why (400 for a value the request gave, 500 otherwise); the engine goes on."""
+        if not isinstance(error, InvalidParameter):
+            log.error("request %s failed while %s", request_id, stage, exc_info=error)
+        self.abort_request(request_id)
+        self.stats_totals.request_failures += 1
+        self.failures.append(request_failure(request_id, error, stage))
+
+    def take_failures(self) -> list[RequestFailure]:
+        failures, self.failures = self.failures, []
+        return failures
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -254,6 +274,8 @@ class EngineCore:
         come one step later; a sequence that stopped has computed one token too many, which
         is dropped."""
         plan = self.scheduler.schedule()
+        if plan.failed:
+            self._fail_scheduled(plan)
         pending, self._in_flight = self._in_flight, None
         if plan.is_empty:
             return self._resolve(pending) if pending else []
@@ -265,6 +287,8 @@ class EngineCore:
         samplers = [item.seq for item in plan.scheduled if item.samples]
         logit_rows = self.runner.logit_rows(plan)
         pipelined = self._can_pipeline(plan, samplers)
+        for item in plan.scheduled:  # a fault here (or in execute) leaves the device state unknown
+            fault_injection.check("execute", item.seq.request_id)
         logits = self.runner.execute(plan, logit_rows, (pending.tokens, pending.rows()) if pending else None)
         if len(samplers) != len(logits):
             logits = self._record_prompt_logprobs(plan, logit_rows, logits)
@@ -290,8 +314,39 @@ class EngineCore:
         states = [self.requests[seq.request_id] for seq in samplers]
         rows = [SamplingRow(state.params, state.choices[seq.choice_index].seed, seq.prompt_token_ids, seq.token_ids)
                 for seq, state in zip(samplers, states)]
-        result = sample(logits, rows)
-        return outputs + self._accept_all(samplers, result.token_ids, result)
+        samplers, result = self._sample(logits, samplers, rows)
+        return outputs + self._accept_all(samplers, result.token_ids, result) if samplers else outputs
+
+    def _fail_scheduled(self, plan: SchedulerOutput) -> None:
+        """Fail the requests whose scheduling raised, and take their other choices out of the plan."""
+        for seq, error in plan.failed:
+            self.fail_request(seq.request_id, error, "scheduling")
+        failed = {seq.request_id for seq, _ in plan.failed}
+        for items in (plan.scheduled, plan.rope_growths, plan.evictions):
+            items[:] = [item for item in items if item.seq.request_id not in failed]
+
+    def _sample(self, logits: torch.Tensor, samplers: list[Sequence], rows: list[SamplingRow]):
+        """Sample the batch; if that raises, find the rows at fault by sampling each alone (a row's
+        draw does not depend on its batch), fail their requests and sample the rest together."""
+        try:
+            for seq in samplers:
+                fault_injection.check("sample", seq.request_id)
+            return samplers, sample(logits, rows)
+        except Exception as error:
+            if is_device_fault(error):
+                raise
+        for row, seq in enumerate(samplers):
+            try:
+                fault_injection.check("sample", seq.request_id)
+                sample(logits[row : row + 1], rows[row : row + 1])
+            except Exception as error:
+                if is_device_fault(error):
+                    raise
+                self.fail_request(seq.request_id, error, "sampling")
+        live = [row for row, seq in enumerate(samplers) if self.outputs.choice(seq) is not None]
+        if not live:
+            return [], None
+        return [samplers[row] for row in live], sample(logits[live], [rows[row] for row in live])
 
     def _can_pipeline(self, plan: SchedulerOutput, samplers: list[Sequence]) -> bool:
         if not (self.async_scheduling and samplers):
@@ -317,9 +372,17 @@ class EngineCore:
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
         for row, seq in enumerate(samplers):
-            state = self.requests[seq.request_id]
-            if self.outputs.accept(state, state.choices[seq.choice_index], token_ids[row], result, row):
-                self.scheduler.finish(seq, retain=True)
+            state = self.requests.get(seq.request_id)
+            if state is None:
+                continue  # another of its choices failed in this loop
+            try:
+                fault_injection.check("report", seq.request_id)
+                if self.outputs.accept(state, state.choices[seq.choice_index], token_ids[row], result, row):
+                    self.scheduler.finish(seq, retain=True)
+            except Exception as error:
+                self.fail_request(seq.request_id, error, "reporting")
+                touched.pop(seq.request_id, None)
+                continue
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             state.metrics.last_token_time = now
@@ -329,8 +392,14 @@ class EngineCore:
         for state in touched.values():
             if state.finished:
                 state.metrics.finished_time = now
+            try:
+                delta = state.make_delta()
+            except Exception as error:
+                self.fail_request(state.request_id, error, "reporting")
+                continue
+            if state.finished:
                 del self.requests[state.request_id]
-            deltas.append(state.make_delta())
+            deltas.append(delta)
         return deltas
 
     def _record_prompt_logprobs(self, plan, logit_rows: list[int], logits: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
     async def health() -> Response:
         if ctx.engine.is_alive:
             return Response(status_code=200)
-        return error_response(APIError(503, "the engine loop is not running"))
+        return error_response(APIError(503, ctx.engine.fatal or "the engine is not running"))
 
     @app.get("/metrics")
     async def metrics() -> Response:
