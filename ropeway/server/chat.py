@@ -6,7 +6,8 @@ import jinja2
 from fastapi import Request
 
 from ropeway.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from ropeway.sampling_params import MAX_TOP_LOGPROBS, InvalidParameter
+from ropeway.request_bounds import MAX_TOP_LOGPROBS
+from ropeway.sampling_params import InvalidParameter
 
 from .context import ServerContext
 from .errors import APIError

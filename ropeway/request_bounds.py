@@ -1,0 +1,90 @@
+"""The bounds of every numeric request field, in one table.
+
+The HTTP schema (pydantic, and through it /openapi.json) and the engine's own checks
+(SamplingParams, ContextPolicy, RopeScaling) read the same bounds, so the server and the offline
+engine refuse the same values with the same message. Every integer fits in int64 (the sampler's
+and the scheduler's tensors), and lengths stay within int32: no context is longer.
+"""
+
+import math
+from dataclasses import dataclass
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Bound:
+    low: float
+    high: float
+    low_open: bool = False   # the low end itself is outside
+    integer: bool = False
+
+    def contains(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        above_low = value > self.low if self.low_open else value >= self.low
+        return above_low and value <= self.high
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+    def json_schema(self) -> dict:
+        """The bound in JSON Schema's words (what /openapi.json shows and schemathesis checks)."""
+        low = {"exclusiveMinimum": self.low} if self.low_open else {"minimum": self.low}
+        return {**low, "maximum": self.high}
+
+
+def _int(low: int, high: int) -> Bound:
+    return Bound(low, high, integer=True)
+
+
+MAX_TOP_LOGPROBS = 20
+MAX_N = 128
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+
+# Fields of a completion or chat request, and SamplingParams' of the same name.
+SAMPLING_BOUNDS: dict[str, Bound] = {
+    "n": _int(1, MAX_N),
+    "best_of": _int(1, MAX_N),
+    "temperature": Bound(0.0, 100.0),
+    "top_p": Bound(0.0, 1.0, low_open=True),
+    "top_k": _int(-1, INT32_MAX),   # -1 and 0: off
+    "min_p": Bound(0.0, 1.0),
+    "presence_penalty": Bound(-2.0, 2.0),
+    "frequency_penalty": Bound(-2.0, 2.0),
+    "repetition_penalty": Bound(0.0, 10.0, low_open=True),
+    "max_tokens": _int(1, INT32_MAX),
+    "max_completion_tokens": _int(1, INT32_MAX),
+    "logprobs": _int(0, MAX_TOP_LOGPROBS),
+    "top_logprobs": _int(0, MAX_TOP_LOGPROBS),
+    "seed": _int(-(2**63), 2**64 - 1),
+}
+
+# A request's (or the server's) context_policy.
+CONTEXT_POLICY_BOUNDS: dict[str, Bound] = {
+    "sinks": _int(0, 2**20),
+    "window": _int(16, INT32_MAX),
+    "landmarks": _int(1, 2**20),
+    "retrieve": _int(0, INT32_MAX),
+}
+
+# The largest RoPE scaling factor (or other scaling number): up to it every formula's parameters
+# stay finite and non-zero in fp32, for any head size and base a Llama-family model uses
+# (tests/test_request_bounds.py checks each type at this value).
+MAX_ROPE_SCALING_VALUE = 1024.0
+
+# A request's (or the server's, or a model config's) rope_scaling; the factor is at least 1.
+ROPE_SCALING_BOUNDS: dict[str, Bound] = {
+    "factor": Bound(1.0, MAX_ROPE_SCALING_VALUE),
+    "original_max_position_embeddings": _int(1, INT32_MAX),
+    **{name: Bound(0.0, MAX_ROPE_SCALING_VALUE, low_open=True)
+       for name in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "low_freq_factor",
+                    "high_freq_factor")},
+}
