@@ -30,8 +30,9 @@ class Bound:
         return above_low and value <= self.high
 
     def describe(self) -> str:
-        kind = "an integer" if self.integer else "a number"
-        return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        if self.integer:
+            return f"an integer in [{int(self.low)}, {int(self.high)}]"
+        return f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
 
     def json_schema(self) -> dict:
         """The bound in JSON Schema's words (what /openapi.json shows and schemathesis checks)."""

@@ -44,6 +44,7 @@ class RunningServer:
     def __exit__(self, *_) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+        self.ctx.tokenizers.shutdown()
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -21,14 +21,14 @@ from .usage import response_usage
 _TEMPLATE_ROLE = {"developer": "system"}
 
 
-def chat_prompt_ids(ctx: ServerContext, body_messages, add_generation_prompt: bool) -> list[int]:
+async def chat_prompt_ids(ctx: ServerContext, body_messages, add_generation_prompt: bool) -> list[int]:
     messages = []
     for message in body_messages:
         entry = message.template_dict()
         entry["role"] = _TEMPLATE_ROLE.get(entry["role"], entry["role"])
         messages.append(entry)
     try:
-        return ctx.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        return await ctx.tokenizers.encode_chat(messages, add_generation_prompt=add_generation_prompt)
     except jinja2.TemplateError as error:
         raise APIError.bad_request(f"the chat template refused these messages: {error}", "messages") from error
     except ValueError as error:  # a model without a chat template
@@ -70,7 +70,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
                                        "max_completion_tokens") from error
         raise
     ctx.check_n(params.n)
-    prompt_ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt)
+    prompt_ids = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt)
     context = body.context_params()
     ctx.check_length(len(prompt_ids), params.max_tokens, "messages", context)
     ctx.require_engine()

@@ -20,7 +20,7 @@ from ropeway.engine import AsyncLLM, EngineCore, EngineStartError
 from ropeway.models.default_model import DEFAULT_MODEL_NAME
 
 from .app import build_app
-from .context import ServerContext, ServerSettings
+from .context import DEFAULT_MAX_REQUEST_BYTES, ServerContext, ServerSettings
 
 log = logging.getLogger("ropeway")
 
@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-waiting", type=non_negative_int, default=512,
                         help="sequences that may wait beyond --max-num-seqs; past that, requests get 503 "
                              "(default: 512)")
+    server.add_argument("--max-request-bytes", type=memory_size, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest request body accepted; a larger one gets 413 before it is read "
+                             "(default: 32MiB)")
     server.add_argument("--shutdown-timeout", type=non_negative_float, default=30.0,
                         help="on SIGTERM, stop accepting connections and give running requests this many seconds "
                              "to finish before cancelling them; then exit 0 (default: 30)")
@@ -165,7 +168,8 @@ def serve(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", error)
         return 2
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    settings = ServerSettings(served_model_names=names, api_key=api_key, max_waiting=args.max_waiting)
+    settings = ServerSettings(served_model_names=names, api_key=api_key, max_waiting=args.max_waiting,
+                              max_request_bytes=args.max_request_bytes)
     ctx = ServerContext.create(engine, settings)
     app = build_app(ctx)
     # Everything allocated so far (the tokenizer, the app, pydantic's schemas) lives as long as the
@@ -191,6 +195,7 @@ def serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C the same way, once it has stopped
         pass
     finally:
+        ctx.tokenizers.shutdown()
         engine.shutdown()
     return 0
 

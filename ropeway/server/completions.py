@@ -24,7 +24,7 @@ class Prompt:
         return self.text if self.text is not None else ctx.tokenizer.decode(self.token_ids)
 
 
-def read_prompts(ctx: ServerContext, prompt) -> list[Prompt]:
+async def read_prompts(ctx: ServerContext, prompt) -> list[Prompt]:
     if isinstance(prompt, str):
         prompt = [prompt]
     elif prompt and isinstance(prompt[0], int):
@@ -34,7 +34,7 @@ def read_prompts(ctx: ServerContext, prompt) -> list[Prompt]:
     prompts = []
     for item in prompt:
         if isinstance(item, str):
-            prompts.append(Prompt(item, ctx.tokenizer.encode(item)))
+            prompts.append(Prompt(item, await ctx.tokenizers.encode(item)))
         else:
             ctx.check_token_ids(item, "prompt")
             prompts.append(Prompt(None, list(item)))
@@ -69,12 +69,12 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     check_supported(body)
     params = body.sampling_params(body.max_tokens, body.logprobs)
     ctx.check_n(params.n)
-    prompts = read_prompts(ctx, body.prompt)
+    prompts = await read_prompts(ctx, body.prompt)
     context = body.context_params()
     for prompt in prompts:
         ctx.check_length(len(prompt.token_ids), params.max_tokens, "prompt", context)
     ctx.require_engine()
-    ticket = ctx.gate.admit(params.n * len(prompts))
+    ticket = ctx.gate.admit(params.n * len(prompts), "n" if params.n > 1 else "prompt")
     response_id = new_id("cmpl")
     streams = [ctx.generate(p.token_ids, params, f"{response_id}-{i}", context) for i, p in enumerate(prompts)]
     stream = CompletionStream(ctx, body, model, response_id, prompts)

@@ -10,9 +10,11 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic_core import PydanticCustomError
 
 from ropeway.context_params import ContextParams
+from ropeway.request_bounds import SAMPLING_BOUNDS
 from ropeway.sampling_params import SamplingParams
 
 
@@ -24,8 +26,42 @@ def now_seconds() -> int:
     return int(time.time())
 
 
+def holds_lone_surrogate(value) -> bool:
+    """JSON's \\ud800 escapes can make strings that are not Unicode: no tokenizer or encoder takes them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # in C: fast even for a 10 MB prompt
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list):
+        return any(holds_lone_surrogate(item) for item in value)
+    if isinstance(value, dict):
+        return any(holds_lone_surrogate(key) or holds_lone_surrogate(item) for key, item in value.items())
+    return False
+
+
+def add_sampling_bounds(schema: dict) -> None:
+    """Show the bounds table's ranges in the JSON schema (and so in /openapi.json)."""
+    for name, field_schema in schema.get("properties", {}).items():
+        bound = SAMPLING_BOUNDS.get(name)
+        if bound is None:
+            continue
+        for branch in field_schema.get("anyOf", [field_schema]):
+            if branch.get("type") in ("integer", "number"):
+                branch.update(bound.json_schema())
+
+
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: JSON's types as sent ("5" is no integer, true no token id, 0 no boolean).
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value):
+        if holds_lone_surrogate(value):
+            raise PydanticCustomError("invalid_unicode", "holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return value
 
 
 class ResponseBody(BaseModel):
@@ -41,6 +77,7 @@ class StreamOptions(RequestBody):
 
 class SamplingFields(RequestBody):
     """Fields common to completions and chat completions."""
+    model_config = ConfigDict(json_schema_extra=add_sampling_bounds)
     model: str | None = None  # None: the served model
     n: int = 1
     temperature: float | None = None
@@ -64,6 +101,15 @@ class SamplingFields(RequestBody):
     # and its cache policy, e.g. {"type": "sink_window", "sinks": 4, "window": 4096}
     rope_scaling: dict | None = None
     context_policy: dict | None = None
+
+    @field_validator(*SAMPLING_BOUNDS, check_fields=False)
+    @classmethod
+    def _within_bounds(cls, value, info):
+        bound = SAMPLING_BOUNDS[info.field_name]
+        # (Chat's logprobs is a boolean: the bound is completions' number of logprobs.)
+        if value is not None and not isinstance(value, bool) and not bound.contains(value):
+            raise PydanticCustomError("out_of_range", f"must be {bound.describe()}")
+        return value
 
     def context_params(self) -> ContextParams | None:
         if self.rope_scaling is None and self.context_policy is None:
