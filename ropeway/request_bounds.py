@@ -31,8 +31,8 @@ class Bound:
 
     def describe(self) -> str:
         if self.integer:
-            return f"an integer in [{int(self.low)}, {int(self.high)}]"
-        return f"a number in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+            return f"an integer at least {int(self.low)} and at most {int(self.high)}"
+        return f"a number {'above' if self.low_open else 'at least'} {self.low:g} and at most {self.high:g}"
 
     def json_schema(self) -> dict:
         """The bound in JSON Schema's words (what /openapi.json shows and schemathesis checks)."""
