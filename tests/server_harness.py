@@ -10,6 +10,7 @@ import uvicorn
 
 from ropeway.engine import AsyncLLM
 from ropeway.server import ServerContext, ServerSettings, build_app
+from ropeway.server.header_timeout import HeaderTimeoutProtocol
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -21,10 +22,13 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, engine: AsyncLLM, **settings):
+    """uvicorn as `ropeway serve` configures it (HTTP protocol included); settings are ServerSettings'."""
+
+    def __init__(self, engine: AsyncLLM, http_protocol: type = HeaderTimeoutProtocol, **settings):
         self.ctx = ServerContext.create(engine, ServerSettings(served_model_names=(MODEL_NAME,), **settings))
         self.port = free_port()
-        config = uvicorn.Config(build_app(self.ctx), host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(build_app(self.ctx), host="127.0.0.1", port=self.port, log_level="warning",
+                                http=http_protocol)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
 

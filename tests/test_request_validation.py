@@ -3,13 +3,16 @@ field, never a 5xx, and the engine keeps serving; bodies over --max-request-byte
 they are read, after the API key; long prompts are tokenized off the event loop."""
 
 import json
+import socket
 import threading
+import time
 
 import httpx
 import pytest
 from server_harness import MODEL_NAME, RunningServer
 
 from ropeway.engine import AsyncLLM
+from ropeway.server.header_timeout import HeaderTimeoutProtocol
 
 MAX_NUM_SEQS = 4
 MAX_WAITING = 4
@@ -178,3 +181,41 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(http):
     worker.join()
     assert_refused(replies[0], 400, "prompt")  # longer than the 512-token context
     assert answered_meanwhile >= 5
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.sendall(request)
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    return reply
+
+
+def test_an_http_1_0_client_asking_for_a_stream_gets_a_reply_it_can_read(server):
+    body = json.dumps({**COMPLETION, "max_tokens": 3, "stream": True}).encode()
+    reply = raw_exchange(server.port, b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    headers = [line.split(b":", 1)[0].strip().lower() for line in head.split(b"\r\n")[1:]]
+    assert b"transfer-encoding" not in headers
+    assert headers.count(b"connection") == 1
+    length = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    assert int(length[0].split(b":")[1]) == len(payload)
+    assert payload.rstrip().endswith(b"data: [DONE]")
+
+
+class QuickHeaderTimeout(HeaderTimeoutProtocol):
+    header_timeout = 1.0
+
+
+def test_a_connection_that_sends_its_headers_too_slowly_is_closed(engine):
+    with RunningServer(engine, http_protocol=QuickHeaderTimeout) as quick:
+        with socket.create_connection(("127.0.0.1", quick.port), timeout=30) as slow:
+            slow.sendall(b"GET /health HTTP/1.1\r\n")  # ... and never the rest of the head
+            started = time.monotonic()
+            assert slow.recv(1024) == b""  # closed by the server, no reply
+            assert time.monotonic() - started < 20
+        # A client that sends its head in time is served on the same server.
+        reply = raw_exchange(quick.port, b"GET /health HTTP/1.0\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200")

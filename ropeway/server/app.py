@@ -9,6 +9,7 @@ from .completions import create_completion
 from .context import ServerContext
 from .errors import APIError, error_response, install_error_handlers
 from .guards import LimitRequestSize, RequireAPIKey
+from .http10 import WholeRepliesForHTTP10
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
                        ModelList, TokenizeRequest, TokenizeResponse)
 
@@ -66,6 +67,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
 
     install_chat_page(app)
     # The outermost run first: the key, then the body's size, before any of the body is read.
+    app.add_middleware(WholeRepliesForHTTP10)
     app.add_middleware(LimitRequestSize, max_bytes=ctx.settings.max_request_bytes)
     app.add_middleware(RequireAPIKey, api_key=ctx.settings.api_key)
     return app

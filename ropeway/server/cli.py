@@ -21,6 +21,7 @@ from ropeway.models.default_model import DEFAULT_MODEL_NAME
 
 from .app import build_app
 from .context import DEFAULT_MAX_REQUEST_BYTES, ServerContext, ServerSettings
+from .header_timeout import HeaderTimeoutProtocol
 
 log = logging.getLogger("ropeway")
 
@@ -185,7 +186,8 @@ def serve(args: argparse.Namespace) -> int:
     # them run to their end, and only --shutdown-timeout cuts them short.
     AppStatus.disable_automatic_graceful_drain()
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
+                                           timeout_graceful_shutdown=args.shutdown_timeout,
+                                           http=HeaderTimeoutProtocol))
     # While serving, uvicorn's own handler drains on SIGTERM; once stopped it raises the signal
     # again with this one back in place, so the process exits 0 rather than dying of it. A SIGTERM
     # before uvicorn listens stops it as soon as it has started.
