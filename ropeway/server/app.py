@@ -10,6 +10,7 @@ from .context import ServerContext
 from .errors import APIError, error_response, install_error_handlers
 from .guards import LimitRequestSize, RequireAPIKey
 from .http10 import WholeRepliesForHTTP10
+from .openapi import install_openapi
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
                        ModelList, TokenizeRequest, TokenizeResponse)
 
@@ -66,6 +67,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     install_chat_page(app)
+    install_openapi(app, ctx.engine.info.vocab_size)
     # The outermost run first: the key, then the body's size, before any of the body is read.
     app.add_middleware(WholeRepliesForHTTP10)
     app.add_middleware(LimitRequestSize, max_bytes=ctx.settings.max_request_bytes)
