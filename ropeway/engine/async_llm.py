@@ -139,6 +139,16 @@ class AsyncLLM:
         if self.is_alive:
             self.core.send(AbortRequests([request_id]))
 
+    def end_open_requests(self, make_error: Callable[[], Exception]) -> None:
+        """Abort every open request in the engine and raise make_error() in each one's generate() (a
+        server that stops before they finish: their responses end with it instead of being cut)."""
+        request_ids = list(self._sinks)
+        if request_ids and self.is_alive:
+            self.core.send(AbortRequests(request_ids))
+        for request_id in request_ids:
+            sink, loop, _ = self._sinks[request_id]
+            loop.call_soon_threadsafe(sink.put_nowait, make_error())
+
     # ----- the output thread -----
 
     def _on_outputs(self, outputs: EngineOutputs) -> None:

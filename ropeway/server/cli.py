@@ -4,6 +4,7 @@ With no arguments it serves the built-in default model on http://127.0.0.1:8000.
 """
 
 import argparse
+import asyncio
 import gc
 import json
 import logging
@@ -21,6 +22,7 @@ from ropeway.models.default_model import DEFAULT_MODEL_NAME
 
 from .app import build_app
 from .context import DEFAULT_MAX_REQUEST_BYTES, ServerContext, ServerSettings
+from .errors import APIError
 from .header_timeout import HeaderTimeoutProtocol
 
 log = logging.getLogger("ropeway")
@@ -28,6 +30,8 @@ log = logging.getLogger("ropeway")
 API_KEY_ENV = "ROPEWAY_API_KEY"
 # What builds the engine core in its process (benchmarks/serve_random_model.py swaps in random weights).
 ENGINE_CORE_FACTORY = EngineCore
+# Open requests are ended this long before --shutdown-timeout, so their responses finish in time.
+SHUTDOWN_CUT_OFF_MARGIN = 1.0
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -157,6 +161,32 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry the request", code="server_shutting_down")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn that ends the requests still open just before --shutdown-timeout runs out: each
+    stream gets an error frame and [DONE], each waiting client a 503, instead of a connection cut
+    mid-stream (uvicorn cancels what is left, which also logs a traceback per request)."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncLLM):
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets=None) -> None:
+        timeout = self.config.timeout_graceful_shutdown
+        cut_off = None
+        if timeout is not None:
+            cut_off = asyncio.get_running_loop().call_later(max(0.0, timeout - SHUTDOWN_CUT_OFF_MARGIN),
+                                                            self.engine.end_open_requests, shutting_down)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if cut_off is not None:
+                cut_off.cancel()
+
+
 def serve(args: argparse.Namespace) -> int:
     # As vLLM does, clients name the model by the --model argument unless told otherwise.
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
@@ -185,9 +215,9 @@ def serve(args: argparse.Namespace) -> int:
     # sse-starlette would end every open stream as soon as uvicorn sees the signal; draining lets
     # them run to their end, and only --shutdown-timeout cuts them short.
     AppStatus.disable_automatic_graceful_drain()
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.shutdown_timeout,
-                                           http=HeaderTimeoutProtocol))
+                                           http=HeaderTimeoutProtocol), engine)
     # While serving, uvicorn's own handler drains on SIGTERM; once stopped it raises the signal
     # again with this one back in place, so the process exits 0 rather than dying of it. A SIGTERM
     # before uvicorn listens stops it as soon as it has started.
