@@ -23,7 +23,7 @@ from ropeway.scheduler import ContextPolicy, RopeScaling
 from .core import EngineCore
 from .core_client import CoreProcess
 from .core_thread import CoreThread
-from .faults import failure_error
+from .faults import RequestFailedError, failure_error
 from .input_processor import InputProcessor
 from .limits import ContextLimits
 from .messages import AbortRequests, EngineInfo, EngineOutputs
@@ -162,7 +162,13 @@ class AsyncLLM:
         for delta in outputs.deltas:
             target = self._sinks.get(delta.request_id)
             if target is not None:
-                deliver(delta.request_id, target[2].apply(delta))
+                try:
+                    item = target[2].apply(delta)
+                except Exception as error:  # one request's output fails it alone, never this thread
+                    log.exception("assembling the output of request %s failed", delta.request_id)
+                    self.abort(delta.request_id)
+                    item = RequestFailedError(f"the request failed while assembling its output: {error!r}")
+                deliver(delta.request_id, item)
         for failure in outputs.failures:
             deliver(failure.request_id, failure_error(failure))
         if outputs.fatal is not None:
