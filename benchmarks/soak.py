@@ -147,15 +147,16 @@ async def soak(args, base_url: str, server_pid: int) -> tuple[list[Sample], Tall
                for seed in range(args.concurrency)]
     samples = []
     with httpx.Client(base_url=base_url, timeout=60) as http:
-        while not all(client.done() for client in clients):
-            await asyncio.sleep(max(1.0, min(args.sample_seconds, deadline - time.monotonic())))
+        running = set(clients)
+        while running:  # a sample every sample_seconds, and one when the last client is done
+            _, running = await asyncio.wait(running, timeout=args.sample_seconds)
             pids = process_tree(server_pid)
             samples.append(Sample(round((time.monotonic() - started) / 60, 2), round(rss_mib(pids), 1),
                                   open_files(pids), kv_used_blocks(http), tally.total, len(tally.errors)))
             print(f"{samples[-1].minute:6.2f} min  RSS {samples[-1].rss_mib:8.1f} MiB  fds {samples[-1].open_files:4d}"
                   f"  KV blocks {samples[-1].kv_used_blocks:6.0f}  ops {tally.total:6d}  errors {len(tally.errors)}",
                   flush=True)
-        await asyncio.gather(*clients)
+        await asyncio.gather(*clients)  # raises what a client raised
         await asyncio.sleep(2)  # the last aborts reach the engine
         kv_after = kv_used_blocks(http)
     return samples, tally, kv_after
