@@ -76,7 +76,7 @@ def named_field(error: InvalidParameter, given: dict) -> bool:
     return root in given or root == "prompt"  # prompt: the request cannot fit the context
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(sampling=sampling_kwargs(), context=context_kwargs())
 def test_random_params_are_refused_naming_a_field_or_served_and_never_stop_the_engine(engine, sampling, context):
     try:
