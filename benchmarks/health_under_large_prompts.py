@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--senders", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--interval", type=float, default=0.02)
+    parser.add_argument("--warm-up", action="store_true", help="start the tokenizer processes before measuring")
     parser.add_argument("--port", type=int, default=8172)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/health_under_large_prompts.json"))
     parser.add_argument("--server-args", nargs=argparse.REMAINDER, default=[])
@@ -42,10 +43,13 @@ def main() -> None:
                               env={**os.environ, "ROPEWAY_API_KEY": ""})
     statuses: list[int] = []
     latencies: list[float] = []
+    sent_at: list[float] = []  # seconds since the senders started
     try:
         wait_healthy(base_url, server, log_path)
         body = json.dumps({"prompt": "The quick brown fox jumps over the lazy dog. " * int(
             args.prompt_mib * 2**20 / 45), "max_tokens": 4}).encode()
+        if args.warm_up:  # one long prompt first: the tokenizer processes start on the first one
+            httpx.post(base_url + "/tokenize", json={"prompt": "warm up " * 8192}, timeout=600)
         deadline = time.monotonic() + args.seconds
 
         def send() -> None:
@@ -58,10 +62,12 @@ def main() -> None:
         for sender in senders:
             sender.start()
         with httpx.Client(base_url=base_url, timeout=60) as health:
+            first = time.perf_counter()
             while time.monotonic() < deadline:
                 started = time.perf_counter()
                 assert health.get("/health").status_code == 200
                 latencies.append(time.perf_counter() - started)
+                sent_at.append(started - first)
                 time.sleep(args.interval)
         for sender in senders:
             sender.join()
@@ -73,6 +79,8 @@ def main() -> None:
               "server_args": args.server_args, "health_requests": len(latencies),
               "health_p50_ms": round(quantiles[49] * 1000, 2), "health_p99_ms": round(quantiles[98] * 1000, 2),
               "health_max_ms": round(max(latencies) * 1000, 2),
+              "slowest_at_seconds": [round(sent_at[i], 1) for i in sorted(range(len(latencies)),
+                                                                          key=latencies.__getitem__)[-5:]],
               "large_request_statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))}}
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
