@@ -11,6 +11,7 @@ unpickling a list of millions of ints would itself hold the event loop for longe
 import array
 import asyncio
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 
 from ropeway.engine import tokenizer_from_info
@@ -25,6 +26,8 @@ _worker_tokenizer: RopewayTokenizer | None = None
 
 def _start_worker(info: EngineInfo) -> None:
     global _worker_tokenizer
+    # Behind the event loop and the engine for CPU: a long prompt may wait, /health must not.
+    os.nice(10)
     _worker_tokenizer = tokenizer_from_info(info)
 
 
