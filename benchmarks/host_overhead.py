@@ -72,7 +72,8 @@ def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: st
     config = EngineConfig(device=device, max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len),
                           enable_prefix_caching=False, kv_cache_memory_bytes=256 * 2**20)
     torch_device = config.torch_device()
-    loaded = load_random_model(TINY, config.torch_dtype(torch_device), torch_device, full_vocab_tokenizer(TINY.vocab_size))
+    loaded = load_random_model(TINY, config.torch_dtype(torch_device), torch_device,
+                               full_vocab_tokenizer(TINY.vocab_size))
     engine = LLMEngine(config, loaded=loaded)
     # Detokenized, as the server does; greedy unless asked (on CPU, sampling's tensor work
     # would count as host time, where on a GPU it is queued kernels).
@@ -128,7 +129,8 @@ def main() -> None:
             for b in args.batches.split(",")]
     print(f"{'batch':>6} {'step ms':>9} {'model ms':>9} {'host ms':>9} {'host us/seq':>12}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['step_ms']:>9.3f} {r['model_ms']:>9.3f} {r['host_ms']:>9.3f} {r['host_us_per_seq']:>12.1f}")
+        print(f"{r['batch']:>6} {r['step_ms']:>9.3f} {r['model_ms']:>9.3f} {r['host_ms']:>9.3f} "
+              f"{r['host_us_per_seq']:>12.1f}")
     device = EngineConfig(device=args.device).torch_device()
     report = {"label": args.label, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or platform.machine(),

@@ -285,7 +285,8 @@ def prefill_sweep(_):
 
 
 def print_table(rows):
-    header = f"{'row':34} {'time us':>10} {'rate':>8} {'unit':14} {'bound us':>9} {'peer us':>9} {'vs peer':>8}  target (met)"
+    header = (f"{'row':34} {'time us':>10} {'rate':>8} {'unit':14} {'bound us':>9} {'peer us':>9} {'vs peer':>8}"
+              "  target (met)")
     print(header)
     print("-" * len(header))
     for r in rows:

@@ -156,7 +156,8 @@ def main() -> None:
         results["perplexity"].setdefault(name, {})[str(n)] = perplexity(llm, ids[: n + 1], PLANS[name], args.chunk)
     if not args.skip_passkey:
         for name, n in tqdm(work, desc="passkey"):
-            results["passkey"].setdefault(name, {})[str(n)] = passkey_accuracy(llm, n, PLANS[name], args.trials, args.seed)
+            accuracy = passkey_accuracy(llm, n, PLANS[name], args.trials, args.seed)
+            results["passkey"].setdefault(name, {})[str(n)] = accuracy
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
     meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),

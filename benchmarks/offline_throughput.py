@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--kv-gib", type=float, default=None, help="KV pool size in GiB")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--issue8", action="store_true", help="the serving-speed issue's shapes against their floors (CUDA)")
+    parser.add_argument("--issue8", action="store_true",
+                        help="the serving-speed issue's shapes against their floors (CUDA)")
     parser.add_argument("--out", default="results/offline_throughput.json")
     args = parser.parse_args()
 
@@ -90,7 +91,8 @@ def main() -> None:
     rows = []
     for batch in tqdm(batch_sizes, desc="batch sizes"):
         # Captures this batch size's decode graph outside the timed steps.
-        run_requests(engine, prompts(batch, 16), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, detokenize=False))
+        warm_up = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, detokenize=False)
+        run_requests(engine, prompts(batch, 16), warm_up)
         prefill_s, _, _ = run_requests(engine, prompts(batch, args.prompt_len),
                                        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, detokenize=False))
         _, decode_s, decode_tokens = run_requests(
@@ -107,14 +109,16 @@ def main() -> None:
             "decode_ms_per_step": 1000 * decode_s / max(1, decode_tokens // batch),
         })
 
-    device_name = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else platform.processor() or "cpu"
+    on_cuda = engine.device.type == "cuda"
+    device_name = torch.cuda.get_device_name(engine.device) if on_cuda else platform.processor() or "cpu"
     meta = {"model": engine.model_config.name, "device": str(engine.device), "device_name": device_name,
             "dtype": str(engine.dtype), "prompt_len": args.prompt_len, "output_len": args.output_len,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     print(f"\n{meta['model']} on {device_name} ({meta['dtype']}), prompt {args.prompt_len}, output {args.output_len}")
     print(f"{'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/decode step':>15}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} {r['decode_ms_per_step']:>15.2f}")
+        print(f"{r['batch']:>5} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.1f} "
+              f"{r['decode_ms_per_step']:>15.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     issue_rows = run_issue_shapes(engine, vocab) if args.issue8 else []

@@ -89,7 +89,8 @@ def main() -> None:
                 if name in ("triton paged", "gather"):
                     diff = 0.0
                 else:
-                    diff = (out if out.dim() == 3 else out[0].transpose(0, 1)).float().sub(reference.float()).abs().max().item()
+                    laid_out = out if out.dim() == 3 else out[0].transpose(0, 1)
+                    diff = laid_out.float().sub(reference.float()).abs().max().item()
                 ms = do_bench(fn, warmup=5, rep=50)
             except RuntimeError as error:  # a backend that refuses the shape or the mask
                 print(f"prefix {prefix:6d} {name:16s} failed: {str(error)[:120]}")
@@ -122,7 +123,8 @@ def crossover(k_cache, v_cache, block_table, scale) -> list[dict]:
             cudnn_ms = do_bench(lambda: attend_long_chunk(q, k_cache, v_cache, block_table[0], prefix, scale, out),
                                 warmup=5, rep=30)
             rows.append({"queries": n, "prefix": prefix, "triton_ms": triton_ms, "cudnn_split_ms": cudnn_ms})
-            print(f"{n:7d} {prefix:7d} {triton_ms * 1e3:10.1f} {cudnn_ms * 1e3:9.1f} {triton_ms / cudnn_ms:6.2f}x", flush=True)
+            print(f"{n:7d} {prefix:7d} {triton_ms * 1e3:10.1f} {cudnn_ms * 1e3:9.1f} {triton_ms / cudnn_ms:6.2f}x",
+                  flush=True)
     return rows
 
 

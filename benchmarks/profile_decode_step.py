@@ -47,7 +47,8 @@ def main() -> None:
     for _ in range(args.steps):
         engine.step()
     profile.disable()
-    print(f"batch {args.batch}, context {args.context}: {(time.perf_counter() - started) / args.steps * 1000:.2f} ms per step")
+    per_step_ms = (time.perf_counter() - started) / args.steps * 1000
+    print(f"batch {args.batch}, context {args.context}: {per_step_ms:.2f} ms per step")
     pstats.Stats(profile).sort_stats("tottime").print_stats(25)
 
 

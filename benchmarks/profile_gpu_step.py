@@ -86,12 +86,15 @@ def gemm_table(engine: LLMEngine, context: int) -> dict:
               "down": layer.down_weight, "lm_head": engine.model.lm_head}
     configs = [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)]
     rows, picks = [], {}
-    print(f"\n{'gemm':8s} {'floor':>6s} {'cublas':>7s} {'default':>8s} {'best':>7s} config   (us per call, M=1, in a graph)")
+    print(f"\n{'gemm':8s} {'floor':>6s} {'cublas':>7s} {'default':>8s} {'best':>7s} "
+          "config   (us per call, M=1, in a graph)")
     for name, weight in shapes.items():
         fused = name == "gate_up"
         x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        cublas = graph_time_us((lambda: kernels.silu_mul(F.linear(x, weight))) if fused else (lambda: F.linear(x, weight)))
-        swept = {c: graph_time_us(lambda: triton_gemv.gemv_triton(x, weight, silu_mul=fused, config=c)) for c in configs}
+        cublas_call = (lambda: kernels.silu_mul(F.linear(x, weight))) if fused else (lambda: F.linear(x, weight))
+        cublas = graph_time_us(cublas_call)
+        swept = {c: graph_time_us(lambda: triton_gemv.gemv_triton(x, weight, silu_mul=fused, config=c))
+                 for c in configs}
         best = min(swept, key=swept.get)
         n, k = (weight.shape[0] // 2 if fused else weight.shape[0]), weight.shape[1]
         picks[(n, k, fused)] = best

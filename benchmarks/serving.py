@@ -25,7 +25,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -40,6 +40,7 @@ class Scenario:
     concurrency: int
     prompt_range: tuple[int, int]
     output_range: tuple[int, int]
+    extra_body: dict = field(default_factory=dict)
 
 
 SCENARIOS = {
@@ -47,6 +48,9 @@ SCENARIOS = {
     "random-64": Scenario("random-64", 64, 64, (100, 1024), (100, 1024)),
     "long-mix-8": Scenario("long-mix-8", 8, 8, (1024, 32768), (100, 256)),
     "short-8": Scenario("short-8", 16, 8, (32, 128), (16, 64)),
+    # Long sessions in a bounded cache: 32k+ token streams through a 2k-token sink_window.
+    "long-session-16": Scenario("long-session-16", 16, 16, (32768, 40960), (256, 512),
+                                {"context_policy": {"type": "sink_window", "sinks": 4, "window": 2048}}),
 }
 
 
@@ -68,9 +72,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+def sampling_fields(sampling: str, index: int) -> dict:
+    """greedy: temperature 0. chat: what chat traffic sends (temperature 0.8, top_p 0.95, a seed per
+    request), with every tenth request also asking for 5 top logprobs."""
+    if sampling == "greedy":
+        return {"temperature": 0}
+    fields = {"temperature": 0.8, "top_p": 0.95, "seed": index}
+    if index % 10 == 0:
+        fields["logprobs"] = 5
+    return fields
+
+
+async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int,
+                      extra: dict) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, **extra}
     started = time.perf_counter()
     times = []
     tokens = 0
@@ -104,31 +120,35 @@ def scenario_requests(scenario: Scenario, vocab: int, seed: int) -> list[tuple[l
              rng.randint(*scenario.output_range)) for _ in range(scenario.num_requests)]
 
 
-async def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int, seed: int) -> dict:
+async def run_scenario(base_url: str, model: str, scenario: Scenario, vocab: int, seed: int,
+                       sampling: str = "greedy") -> dict:
     requests = scenario_requests(scenario, vocab, seed)
     gate = asyncio.Semaphore(scenario.concurrency)
     limits = httpx.Limits(max_connections=scenario.concurrency, max_keepalive_connections=scenario.concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0), limits=limits) as client:
-        async def bounded(prompt, max_tokens):
+        async def bounded(index, prompt, max_tokens):
+            extra = {**sampling_fields(sampling, index), **scenario.extra_body}
             async with gate:
-                return await one_request(client, model, prompt, max_tokens)
+                return await one_request(client, model, prompt, max_tokens, extra)
 
         started, cpu_started = time.perf_counter(), time.process_time()
-        results = await asyncio.gather(*(bounded(p, n) for p, n in requests))
+        results = await asyncio.gather(*(bounded(i, p, n) for i, (p, n) in enumerate(requests)))
         wall, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     ok = [r for r in results if r.error is None]
     output_tokens = sum(r.tokens for r in ok)
     itls = [x for r in ok for x in r.itls]
     ttfts = [r.ttft for r in ok]
     return {
-        "scenario": scenario.name, "requests": scenario.num_requests, "concurrency": scenario.concurrency,
+        "scenario": scenario.name, "sampling": sampling, "requests": scenario.num_requests,
+        "concurrency": scenario.concurrency,
         "prompt_range": scenario.prompt_range, "output_range": scenario.output_range,
         "failed": len(results) - len(ok), "errors": sorted({r.error for r in results if r.error})[:5],
         "tokens_match_max_tokens": all(r.tokens == r.output_len for r in ok),
         # The server joins tokens into one chunk for a reader that fell a step behind.
         "tokens_per_chunk": output_tokens / max(1, sum(r.chunks for r in ok)),
         # Near wall_s, the client itself (one Python process parsing every SSE chunk) is the bottleneck.
-        "wall_s": wall, "client_cpu_s": client_cpu, "prompt_tokens": sum(r.prompt_len for r in ok), "output_tokens": output_tokens,
+        "wall_s": wall, "client_cpu_s": client_cpu, "prompt_tokens": sum(r.prompt_len for r in ok),
+        "output_tokens": output_tokens,
         "output_tok_s": output_tokens / wall,
         "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
         "itl_p50_ms": 1000 * percentile(itls, 50), "itl_p99_ms": 1000 * percentile(itls, 99),
@@ -200,6 +220,9 @@ def main() -> None:
     parser.add_argument("--random-llama3-8b", action="store_true", help="serve the random-weight Llama-3-8B shape")
     parser.add_argument("--scenarios", default="random-256,random-64,long-mix-8",
                         help=f"comma-separated, from: {', '.join(SCENARIOS)}")
+    parser.add_argument("--sampling", default="greedy",
+                        help="greedy, chat (temperature 0.8, top_p 0.95, a seed per request, every tenth request "
+                             "with 5 top logprobs), or both: each scenario runs once per mode, in the same server")
     parser.add_argument("--transformers-baseline", action="store_true")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-waiting", type=int, default=1024)
@@ -227,20 +250,22 @@ def main() -> None:
         # Warm-up: compiles kernels and captures the decode graphs the scenarios will use.
         asyncio.run(run_scenario(base_url, model, Scenario("warm-up", args.max_num_seqs, args.max_num_seqs,
                                                             (16, 64), (4, 8)), args.vocab, args.seed + 1))
+        modes = ["greedy", "chat"] if args.sampling == "both" else [args.sampling]
         for name in args.scenarios.split(","):
-            result = asyncio.run(run_scenario(base_url, model, SCENARIOS[name], args.vocab, args.seed))
-            report["scenarios"].append(result)
-            print(json.dumps(result), flush=True)
+            for mode in modes:
+                result = asyncio.run(run_scenario(base_url, model, SCENARIOS[name], args.vocab, args.seed, mode))
+                report["scenarios"].append(result)
+                print(json.dumps(result), flush=True)
     finally:
         server.terminate()
         server.wait(timeout=60)
 
-    print(f"\n{'scenario':<12} {'reqs':>5} {'conc':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'ITL p50':>8} {'ITL p99':>8} {'failed':>6}")
+    print(f"\n{'scenario':<16} {'sampling':<8} {'reqs':>5} {'conc':>5} {'out tok/s':>10} {'TTFT p50':>9} "
+          f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'failed':>6}")
     for r in report["scenarios"]:
-        print(f"{r['scenario']:<12} {r['requests']:>5} {r['concurrency']:>5} {r['output_tok_s']:>10.0f} "
-              f"{r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>9.1f} {r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>8.2f} "
-              f"{r['failed']:>6}")
+        print(f"{r['scenario']:<16} {r['sampling']:<8} {r['requests']:>5} {r['concurrency']:>5} "
+              f"{r['output_tok_s']:>10.0f} {r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>9.1f} "
+              f"{r['itl_p50_ms']:>8.2f} {r['itl_p99_ms']:>8.2f} {r['failed']:>6}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

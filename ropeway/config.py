@@ -1,10 +1,14 @@
 """Engine configuration: one frozen dataclass, built from CLI flags or keyword arguments."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch.<name>; torch itself is imported only where a device or dtype is made, so the CLI's
+# --help reads these defaults without loading it.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class EngineConfig:
     retrieval_archive_bytes: int = 4 << 30  # host memory for blocks evicted by landmark caches with `retrieve`
     # Launch step N+1 before reading step N's tokens (greedy steps); None: on CUDA only.
     async_scheduling: bool | None = None
+    # Ranks the model is split over (one GPU each; processes over gloo on CPU).
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -37,19 +43,25 @@ class EngineConfig:
             raise ValueError("block_size must be a power of two from 8 to 256")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be at least 1")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs, "
                              "so every running sequence can decode each step")
 
-    def torch_device(self) -> torch.device:
+    def torch_device(self) -> "torch.device":
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def uses_async_scheduling(self, device: torch.device) -> bool:
+    def uses_async_scheduling(self, device: "torch.device") -> bool:
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
+    def torch_dtype(self, device: "torch.device") -> "torch.dtype":
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return getattr(torch, self.dtype)

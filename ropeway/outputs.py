@@ -8,7 +8,7 @@ from functools import cached_property
 class TokenLogprob:
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None only for a prompt's first token, which has nothing before it
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
 
 
@@ -81,6 +81,9 @@ class RequestOutput:
     num_evicted_tokens: int = 0
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[float | None] | None = None  # [None, logprob of token 1 given token 0, ...]
+    # With SamplingParams.prompt_top_logprobs = k: per prompt token, the k likeliest (id, logprob) there, best
+    # first ([] for the first token, which has no context).
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     def merged_after(self, earlier: "RequestOutput") -> "RequestOutput":
         """This output with the deltas of an earlier output of the same request put in front:

@@ -44,11 +44,14 @@ def _int(low: int, high: int) -> Bound:
     return Bound(low, high, integer=True)
 
 
+# A request body larger than this is refused with a 413 (--max-request-bytes).
+DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 
 # Fields of a completion or chat request, and SamplingParams' of the same name.
 SAMPLING_BOUNDS: dict[str, Bound] = {
@@ -67,6 +70,17 @@ SAMPLING_BOUNDS: dict[str, Bound] = {
     "top_logprobs": _int(0, MAX_TOP_LOGPROBS),
     "seed": _int(-(2**63), 2**64 - 1),
 }
+
+# HTTP request fields with no SamplingParams attribute of the same type, or (min_tokens) whose
+# range also depends on another field (SamplingParams checks it against max_tokens).
+REQUEST_ONLY_BOUNDS: dict[str, Bound] = {
+    "min_tokens": _int(0, INT32_MAX),
+    "truncate_prompt_tokens": _int(-1, INT32_MAX),  # -1: the context limit; 0 is refused by the route
+    "prompt_logprobs": _int(0, MAX_TOP_LOGPROBS),  # SamplingParams.prompt_top_logprobs
+}
+
+# Completions' max_tokens may be 0: the prompt is scored (echo, prompt_logprobs), nothing generated.
+COMPLETION_MAX_TOKENS_BOUND = _int(0, INT32_MAX)
 
 # A request's (or the server's) context_policy.
 CONTEXT_POLICY_BOUNDS: dict[str, Bound] = {

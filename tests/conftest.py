@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
 
 
 import importlib.util  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -47,3 +48,15 @@ def make_llm(default_llm):
         return LLM(engine=LLMEngine(EngineConfig(dtype="float32", **options), loaded=loaded))
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def responses_follow_the_openai_spec():
+    """Fails a test whose traffic to a test server (server_harness) sent a response, chunk or
+    error that OpenAI's OpenAPI spec does not allow (tests/openai_spec.py checks them)."""
+    yield
+    checker = sys.modules.get("openai_spec")  # imported only where a test server ran
+    if checker is not None:
+        violations = checker.take_violations()
+        if violations:
+            pytest.fail("responses outside OpenAI's spec:\n" + "\n".join(violations[:20]), pytrace=False)

@@ -7,9 +7,11 @@ import time
 
 import httpx
 import uvicorn
+from openai_spec import SpecCheckedApp
 
 from ropeway.engine import AsyncLLM
-from ropeway.server import ServerContext, ServerSettings, build_app
+from ropeway.server.app import build_app
+from ropeway.server.context import ServerContext, ServerSettings
 from ropeway.server.header_timeout import HeaderTimeoutProtocol
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -27,8 +29,9 @@ class RunningServer:
     def __init__(self, engine: AsyncLLM, http_protocol: type = HeaderTimeoutProtocol, **settings):
         self.ctx = ServerContext.create(engine, ServerSettings(served_model_names=(MODEL_NAME,), **settings))
         self.port = free_port()
-        config = uvicorn.Config(build_app(self.ctx), host="127.0.0.1", port=self.port, log_level="warning",
-                                http=http_protocol)
+        # Every response is checked against OpenAI's spec on its way out (conftest.py reports).
+        config = uvicorn.Config(SpecCheckedApp(build_app(self.ctx)), host="127.0.0.1", port=self.port,
+                                log_level="warning", http=http_protocol)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
 

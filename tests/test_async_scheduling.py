@@ -5,16 +5,17 @@ what the synchronous engine gives it."""
 import pytest
 
 from batching_cases import GREEDY, prompts_of_mixed_lengths
-from ropeway import SamplingParams
+from ropeway import ContextParams, SamplingParams
 from ropeway.engine.core import PLACEHOLDER
 
 
-def run(llm, prompts, params_list):
+def run(llm, prompts, params_list, contexts=None):
     """Generate, counting the steps that left their tokens in flight."""
     engine = llm.engine
     in_flight = 0
-    for i, (prompt, params) in enumerate(zip(prompts, params_list)):
-        engine.add_request(f"r{i}", prompt, params)
+    contexts = contexts or [None] * len(prompts)
+    for i, (prompt, params, context) in enumerate(zip(prompts, params_list, contexts)):
+        engine.add_request(f"r{i}", prompt, params, context)
     finals = {}
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -68,20 +69,36 @@ def test_stops_mid_flight_drop_the_extra_token(make_llm, prompts, default_llm):
     assert engine.block_manager.num_free_blocks == engine.pool.num_blocks - engine.scheduler.sessions.num_blocks
 
 
-def test_requests_that_need_the_host_run_synchronously_beside_greedy_ones(make_llm, prompts):
-    """Logprobs, penalties and seeded sampling read the logits on the host: those steps do not
-    pipeline, and the greedy requests around them are unaffected."""
-    params = [GREEDY,
-              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2),
-              SamplingParams(temperature=0.8, seed=11, max_tokens=24, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3),
-              GREEDY, GREEDY]
-    expected, _ = run(make_llm(async_scheduling=False), prompts, params)
-    got, _ = run(make_llm(async_scheduling=True), prompts, params)
+def test_every_kind_of_request_pipelines_and_matches_synchronous(make_llm, prompts):
+    """Seeded sampling with filters, penalties, logprobs, prompt logprobs and a bounded cache: every
+    step leaves its results in flight, and each request gets what the synchronous engine gives."""
+    long = dict(max_tokens=24, ignore_eos=True)
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=11, **long),
+              SamplingParams(temperature=1.0, top_k=20, min_p=0.05, seed=3, logprobs=5, **long),
+              SamplingParams(temperature=0.7, seed=5, presence_penalty=0.5, frequency_penalty=0.3,
+                             repetition_penalty=1.2, **long),
+              SamplingParams(temperature=0, prompt_logprobs=True, prompt_top_logprobs=2, logprobs=1, **long),
+              SamplingParams(temperature=0.9, seed=8, max_tokens=64, ignore_eos=True),  # past its window of 32
+              GREEDY]
+    window = ContextParams(context_policy={"type": "sink_window", "sinks": 4, "window": 32})
+    contexts = [None, None, None, None, window, None]
+    options = dict(max_num_batched_tokens=48, prefill_chunk_size=16, max_num_seqs=8)
+    expected, _ = run(make_llm(async_scheduling=False, **options), prompts, params, contexts)
+    llm = make_llm(async_scheduling=True, **options)
+    got, in_flight = run(llm, prompts, params, contexts)
+    assert in_flight >= llm.engine.stats_totals.steps - 1  # every step but the last left its results in flight
     for g, e in zip(got, expected):
         assert g.outputs[0].token_ids == e.outputs[0].token_ids
     assert [t.logprob for t in got[1].outputs[0].logprobs] == pytest.approx(
         [t.logprob for t in expected[1].outputs[0].logprobs])
+    assert [t.top for t in got[1].outputs[0].logprobs] == [t.top for t in expected[1].outputs[0].logprobs]
+    prompt_logprobs, top = got[3].prompt_logprobs, got[3].prompt_top_logprobs
+    assert len(prompt_logprobs) == len(prompts[3]) and prompt_logprobs[0] is None
+    assert prompt_logprobs[1:] == pytest.approx(expected[3].prompt_logprobs[1:])
+    expected_top = expected[3].prompt_top_logprobs
+    assert [[t for t, _ in entry] for entry in top] == [[t for t, _ in entry] for entry in expected_top]
+    assert llm.engine.scheduler.num_evictions > 0
+    assert not llm.engine.penalty_state._rows  # every penalty row given back
 
 
 def test_pool_pressure_preemption_matches_synchronous(make_llm, default_llm, prompts):

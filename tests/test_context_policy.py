@@ -57,7 +57,8 @@ def test_evicted_window_keys_equal_keys_rotated_afresh_at_their_new_positions(ma
         old = torch.arange(eviction.first_position, eviction.first_position + eviction.num_tokens) + eviction.shift
         table = list(eviction.seq.block_table)
         evicted_blocks = eviction.shift // size
-        old_table = table[: eviction.first_position // size] + [None] * evicted_blocks + table[eviction.first_position // size:]
+        kept_from = eviction.first_position // size
+        old_table = table[:kept_from] + [None] * evicted_blocks + table[kept_from:]
         slots = torch.tensor([old_table[p // size] * size + p % size for p in old.tolist()])
         before = engine.kv_cache[:, 0].flatten(1, 2)[:, slots].clone()
         apply(eviction)

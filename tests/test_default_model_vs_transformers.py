@@ -8,6 +8,8 @@ from ropeway.models.forward_batch import ForwardBatch
 from ropeway.arith import cdiv
 from ropeway.models import rope_inv_freq
 
+pytestmark = pytest.mark.slow  # the reference model: transformers
+
 PLAIN_PROMPTS = [
     "The history of the Roman Empire began",
     "def fibonacci(n):\n",
@@ -30,7 +32,8 @@ TOKENIZER_SAMPLES = [
 
 def hf_greedy(hf_model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        out = hf_model.generate(torch.tensor([prompt_ids]),
+                                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=2)
     return out[0, len(prompt_ids):].tolist()
 

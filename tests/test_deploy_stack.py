@@ -16,6 +16,8 @@ import pytest
 from deploy_tools import REPO, require_tool
 from server_harness import free_port
 
+pytestmark = pytest.mark.slow  # a server and Prometheus in subprocesses
+
 DASHBOARD = REPO / "deploy" / "grafana" / "ropeway-dashboard.json"
 
 

@@ -13,6 +13,9 @@ from server_harness import RunningServer
 from ropeway import EngineConfig, SamplingParams
 from ropeway.engine import AsyncLLM
 
+# Models in processes of their own (engine core, workers).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def spawned():

@@ -9,7 +9,10 @@ import threading
 import time
 
 import httpx
+import pytest
 from server_harness import free_port, wait_until_healthy
+
+pytestmark = pytest.mark.slow  # a server in a subprocess, draining for seconds
 
 # This tree's server (the venv's `ropeway` script may belong to another checkout).
 ROPEWAY = [sys.executable, "-m", "ropeway.server.cli"]

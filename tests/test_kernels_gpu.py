@@ -278,3 +278,36 @@ def test_one_token_linear_silu_mul_bf16_against_fp64():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_sampler_on_cuda_draws_the_cpu_tokens_without_synchronizing():
+    """The whole sampler on CUDA (Triton draw, topk, penalties, logprobs): no host
+    synchronization until read(), and the same seeded tokens as on CPU."""
+    from ropeway.engine.sampler import SamplingRow, sample
+    from ropeway.engine.sampling_state import PenaltyState
+    from ropeway.sampling_params import SamplingParams
+
+    vocab, batch = 128256, 64
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(0)) * 4
+    settings = [{"temperature": 0.8, "top_p": 0.95}, {"temperature": 0.8, "top_k": 50},
+                {"temperature": 1.0, "min_p": 0.05, "top_p": 0.9}, {"temperature": 0.0, "logprobs": 5},
+                {"temperature": 0.7, "presence_penalty": 1.0, "repetition_penalty": 1.2, "logit_bias": {7: 5.0}}]
+    tokens = {}
+    for device in ("cpu", "cuda"):
+        state = PenaltyState(vocab, torch.device(device))
+        rows = []
+        for i in range(batch):
+            params = SamplingParams(seed=i, **settings[i % len(settings)])
+            penalty_row = state.row(i, [1, 2, 3], [4, 4]) if params.presence_penalty else -1
+            rows.append(SamplingRow(params, seed=i, step=3, penalty_row=penalty_row))
+        on_device = logits.to(device)
+        sample(on_device, rows, state)  # compiles the kernels before the check
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            sampled = sample(on_device, rows, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        tokens[device] = sampled.read().token_ids
+    assert tokens["cuda"] == tokens["cpu"]

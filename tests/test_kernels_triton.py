@@ -442,3 +442,24 @@ def test_long_chunk_split_pads_and_merges_to_paged_attention(context_len, num_qu
     assert attend_long_chunk(case["q"], case["k_cache"], case["v_cache"], case["block_tables"][0],
                              context_len, case["scale"], out, attend=attention_with_lse)
     assert_close(out, paged_attention_reference(**case), torch.float32)
+
+
+def test_filtered_draw_matches_reference_across_tiles():
+    """The top-p cut search and the seeded draw: the same tokens as the torch reference, with
+    the row spread over several tiles, ties, -inf entries and rows without a top-p."""
+    from ropeway.kernels.sampling import filtered_draw_reference
+    from ropeway.kernels.triton_sampling import filtered_draw_triton
+
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 12, 1500
+    scaled = torch.randn(rows, vocab, generator=generator) * 2
+    scaled[::3, :40] = torch.randint(0, 3, (4, 40), generator=generator).float() + 4.0  # tied heads
+    scaled[1::4, 1200:] = float("-inf")  # suppressed tokens (min_tokens, bans)
+    cut = torch.where(torch.arange(rows) % 2 == 0, float("-inf"), torch.randn(rows, generator=generator) + 2.0)
+    top_p = torch.tensor([0.9, 0.5, 1.0, 0.3, 0.97, 1.0] * 2)
+    uniform = torch.rand(rows, generator=generator, dtype=torch.float64)
+    expected = filtered_draw_reference(scaled, cut, top_p, uniform, search=True)
+    assert torch.equal(filtered_draw_triton(scaled, cut, top_p, uniform, search=True, block=512), expected)
+    no_search = filtered_draw_reference(scaled, cut, top_p, uniform, search=False)
+    assert torch.equal(filtered_draw_triton(scaled, cut, top_p, uniform, search=False, block=512), no_search)
+    assert not torch.equal(expected, no_search)

@@ -78,7 +78,8 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
         seq = item.seq
         for slot in range(2):
             block = seq.block_table[2 + slot]
-            recalled.append((slot, engine.kv_cache[:, :, block].clone(), engine.runner.cache_ops.slot_bias[block].clone()))
+            bias = engine.runner.cache_ops.slot_bias[block].clone()
+            recalled.append((slot, engine.kv_cache[:, :, block].clone(), bias))
 
     engine.runner.cache_ops.recall = recall_and_read
     seq, seen = stream_checking_positions(llm, RETRIEVING, prompt)

@@ -12,6 +12,8 @@ from server_harness import MODEL_NAME, RunningServer
 
 from ropeway.engine import AsyncLLM
 
+pytestmark = pytest.mark.slow  # a fifty-turn chat
+
 TURNS = 50
 POLICY = {"type": "sink_window", "sinks": 4, "window": 1024}
 

@@ -129,7 +129,7 @@ def test_completion_logprobs(client):
     logprobs = result.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
     assert "".join(logprobs.tokens) == result.choices[0].text
-    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+    for logprob, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
         assert logprob <= 0 and len(top) == 3
         assert max(top.values()) == pytest.approx(logprob, abs=1e-4)  # greedy takes the best token
     assert logprobs.text_offset[0] == 0
@@ -383,7 +383,8 @@ def test_bad_chat_fields_get_400(http, body, param, says):
 
 
 def test_malformed_json_gets_400(http):
-    response = http.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    response = http.post("/v1/chat/completions", content=b'{"messages": [',
+                         headers={"content-type": "application/json"})
     assert_openai_error(response, 400, says="not valid JSON")
     assert_openai_error(http.post("/v1/completions", json=[1, 2]), 400)
 
@@ -436,7 +437,8 @@ def test_api_key_is_required_when_set(engine):
 
 def test_full_waiting_queue_gets_503(make_llm):
     """An engine that runs one sequence and lets none wait: a second request is turned away."""
-    tiny = AsyncLLM.in_thread(make_llm(max_num_seqs=1, max_num_batched_tokens=64, kv_cache_memory_bytes=16 << 20).engine)
+    tiny = AsyncLLM.in_thread(make_llm(max_num_seqs=1, max_num_batched_tokens=64,
+                                       kv_cache_memory_bytes=16 << 20).engine)
     tiny.start()
     try:
         with RunningServer(tiny, max_waiting=0) as small, httpx.Client(base_url=small.url, timeout=60) as http:
@@ -553,8 +555,9 @@ def test_unexpected_failure_is_a_500_without_internals(http, monkeypatch):
 
 def test_metrics_after_traffic_pass_promtool(http, client):
     # Traffic of its own, so the test stands alone: two choices share (and hit) their prompt's blocks.
-    client.completions.create(model=MODEL_NAME, prompt="Once upon a time, in a land far away beyond the seven hills and the "
-                              "seven rivers, there lived",
+    client.completions.create(model=MODEL_NAME,
+                              prompt="Once upon a time, in a land far away beyond the seven hills and the "
+                                     "seven rivers, there lived",
                               max_tokens=3, n=2, **GREEDY)
     samples = scrape(http)
     assert metric(samples, "ropeway:prompt_tokens_total") > 0

@@ -15,6 +15,9 @@ from server_harness import MODEL_NAME, free_port
 from ropeway.server.cli import build_parser, memory_size
 
 ROPEWAY = Path(sys.executable).parent / "ropeway"
+REPO = Path(__file__).resolve().parents[1]
+# The console script runs this tree's code whichever checkout the venv installed.
+THIS_TREE = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def test_memory_sizes():
@@ -31,14 +34,52 @@ def test_serve_defaults_to_the_default_model_on_localhost_8000():
 
 def test_help_never_shows_the_api_key():
     done = subprocess.run([ROPEWAY, "serve", "--help"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "ROPEWAY_API_KEY": "do-not-print"})
+                          env={**THIS_TREE, "ROPEWAY_API_KEY": "do-not-print"})
     assert done.returncode == 0 and "--max-waiting" in done.stdout
     assert "do-not-print" not in done.stdout
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The CLI of this tree (the console script may belong to another checkout's install)."""
+    return subprocess.run([sys.executable, "-m", "ropeway.server.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+
+
+def test_help_and_version_load_neither_torch_nor_the_engine():
+    code = ("import sys; from ropeway.server.cli import main\n"
+            "for argv in (['serve', '--help'], ['--version']):\n"
+            "    try: main(argv)\n"
+            "    except SystemExit: pass\n"
+            "heavy = [m for m in ('torch', 'ropeway.engine', 'uvicorn', 'fastapi') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "--session-store-fraction" in done.stdout
+
+
+def test_version_is_the_package_version():
+    from importlib.metadata import version
+
+    done = run_cli("--version")
+    assert (done.returncode, done.stdout.strip()) == (0, f"ropeway {version('ropeway')}")
+
+
+def test_bare_ropeway_prints_the_help():
+    done = run_cli()
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.startswith("usage: ropeway") and "serve" in done.stdout
+
+
+def test_help_shows_every_default():
+    help_text = " ".join(run_cli("serve", "--help").stdout.split())
+    assert "retained chat sessions (sink_window) (default: 0.25)" in help_text
+
+
 def test_a_model_that_cannot_load_exits_with_a_message_not_a_traceback(tmp_path):
     missing = tmp_path / "nothing.gguf"
-    done = subprocess.run([ROPEWAY, "serve", "--model", str(missing)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([ROPEWAY, "serve", "--model", str(missing)], capture_output=True, text=True, timeout=60,
+                          env=THIS_TREE)
     assert done.returncode == 2
     assert "cannot start" in done.stderr and "Traceback" not in done.stderr
 
@@ -47,7 +88,7 @@ def test_a_model_that_cannot_load_exits_with_a_message_not_a_traceback(tmp_path)
 def served():
     """The console script with an API key from the environment, as a deployment runs it."""
     port = free_port()
-    env = {**os.environ, "ROPEWAY_API_KEY": "cli-key"}
+    env = {**THIS_TREE, "ROPEWAY_API_KEY": "cli-key"}
     process = subprocess.Popen([ROPEWAY, "serve", "--port", str(port), "--max-model-len", "512",
                                 "--kv-cache-memory", "64MiB"], env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -68,6 +109,7 @@ def served():
         process.wait(30)
 
 
+@pytest.mark.slow  # the model in a subprocess
 def test_console_script_serves_with_the_key_from_the_environment(served):
     url, _ = served
     assert httpx.get(f"{url}/v1/models").status_code == 401
@@ -78,6 +120,7 @@ def test_console_script_serves_with_the_key_from_the_environment(served):
     assert "Paris" in reply.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_start_up_logs_model_dtype_device_pool_and_url_then_stops_cleanly(served):
     url, process = served
     process.send_signal(signal.SIGINT)
@@ -86,3 +129,4 @@ def test_start_up_logs_model_dtype_device_pool_and_url_then_stops_cleanly(served
     assert "on cpu in float32" in log
     assert "KV pool:" in log and "max_model_len 512" in log
     assert f"serving {MODEL_NAME} at {url}" in log
+    assert f"model {MODEL_NAME} (llama, 30 layers)" in log  # as the API names it, not the GGUF's metadata

@@ -48,7 +48,7 @@ def tokenizer_from_info(info: EngineInfo) -> RopewayTokenizer:
 def limits_from_info(info: EngineInfo) -> ContextLimits:
     return ContextLimits(info.max_model_len, info.max_model_len_is_explicit, info.trained_context, info.pool_tokens,
                          info.block_size, ContextPolicy(**info.default_context_policy),
-                         RopeScaling(**info.default_rope_scaling))
+                         RopeScaling(**info.default_rope_scaling), info.tensor_parallel_size)
 
 
 class AsyncLLM:

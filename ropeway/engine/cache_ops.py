@@ -6,6 +6,7 @@ it builds the step's batch."""
 
 import math
 
+import msgspec
 import torch
 
 from ropeway.kernels import rerotate_keys
@@ -14,6 +15,17 @@ from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence,
 
 from .landmarks import chunk_summary, rotate_to
 from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
+
+
+class KeyMove(msgspec.Struct, array_like=True):
+    """Keys of one sequence moved to new cache positions and/or a new RoPE plan."""
+    block_table: list[int]
+    block_copies: list[tuple[int, int]]   # (source, destination) blocks it no longer shares
+    first_position: int
+    count: int
+    shift: int                            # the keys were computed at position + shift
+    old_plan: RopePlan
+    new_plan: RopePlan
 
 
 class CacheOps:
@@ -33,6 +45,8 @@ class CacheOps:
         self.archive_budget = ArchiveBudget(archive_bytes)
         self.num_recalls = 0          # prompts that brought archived blocks back
         self.num_recalled_blocks = 0
+        # Under tensor parallelism, the key moves of the step (sent to the other ranks with it).
+        self.recorded: list[KeyMove] | None = None
 
     def apply(self, step: SchedulerOutput) -> None:
         # Evicted blocks go to host memory first: this step may hand them out again.
@@ -51,28 +65,30 @@ class CacheOps:
 
     def apply_rope_growth(self, growth: RopeGrowth) -> None:
         """Re-rotate a sequence's cached keys from its old plan to its new one, in place."""
-        self._move_keys(growth.seq, growth.block_copies, 0, growth.num_tokens, 0, growth.old_plan, growth.new_plan)
+        self.move_keys(KeyMove(growth.seq.block_table, growth.block_copies, 0, growth.num_tokens, 0, growth.old_plan,
+                               growth.new_plan))
 
     def apply_eviction(self, eviction: Eviction) -> None:
         """Move a sequence's kept window keys down by the evicted length (same plan)."""
-        plan = eviction.plan
-        self._move_keys(eviction.seq, eviction.block_copies, eviction.first_position, eviction.num_tokens,
-                        eviction.shift, plan, plan)
+        self.move_keys(KeyMove(eviction.seq.block_table, eviction.block_copies, eviction.first_position,
+                               eviction.num_tokens, eviction.shift, eviction.plan, eviction.plan))
 
-    def _move_keys(self, seq, block_copies: list[tuple[int, int]], first_position: int, count: int, shift: int,
-                   old_plan: RopePlan, new_plan: RopePlan) -> None:
-        """Copy the blocks seq no longer shares, then rotate its keys at cache positions
+    def move_keys(self, move: KeyMove) -> None:
+        """Copy the blocks a sequence no longer shares, then rotate its keys at cache positions
         first_position.. (computed at position + shift under old_plan) to those positions under
         new_plan: every layer at once, by the fp32 angle difference."""
-        self.copy_blocks(block_copies)
+        if self.recorded is not None:  # tensor parallel: every other rank makes the same move
+            self.recorded.append(move)
+        self.copy_blocks(move.block_copies)
+        count = move.count
         if count == 0:
             return
-        positions = torch.arange(first_position, first_position + count, device=self.device)
-        table = torch.tensor(seq.block_table, dtype=torch.int64, device=self.device)
+        positions = torch.arange(move.first_position, move.first_position + count, device=self.device)
+        table = torch.tensor(move.block_table, dtype=torch.int64, device=self.device)
         slots = table[positions // self.block_size] * self.block_size + positions % self.block_size
-        old_inv_freq, old_factor = self.runner.rope_row(old_plan)
-        new_inv_freq, new_factor = self.runner.rope_row(new_plan)
-        rerotate_keys(self.kv_cache[:, 0], slots, positions + shift, positions,
+        old_inv_freq, old_factor = self.runner.rope_row(move.old_plan)
+        new_inv_freq, new_factor = self.runner.rope_row(move.new_plan)
+        rerotate_keys(self.kv_cache[:, 0], slots, positions + move.shift, positions,
                       old_inv_freq.expand(count, -1), new_inv_freq.expand(count, -1),
                       torch.full((count,), old_factor, device=self.device),
                       torch.full((count,), new_factor, device=self.device))
@@ -153,6 +169,6 @@ class CacheOps:
             self.kv_cache[:, :, block].copy_(kv)
             self.slot_bias[block] = 0.0
             position = (first_block + slot) * size
-            self._move_keys(seq, [], position, size, old_position - position, plan, seq.rope_plan)
+            self.move_keys(KeyMove(seq.block_table, [], position, size, old_position - position, plan, seq.rope_plan))
         self.num_recalls += 1
         self.num_recalled_blocks += len(chosen)

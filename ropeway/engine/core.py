@@ -18,7 +18,7 @@ from ropeway import fault_injection
 from ropeway.arith import cdiv
 from ropeway.config import EngineConfig
 from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention
-from ropeway.models import LlamaModel, RopewayTokenizer, effective_base, load_model_files
+from ropeway.models import LlamaModel, RopewayTokenizer, TensorParallel, effective_base, load_model_files
 from ropeway.outputs import RequestMetrics
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlanner, RopeScaling, Scheduler, SchedulerConfig,
@@ -32,8 +32,10 @@ from .messages import EngineInfo, EngineRequest, RequestDelta, RequestFailure, T
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .request_state import ChoiceState, RequestState
-from .sampler import SamplingRow, is_plain_argmax, sample
+from .sampler import SampledTokens, SamplerOutput, SamplingRow, has_penalty, sample
+from .sampling_state import PenaltyState
 from .stats import PlanChoice, StatsSnapshot
+from .workers import CaptureGraphs, WorkerGroup, rank_device
 
 log = logging.getLogger("ropeway")
 
@@ -44,34 +46,68 @@ _GOLDEN = 0x9E3779B97F4A7C15
 PLACEHOLDER = -1
 
 
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy queued behind the work that makes the tensor (pinned, asynchronous on CUDA)."""
+    if not tensor.is_cuda:
+        return tensor
+    return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+
+
+@dataclass
+class PromptLogprobChunk:
+    """One chunk's prompt logprobs, on their way to the host."""
+    state: RequestState
+    first: int                      # token index of the chunk's first row
+    values: torch.Tensor            # [n] the logprobs of the chunk's next prompt tokens
+    top_values: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+
+    def record(self) -> None:
+        recorded = self.state.prompt_logprobs
+        if len(recorded) != self.first + 1:  # not again after a preemption recomputed the chunk
+            return
+        recorded.extend(self.values.tolist())
+        if self.top_ids is not None:
+            self.state.prompt_top_logprobs.extend(
+                list(zip(i, v)) for i, v in zip(self.top_ids.tolist(), self.top_values.tolist()))
+
+
 @dataclass
 class InFlightStep:
-    """A launched step whose greedy tokens are still on the device (asynchronous scheduling)."""
+    """A launched step whose results are still on the device: its sampled tokens (and logprobs)
+    and its prompt logprobs. Their copies to the host are queued right behind the step."""
     samplers: list[Sequence]
-    tokens: torch.Tensor  # [len(samplers)] int64 on the device, row i for samplers[i]
-    # On CUDA: a pinned copy of tokens and the event after its copy. Reading the device tensor
-    # itself would wait for everything queued behind it, the next step included.
-    host_tokens: torch.Tensor | None = None
+    sampled: SampledTokens | None
+    prompt_chunks: list[PromptLogprobChunk]
     copied: torch.cuda.Event | None = None
 
     @classmethod
-    def launched(cls, samplers: list[Sequence], tokens: torch.Tensor) -> "InFlightStep":
-        if not tokens.is_cuda:
-            return cls(samplers, tokens)
-        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host_tokens.copy_(tokens, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return cls(samplers, tokens, host_tokens, copied)
+    def launched(cls, samplers: list[Sequence], sampled: SampledTokens | None,
+                 prompt_chunks: list[PromptLogprobChunk]) -> "InFlightStep":
+        copied = None
+        if prompt_chunks and prompt_chunks[0].values.is_cuda:
+            for chunk in prompt_chunks:
+                chunk.values = _to_host(chunk.values)
+                if chunk.top_ids is not None:
+                    chunk.top_values, chunk.top_ids = _to_host(chunk.top_values), _to_host(chunk.top_ids)
+            copied = torch.cuda.Event()
+            copied.record()
+        return cls(samplers, sampled, prompt_chunks, copied)
 
-    def read(self) -> list[int]:
-        if self.copied is None:
-            return self.tokens.tolist()
-        self.copied.synchronize()
-        return self.host_tokens.tolist()
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.sampled.token_ids
 
     def rows(self) -> dict[int, int]:
         return {seq.seq_id: row for row, seq in enumerate(self.samplers)}
+
+    def read(self) -> SamplerOutput | None:
+        """Wait for the host copies; record the prompt logprobs; the sampled tokens as lists."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        for chunk in self.prompt_chunks:
+            chunk.record()
+        return self.sampled.read() if self.sampled is not None else None
 
 
 @dataclass
@@ -82,11 +118,12 @@ class LoadedModel:
     seconds: float
 
 
-def load_model(config: EngineConfig) -> LoadedModel:
+def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> LoadedModel:
+    """The model (this rank's shard under tensor parallelism) and the tokenizer."""
     started = time.perf_counter()
-    device = config.torch_device()
+    device = rank_device(config, tp.rank if tp else 0)
     model_config, weights, tokenizer = load_model_files(config.model, config.torch_dtype(device))
-    model = LlamaModel(model_config, weights, device)
+    model = LlamaModel(model_config, weights, device, tp)
     return LoadedModel(model, tokenizer, time.perf_counter() - started)
 
 
@@ -101,7 +138,9 @@ def _parse_server_setting(parse, raw, flag: str):
 class EngineCore:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.config = config
-        loaded = loaded or load_model(config)
+        # Under tensor parallelism the other ranks start first: loading the model joins their group.
+        self.workers = WorkerGroup(config) if config.tensor_parallel_size > 1 else None
+        loaded = loaded or load_model(config, self.workers.tp if self.workers else None)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.model_config = model_config = self.model.config
@@ -128,8 +167,13 @@ class EngineCore:
                         "\"factor\": %d}') or a bounded --context-policy", config.max_model_len, trained,
                         self.rope_scaling.rope_type, cdiv(config.max_model_len, trained))
         self.limits = ContextLimits(self.max_model_len, config.max_model_len is not None, trained,
-                                    self.pool.num_tokens, config.block_size, self.context_policy, self.rope_scaling)
+                                    self.pool.num_tokens, config.block_size, self.context_policy, self.rope_scaling,
+                                    config.tensor_parallel_size)
         self.kv_cache = allocate_kv_cache(self.model, self.pool, self.dtype, self.device)
+        if self.workers is not None:
+            if self.context_policy.type == "landmark":
+                raise ValueError("--context-policy landmark is not supported with --tensor-parallel-size > 1")
+            self.workers.init_cache(self.pool)
         self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
         budget = config.max_num_batched_tokens
         self.planner = RopePlanner(model_config.rope_theta, model_config.head_dim, trained, self.rope_scaling)
@@ -140,6 +184,9 @@ class EngineCore:
             session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes)
+        self.runner.workers = self.workers
+        self.penalty_state = PenaltyState(model_config.vocab_size, self.device)
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
         if is_long_chunk(self.scheduler.config.prefill_chunk_size):
             # Chunks this long can reach cuDNN: load it now, not inside a first long prompt.
             warm_up_long_chunk_attention(self.device, self.dtype, self.model.num_local_heads,
@@ -162,6 +209,12 @@ class EngineCore:
                  self.pool.num_blocks, self.pool.block_size, self.pool.num_tokens,
                  self.pool.num_bytes / 2**20, self.max_model_len)
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do on one rank)."""
+        if self.workers is not None:
+            self.workers.shutdown()
+            self.workers = None
+
     @property
     def requests(self) -> dict[str, RequestState]:
         return self.outputs.requests
@@ -176,7 +229,7 @@ class EngineCore:
             max_model_len=self.max_model_len, max_model_len_is_explicit=self.config.max_model_len is not None,
             pool_tokens=self.pool.num_tokens, block_size=self.config.block_size, num_blocks=self.pool.num_blocks,
             bytes_per_block=self.pool.bytes_per_block, max_num_seqs=self.config.max_num_seqs,
-            tensor_parallel_size=1, default_context_policy=asdict(self.context_policy),
+            tensor_parallel_size=self.config.tensor_parallel_size, default_context_policy=asdict(self.context_policy),
             default_rope_scaling=asdict(self.rope_scaling),
             tokenizer=TokenizerSpec(tok.tokenizer.to_str(), tok.bos_token_id, tok.eos_token_ids, tok.add_bos,
                                     template))
@@ -187,6 +240,8 @@ class EngineCore:
         if self.runner.decode_graphs is None:
             return
         started = time.perf_counter()
+        if self.workers is not None:  # the graphs hold collectives: every rank captures alongside
+            self.workers.send(CaptureGraphs(self.config.max_num_seqs))
         count = self.runner.decode_graphs.capture_up_to(self.config.max_num_seqs)
         log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - started)
 
@@ -205,6 +260,8 @@ class EngineCore:
         if any(not 0 <= t < vocab for t in token_ids):
             raise InvalidParameter("prompt", f"token ids must be integers in [0, {vocab})")
         self.limits.check(len(token_ids), params.max_tokens, context)
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidParameter("logit_bias", f"logit_bias keys must be token ids in [0, {vocab})")
         max_total, planned = self.limits.sequence_lengths(len(token_ids), params.max_tokens, context)
         policy = self.limits.policy(context)
         arrival = next(self._arrivals)
@@ -221,9 +278,11 @@ class EngineCore:
                 seed=self._choice_seed(params.seed, index),
                 logprobs=[] if params.logprobs is not None else None,
             ))
+        wants_top = params.prompt_logprobs and params.prompt_top_logprobs > 0
         self.requests[request.request_id] = RequestState(
             request.request_id, params, choices, RequestMetrics(arrival_time=request.arrival_time),
-            prompt_logprobs=[None] if params.prompt_logprobs else None)
+            prompt_logprobs=[None] if params.prompt_logprobs else None,
+            prompt_top_logprobs=[[]] if wants_top else None)
         self.scheduler.add([c.seq for c in choices])
         self.stats_totals.prompt_tokens += len(token_ids)
 
@@ -241,6 +300,7 @@ class EngineCore:
             if choice.finish_reason is None:
                 choice.finish_reason = "abort"
                 self.scheduler.finish(choice.seq)
+                self.penalty_state.release(choice.seq.seq_id)
                 if choice.seq.token_ids and choice.seq.token_ids[-1] == PLACEHOLDER:
                     choice.seq.token_ids.pop()  # its step is in flight: the token is dropped
         return state.make_delta()
@@ -266,13 +326,14 @@ class EngineCore:
     def step(self) -> list[RequestDelta]:
         """Run one batch; return a delta for every request that progressed.
 
-        With asynchronous scheduling, a step whose sequences all sample greedily (no
-        logprobs, penalties, prompt logprobs or bounded caches) leaves its tokens on the
-        device: each sampling sequence gets a PLACEHOLDER token, the next step is scheduled
-        and launched with those inputs taken from the device, and only then are the tokens
-        read (the GPU already busy with the next step) and checked for stops. Outputs thus
-        come one step later; a sequence that stopped has computed one token too many, which
-        is dropped."""
+        The step's results stay on the device (the sampler makes no host synchronization), their
+        copies to the host queued behind it. With asynchronous scheduling (on CUDA), each
+        sampling sequence then gets a PLACEHOLDER token and step() returns: the next call
+        schedules and launches the next step, its inputs taken from the device, before it reads
+        this step's tokens (the GPU already busy) and checks them for stops. Outputs thus come
+        one step later, whatever the requests ask for (sampling, penalties, logprobs, prompt
+        logprobs, bounded caches); a sequence that stopped has computed one token too many,
+        which is dropped. Without it, each step is read at its end."""
         plan = self.scheduler.schedule()
         if plan.failed:
             self._fail_scheduled(plan)
@@ -286,36 +347,33 @@ class EngineCore:
                 metrics.first_scheduled_time = now
         samplers = [item.seq for item in plan.scheduled if item.samples]
         logit_rows = self.runner.logit_rows(plan)
-        pipelined = self._can_pipeline(plan, samplers)
         for item in plan.scheduled:  # a fault here (or in execute) leaves the device state unknown
             fault_injection.check("execute", item.seq.request_id)
-        logits = self.runner.execute(plan, logit_rows, (pending.tokens, pending.rows()) if pending else None)
+        # (A pending step that sampled nothing, e.g. a prefill chunk, or one whose every sampling
+        # request failed, left no placeholder to fill.)
+        in_flight_tokens = (pending.tokens, pending.rows()) if pending and pending.sampled is not None else None
+        logits = self.runner.execute(plan, logit_rows, in_flight_tokens)
+        prompt_chunks = []
         if len(samplers) != len(logits):
-            logits = self._record_prompt_logprobs(plan, logit_rows, logits)
-        # The tokens' copy to the host is queued right behind the step, before the next one.
-        launched = InFlightStep.launched(samplers, logits.argmax(dim=-1)) if pipelined else None
+            logits, prompt_chunks = self._prompt_logprobs(plan, logit_rows, logits)
+        sampled, failed = None, {}
+        if samplers:
+            # (Sequences that stopped on the in-flight step's tokens sample too; their token is dropped.)
+            # A request whose sampling raises fails alone; the others' rows are sampled together.
+            samplers, sampled, failed = self._sample(logits, samplers)
+        launched = InFlightStep.launched(samplers, sampled, prompt_chunks)
         outputs = self._resolve(pending) if pending else []
         self.scheduler.update_after_step(plan)
         self.stats_totals.steps += 1
-        if not samplers:
-            return outputs
-        if pipelined:
-            for seq in samplers:
-                if self.outputs.choice(seq) is not None:
-                    seq.token_ids.append(PLACEHOLDER)
-            self._in_flight = launched
-            return outputs
-        # Sequences that stopped on the previous step's tokens sample nothing more.
-        live = [row for row, seq in enumerate(samplers) if self.outputs.choice(seq) is not None]
-        if len(live) != len(samplers):
-            samplers, logits = [samplers[row] for row in live], logits[live]
-        if not samplers:
-            return outputs
-        states = [self.requests[seq.request_id] for seq in samplers]
-        rows = [SamplingRow(state.params, state.choices[seq.choice_index].seed, seq.prompt_token_ids, seq.token_ids)
-                for seq, state in zip(samplers, states)]
-        samplers, result = self._sample(logits, samplers, rows)
-        return outputs + self._accept_all(samplers, result.token_ids, result) if samplers else outputs
+        for request_id, error in failed.items():  # once the step is booked, as a fault in reporting
+            self.fail_request(request_id, error, "sampling")
+        if not self.async_scheduling:
+            return outputs + self._resolve(launched)
+        for seq in launched.samplers:
+            if self.outputs.choice(seq) is not None:
+                seq.token_ids.append(PLACEHOLDER)
+        self._in_flight = launched
+        return outputs
 
     def _fail_scheduled(self, plan: SchedulerOutput) -> None:
         """Fail the requests whose scheduling raised, and take their other choices out of the plan."""
@@ -325,60 +383,85 @@ class EngineCore:
         for items in (plan.scheduled, plan.rope_growths, plan.evictions):
             items[:] = [item for item in items if item.seq.request_id not in failed]
 
-    def _sample(self, logits: torch.Tensor, samplers: list[Sequence], rows: list[SamplingRow]):
-        """Sample the batch; if that raises, find the rows at fault by sampling each alone (a row's
-        draw does not depend on its batch), fail their requests and sample the rest together."""
+    def _sample(self, logits: torch.Tensor, samplers: list[Sequence]
+                ) -> tuple[list[Sequence], SampledTokens | None, dict[str, Exception]]:
+        """Sample the batch (tokens left on the device); if that raises, find the rows at fault by
+        sampling each alone (a row's draw does not depend on its batch) and sample the rest
+        together. Returns the sequences that sampled, in the result's row order, and the requests
+        to fail (every choice of a request with a faulty row is left out)."""
         try:
             for seq in samplers:
                 fault_injection.check("sample", seq.request_id)
-            return samplers, sample(logits, rows)
+            return samplers, self._sample_rows(logits, [self._sampling_row(seq) for seq in samplers]), {}
         except Exception as error:
             if is_device_fault(error):
                 raise
+        failed: dict[str, Exception] = {}
+        sampling_rows: dict[int, SamplingRow] = {}
         for row, seq in enumerate(samplers):
+            if seq.request_id in failed:
+                continue
             try:
                 fault_injection.check("sample", seq.request_id)
-                sample(logits[row : row + 1], rows[row : row + 1])
+                sampling_row = self._sampling_row(seq)
+                sample(logits[row : row + 1], [sampling_row], self.penalty_state, self.eos_token_ids)
             except Exception as error:
                 if is_device_fault(error):
                     raise
-                self.fail_request(seq.request_id, error, "sampling")
-        live = [row for row, seq in enumerate(samplers) if self.outputs.choice(seq) is not None]
+                failed[seq.request_id] = error
+                continue
+            sampling_rows[row] = sampling_row
+        live = [row for row in sampling_rows if samplers[row].request_id not in failed]
         if not live:
-            return [], None
-        return [samplers[row] for row in live], sample(logits[live], [rows[row] for row in live])
+            return [], None, failed
+        index = torch.tensor(live, dtype=torch.int64, device=logits.device)
+        sampled = self._sample_rows(logits.index_select(0, index), [sampling_rows[row] for row in live])
+        return [samplers[row] for row in live], sampled, failed
 
-    def _can_pipeline(self, plan: SchedulerOutput, samplers: list[Sequence]) -> bool:
-        if not (self.async_scheduling and samplers):
-            return False
-        if any(item.seq.wants_prompt_logprobs or item.seq.context_policy.bounded for item in plan.scheduled):
-            return False
-        return all(is_plain_argmax(self.requests[seq.request_id].params) for seq in samplers)
+    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+        sampled = sample(logits, rows, self.penalty_state, self.eos_token_ids)
+        self.penalty_state.record([row.penalty_row for row in rows], sampled.token_ids)
+        return sampled
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        state = self.requests[seq.request_id]
+        penalty_row = -1
+        if has_penalty(state.params):
+            penalty_row = self.penalty_state.row(seq.seq_id, seq.prompt_token_ids, seq.output_token_ids)
+        # The stream's counter: output tokens so far, an in-flight placeholder included.
+        return SamplingRow(state.params, state.choices[seq.choice_index].seed,
+                           seq.num_tokens - seq.num_prompt_tokens, penalty_row)
 
     def _resolve(self, step: InFlightStep) -> list[RequestDelta]:
-        """Read an in-flight step's tokens and put them in place of its placeholders."""
-        tokens = step.read()
-        live, live_tokens = [], []
-        for seq, token in zip(step.samplers, tokens):
+        """Read a launched step's results; its tokens replace their placeholders."""
+        result = step.read()
+        if result is None:
+            return []
+        live, live_tokens, live_rows = [], [], []
+        for row, (seq, token) in enumerate(zip(step.samplers, result.token_ids)):
             if self.outputs.choice(seq) is not None:
-                placeholder = seq.token_ids.pop()
-                assert placeholder == PLACEHOLDER, "an in-flight token was not the sequence's last"
+                if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+                    seq.token_ids.pop()
                 live.append(seq)
                 live_tokens.append(token)
-        return self._accept_all(live, live_tokens, None)
+                live_rows.append(row)
+        return self._accept_all(live, live_tokens, result, live_rows)
 
-    def _accept_all(self, samplers: list[Sequence], token_ids: list[int], result) -> list[RequestDelta]:
-        """Append each sequence's new token, check stops, and make the touched requests' deltas."""
+    def _accept_all(self, samplers: list[Sequence], token_ids: list[int], result: SamplerOutput,
+                    result_rows: list[int]) -> list[RequestDelta]:
+        """Append each sequence's new token, check stops, and make the touched requests' deltas.
+        result_rows: each sequence's row in result (its logprobs)."""
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
-        for row, seq in enumerate(samplers):
+        for seq, token, row in zip(samplers, token_ids, result_rows):
             state = self.requests.get(seq.request_id)
             if state is None:
                 continue  # another of its choices failed in this loop
             try:
                 fault_injection.check("report", seq.request_id)
-                if self.outputs.accept(state, state.choices[seq.choice_index], token_ids[row], result, row):
+                if self.outputs.accept(state, state.choices[seq.choice_index], token, result, row):
                     self.scheduler.finish(seq, retain=True)
+                    self.penalty_state.release(seq.seq_id)
             except Exception as error:
                 self.fail_request(seq.request_id, error, "reporting")
                 touched.pop(seq.request_id, None)
@@ -402,24 +485,29 @@ class EngineCore:
             deltas.append(delta)
         return deltas
 
-    def _record_prompt_logprobs(self, plan, logit_rows: list[int], logits: torch.Tensor) -> torch.Tensor:
-        """Keep the logprobs of prompt tokens for the sequences that asked; return the rows to
-        sample from (the last row of each sampling sequence)."""
-        sample_rows, start = [], 0
+    def _prompt_logprobs(self, plan, logit_rows: list[int], logits: torch.Tensor
+                         ) -> tuple[torch.Tensor, list[PromptLogprobChunk]]:
+        """The logprobs of the prompt tokens of the sequences that asked, still on the device; and
+        the rows to sample from (the last row of each sampling sequence)."""
+        sample_rows, chunks, start = [], [], 0
         for item, rows in zip(plan.scheduled, logit_rows):
             seq = item.seq
             if seq.wants_prompt_logprobs and seq.num_computed_tokens < seq.num_prompt_tokens:
-                recorded = self.requests[seq.request_id].prompt_logprobs
+                state = self.requests[seq.request_id]
                 first = seq.num_computed_tokens  # token index of the chunk's first row
                 targets = seq.token_ids[first + 1 : min(first + rows, seq.num_prompt_tokens - 1) + 1]
-                if targets and len(recorded) == first + 1:  # not again after a preemption
+                if targets:
                     values = logits[start : start + len(targets)].log_softmax(-1)
-                    ids = torch.tensor(targets, device=logits.device)
-                    recorded.extend(values.gather(1, ids[:, None])[:, 0].tolist())
+                    ids = torch.tensor(targets).to(logits.device, non_blocking=True)
+                    chunk = PromptLogprobChunk(state, first, values.gather(1, ids[:, None])[:, 0])
+                    if state.prompt_top_logprobs is not None:
+                        chunk.top_values, chunk.top_ids = values.topk(state.params.prompt_top_logprobs, dim=-1)
+                    chunks.append(chunk)
             if item.samples:
                 sample_rows.append(start + rows - 1)
             start += rows
-        return logits[sample_rows]
+        index = torch.tensor(sample_rows).to(logits.device, non_blocking=True)
+        return logits.index_select(0, index), chunks
 
     # ----- stats -----
 

@@ -13,6 +13,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -23,7 +24,7 @@ from ropeway.config import EngineConfig
 
 from .core import EngineCore
 from .core_loop import CoreLoop
-from .messages import Shutdown, encode, input_decoder
+from .messages import EngineOutputs, Shutdown, encode, input_decoder
 
 log = logging.getLogger("ropeway")
 
@@ -59,6 +60,8 @@ def run_engine_core(config_bytes: bytes, input_address: str, output_address: str
         return
     output_socket.send_multipart([READY, encode(core.info(served_model_name))])
     outbox: queue.Queue = queue.Queue()
+    if core.workers is not None:
+        core.workers.on_worker_death = lambda message: _die(outbox, message)
     loop = CoreLoop(core, outbox.put)
     parent = os.getppid()
     reader = threading.Thread(target=_read_inputs, args=(input_socket, loop.inputs, parent), daemon=True,
@@ -72,8 +75,18 @@ def run_engine_core(config_bytes: bytes, input_address: str, output_address: str
     gc.collect()
     gc.freeze()
     loop.run()
+    core.shutdown()
     outbox.put(None)
     writer.join(5)
+
+
+def _die(outbox: queue.Queue, message: str) -> None:
+    """A worker died: the device state is unknown. Tell the API process, then exit (rank 0 may be
+    stuck in a collective that will never complete)."""
+    log.error("%s; the engine core stops", message)
+    outbox.put(EngineOutputs(fatal=message))
+    time.sleep(0.5)  # let the writer thread send it
+    os._exit(1)
 
 
 def _read_inputs(socket: zmq.Socket, inputs: queue.Queue, parent: int) -> None:

@@ -31,3 +31,4 @@ class CoreThread:
         if self._thread is not None and self._thread.is_alive():
             self._loop.inputs.put(Shutdown())
             self._thread.join(timeout)
+        self.core.shutdown()

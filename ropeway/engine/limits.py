@@ -17,6 +17,7 @@ class ContextLimits:
     block_size: int
     default_policy: ContextPolicy
     default_scaling: RopeScaling
+    tensor_parallel_size: int = 1
 
     def policy(self, context: ContextParams | None) -> ContextPolicy:
         if context is None or context.context_policy is None:
@@ -38,6 +39,9 @@ class ContextLimits:
         if num_prompt_tokens == 0:
             raise InvalidParameter(param, "the prompt is empty")
         policy = self.policy(context)
+        if policy.type == "landmark" and self.tensor_parallel_size > 1:
+            raise InvalidParameter("context_policy.type", "the landmark policy is not supported under tensor "
+                                   "parallelism (--tensor-parallel-size > 1); use sink_window")
         if policy.bounded:
             cache = policy.max_cache_tokens(self.block_size)
             if cache > self.max_model_len:

@@ -20,9 +20,10 @@ class LLM:
 
     def generate(self, prompts: str | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False, context: ContextParams | list[ContextParams] | None = None
+                 use_tqdm: bool = True, context: ContextParams | list[ContextParams] | None = None
                  ) -> list[RequestOutput]:
-        """Prompts are strings or lists of token ids; outputs come back in the same order."""
+        """Prompts are strings or lists of token ids; outputs come back in the same order.
+        A progress bar counts finished requests, as vLLM's does (use_tqdm=False hides it)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if sampling_params is None:
@@ -53,7 +54,7 @@ class LLM:
         return [finished[i] for i in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = True) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.encode_chat(c) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)

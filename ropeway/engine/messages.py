@@ -59,6 +59,7 @@ class RequestDelta(msgspec.Struct, omit_defaults=True):
     num_evicted_tokens: int = 0
     # Sent once, in the first delta after the whole prompt has been computed.
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None  # with it: the k likeliest per token
 
 
 class RequestFailure(msgspec.Struct):

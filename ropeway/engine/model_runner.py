@@ -4,6 +4,7 @@ from itertools import chain
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ropeway.kernels import is_long_chunk
 from ropeway.models import ForwardBatch, LlamaModel, rope_parameters
@@ -11,6 +12,7 @@ from ropeway.models.forward_batch import block_table_width
 from ropeway.scheduler import RopePlan, SchedulerOutput
 
 from .cache_ops import CacheOps
+from .host_batch import HostBatch
 from .cuda_graphs import DecodeGraphs
 from ropeway.arith import round_up
 
@@ -31,6 +33,9 @@ class ModelRunner:
         self._inv_freq_table = torch.empty(0, model.config.head_dim // 2, dtype=torch.float32, device=self.device)
         self._attention_factors: list[float] = []
         self._attention_factor_table = torch.empty(0, dtype=torch.float32, device=self.device)
+        self._rope_plans: list[RopePlan] = []  # in the order of their rows
+        # Rank 0 under tensor parallelism: the WorkerGroup every step is also sent to.
+        self.workers = None
         # Everything a step does to the cache besides writing its own tokens' K/V.
         self.cache_ops = CacheOps(self, archive_bytes)
         # Pure-decode steps replay CUDA graphs on the GPU; None runs every step eagerly.
@@ -43,6 +48,7 @@ class ModelRunner:
         if index is None:
             inv_freq, factor = rope_parameters(plan)
             index = self._rope_index[plan] = len(self._attention_factors)
+            self._rope_plans.append(plan)
             self._attention_factors.append(factor)
             self._inv_freq_table = torch.cat([self._inv_freq_table, inv_freq.to(self.device, torch.float32)[None]])
             self._attention_factor_table = torch.tensor(self._attention_factors, dtype=torch.float32,
@@ -56,10 +62,16 @@ class ModelRunner:
 
     def build_batch(self, step: SchedulerOutput, logit_rows: list[int],
                     previous: tuple[torch.Tensor, dict[int, int]] | None = None) -> ForwardBatch:
-        """The step's flat batch, built with array operations (the per-sequence Python is one
-        read of each field) and sent to the device in two copies, one per integer type.
-        previous: (tokens on the device, row of each sequence id) of a step still in flight,
-        whose tokens stand as negative placeholders in the sequences' token ids."""
+        """The step's flat batch on the device. previous: (tokens on the device, row of each
+        sequence id) of a step still in flight, whose tokens stand as negative placeholders in
+        the sequences' token ids."""
+        host = self.host_batch(step, logit_rows, previous[1] if previous else None)
+        return self.upload(host, previous[0] if previous else None)
+
+    def host_batch(self, step: SchedulerOutput, logit_rows: list[int],
+                   previous_rows: dict[int, int] | None = None) -> HostBatch:
+        """The step's flat batch as host arrays, built with array operations (the per-sequence
+        Python is one read of each field): what every tensor-parallel rank uploads and runs."""
         items = step.scheduled
         num_seqs = len(items)
         num_new = np.fromiter((item.num_new_tokens for item in items), np.int64, num_seqs)
@@ -117,31 +129,40 @@ class ModelRunner:
 
         # Placeholders: tokens the previous step sampled on the device, taken from there.
         holes = np.flatnonzero(input_ids < 0)
-        sources = np.fromiter((previous[1][seqs[i].seq_id] for i in seq_index[holes]), np.int64, holes.size)
+        sources = np.fromiter((previous_rows[seqs[i].seq_id] for i in seq_index[holes]), np.int64, holes.size)
+        return HostBatch(
+            int64=[input_ids, positions, slot_mapping, logits_indices, plan_index, holes, sources],
+            # The block tables first: at the buffer's start they keep its alignment for the kernels.
+            int32=[block_tables, seq_index, query_start, seq_lens],
+            max_query_len=int(num_new.max()), max_seq_len=int(seq_lens.max()),
+            num_decode_seqs=num_decodes if total > num_seqs else 0,
+            long_chunks=[(int(query_start[i]), int(num_new[i]), int(cached[i])) for i in np.flatnonzero(group == 2)],
+            uses_slot_bias=any(seq.num_region_positions for seq in seqs))
+
+    def upload(self, host: HostBatch, previous_tokens: torch.Tensor | None = None) -> ForwardBatch:
+        """The batch on the device, in two copies, one per integer type; placeholders filled
+        from the previous step's tokens, which are still on the device."""
         input_ids, positions, slot_mapping, logits_indices, plan_index, holes, sources = self._upload(
-            [input_ids, positions, slot_mapping, logits_indices, plan_index, holes, sources], torch.int64)
+            host.int64, torch.int64)
         if holes.numel():
-            input_ids.index_copy_(0, holes, previous[0].index_select(0, sources))
-        # The block tables first: at the buffer's start they keep its alignment for the kernels.
-        block_tables_t, seq_index, query_start_loc, seq_lens_t = self._upload(
-            [block_tables, seq_index, query_start, seq_lens], torch.int32)
+            input_ids.index_copy_(0, holes, previous_tokens.index_select(0, sources))
+        block_tables, seq_index, query_start_loc, seq_lens = self._upload(host.int32, torch.int32)
         return ForwardBatch(
             input_ids=input_ids,
             positions=positions,
             seq_index=seq_index,
             slot_mapping=slot_mapping,
             query_start_loc=query_start_loc,
-            seq_lens=seq_lens_t,
-            block_tables=block_tables_t,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
             inv_freq=self._inv_freq_table.index_select(0, plan_index),
             attention_factor=self._attention_factor_table.index_select(0, plan_index),
             logits_indices=logits_indices,
-            max_query_len=int(num_new.max()),
-            max_seq_len=int(seq_lens.max()),
-            num_decode_seqs=num_decodes if total > num_seqs else 0,
-            long_chunks=tuple((int(query_start[i]), int(num_new[i]), int(cached[i]))
-                              for i in np.flatnonzero(group == 2)),
-            slot_bias=self.cache_ops.slot_bias if any(seq.num_region_positions for seq in seqs) else None,
+            max_query_len=host.max_query_len,
+            max_seq_len=host.max_seq_len,
+            num_decode_seqs=host.num_decode_seqs,
+            long_chunks=tuple(tuple(chunk) for chunk in host.long_chunks),
+            slot_bias=self.cache_ops.slot_bias if host.uses_slot_bias else None,
         )
 
     def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -175,10 +196,33 @@ class ModelRunner:
     def execute(self, step: SchedulerOutput, logit_rows: list[int],
                 previous: tuple[torch.Tensor, dict[int, int]] | None = None) -> torch.Tensor:
         """Logits for the rows `logit_rows(step)` asks for, sequence after sequence in scheduled
-        order. previous: see build_batch."""
-        self.cache_ops.apply(step)
-        batch = self.build_batch(step, logit_rows, previous)
+        order: apply the step's cache operations, build the batch, run it. previous: see
+        build_batch. Under tensor parallelism every other rank is sent the same step first."""
+        ops = self.cache_ops
+        if self.workers is not None:
+            ops.recorded = []
+        ops.apply(step)
+        host = self.host_batch(step, logit_rows, previous[1] if previous else None)
+        previous_tokens = previous[0] if previous else None
+        if self.workers is not None:
+            self.workers.send_step(self._rope_plans, ops.recorded, host, previous_tokens)
+            ops.recorded = None
+        return self.run(self.upload(host, previous_tokens))
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
         self.cache_ops.clear_written_slots(batch)
         if self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
         return self.model.forward(batch, self.kv_cache)
+
+    def run_worker_step(self, step) -> None:
+        """On a tensor-parallel worker: the step rank 0 sent (a WorkerStep), on this rank's shard."""
+        for plan in step.new_plans:  # numbered in the order rank 0 first saw them, as there
+            self.rope_index(plan)
+        for move in step.moves:
+            self.cache_ops.move_keys(move)
+        previous = None
+        if step.num_previous_tokens:
+            previous = torch.empty(step.num_previous_tokens, dtype=torch.int64, device=self.device)
+            dist.broadcast(previous, src=0)
+        self.run(self.upload(step.batch, previous))

@@ -29,10 +29,12 @@ class RequestAssembly:
         self.prompt_token_ids = prompt_token_ids
         self.choices = [ChoiceRecord(prompt_token_ids) for _ in range(n)]
         self.prompt_logprobs: list[float | None] | None = None
+        self.prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     def apply(self, delta: RequestDelta) -> RequestOutput:
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
+            self.prompt_top_logprobs = delta.prompt_top_logprobs
         outputs = []
         for change in delta.choices:
             record = self.choices[change.index]
@@ -57,4 +59,5 @@ class RequestAssembly:
         return RequestOutput(request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
                              outputs=outputs, finished=delta.finished, num_cached_tokens=delta.num_cached_tokens,
                              num_evicted_tokens=delta.num_evicted_tokens,
-                             metrics=delta.metrics, prompt_logprobs=self.prompt_logprobs)
+                             metrics=delta.metrics, prompt_logprobs=self.prompt_logprobs,
+                             prompt_top_logprobs=self.prompt_top_logprobs)

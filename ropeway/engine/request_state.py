@@ -30,6 +30,7 @@ class RequestState:
     choices: list[ChoiceState]
     metrics: RequestMetrics
     prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs_sent: bool = False
 
     @property
@@ -53,10 +54,12 @@ class RequestState:
             choice.sent_tokens = seq.num_tokens - seq.num_prompt_tokens
             choices.append(delta)
         first = self.choices[0].seq
-        prompt_logprobs = None
+        prompt_logprobs = prompt_top_logprobs = None
         prompt_done = first.num_computed_tokens >= first.num_prompt_tokens or self.finished
         if self.prompt_logprobs is not None and not self.prompt_logprobs_sent and prompt_done:
             prompt_logprobs, self.prompt_logprobs_sent = list(self.prompt_logprobs), True
+            prompt_top_logprobs = self.prompt_top_logprobs
         return RequestDelta(request_id=self.request_id, choices=choices, finished=self.finished,
                             metrics=self.metrics.snapshot(), num_cached_tokens=first.num_cached_prompt_tokens,
-                            num_evicted_tokens=first.num_evicted_tokens, prompt_logprobs=prompt_logprobs)
+                            num_evicted_tokens=first.num_evicted_tokens, prompt_logprobs=prompt_logprobs,
+                            prompt_top_logprobs=prompt_top_logprobs)

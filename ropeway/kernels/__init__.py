@@ -1,7 +1,8 @@
 """Ops used by the model, each with one signature and two implementations.
 
 Torch reference versions run on CPU and are the ground truth in tests; Triton versions
-run on CUDA tensors. The public functions below pick by the tensors' device, and import
+run on CUDA tensors. Attention on CPU takes a fast path (cpu_attention.py) that tests hold
+equal to its reference. The public functions below pick by the tensors' device, and import
 the Triton modules only then, so a CPU server never imports triton.
 """
 
@@ -10,12 +11,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .attention import paged_attention_reference
+from .cpu_attention import paged_attention_cpu, plan_cpu_attention
 from .kv_cache import write_kv_reference
 from .rerotate import rerotate_keys_reference
 from .rms_norm import add_rms_norm_reference, rms_norm_reference
 from .rotary import apply_rotary_reference
 from .rotary_write_kv import rotary_write_kv_reference
+from .sampling import filtered_draw_reference
 from .silu_mul import silu_mul_reference
 
 
@@ -70,19 +72,28 @@ def warm_up_long_chunk_attention(device, dtype, num_heads, num_kv_heads, head_di
         warm_up(device, dtype, num_heads, num_kv_heads, head_dim)
 
 
+def plan_attention(block_tables, seq_lens, query_start_loc, block_size, slot_bias=None):
+    """What paged_attention can work out once per batch for all layers: a plan on CPU, None
+    on CUDA (the kernels read the batch's tensors directly)."""
+    if block_tables.is_cuda:
+        return None
+    return plan_cpu_attention(block_tables, seq_lens, query_start_loc, block_size, slot_bias)
+
+
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                     max_query_len=None, max_seq_len=None, slot_bias=None, num_decode_seqs=0,
-                    long_chunks=()):
+                    long_chunks=(), plan=None):
     """num_decode_seqs: how many leading sequences have one query; long_chunks: (first query,
     queries, cached tokens before them) of the last sequences, chunks that is_long_chunk
-    picks. Both are launch hints only: the result is the same without them."""
+    picks. Both are launch hints only: the result is the same without them. plan: this
+    batch's plan_attention (None: made per call where one is needed)."""
     if q.is_cuda:
         from .triton_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                       scale, max_query_len, max_seq_len, slot_bias=slot_bias,
                                       num_decode_seqs=num_decode_seqs, long_chunks=long_chunks)
-    return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
-                                     query_start_loc, scale, max_query_len, max_seq_len, slot_bias)
+    return paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, slot_bias,
+                               plan)
 
 
 def rms_norm(x, weight, eps):
@@ -149,5 +160,14 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
                                 new_inv_freq, old_attention_factor, new_attention_factor)
 
 
-__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "paged_attention", "is_long_chunk",
-           "warm_up_long_chunk_attention", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys"]
+__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_attention", "paged_attention", "is_long_chunk",
+           "warm_up_long_chunk_attention", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
+           "filtered_draw"]
+
+
+def filtered_draw(scaled, cut, top_p, uniform, search: bool):
+    """The seeded draw of sampling after its top-p cut search (kernels/sampling.py says what)."""
+    if scaled.is_cuda:
+        from .triton_sampling import filtered_draw_triton
+        return filtered_draw_triton(scaled, cut, top_p, uniform, search)
+    return filtered_draw_reference(scaled, cut, top_p, uniform, search)

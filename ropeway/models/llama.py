@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ropeway.kernels import add_rms_norm, linear, linear_silu_mul, paged_attention, rms_norm, rotary_write_kv
+from ropeway.kernels import (add_rms_norm, linear, linear_silu_mul, paged_attention, plan_attention, rms_norm,
+                             rotary_write_kv)
 
 from .config import ModelConfig
 from .errors import ModelLoadError
@@ -137,6 +138,8 @@ class LlamaModel:
         h = tp.embed(batch.input_ids, self.embed_tokens)
         # The residual stream h is updated in place by the fused add + norm kernels.
         x = rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
+        attention_plan = plan_attention(batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                                        kv_cache.shape[3], batch.slot_bias)
         for i, layer in enumerate(self.layers):
             qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
             q = qkv[:, : self.q_size].view(num_tokens, self.num_local_heads, cfg.head_dim)
@@ -150,7 +153,7 @@ class LlamaModel:
                             batch.seq_index, batch.inv_freq, batch.attention_factor)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
-                                   batch.slot_bias, batch.num_decode_seqs, batch.long_chunks)
+                                   batch.slot_bias, batch.num_decode_seqs, batch.long_chunks, attention_plan)
             o = tp.all_reduce(linear(attn.reshape(num_tokens, self.q_size), layer.o_weight))
             x = add_rms_norm(o, h, layer.post_attention_norm, cfg.rms_norm_eps)
             mlp = tp.all_reduce(linear(linear_silu_mul(x, layer.gate_up_weight), layer.down_weight))

@@ -5,6 +5,6 @@ from .rope_scaling import ROPE_TYPES, RopeScaling
 from .scheduler import Eviction, Landmark, RopeGrowth, ScheduledSequence, Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 
-__all__ = ["BlockManager", "POLICY_TYPES", "ContextPolicy", "Eviction", "Landmark", "RopePlan", "RopePlanner", "bucket_length", "ROPE_TYPES", "RopeScaling",
-           "RopeGrowth", "ScheduledSequence", "Scheduler", "SchedulerConfig", "SchedulerOutput",
-           "Sequence", "SequenceStatus"]
+__all__ = ["BlockManager", "POLICY_TYPES", "ContextPolicy", "Eviction", "Landmark", "RopePlan", "RopePlanner",
+           "bucket_length", "ROPE_TYPES", "RopeScaling", "RopeGrowth", "ScheduledSequence", "Scheduler",
+           "SchedulerConfig", "SchedulerOutput", "Sequence", "SequenceStatus"]

@@ -1,6 +1,3 @@
-"""The OpenAI-compatible HTTP server (`ropeway serve`)."""
+"""The OpenAI-compatible HTTP server (`ropeway serve`): app.build_app over a context.ServerContext.
 
-from .app import build_app
-from .context import ServerContext, ServerSettings
-
-__all__ = ["build_app", "ServerContext", "ServerSettings"]
+Nothing is imported here, so `ropeway --help` (server/cli.py) loads neither torch nor the engine."""

@@ -30,12 +30,19 @@ def build_app(ctx: ServerContext) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await create_chat_completion(ctx, body, request)
 
+    def model_card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=ctx.created, root=ctx.model_name, max_model_len=ctx.max_model_len,
+                         trained_context_len=ctx.trained_context_len, context_policy=ctx.default_context_policy)
+
     @api.get("/v1/models")
     async def models() -> ModelList:
-        cards = [ModelCard(id=name, created=ctx.created, root=ctx.model_name, max_model_len=ctx.max_model_len,
-                           trained_context_len=ctx.trained_context_len, context_policy=ctx.default_context_policy)
-                 for name in ctx.settings.served_model_names]
-        return ModelList(data=cards)
+        return ModelList(data=[model_card(name) for name in ctx.settings.served_model_names])
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> ModelCard:
+        # (:path: a served name may hold slashes, as "org/model" names do.)
+        ctx.resolve_model(model_id)  # the 404 of every route for a model this server does not serve
+        return model_card(model_id)
 
     @api.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

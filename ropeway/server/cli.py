@@ -6,6 +6,7 @@ With no arguments it serves the built-in default model on http://127.0.0.1:8000.
 import argparse
 import asyncio
 import gc
+import importlib.metadata
 import json
 import logging
 import os
@@ -13,23 +14,17 @@ import re
 import signal
 import sys
 
-import uvicorn
-from sse_starlette.sse import AppStatus
-
+# Only what parsing needs: torch, the engine and the web stack load in serve(), so --help
+# and --version answer at once.
 from ropeway.config import EngineConfig
-from ropeway.engine import AsyncLLM, EngineCore, EngineStartError
-from ropeway.models.default_model import DEFAULT_MODEL_NAME
-
-from .app import build_app
-from .context import DEFAULT_MAX_REQUEST_BYTES, ServerContext, ServerSettings
-from .errors import APIError
-from .header_timeout import HeaderTimeoutProtocol
+from ropeway.request_bounds import DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger("ropeway")
 
 API_KEY_ENV = "ROPEWAY_API_KEY"
-# What builds the engine core in its process (benchmarks/serve_random_model.py swaps in random weights).
-ENGINE_CORE_FACTORY = EngineCore
+# What builds the engine core in its process; None: EngineCore (benchmarks/serve_random_model.py
+# swaps in one that builds random weights).
+ENGINE_CORE_FACTORY = None
 # Open requests are ended this long before --shutdown-timeout, so their responses finish in time.
 SHUTDOWN_CUT_OFF_MARGIN = 1.0
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
@@ -78,7 +73,8 @@ def json_object(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ropeway", description="ropeway: a long-context LLM inference server")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('ropeway')}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API",
                                 description="Serve the OpenAI-compatible API (the built-in default model "
                                             "on 127.0.0.1:8000 when run without arguments).")
@@ -121,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help='KV cache policy for unbounded streams, e.g. '
                              '\'{"type": "sink_window", "sinks": 4, "window": 4096}\' (default: none, '
                              'requests past the context are refused); requests may override it')
-    engine.add_argument("--session-store-fraction", type=float, default=0.25,
-                        help="share of the KV pool that may hold retained chat sessions (sink_window)")
+    engine.add_argument("--session-store-fraction", type=float, default=defaults.session_store_fraction,
+                        help="share of the KV pool that may hold retained chat sessions (sink_window) "
+                             f"(default: {defaults.session_store_fraction})")
     engine.add_argument("--retrieval-archive-memory", type=memory_size, default=defaults.retrieval_archive_bytes,
                         help="host memory for blocks evicted by landmark caches that retrieve, all requests "
                              "together; over it the largest archive forgets its oldest blocks (default: 4GiB)")
@@ -144,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="launch each greedy step before reading the previous one's tokens, so the "
                              "host's scheduling and output work overlaps the GPU (default: on on CUDA)")
+    engine.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                        help="split the model over this many GPUs (one worker process each beside the engine "
+                             "core; gloo processes on CPU) (default: 1)")
     engine.add_argument("--seed", type=int, default=defaults.seed,
                         help=f"seed for requests that give none (default: {defaults.seed})")
     return parser
@@ -158,43 +158,57 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, rope_scaling=args.rope_scaling,
         context_policy=args.context_policy, session_store_fraction=args.session_store_fraction,
         retrieval_archive_bytes=args.retrieval_archive_memory, async_scheduling=args.async_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
-def shutting_down() -> APIError:
+def shutting_down():
+    from .errors import APIError
+
     return APIError(503, "the server is shutting down; retry the request", code="server_shutting_down")
 
 
-class DrainingServer(uvicorn.Server):
+def draining_server(config, engine):
     """uvicorn that ends the requests still open just before --shutdown-timeout runs out: each
     stream gets an error frame and [DONE], each waiting client a 503, instead of a connection cut
-    mid-stream (uvicorn cancels what is left, which also logs a traceback per request)."""
+    mid-stream (uvicorn cancels what is left, which also logs a traceback per request). Built here,
+    not at import, so --help does not load uvicorn."""
+    import uvicorn
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncLLM):
-        super().__init__(config)
-        self.engine = engine
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            timeout = self.config.timeout_graceful_shutdown
+            cut_off = None
+            if timeout is not None:
+                cut_off = asyncio.get_running_loop().call_later(max(0.0, timeout - SHUTDOWN_CUT_OFF_MARGIN),
+                                                                engine.end_open_requests, shutting_down)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if cut_off is not None:
+                    cut_off.cancel()
 
-    async def shutdown(self, sockets=None) -> None:
-        timeout = self.config.timeout_graceful_shutdown
-        cut_off = None
-        if timeout is not None:
-            cut_off = asyncio.get_running_loop().call_later(max(0.0, timeout - SHUTDOWN_CUT_OFF_MARGIN),
-                                                            self.engine.end_open_requests, shutting_down)
-        try:
-            await super().shutdown(sockets)
-        finally:
-            if cut_off is not None:
-                cut_off.cancel()
+    return DrainingServer(config)
 
 
 def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from sse_starlette.sse import AppStatus
+
+    from ropeway.engine import AsyncLLM, EngineCore, EngineStartError
+    from ropeway.models.default_model import DEFAULT_MODEL_NAME
+
+    from .app import build_app
+    from .context import ServerContext, ServerSettings
+    from .header_timeout import HeaderTimeoutProtocol
+
     # As vLLM does, clients name the model by the --model argument unless told otherwise.
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
     try:
         config = engine_config(args)
         # The engine core (scheduler, model, KV cache) runs in a process of its own, so the HTTP
         # event loop and the engine's busy loop never share a GIL.
-        engine = AsyncLLM.spawn(config, names[0], args.log_level, ENGINE_CORE_FACTORY)
+        engine = AsyncLLM.spawn(config, names[0], args.log_level, ENGINE_CORE_FACTORY or EngineCore)
     except (EngineStartError, ValueError) as error:
         log.error("cannot start: %s", error)
         return 2
@@ -215,9 +229,9 @@ def serve(args: argparse.Namespace) -> int:
     # sse-starlette would end every open stream as soon as uvicorn sees the signal; draining lets
     # them run to their end, and only --shutdown-timeout cuts them short.
     AppStatus.disable_automatic_graceful_drain()
-    server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.shutdown_timeout,
-                                           http=HeaderTimeoutProtocol), engine)
+    server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                            timeout_graceful_shutdown=args.shutdown_timeout,
+                                            http=HeaderTimeoutProtocol), engine)
     # While serving, uvicorn's own handler drains on SIGTERM; once stopped it raises the signal
     # again with this one back in place, so the process exits 0 rather than dying of it. A SIGTERM
     # before uvicorn listens stops it as soon as it has started.
@@ -233,7 +247,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `ropeway`
+        parser.print_help()
+        return 0
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args)
 

@@ -7,14 +7,13 @@ from dataclasses import dataclass, field
 from ropeway.context_params import ContextParams
 from ropeway.engine import AsyncLLM
 from ropeway.outputs import RequestOutput
+from ropeway.request_bounds import DEFAULT_MAX_REQUEST_BYTES
 from ropeway.sampling_params import InvalidParameter, SamplingParams
 
 from .admission import AdmissionGate
 from .errors import APIError
 from .metrics import ServerMetrics
 from .tokenizer_pool import TokenizerPool
-
-DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,10 @@ class ServerContext:
     @property
     def max_num_seqs(self) -> int:
         return self.engine.info.max_num_seqs
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.info.vocab_size
 
     def require_engine(self) -> None:
         # Checked up front so a stream is refused with a status, not opened only to fail.

@@ -67,7 +67,8 @@ class ServerMetrics:
         self.request_success = Counter("ropeway:request_success", "Choices (sequences) that ended, by finish reason.",
                                        ["model_name", "finished_reason"], registry=registry)
         self._model_name = model_name
-        self.rope_plan_growths = counter("rope_plan_growths", "RoPE plans grown because a sequence outgrew its planned length.")
+        self.rope_plan_growths = counter("rope_plan_growths",
+                                         "RoPE plans grown because a sequence outgrew its planned length.")
         self.rope_plan_base = histogram("rope_plan_base", "Effective RoPE base of each chosen or grown plan "
                                         "(the base a plain RoPE would need for the plan's lowest frequency).",
                                         [10.0 ** (e / 2) for e in range(6, 21)])

@@ -1,21 +1,25 @@
 """The OpenAI-compatible wire format: request and response schemas (pydantic v2).
 
 Requests accept OpenAI's fields plus the sampling extras vLLM users rely on (top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids). Unknown fields are ignored, as OpenAI
-clients send fields a server may not know. Ranges are checked by SamplingParams, so the
-offline engine and the server refuse exactly the same values.
+repetition_penalty, ignore_eos, stop_token_ids, min_tokens, ...). An explicit null means
+"unset", as OpenAI's spec allows for its nullable fields. OpenAI fields this server does not
+implement are refused by name (unsupported_fields.py); fields nobody defined are ignored, as
+OpenAI clients send fields a server may not know. Ranges are checked by SamplingParams, so
+the offline engine and the server refuse exactly the same values.
 """
 
 import time
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from ropeway.context_params import ContextParams
-from ropeway.request_bounds import SAMPLING_BOUNDS
-from ropeway.sampling_params import SamplingParams
+from ropeway.request_bounds import COMPLETION_MAX_TOKENS_BOUND, REQUEST_ONLY_BOUNDS, SAMPLING_BOUNDS, Bound
+from ropeway.sampling_params import InvalidParameter, SamplingParams
+
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias: -100 (never) to 100 (always)
 
 
 def new_id(prefix: str) -> str:
@@ -41,10 +45,13 @@ def holds_lone_surrogate(value) -> bool:
     return False
 
 
-def add_sampling_bounds(schema: dict) -> None:
+REQUEST_BOUNDS: dict[str, Bound] = {**SAMPLING_BOUNDS, **REQUEST_ONLY_BOUNDS}
+
+
+def add_sampling_bounds(schema: dict, model: type) -> None:
     """Show the bounds table's ranges in the JSON schema (and so in /openapi.json)."""
     for name, field_schema in schema.get("properties", {}).items():
-        bound = SAMPLING_BOUNDS.get(name)
+        bound = model.field_bound(name)
         if bound is None:
             continue
         for branch in field_schema.get("anyOf", [field_schema]):
@@ -53,8 +60,16 @@ def add_sampling_bounds(schema: dict) -> None:
 
 
 class RequestBody(BaseModel):
-    # strict: JSON's types as sent ("5" is no integer, true no token id, 0 no boolean).
-    model_config = ConfigDict(extra="ignore", strict=True)
+    # strict: JSON's types as sent ("5" is no integer, true no token id, 0 no boolean). Extra fields
+    # are kept (model_extra) so the routes can refuse the OpenAI ones they lack.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_unset(cls, data):
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
     @field_validator("*")
     @classmethod
@@ -97,15 +112,27 @@ class SamplingFields(RequestBody):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (-1: the context limit)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>"
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs, each with the k likeliest tokens
+    logit_bias: dict[str, float] | None = None
     # ropeway's extensions: this request's RoPE scaling, e.g. {"rope_type": "dynamic", "factor": 4},
     # and its cache policy, e.g. {"type": "sink_window", "sinks": 4, "window": 4096}
     rope_scaling: dict | None = None
     context_policy: dict | None = None
 
-    @field_validator(*SAMPLING_BOUNDS, check_fields=False)
+    # A route's own bounds where they differ from the table's.
+    bound_overrides: ClassVar[dict[str, Bound]] = {}
+
+    @classmethod
+    def field_bound(cls, name: str) -> Bound | None:
+        return cls.bound_overrides.get(name) or REQUEST_BOUNDS.get(name)
+
+    @field_validator(*REQUEST_BOUNDS, check_fields=False)
     @classmethod
     def _within_bounds(cls, value, info):
-        bound = SAMPLING_BOUNDS[info.field_name]
+        bound = cls.field_bound(info.field_name)
         # (Chat's logprobs is a boolean: the bound is completions' number of logprobs.)
         if value is not None and not isinstance(value, bool) and not bound.contains(value):
             raise PydanticCustomError("out_of_range", f"must be {bound.describe()}")
@@ -116,13 +143,19 @@ class SamplingFields(RequestBody):
             return None
         return ContextParams(rope_scaling=self.rope_scaling, context_policy=self.context_policy)
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> SamplingParams:
         """Raises InvalidParameter naming the offending field."""
         optional = {
             "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
             "min_p": self.min_p, "repetition_penalty": self.repetition_penalty,
         }
-        return SamplingParams(
+        if self.stream_options is not None and not self.stream:
+            raise InvalidParameter("stream_options", "stream_options is only allowed with stream: true")
+        out_of_vocabulary = [t for t in self.stop_token_ids or [] if not 0 <= t < vocab_size]
+        if out_of_vocabulary:
+            raise InvalidParameter("stop_token_ids", f"stop_token_ids must be token ids in [0, {vocab_size}); "
+                                                     f"got {out_of_vocabulary[0]}")
+        params = SamplingParams(
             n=self.n,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
@@ -134,8 +167,44 @@ class SamplingFields(RequestBody):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            prompt_logprobs=self.prompt_logprobs is not None,
+            prompt_top_logprobs=self.prompt_logprobs or 0,
+            min_tokens=self.min_tokens,
+            logit_bias=self._token_logit_bias(vocab_size),
             **{name: value for name, value in optional.items() if value is not None},
         )
+        if not 0 <= self.min_tokens <= (params.max_tokens or self.min_tokens):
+            raise InvalidParameter("min_tokens", "min_tokens must be between 0 and max_tokens")
+        return params
+
+    def _token_logit_bias(self, vocab_size: int) -> dict[int, float] | None:
+        """OpenAI's {"token id as a string": bias} as {token id: bias}."""
+        if not self.logit_bias:
+            return None
+        biases = {}
+        for key, bias in self.logit_bias.items():
+            try:
+                token_id = int(key)
+            except ValueError:
+                raise InvalidParameter("logit_bias", f"logit_bias keys must be token ids; got {key!r}") from None
+            if not 0 <= token_id < vocab_size:
+                raise InvalidParameter("logit_bias", f"logit_bias token ids must be in [0, {vocab_size}); "
+                                                     f"got {token_id}")
+            if not -LOGIT_BIAS_LIMIT <= bias <= LOGIT_BIAS_LIMIT:
+                raise InvalidParameter("logit_bias", f"logit_bias values must be between -100 and 100; got {bias}")
+            biases[token_id] = bias
+        return biases
+
+    def truncated(self, token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt as vLLM's truncate_prompt_tokens cuts it: only its last k tokens."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return token_ids
+        if keep == -1:
+            keep = max_model_len
+        if keep < 1:
+            raise InvalidParameter("truncate_prompt_tokens", "truncate_prompt_tokens must be -1 or at least 1")
+        return token_ids[-keep:]
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -159,6 +228,18 @@ class Usage(ResponseBody):
     ropeway: RopewayUsage | None = None
 
 
+class PromptTokenLogprob(ResponseBody):
+    """vLLM's entry of prompt_logprobs: a token at one prompt position."""
+    logprob: float
+    rank: int | None  # 1 for the likeliest token; None for a prompt token outside the top k
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token (None for the first), token id -> its entry; the
+# prompt's own token is always there, with the k likeliest.
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -166,14 +247,14 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 class CompletionRequest(SamplingFields):
+    bound_overrides: ClassVar[dict[str, Bound]] = {"max_tokens": COMPLETION_MAX_TOKENS_BOUND}
     # A string, a list of strings, a list of token ids, or a list of lists of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # 0: score the prompt only (with echo or prompt_logprobs)
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
-    logit_bias: dict[str, float] | None = None
 
 
 class CompletionLogprobs(ResponseBody):
@@ -189,6 +270,7 @@ class CompletionChoice(ResponseBody):
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(ResponseBody):
@@ -196,9 +278,16 @@ class CompletionResponse(ResponseBody):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    system_fingerprint: str | None = None
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+    @model_serializer(mode="wrap")
+    def _usage_only_when_given(self, serialize):
+        # OpenAI's spec has no null usage for completions: stream chunks before the usage leave it out.
+        body = serialize(self)
+        if body.get("usage", ...) is None:
+            del body["usage"]
+        return body
 
 
 # ----- /v1/chat/completions -----
@@ -232,7 +321,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    logit_bias: dict[str, float] | None = None
+    continue_final_message: bool = False  # the reply continues the last (assistant) message
 
 
 class TopLogprob(ResponseBody):
@@ -250,11 +339,13 @@ class TokenLogprobContent(ResponseBody):
 
 class ChatLogprobs(ResponseBody):
     content: list[TokenLogprobContent] | None = None
+    refusal: None = None  # OpenAI's field for a refusal's tokens: this server never refuses
 
 
 class AssistantMessage(ResponseBody):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None
 
 
 class ChatChoice(ResponseBody):
@@ -270,9 +361,9 @@ class ChatCompletionResponse(ResponseBody):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class ChoiceDelta(ResponseBody):
@@ -298,7 +389,6 @@ class ChatCompletionChunk(ResponseBody):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    system_fingerprint: str | None = None
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 

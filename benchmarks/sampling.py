@@ -1,0 +1,140 @@
+"""Decode step time with sampling against greedy, and the sampler alone (issue 16).
+
+For each sampling setting (greedy; temperature 0.8 + top_p 0.95; temperature 0.8 + top_k 50;
+greedy with top-5 logprobs) and each batch size, B requests with `--context`-token random
+prompts are prefilled, then `--steps` decode steps are timed one by one (median). The sampler
+alone is timed on random [B, vocab] logits. Writes a table to stdout and JSON to `--out`.
+
+GPU (the issue's shape, random weights):
+    python benchmarks/sampling.py --random-llama3-8b --out benchmarks/results/sampling_h200.json
+CPU smoke run (a tiny random model):
+    python benchmarks/sampling.py --tiny
+"""
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from random_model import LLAMA3_8B, build_engine, full_vocab_tokenizer, load_random_model  # noqa: E402
+
+from ropeway import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from ropeway.engine.sampler import SamplingRow, sample  # noqa: E402
+from ropeway.engine.sampling_state import PenaltyState  # noqa: E402
+from ropeway.models import ModelConfig  # noqa: E402
+
+SETTINGS = {
+    "greedy": {"temperature": 0.0},
+    "temperature 0.8, top_p 0.95": {"temperature": 0.8, "top_p": 0.95},
+    "temperature 0.8, top_k 50": {"temperature": 0.8, "top_k": 50},
+    "greedy, top-5 logprobs": {"temperature": 0.0, "logprobs": 5},
+}
+
+TINY = ModelConfig(
+    architecture="llama", vocab_size=8192, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+    intermediate_size=128, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+    tie_word_embeddings=False, name="tiny-random",
+)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, steps: int) -> float:
+    vocab = engine.model_config.vocab_size
+    generator = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
+        engine.add_request(f"b{batch}-{i}", prompt, SamplingParams(max_tokens=steps + 5, ignore_eos=True, seed=i,
+                                                                  detokenize=False, **setting))
+    while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
+            or engine.scheduler.num_waiting:
+        engine.step()
+    for _ in range(3):  # warm-up decodes (and, with asynchronous scheduling, fill the pipeline)
+        engine.step()
+    times = []
+    for _ in range(steps):
+        synchronize(engine.device)
+        started = time.perf_counter()
+        engine.step()
+        synchronize(engine.device)
+        times.append((time.perf_counter() - started) * 1e3)
+    while engine.has_unfinished_requests():  # the last few tokens
+        engine.step()
+    return statistics.median(times)
+
+
+def sampler_alone_us(batch: int, vocab: int, setting: dict, device: torch.device, repeats: int) -> float:
+    logits = torch.randn(batch, vocab, device=device) * 4
+    rows = [SamplingRow(SamplingParams(seed=i, **setting), seed=i, step=0) for i in range(batch)]
+    state = PenaltyState(vocab, device)
+    for _ in range(3):
+        sample(logits, rows, state).read()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        sample(logits, rows, state).read()
+        times.append((time.perf_counter() - started) * 1e6)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape = parser.add_mutually_exclusive_group(required=True)
+    shape.add_argument("--random-llama3-8b", action="store_true")
+    shape.add_argument("--tiny", action="store_true", help="a tiny random model on CPU (a smoke run)")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,64; tiny: 1,8)")
+    parser.add_argument("--context", type=int, default=None, help="prompt tokens (default 1024; tiny: 64)")
+    parser.add_argument("--steps", type=int, default=None, help="timed decode steps (default 50; tiny: 5)")
+    parser.add_argument("--kv-gib", type=float, default=20)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    batches = [int(b) for b in (args.batches or ("1,8" if args.tiny else "1,64")).split(",")]
+    context = args.context or (64 if args.tiny else 1024)
+    steps = args.steps or (5 if args.tiny else 50)
+    if args.tiny:
+        config = EngineConfig(dtype="float32", device="cpu", max_num_seqs=max(batches),
+                              kv_cache_memory_bytes=64 * 2**20)
+        engine = LLMEngine(config, loaded=load_random_model(TINY, torch.float32, torch.device("cpu"),
+                                                            full_vocab_tokenizer(TINY.vocab_size)))
+    else:
+        config = EngineConfig(dtype="bfloat16", max_num_seqs=max(batches),
+                              kv_cache_memory_bytes=int(args.kv_gib * 2**30))
+        engine = build_engine(config, random_llama3_8b=True, tokenizer=full_vocab_tokenizer(LLAMA3_8B.vocab_size))
+        engine.capture_decode_graphs()
+    vocab = engine.model_config.vocab_size
+    results = {"device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
+               "model": engine.model_config.name, "vocab": vocab, "context": context, "decode_step_ms": {},
+               "sampler_alone_us": {}}
+    for batch in batches:
+        for name, setting in SETTINGS.items():
+            step = decode_step_ms(engine, batch, context, setting, steps)
+            alone = sampler_alone_us(batch, vocab, setting, engine.device, repeats=max(steps, 20))
+            results["decode_step_ms"].setdefault(name, {})[batch] = round(step, 3)
+            results["sampler_alone_us"].setdefault(name, {})[batch] = round(alone, 1)
+    header = " | ".join(f"B={b} step ms (x greedy) | B={b} sampler us" for b in batches)
+    print(f"| setting | {header} |")
+    print("| --- |" + " ---: |" * (2 * len(batches)))
+    for name in SETTINGS:
+        cells = []
+        for batch in batches:
+            step = results["decode_step_ms"][name][batch]
+            ratio = step / results["decode_step_ms"]["greedy"][batch]
+            cells += [f"{step:.2f} ({ratio:.2f}x)", f"{results['sampler_alone_us'][name][batch]:.0f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.out:
+        pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

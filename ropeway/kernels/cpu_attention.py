@@ -1,0 +1,153 @@
+"""Paged attention on CPU, fast: the same contract as paged_attention_reference (attention.py).
+
+The reference gives every sequence an explicit [queries, keys] mask, which sends torch's SDPA
+down its slowest (math) path. Here:
+- decodes run batched, with no Python per sequence: their keys are gathered into
+  [B, Hkv, L, D] per length bucket (powers of two of the block count, so padding at most
+  doubles the work), one SDPA call per bucket with a key-length mask;
+- a prefill chunk with no cached prefix is plain causal SDPA, no mask;
+- a chunk after a cached prefix attends to the prefix (no mask) and to itself (causal) in two
+  calls of torch's CPU flash kernel, merged by their log-sum-exps: no [chunk, prefix] mask.
+GQA needs no repeated keys for the unmasked parts: a KV head's query group is stacked into
+its query rows. slot_bias (landmark caches) is added as a float mask where it applies.
+
+Everything that depends only on the batch's layout (which cache slots each sequence reads,
+the masks) is worked out once per step in a CpuAttentionPlan; each layer then only gathers
+its keys and values and attends.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# What F.scaled_dot_product_attention runs on CPU, called directly because it also returns
+# the log-sum-exp of each query's scores, which merging two partial attentions needs.
+_flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+@dataclass
+class DecodeBucket:
+    rows: torch.Tensor              # [B] each sequence's query row in q
+    slots: torch.Tensor             # [B, L] cache slots of its keys; padding repeats a real slot
+    mask: torch.Tensor | None       # [B, 1, 1, L] fp32: 0 or slot bias on keys, -inf on padding
+
+
+@dataclass
+class Chunk:
+    start: int                      # first query row in q
+    num_queries: int
+    prefix: int                     # cached tokens before the chunk
+    slots: torch.Tensor             # [prefix + num_queries] cache slots
+    bias: torch.Tensor | None       # [prefix + num_queries] fp32 slot bias
+
+
+@dataclass
+class CpuAttentionPlan:
+    decode_buckets: list[DecodeBucket]
+    chunks: list[Chunk]
+
+
+def plan_cpu_attention(block_tables, seq_lens, query_start_loc, block_size, slot_bias=None) -> CpuAttentionPlan:
+    """The layer-independent part of paged_attention_cpu for one batch."""
+    starts = query_start_loc.long()
+    num_queries = starts[1:] - starts[:-1]
+    seq_lens = seq_lens.long()
+    decodes = (num_queries == 1).nonzero().flatten()
+    buckets = []
+    if decodes.numel():
+        lens = seq_lens[decodes]
+        num_blocks = -(-lens // block_size)
+        bucket_of = torch.ceil(torch.log2(num_blocks.to(torch.float64))).to(torch.int64)
+        for bucket in bucket_of.unique().tolist():
+            members = decodes[bucket_of == bucket]
+            member_lens = seq_lens[members]
+            length = int(member_lens.max())
+            positions = torch.arange(length)
+            valid = positions[None, :] < member_lens[:, None]
+            # Past a sequence's end read its first key instead (any slot may hold NaN, which a
+            # -inf score would not keep out of the weighted sum); the mask drops it.
+            positions = torch.where(valid, positions, 0)  # [B, L]
+            blocks = block_tables[members].long().gather(1, positions // block_size)
+            slots = blocks * block_size + positions % block_size
+            mask = None
+            if slot_bias is not None or not bool(valid.all()):
+                bias = 0.0 if slot_bias is None else slot_bias.view(-1)[slots]
+                mask = torch.where(valid, bias, float("-inf"))[:, None, None, :]
+            buckets.append(DecodeBucket(starts[members], slots, mask))
+    chunks = []
+    for s in (num_queries > 1).nonzero().flatten().tolist():
+        seq_len, n = int(seq_lens[s]), int(num_queries[s])
+        positions = torch.arange(seq_len)
+        slots = block_tables[s].long()[positions // block_size] * block_size + positions % block_size
+        bias = None if slot_bias is None else slot_bias.view(-1)[slots]
+        chunks.append(Chunk(int(starts[s]), n, seq_len - n, slots, bias))
+    return CpuAttentionPlan(buckets, chunks)
+
+
+def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, slot_bias=None,
+                        plan: CpuAttentionPlan | None = None) -> torch.Tensor:
+    """As paged_attention_reference (attention.py): q [T, Hq, D] -> [T, Hq, D]. plan: this batch's
+    plan_cpu_attention, made once for all layers (None: made here)."""
+    if plan is None:
+        plan = plan_cpu_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], slot_bias)
+    out = torch.empty_like(q)
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    keys = k_cache.view(-1, num_kv_heads, head_dim)
+    values = v_cache.view(-1, num_kv_heads, head_dim)
+    for bucket in plan.decode_buckets:
+        _decode(q, keys, values, bucket, scale, out)
+    for chunk in plan.chunks:
+        _chunk(q, keys, values, chunk, scale, out)
+    return out
+
+
+def _decode(q, keys, values, bucket: DecodeBucket, scale, out):
+    num_kv_heads, head_dim = keys.shape[1:]
+    batch = bucket.rows.shape[0]
+    k = keys[bucket.slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+    v = values[bucket.slots].to(q.dtype).transpose(1, 2)
+    # Query head h reads KV head h // group: each KV head's group becomes its query rows.
+    queries = q[bucket.rows].view(batch, num_kv_heads, -1, head_dim)
+    mask = None if bucket.mask is None else bucket.mask.to(q.dtype)
+    o = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scale)
+    out[bucket.rows] = o.reshape(batch, -1, head_dim)
+
+
+def _chunk(q, keys, values, chunk: Chunk, scale, out):
+    num_kv_heads, head_dim = keys.shape[1:]
+    num_q_heads = q.shape[1]
+    group = num_q_heads // num_kv_heads
+    start, n, prefix = chunk.start, chunk.num_queries, chunk.prefix
+    k = keys[chunk.slots].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+    v = values[chunk.slots].to(q.dtype).transpose(0, 1)[None]
+    bias = None if chunk.bias is None else chunk.bias.to(q.dtype)
+    queries = q[start : start + n].transpose(0, 1)[None]  # [1, Hq, n, D]
+    if prefix == 0 and bias is None:
+        o = F.scaled_dot_product_attention(queries, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        out[start : start + n] = o[0].transpose(0, 1)
+        return
+    # The chunk over its own keys, causal; GQA by repeating its (few) keys.
+    own_k = k[:, :, prefix:].repeat_interleave(group, dim=1)
+    own_v = v[:, :, prefix:].repeat_interleave(group, dim=1)
+    if bias is None:
+        o_own, lse_own = _flash_attention_cpu(queries, own_k, own_v, is_causal=True, scale=scale)
+    else:
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        mask = torch.where(causal, bias[prefix:][None, :], float("-inf"))
+        o_own, lse_own = _flash_attention_cpu(queries, own_k, own_v, attn_mask=mask, scale=scale)
+    if prefix == 0:
+        out[start : start + n] = o_own[0].transpose(0, 1)
+        return
+    # Every query sees the whole prefix: each KV head's group stacked into its query rows.
+    stacked = queries.reshape(1, num_kv_heads, group * n, head_dim)
+    prefix_mask = None if bias is None else bias[:prefix][None, :]
+    o_prefix, lse_prefix = _flash_attention_cpu(stacked, k[:, :, :prefix], v[:, :, :prefix],
+                                                attn_mask=prefix_mask, scale=scale)
+    o_prefix = o_prefix.reshape(1, num_q_heads, n, head_dim)
+    lse_prefix = lse_prefix.reshape(1, num_q_heads, n)
+    # softmax over the union of keys = the two partial results weighed by their exp(lse);
+    # a prefix entirely masked (lse -inf) weighs nothing, whatever its output holds.
+    weight_prefix = torch.sigmoid(lse_prefix - lse_own)[..., None]
+    merged = torch.lerp(o_own.float(), o_prefix.float().nan_to_num(), weight_prefix)
+    out[start : start + n] = merged[0].transpose(0, 1).to(q.dtype)
