@@ -2,6 +2,16 @@
 
 from dataclasses import dataclass, field
 
+from ropeway.request_bounds import (
+    INT32_MAX,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_LOGPROBS,
+    SAMPLING_BOUNDS,
+)
+
 
 class InvalidParameter(ValueError):
     """A request field with a bad value; `param` names the field (for OpenAI error objects)."""
@@ -10,9 +20,6 @@ class InvalidParameter(ValueError):
         super().__init__(message)
         self.param = param
 
-
-MAX_TOP_LOGPROBS = 20
-MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 
 
 @dataclass
@@ -46,27 +53,27 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        for name, bound in SAMPLING_BOUNDS.items():
+            value = getattr(self, name, None)
+            if value is not None and not bound.contains(value):
+                raise InvalidParameter(name, f"{name} must be {bound.describe()}")
         checks = [
-            ("n", self.n >= 1, "n must be at least 1"),
-            ("temperature", 0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            ("top_k", self.top_k >= 0, "top_k must be -1 (off), 0 (off) or positive"),
-            ("min_p", 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            ("repetition_penalty", 0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
-            ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_TOP_LOGPROBS,
-             f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
-            ("prompt_logprobs", 0 <= self.prompt_top_logprobs <= MAX_TOP_LOGPROBS,
-             f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
-            ("stop", len(self.stop) <= 16, "at most 16 stop strings"),
-            ("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+            ("stop", len(self.stop) <= MAX_STOP_STRINGS, f"at most {MAX_STOP_STRINGS} stop strings"),
+            ("stop", all(isinstance(s, str) and len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+             f"stop strings must be strings of at most {MAX_STOP_STRING_CHARS} characters"),
+            ("stop_token_ids", len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS,
+             f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids"),
+            ("stop_token_ids", all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                   for t in self.stop_token_ids),
              "stop_token_ids must be non-negative integers"),
             ("stop", self.detokenize or not self.stop, "stop strings need detokenize=True"),
-            ("seed", self.seed is None or -(2**63) <= self.seed < 2**64, "seed must fit in 64 bits"),
-            ("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0,
-             "min_tokens must be a non-negative integer"),
+            ("prompt_logprobs", isinstance(self.prompt_top_logprobs, int)
+             and not isinstance(self.prompt_top_logprobs, bool) and 0 <= self.prompt_top_logprobs <= MAX_TOP_LOGPROBS,
+             f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
+            ("min_tokens", isinstance(self.min_tokens, int) and not isinstance(self.min_tokens, bool)
+             and self.min_tokens >= 0, "min_tokens must be a non-negative integer"),
+            ("min_tokens", not isinstance(self.min_tokens, int) or self.min_tokens <= INT32_MAX,
+             f"min_tokens must be at most {INT32_MAX}"),
             ("min_tokens", not isinstance(self.min_tokens, int) or self.max_tokens is None
              or self.min_tokens <= self.max_tokens,
              "min_tokens must not exceed max_tokens"),

@@ -15,6 +15,7 @@ from openai_spec import SpecCheckedApp
 from ropeway.engine import AsyncLLM
 from ropeway.server.app import build_app
 from ropeway.server.context import ServerContext, ServerSettings
+from ropeway.server.header_timeout import HeaderTimeoutProtocol
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -26,12 +27,14 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, engine: AsyncLLM, **settings):
+    """uvicorn as `ropeway serve` configures it (HTTP protocol included); settings are ServerSettings'."""
+
+    def __init__(self, engine: AsyncLLM, http_protocol: type = HeaderTimeoutProtocol, **settings):
         self.ctx = ServerContext.create(engine, ServerSettings(served_model_names=(MODEL_NAME,), **settings))
         self.port = free_port()
         # Every response is checked against OpenAI's spec on its way out (conftest.py reports).
         config = uvicorn.Config(SpecCheckedApp(build_app(self.ctx)), host="127.0.0.1", port=self.port,
-                                log_level="warning")
+                                log_level="warning", http=http_protocol)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.port}", daemon=True)
 
@@ -51,6 +54,7 @@ class RunningServer:
     def __exit__(self, *_) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+        self.ctx.tokenizers.shutdown()
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:

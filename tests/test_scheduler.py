@@ -2,7 +2,8 @@
 
 import random
 
-from ropeway.scheduler import BlockManager, RopePlan, Scheduler, SchedulerConfig, Sequence
+from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlan, Scheduler, SchedulerConfig, Sequence,
+                               SequenceStatus)
 
 PLAN = RopePlan("default", 10000.0, 64, 2048)
 OTHER_PLAN = RopePlan("default", 20000.0, 64, 2048)
@@ -132,3 +133,29 @@ def test_freed_cached_blocks_are_reused_least_recent_first():
     bm.allocate(fresh, 4)
     assert fresh.block_table == [3]  # never used before: cached blocks wait longer
     assert bm.find_cached_prefix(again) == [0, 1]
+
+
+def test_the_session_store_counts_a_block_shared_by_two_sessions_once():
+    """Two chats with a common opening retain caches that share its blocks: the store's size (its
+    metric, and the number its limit compares) counts each block once (issue 23, item 7)."""
+    bm = BlockManager(64, 4)
+    scheduler = Scheduler(SchedulerConfig(), bm, session_store_blocks=64)
+    policy = ContextPolicy(type="sink_window", sinks=4, window=64)
+    opening = list(range(1, 13))  # three full blocks
+    chats = [Sequence(seq_id=i, request_id=str(i), choice_index=0, prompt_token_ids=opening + [20 + i] * 5,
+                      rope_plan=PLAN, arrival=i, max_total_tokens=19, context_policy=policy) for i in range(2)]
+    for seq in chats:  # one after the other: the second finds the opening in the prefix cache
+        scheduler.add([seq])
+        while seq.status is not SequenceStatus.FINISHED:
+            plan = scheduler.schedule()
+            scheduler.update_after_step(plan)
+            if any(item.seq is seq and item.samples for item in plan.scheduled):
+                seq.token_ids.append(7)
+                if seq.num_tokens >= seq.max_total_tokens:
+                    scheduler.finish(seq, retain=True)
+    entries = list(scheduler.sessions.entries.values())
+    assert len(entries) == 2
+    tables = [entry.block_table for entry in entries]
+    assert tables[0][:3] == tables[1][:3]  # the opening's blocks, shared
+    assert scheduler.sessions.num_blocks == len(set(tables[0]) | set(tables[1])) == bm.num_used_blocks
+    assert scheduler.sessions.num_blocks < sum(len(table) for table in tables)

@@ -17,12 +17,13 @@ from ropeway.config import EngineConfig
 from ropeway.context_params import ContextParams
 from ropeway.models.tokenizer import RopewayTokenizer
 from ropeway.outputs import RequestOutput
-from ropeway.sampling_params import InvalidParameter, SamplingParams
+from ropeway.sampling_params import SamplingParams
 from ropeway.scheduler import ContextPolicy, RopeScaling
 
 from .core import EngineCore
 from .core_client import CoreProcess
 from .core_thread import CoreThread
+from .faults import RequestFailedError, failure_error
 from .input_processor import InputProcessor
 from .limits import ContextLimits
 from .messages import AbortRequests, EngineInfo, EngineOutputs
@@ -138,6 +139,16 @@ class AsyncLLM:
         if self.is_alive:
             self.core.send(AbortRequests([request_id]))
 
+    def end_open_requests(self, make_error: Callable[[], Exception]) -> None:
+        """Abort every open request in the engine and raise make_error() in each one's generate() (a
+        server that stops before they finish: their responses end with it instead of being cut)."""
+        request_ids = list(self._sinks)
+        if request_ids and self.is_alive:
+            self.core.send(AbortRequests(request_ids))
+        for request_id in request_ids:
+            sink, loop, _ = self._sinks[request_id]
+            loop.call_soon_threadsafe(sink.put_nowait, make_error())
+
     # ----- the output thread -----
 
     def _on_outputs(self, outputs: EngineOutputs) -> None:
@@ -151,11 +162,15 @@ class AsyncLLM:
         for delta in outputs.deltas:
             target = self._sinks.get(delta.request_id)
             if target is not None:
-                deliver(delta.request_id, target[2].apply(delta))
+                try:
+                    item = target[2].apply(delta)
+                except Exception as error:  # one request's output fails it alone, never this thread
+                    log.exception("assembling the output of request %s failed", delta.request_id)
+                    self.abort(delta.request_id)
+                    item = RequestFailedError(f"the request failed while assembling its output: {error!r}")
+                deliver(delta.request_id, item)
         for failure in outputs.failures:
-            error = (InvalidParameter(failure.param or "request", failure.message) if failure.status == 400
-                     else RuntimeError(failure.message))
-            deliver(failure.request_id, error)
+            deliver(failure.request_id, failure_error(failure))
         if outputs.fatal is not None:
             self.fatal = outputs.fatal
             log.error("%s; every open request fails and /health answers 503", outputs.fatal)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ropeway import fault_injection
 from ropeway.arith import cdiv
 from ropeway.config import EngineConfig
 from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention
@@ -21,12 +22,13 @@ from ropeway.models import LlamaModel, RopewayTokenizer, TensorParallel, effecti
 from ropeway.outputs import RequestMetrics
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlanner, RopeScaling, Scheduler, SchedulerConfig,
-                               Sequence)
+                               SchedulerOutput, Sequence)
 
 from .detokenizer import IncrementalDetokenizer
 from .kv_pool import allocate_kv_cache, plan_kv_pool
 from .limits import ContextLimits
-from .messages import EngineInfo, EngineRequest, RequestDelta, TokenizerSpec
+from .faults import is_device_fault, request_failure
+from .messages import EngineInfo, EngineRequest, RequestDelta, RequestFailure, TokenizerSpec
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .request_state import ChoiceState, RequestState
@@ -192,6 +194,7 @@ class EngineCore:
         self.default_rope_plan = self.planner.model_plan
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats_totals = StatsSnapshot()
+        self.failures: list[RequestFailure] = []  # requests failed since the loop last took them
         self.async_scheduling = config.uses_async_scheduling(self.device)
         self._in_flight: InFlightStep | None = None
         self._arrivals = itertools.count()
@@ -248,6 +251,10 @@ class EngineCore:
         """Queue a request; raises InvalidParameter (naming the field) for one it cannot serve."""
         if request.request_id in self.requests:
             raise InvalidParameter("request_id", f"request id {request.request_id!r} is already in use")
+        if fault_injection.is_armed():
+            fault_injection.note_prompt(request.request_id,
+                                        request.prompt or self.tokenizer.decode(request.prompt_token_ids))
+            fault_injection.check("admit", request.request_id)
         params, context, token_ids = request.params, request.context, request.prompt_token_ids
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
@@ -298,6 +305,19 @@ class EngineCore:
                     choice.seq.token_ids.pop()  # its step is in flight: the token is dropped
         return state.make_delta()
 
+    def fail_request(self, request_id: str, error: Exception, stage: str) -> None:
+        """A fault tied to one request ends that request alone: its blocks are freed and the API
+        side hears why (400 for a value the request gave, 500 otherwise); the engine goes on."""
+        if not isinstance(error, InvalidParameter):
+            log.error("request %s failed while %s", request_id, stage, exc_info=error)
+        self.abort_request(request_id)
+        self.stats_totals.request_failures += 1
+        self.failures.append(request_failure(request_id, error, stage))
+
+    def take_failures(self) -> list[RequestFailure]:
+        failures, self.failures = self.failures, []
+        return failures
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -315,6 +335,8 @@ class EngineCore:
         logprobs, bounded caches); a sequence that stopped has computed one token too many,
         which is dropped. Without it, each step is read at its end."""
         plan = self.scheduler.schedule()
+        if plan.failed:
+            self._fail_scheduled(plan)
         pending, self._in_flight = self._in_flight, None
         if plan.is_empty:
             return self._resolve(pending) if pending else []
@@ -325,29 +347,81 @@ class EngineCore:
                 metrics.first_scheduled_time = now
         samplers = [item.seq for item in plan.scheduled if item.samples]
         logit_rows = self.runner.logit_rows(plan)
-        # The in-flight step's tokens fill this one's placeholders (a step that sampled nothing left none).
-        previous = (pending.tokens, pending.rows()) if pending and pending.sampled is not None else None
-        logits = self.runner.execute(plan, logit_rows, previous)
+        for item in plan.scheduled:  # a fault here (or in execute) leaves the device state unknown
+            fault_injection.check("execute", item.seq.request_id)
+        # (A pending step that sampled nothing, e.g. a prefill chunk, or one whose every sampling
+        # request failed, left no placeholder to fill.)
+        in_flight_tokens = (pending.tokens, pending.rows()) if pending and pending.sampled is not None else None
+        logits = self.runner.execute(plan, logit_rows, in_flight_tokens)
         prompt_chunks = []
         if len(samplers) != len(logits):
             logits, prompt_chunks = self._prompt_logprobs(plan, logit_rows, logits)
-        sampled = None
+        sampled, failed = None, {}
         if samplers:
             # (Sequences that stopped on the in-flight step's tokens sample too; their token is dropped.)
-            rows = [self._sampling_row(seq) for seq in samplers]
-            sampled = sample(logits, rows, self.penalty_state, self.eos_token_ids)
-            self.penalty_state.record([row.penalty_row for row in rows], sampled.token_ids)
+            # A request whose sampling raises fails alone; the others' rows are sampled together.
+            samplers, sampled, failed = self._sample(logits, samplers)
         launched = InFlightStep.launched(samplers, sampled, prompt_chunks)
         outputs = self._resolve(pending) if pending else []
         self.scheduler.update_after_step(plan)
         self.stats_totals.steps += 1
+        for request_id, error in failed.items():  # once the step is booked, as a fault in reporting
+            self.fail_request(request_id, error, "sampling")
         if not self.async_scheduling:
             return outputs + self._resolve(launched)
-        for seq in samplers:
+        for seq in launched.samplers:
             if self.outputs.choice(seq) is not None:
                 seq.token_ids.append(PLACEHOLDER)
         self._in_flight = launched
         return outputs
+
+    def _fail_scheduled(self, plan: SchedulerOutput) -> None:
+        """Fail the requests whose scheduling raised, and take their other choices out of the plan."""
+        for seq, error in plan.failed:
+            self.fail_request(seq.request_id, error, "scheduling")
+        failed = {seq.request_id for seq, _ in plan.failed}
+        for items in (plan.scheduled, plan.rope_growths, plan.evictions):
+            items[:] = [item for item in items if item.seq.request_id not in failed]
+
+    def _sample(self, logits: torch.Tensor, samplers: list[Sequence]
+                ) -> tuple[list[Sequence], SampledTokens | None, dict[str, Exception]]:
+        """Sample the batch (tokens left on the device); if that raises, find the rows at fault by
+        sampling each alone (a row's draw does not depend on its batch) and sample the rest
+        together. Returns the sequences that sampled, in the result's row order, and the requests
+        to fail (every choice of a request with a faulty row is left out)."""
+        try:
+            for seq in samplers:
+                fault_injection.check("sample", seq.request_id)
+            return samplers, self._sample_rows(logits, [self._sampling_row(seq) for seq in samplers]), {}
+        except Exception as error:
+            if is_device_fault(error):
+                raise
+        failed: dict[str, Exception] = {}
+        sampling_rows: dict[int, SamplingRow] = {}
+        for row, seq in enumerate(samplers):
+            if seq.request_id in failed:
+                continue
+            try:
+                fault_injection.check("sample", seq.request_id)
+                sampling_row = self._sampling_row(seq)
+                sample(logits[row : row + 1], [sampling_row], self.penalty_state, self.eos_token_ids)
+            except Exception as error:
+                if is_device_fault(error):
+                    raise
+                failed[seq.request_id] = error
+                continue
+            sampling_rows[row] = sampling_row
+        live = [row for row in sampling_rows if samplers[row].request_id not in failed]
+        if not live:
+            return [], None, failed
+        index = torch.tensor(live, dtype=torch.int64, device=logits.device)
+        sampled = self._sample_rows(logits.index_select(0, index), [sampling_rows[row] for row in live])
+        return [samplers[row] for row in live], sampled, failed
+
+    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+        sampled = sample(logits, rows, self.penalty_state, self.eos_token_ids)
+        self.penalty_state.record([row.penalty_row for row in rows], sampled.token_ids)
+        return sampled
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         state = self.requests[seq.request_id]
@@ -380,10 +454,18 @@ class EngineCore:
         now = time.monotonic()
         touched: dict[str, RequestState] = {}
         for seq, token, row in zip(samplers, token_ids, result_rows):
-            state = self.requests[seq.request_id]
-            if self.outputs.accept(state, state.choices[seq.choice_index], token, result, row):
-                self.scheduler.finish(seq, retain=True)
-                self.penalty_state.release(seq.seq_id)
+            state = self.requests.get(seq.request_id)
+            if state is None:
+                continue  # another of its choices failed in this loop
+            try:
+                fault_injection.check("report", seq.request_id)
+                if self.outputs.accept(state, state.choices[seq.choice_index], token, result, row):
+                    self.scheduler.finish(seq, retain=True)
+                    self.penalty_state.release(seq.seq_id)
+            except Exception as error:
+                self.fail_request(seq.request_id, error, "reporting")
+                touched.pop(seq.request_id, None)
+                continue
             if state.metrics.first_token_time is None:
                 state.metrics.first_token_time = now
             state.metrics.last_token_time = now
@@ -393,8 +475,14 @@ class EngineCore:
         for state in touched.values():
             if state.finished:
                 state.metrics.finished_time = now
+            try:
+                delta = state.make_delta()
+            except Exception as error:
+                self.fail_request(state.request_id, error, "reporting")
+                continue
+            if state.finished:
                 del self.requests[state.request_id]
-            deltas.append(state.make_delta())
+            deltas.append(delta)
         return deltas
 
     def _prompt_logprobs(self, plan, logit_rows: list[int], logits: torch.Tensor

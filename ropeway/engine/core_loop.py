@@ -1,18 +1,21 @@
 """The engine core's busy loop: apply the inputs that arrived, run one step, emit its outputs.
 
 The same loop runs on a thread of the API process (tests, `AsyncLLM.in_thread`) and as the main
-loop of the engine-core process. Faults tied to one request fail that request alone; a fault in
-the step itself leaves the device state unknown, so the loop stops and says so (`fatal`).
+loop of the engine-core process. Faults tied to one request (admitting, scheduling, sampling,
+reporting it) fail that request alone (engine/faults.py); so does a fault in the stats snapshot,
+which only costs the API side one update. Any other fault in the step (the model's forward pass,
+a device error) leaves the device state unknown, so the loop stops and says so (`fatal`).
 """
 
 import logging
 import queue
 from collections.abc import Callable
 
-from ropeway.sampling_params import InvalidParameter
+from ropeway import fault_injection
 
 from .core import EngineCore
-from .messages import AbortRequests, EngineOutputs, EngineRequest, RequestFailure, Shutdown
+from .messages import AbortRequests, EngineOutputs, EngineRequest, Shutdown
+from .stats import StatsSnapshot
 
 log = logging.getLogger("ropeway")
 
@@ -29,16 +32,15 @@ class CoreLoop:
         core = self.core
         try:
             while True:
-                failures: list[RequestFailure] = []
                 messages = self._take_inputs(block=not core.has_unfinished_requests())
                 for message in messages:
                     if isinstance(message, Shutdown):
                         return
-                    self._apply(message, failures)
+                    self._apply(message)
                 busy = core.has_unfinished_requests()
                 deltas = core.step() if busy else []
                 if busy or messages:  # the state changed: a fresh snapshot goes with the outputs
-                    self.emit(EngineOutputs(deltas=deltas, failures=failures, stats=core.stats()))
+                    self.emit(EngineOutputs(deltas=deltas, failures=core.take_failures(), stats=self._stats()))
         except BaseException as error:  # noqa: BLE001 -- whatever it was, the API side must hear of it
             log.exception("engine core failed")
             self.emit(EngineOutputs(fatal=f"the engine core failed: {error!r}"))
@@ -52,17 +54,20 @@ class CoreLoop:
         except queue.Empty:
             return taken
 
-    def _apply(self, message, failures: list[RequestFailure]) -> None:
+    def _apply(self, message) -> None:
         if isinstance(message, EngineRequest):
             try:
                 self.core.add_request(message)
-            except InvalidParameter as error:
-                failures.append(RequestFailure(message.request_id, 400, str(error), error.param))
             except Exception as error:  # a request that breaks admission fails alone
-                log.exception("admitting request %s failed", message.request_id)
-                self.core.abort_request(message.request_id)
-                self.core.stats_totals.request_failures += 1
-                failures.append(RequestFailure(message.request_id, 500, f"the request failed: {error!r}"))
+                self.core.fail_request(message.request_id, error, "admitting")
         elif isinstance(message, AbortRequests):
             for request_id in message.request_ids:
                 self.core.abort_request(request_id)
+
+    def _stats(self) -> StatsSnapshot | None:
+        try:
+            fault_injection.check("stats")
+            return self.core.stats()
+        except Exception:  # the API side keeps its previous snapshot until the next one
+            log.exception("the engine's stats snapshot failed")
+            return None

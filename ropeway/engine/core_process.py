@@ -19,6 +19,7 @@ from collections.abc import Callable
 import msgspec
 import zmq
 
+from ropeway import fault_injection
 from ropeway.config import EngineConfig
 
 from .core import EngineCore
@@ -47,6 +48,7 @@ def run_engine_core(config_bytes: bytes, input_address: str, output_address: str
     output_socket.connect(output_address)
     input_socket = context.socket(zmq.PULL)
     input_socket.connect(input_address)
+    fault_injection.arm_from_environment()  # tests only; nothing is armed without the variable
     try:
         config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
         core = core_factory(config)

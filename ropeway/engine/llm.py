@@ -40,12 +40,17 @@ class LLM:
             self.engine.add_request(request_id, prompt, params, ctx)
             ids.append(request_id)
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), disable=not use_tqdm, desc="generating") as progress:
-            while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
-                    if output.finished:
-                        finished[output.request_id] = output
-                        progress.update(1)
+        try:
+            with tqdm(total=len(ids), disable=not use_tqdm, desc="generating") as progress:
+                while self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        if output.finished:
+                            finished[output.request_id] = output
+                            progress.update(1)
+        finally:  # one failed request fails the call: the rest of its requests stop too
+            for request_id in ids:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
         return [finished[i] for i in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,

@@ -7,6 +7,7 @@ from ropeway.outputs import RequestOutput
 from ropeway.sampling_params import SamplingParams
 
 from .core import EngineCore, LoadedModel
+from .faults import failure_error
 from .input_processor import InputProcessor
 from .messages import RequestDelta
 from .output_assembler import RequestAssembly
@@ -41,7 +42,15 @@ class LLMEngine:
         return self.core.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        return self._assemble(self.core.step())
+        """Raises for a request the engine failed (InvalidParameter for a bad value, else RequestFailedError);
+        the other requests stay queued."""
+        outputs = self._assemble(self.core.step())
+        failures = self.core.take_failures()
+        for failure in failures:
+            self._assemblies.pop(failure.request_id, None)
+        if failures:
+            raise failure_error(failures[0])
+        return outputs
 
     def _assemble(self, deltas: list[RequestDelta]) -> list[RequestOutput]:
         outputs = []

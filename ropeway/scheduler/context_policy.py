@@ -13,8 +13,9 @@ brought back there (InfLLM-style), so a needle far outside the window can still 
 
 from dataclasses import dataclass, fields
 
-from ropeway.sampling_params import InvalidParameter
 from ropeway.arith import cdiv
+from ropeway.request_bounds import CONTEXT_POLICY_BOUNDS
+from ropeway.sampling_params import InvalidParameter
 
 POLICY_TYPES = ("none", "sink_window", "landmark")
 
@@ -76,10 +77,9 @@ class ContextPolicy:
         for name in ("landmarks", "retrieve"):
             if name in raw and kind != "landmark":
                 raise InvalidParameter(f"{param}.{name}", f"{name} applies only to the landmark policy")
-        for name, low in (("sinks", 0), ("window", 16), ("landmarks", 1), ("retrieve", 0)):
-            value = raw.get(name, getattr(cls, name))
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise InvalidParameter(f"{param}.{name}", f"{name} must be an integer of at least {low}")
+        for name, bound in CONTEXT_POLICY_BOUNDS.items():
+            if not bound.contains(raw.get(name, getattr(cls, name))):
+                raise InvalidParameter(f"{param}.{name}", f"{name} must be {bound.describe()}")
         policy = cls(**raw)
         if policy.type == "landmark" and policy.landmarks + policy.retrieve > policy.window:
             raise InvalidParameter(f"{param}.retrieve" if policy.retrieve else f"{param}.landmarks",

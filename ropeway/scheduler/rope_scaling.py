@@ -4,17 +4,14 @@ Field names follow Hugging Face's `rope_scaling` / `rope_parameters`, so a model
 config.json section can be passed through unchanged.
 """
 
-import math
 from dataclasses import dataclass, fields
 
+from ropeway.request_bounds import ROPE_SCALING_BOUNDS
 from ropeway.sampling_params import InvalidParameter
 
 ROPE_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "dynamic-yarn", "llama3")
 # Types whose parameters depend on the request's planned length.
 LENGTH_DEPENDENT_TYPES = ("dynamic", "dynamic-yarn")
-# The largest factor (or other scaling number) accepted: every formula's parameters stay finite
-# and non-zero in fp32 up to it, for any head size and base a Llama-family model uses.
-MAX_SCALING_VALUE = 1024.0
 _ALIASES = {"default": "none", "dynamic_yarn": "dynamic-yarn", "ntk-aware": "ntk"}
 
 
@@ -81,15 +78,11 @@ class RopeScaling:
             if name == "truncate":
                 if not isinstance(value, bool):
                     raise InvalidParameter(f"{param}.truncate", "truncate must be true or false")
-            elif name == "original_max_position_embeddings":
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise InvalidParameter(f"{param}.{name}", f"{name} must be a positive integer")
-            elif (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                  or value <= 0):
-                raise InvalidParameter(f"{param}.{name}", f"{name} must be a positive number")
-            elif value > MAX_SCALING_VALUE:
-                raise InvalidParameter(f"{param}.{name}", f"{name} must be at most {MAX_SCALING_VALUE:g}")
-            else:
+                continue
+            bound = ROPE_SCALING_BOUNDS[name]
+            if not bound.contains(value):
+                raise InvalidParameter(f"{param}.{name}", f"{name} must be {bound.describe()}")
+            if not bound.integer:
                 values[name] = float(value)  # 2 and 2.0 are one setting (and one plan key)
         scaling = cls(rope_type=kind, **values)
         scaling._check_required(param)
@@ -99,8 +92,6 @@ class RopeScaling:
         needs_factor = self.rope_type in ("linear", "ntk", "dynamic", "yarn", "llama3")
         if needs_factor and self.factor is None:
             raise InvalidParameter(f"{param}.factor", f"rope_type {self.rope_type!r} needs a factor")
-        if self.factor is not None and self.factor < 1.0:
-            raise InvalidParameter(f"{param}.factor", "factor must be at least 1")
         if self.rope_type == "llama3":
             if self.low_freq_factor is None or self.high_freq_factor is None:
                 raise InvalidParameter(param, "rope_type 'llama3' needs low_freq_factor and high_freq_factor")

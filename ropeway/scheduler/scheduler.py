@@ -11,6 +11,8 @@ first-come first-served, so nobody starves.
 from collections import deque
 from dataclasses import dataclass, field
 
+from ropeway import fault_injection
+
 from .block_manager import BlockManager
 from .rope_plan import RopePlan, RopePlanner
 from .sequence import Sequence, SequenceStatus
@@ -90,6 +92,9 @@ class SchedulerOutput:
     preempted: list[Sequence] = field(default_factory=list)
     rope_growths: list[RopeGrowth] = field(default_factory=list)
     evictions: list[Eviction] = field(default_factory=list)
+    # Sequences whose scheduling raised: out of the queues and this plan, blocks freed; the
+    # engine fails their requests and serves the rest.
+    failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -175,62 +180,86 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = self._chunk(seq, budget)
-            self._evict_if_needed(seq, n, out)
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            self._grow_plan_if_outgrown(seq, n, out)
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            while bm.blocks_to_grow(seq, n) > bm.num_free_blocks:
-                if self.sessions.release_oldest():
-                    continue  # retained sessions give way before running sequences do
-                victim = max(self.running, key=lambda s: s.arrival)
-                self._preempt(victim)
-                out.preempted.append(victim)
-                for item in [i for i in out.scheduled if i.seq is victim]:
-                    out.scheduled.remove(item)
-                    budget += item.num_new_tokens
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            bm.allocate(seq, n)
-            out.scheduled.append(ScheduledSequence(seq, n))
-            budget -= n
+            try:
+                fault_injection.check("schedule", seq.request_id)
+                n = self._chunk(seq, budget)
+                self._evict_if_needed(seq, n, out)
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                self._grow_plan_if_outgrown(seq, n, out)
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                while bm.blocks_to_grow(seq, n) > bm.num_free_blocks:
+                    if self.sessions.release_oldest():
+                        continue  # retained sessions give way before running sequences do
+                    victim = max(self.running, key=lambda s: s.arrival)
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+                    for item in [i for i in out.scheduled if i.seq is victim]:
+                        out.scheduled.remove(item)
+                        budget += item.num_new_tokens
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                bm.allocate(seq, n)
+                out.scheduled.append(ScheduledSequence(seq, n))
+                budget -= n
+            except Exception as error:  # a fault tied to one sequence fails it alone
+                budget += self._fail(seq, error, out)
 
         # A step that had to preempt admits nobody: the pool is already over-committed.
         while (self.waiting and budget > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
-            if seq.context_policy.bounded and not seq.block_table:
-                self.sessions.take(seq)
-            restored = bool(seq.block_table)  # a retained session's cache, now this sequence's
-            self._grow_plan_before_admission(seq)
-            cached = [] if restored else bm.find_cached_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * bm.block_size,
-                    self._chunk(seq, budget))
-            if restored:
-                self._evict_if_needed(seq, n, out)
-            fits = (lambda: bm.blocks_to_grow(seq, n) <= bm.num_free_blocks) if restored else (
-                lambda: bm.can_admit(cached, n))
-            while not fits() and self.sessions.release_oldest():
-                pass
-            if not fits():
-                break
-            self.waiting.popleft()
-            if not restored:
-                bm.take_cached(seq, cached)
-                bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
-            if seq.num_preemptions == 0:
-                seq.num_cached_prompt_tokens = seq.num_computed_tokens
-            bm.allocate(seq, n)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.scheduled.append(ScheduledSequence(seq, n))
-            budget -= n
+            try:
+                fault_injection.check("schedule", seq.request_id)
+                if seq.context_policy.bounded and not seq.block_table:
+                    self.sessions.take(seq)
+                restored = bool(seq.block_table)  # a retained session's cache, now this sequence's
+                self._grow_plan_before_admission(seq)
+                cached = [] if restored else bm.find_cached_prefix(seq)
+                n = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * bm.block_size,
+                        self._chunk(seq, budget))
+                if restored:
+                    self._evict_if_needed(seq, n, out)
+                fits = (lambda: bm.blocks_to_grow(seq, n) <= bm.num_free_blocks) if restored else (
+                    lambda: bm.can_admit(cached, n))
+                while not fits() and self.sessions.release_oldest():
+                    pass
+                if not fits():
+                    break
+                self.waiting.popleft()
+                if not restored:
+                    bm.take_cached(seq, cached)
+                    bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
+                if seq.num_preemptions == 0:
+                    seq.num_cached_prompt_tokens = seq.num_computed_tokens
+                bm.allocate(seq, n)
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                out.scheduled.append(ScheduledSequence(seq, n))
+                budget -= n
+            except Exception as error:  # a fault tied to one sequence fails it alone
+                budget += self._fail(seq, error, out)
         self.last_plan = out
         return out
+
+    def _fail(self, seq: Sequence, error: Exception, out: SchedulerOutput) -> int:
+        """Take a sequence whose scheduling raised out of the queues and of this step's plan and
+        free its blocks; returns the budget it had taken."""
+        refund = sum(item.num_new_tokens for item in out.scheduled if item.seq is seq)
+        for items in (out.scheduled, out.rope_growths, out.evictions):
+            items[:] = [item for item in items if item.seq is not seq]
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        self._release_siblings(seq)
+        self.block_manager.free(seq)
+        out.failed.append((seq, error))
+        return refund
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens seq may compute this step. A bounded cache takes what still fits, or else one

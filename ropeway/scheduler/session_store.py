@@ -43,7 +43,8 @@ class SessionStore:
 
     @property
     def num_blocks(self) -> int:
-        return sum(len(e.block_table) for e in self.entries.values())
+        """Blocks the store holds: a block that several sessions share (a common prefix) counts once."""
+        return len({block for entry in self.entries.values() for block in entry.block_table})
 
     def retain(self, seq: Sequence) -> bool:
         """Keep a finished sequence's cache (its block references pass to the store)."""

@@ -16,7 +16,10 @@ class AdmissionGate:
         self.capacity = max_num_seqs + max_waiting
         self.in_flight = 0
 
-    def admit(self, num_sequences: int) -> "Ticket":
+    def admit(self, num_sequences: int, param: str = "n") -> "Ticket":
+        if num_sequences > self.capacity:  # could never be admitted, even on an idle server
+            raise APIError.bad_request(f"this request needs {num_sequences} sequences (n for each prompt); the server "
+                                       f"holds at most {self.capacity} (--max-num-seqs + --max-waiting)", param)
         if self.in_flight + num_sequences > self.capacity:
             raise APIError(503, "the server is at capacity (its waiting queue is full); retry shortly",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})

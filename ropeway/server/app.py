@@ -1,8 +1,6 @@
 """The FastAPI application: OpenAI-compatible routes plus health, metrics, tokenizer routes and the chat page."""
 
-import hmac
-
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .chat import chat_prompt_ids, create_chat_completion
@@ -10,6 +8,9 @@ from .chat_page import install_chat_page
 from .completions import create_completion
 from .context import ServerContext
 from .errors import APIError, error_response, install_error_handlers
+from .guards import LimitRequestSize, RequireAPIKey
+from .http10 import WholeRepliesForHTTP10
+from .openapi import install_openapi
 from .protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse, ModelCard,
                        ModelList, TokenizeRequest, TokenizeResponse)
 
@@ -19,16 +20,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
     app.state.ropeway = ctx
     install_error_handlers(app)
 
-    def require_api_key(request: Request) -> None:
-        expected = ctx.settings.api_key
-        if expected is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-            raise APIError(401, "missing or incorrect API key: send `Authorization: Bearer <key>`",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    api = APIRouter(dependencies=[Depends(require_api_key)])
+    api = APIRouter()
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -58,10 +50,10 @@ def build_app(ctx: ServerContext) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise APIError.bad_request("give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            tokens = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt)
+            tokens = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt)
         else:
-            tokens = ctx.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-        return TokenizeResponse(tokens=tokens, count=len(tokens), max_model_len=ctx.max_model_len)
+            tokens = await ctx.tokenizers.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return TokenizeResponse(tokens=list(tokens), count=len(tokens), max_model_len=ctx.max_model_len)
 
     @api.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
@@ -75,11 +67,16 @@ def build_app(ctx: ServerContext) -> FastAPI:
     async def health() -> Response:
         if ctx.engine.is_alive:
             return Response(status_code=200)
-        return error_response(APIError(503, "the engine loop is not running"))
+        return error_response(APIError(503, ctx.engine.fatal or "the engine is not running"))
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     install_chat_page(app)
+    install_openapi(app, ctx.engine.info.vocab_size)
+    # The outermost run first: the key, then the body's size, before any of the body is read.
+    app.add_middleware(WholeRepliesForHTTP10)
+    app.add_middleware(LimitRequestSize, max_bytes=ctx.settings.max_request_bytes)
+    app.add_middleware(RequireAPIKey, api_key=ctx.settings.api_key)
     return app

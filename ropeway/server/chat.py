@@ -6,7 +6,8 @@ import jinja2
 from fastapi import Request
 
 from ropeway.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from ropeway.sampling_params import MAX_TOP_LOGPROBS, InvalidParameter
+from ropeway.request_bounds import MAX_TOP_LOGPROBS
+from ropeway.sampling_params import InvalidParameter
 
 from .context import ServerContext
 from .errors import APIError
@@ -22,8 +23,8 @@ from .usage import response_usage
 _TEMPLATE_ROLE = {"developer": "system"}
 
 
-def chat_prompt_ids(ctx: ServerContext, body_messages, add_generation_prompt: bool,
-                    continue_final_message: bool = False) -> list[int]:
+async def chat_prompt_ids(ctx: ServerContext, body_messages, add_generation_prompt: bool,
+                          continue_final_message: bool = False) -> list[int]:
     messages = []
     for index, message in enumerate(body_messages):
         refuse_unsupported(message.model_extra, REFUSED_MESSAGE_FIELDS, f"messages.{index}.")
@@ -32,8 +33,8 @@ def chat_prompt_ids(ctx: ServerContext, body_messages, add_generation_prompt: bo
         messages.append(entry)
     try:
         if not continue_final_message:
-            return ctx.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
-        return ctx.tokenizer.encode(continued_chat_text(ctx, messages), add_special_tokens=False)
+            return await ctx.tokenizers.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        return await ctx.tokenizers.encode(continued_chat_text(ctx, messages), add_special_tokens=False)
     except jinja2.TemplateError as error:
         raise APIError.bad_request(f"the chat template refused these messages: {error}", "messages") from error
     except ValueError as error:  # a model without a chat template
@@ -103,7 +104,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
                                        "max_completion_tokens") from error
         raise
     ctx.check_n(params.n)
-    prompt_ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt, body.continue_final_message)
+    prompt_ids = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt, body.continue_final_message)
     prompt_ids = body.truncated(prompt_ids, ctx.max_model_len)
     context = body.context_params()
     ctx.check_length(len(prompt_ids), params.max_tokens, "messages", context)

@@ -4,6 +4,7 @@ With no arguments it serves the built-in default model on http://127.0.0.1:8000.
 """
 
 import argparse
+import asyncio
 import gc
 import importlib.metadata
 import json
@@ -16,6 +17,7 @@ import sys
 # Only what parsing needs: torch, the engine and the web stack load in serve(), so --help
 # and --version answer at once.
 from ropeway.config import EngineConfig
+from ropeway.request_bounds import DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger("ropeway")
 
@@ -23,6 +25,8 @@ API_KEY_ENV = "ROPEWAY_API_KEY"
 # What builds the engine core in its process; None: EngineCore (benchmarks/serve_random_model.py
 # swaps in one that builds random weights).
 ENGINE_CORE_FACTORY = None
+# Open requests are ended this long before --shutdown-timeout, so their responses finish in time.
+SHUTDOWN_CUT_OFF_MARGIN = 1.0
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -96,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-waiting", type=non_negative_int, default=512,
                         help="sequences that may wait beyond --max-num-seqs; past that, requests get 503 "
                              "(default: 512)")
+    server.add_argument("--max-request-bytes", type=memory_size, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest request body accepted; a larger one gets 413 before it is read "
+                             "(default: 32MiB)")
     server.add_argument("--shutdown-timeout", type=non_negative_float, default=30.0,
                         help="on SIGTERM, stop accepting connections and give running requests this many seconds "
                              "to finish before cancelling them; then exit 0 (default: 30)")
@@ -163,6 +170,35 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
+def shutting_down():
+    from .errors import APIError
+
+    return APIError(503, "the server is shutting down; retry the request", code="server_shutting_down")
+
+
+def draining_server(config, engine):
+    """uvicorn that ends the requests still open just before --shutdown-timeout runs out: each
+    stream gets an error frame and [DONE], each waiting client a 503, instead of a connection cut
+    mid-stream (uvicorn cancels what is left, which also logs a traceback per request). Built here,
+    not at import, so --help does not load uvicorn."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            timeout = self.config.timeout_graceful_shutdown
+            cut_off = None
+            if timeout is not None:
+                cut_off = asyncio.get_running_loop().call_later(max(0.0, timeout - SHUTDOWN_CUT_OFF_MARGIN),
+                                                                engine.end_open_requests, shutting_down)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if cut_off is not None:
+                    cut_off.cancel()
+
+    return DrainingServer(config)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from sse_starlette.sse import AppStatus
@@ -172,6 +208,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from .app import build_app
     from .context import ServerContext, ServerSettings
+    from .header_timeout import HeaderTimeoutProtocol
 
     # As vLLM does, clients name the model by the --model argument unless told otherwise.
     names = tuple(args.served_model_name or [args.model or DEFAULT_MODEL_NAME])
@@ -184,7 +221,8 @@ def serve(args: argparse.Namespace) -> int:
         log.error("cannot start: %s", error)
         return 2
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    settings = ServerSettings(served_model_names=names, api_key=api_key, max_waiting=args.max_waiting)
+    settings = ServerSettings(served_model_names=names, api_key=api_key, max_waiting=args.max_waiting,
+                              max_request_bytes=args.max_request_bytes)
     ctx = ServerContext.create(engine, settings)
     app = build_app(ctx)
     # Everything allocated so far (the tokenizer, the app, pydantic's schemas) lives as long as the
@@ -199,8 +237,9 @@ def serve(args: argparse.Namespace) -> int:
     # sse-starlette would end every open stream as soon as uvicorn sees the signal; draining lets
     # them run to their end, and only --shutdown-timeout cuts them short.
     AppStatus.disable_automatic_graceful_drain()
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.shutdown_timeout))
+    server = draining_server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                            timeout_graceful_shutdown=args.shutdown_timeout,
+                                            http=HeaderTimeoutProtocol), engine)
     # While serving, uvicorn's own handler drains on SIGTERM; once stopped it raises the signal
     # again with this one back in place, so the process exits 0 rather than dying of it. A SIGTERM
     # before uvicorn listens stops it as soon as it has started.
@@ -210,6 +249,7 @@ def serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C the same way, once it has stopped
         pass
     finally:
+        ctx.tokenizers.shutdown()
         engine.shutdown()
     return 0
 

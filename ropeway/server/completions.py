@@ -26,7 +26,7 @@ class Prompt:
         return self.text if self.text is not None else ctx.tokenizer.decode(self.token_ids)
 
 
-def read_prompts(ctx: ServerContext, body: CompletionRequest) -> list[Prompt]:
+async def read_prompts(ctx: ServerContext, body: CompletionRequest) -> list[Prompt]:
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -37,7 +37,7 @@ def read_prompts(ctx: ServerContext, body: CompletionRequest) -> list[Prompt]:
     prompts = []
     for item in prompt:
         if isinstance(item, str):
-            text, token_ids = item, ctx.tokenizer.encode(item)
+            text, token_ids = item, await ctx.tokenizers.encode(item)
         else:
             ctx.check_token_ids(item, "prompt")
             text, token_ids = None, list(item)
@@ -94,12 +94,12 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     if body.echo and body.logprobs is not None:
         params = with_prompt_logprobs(params, body.logprobs)
     ctx.check_n(params.n)
-    prompts = read_prompts(ctx, body)
+    prompts = await read_prompts(ctx, body)
     context = body.context_params()
     for prompt in prompts:
         ctx.check_length(len(prompt.token_ids), params.max_tokens, "prompt", context)
     ctx.require_engine()
-    ticket = ctx.gate.admit(params.n * len(prompts))
+    ticket = ctx.gate.admit(params.n * len(prompts), "n" if params.n > 1 else "prompt")
     response_id = new_id("cmpl")
     streams = [ctx.generate(p.token_ids, params, f"{response_id}-{i}", context) for i, p in enumerate(prompts)]
     stream = CompletionStream(ctx, body, model, response_id, prompts, prompt_only)

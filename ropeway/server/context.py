@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from ropeway.context_params import ContextParams
 from ropeway.engine import AsyncLLM
 from ropeway.outputs import RequestOutput
+from ropeway.request_bounds import DEFAULT_MAX_REQUEST_BYTES
 from ropeway.sampling_params import InvalidParameter, SamplingParams
 
 from .admission import AdmissionGate
 from .errors import APIError
 from .metrics import ServerMetrics
+from .tokenizer_pool import TokenizerPool
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class ServerSettings:
     served_model_names: tuple[str, ...]
     api_key: str | None = None
     max_waiting: int = 512
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
 @dataclass
@@ -27,6 +30,7 @@ class ServerContext:
     settings: ServerSettings
     metrics: ServerMetrics
     gate: AdmissionGate
+    tokenizers: TokenizerPool
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
@@ -34,7 +38,7 @@ class ServerContext:
         metrics = ServerMetrics(engine.info, settings.served_model_names[0])
         engine.stats_listeners.append(metrics.observe_engine)
         gate = AdmissionGate(engine.info.max_num_seqs, settings.max_waiting)
-        return cls(engine, settings, metrics, gate)
+        return cls(engine, settings, metrics, gate, TokenizerPool(engine.tokenizer, engine.info))
 
     @property
     def tokenizer(self):

@@ -75,7 +75,10 @@ def validation_error(error: RequestValidationError) -> APIError:
     first = error.errors()[0]
     if first.get("type") == "json_invalid":
         return APIError.bad_request(f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
-    param = _field_path(tuple(first.get("loc", ())))
+    location = tuple(first.get("loc", ()))
+    if location == ("body",) and first.get("type") == "missing":
+        return APIError.bad_request("the request has no body; send a JSON object", "body")
+    param = _field_path(location)
     message = first.get("msg", "invalid value")
     more = len(error.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""

@@ -10,11 +10,13 @@ the offline engine and the server refuse exactly the same values.
 
 import time
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from ropeway.context_params import ContextParams
+from ropeway.request_bounds import COMPLETION_MAX_TOKENS_BOUND, REQUEST_ONLY_BOUNDS, SAMPLING_BOUNDS, Bound
 from ropeway.sampling_params import InvalidParameter, SamplingParams
 
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias: -100 (never) to 100 (always)
@@ -28,9 +30,39 @@ def now_seconds() -> int:
     return int(time.time())
 
 
+def holds_lone_surrogate(value) -> bool:
+    """JSON's \\ud800 escapes can make strings that are not Unicode: no tokenizer or encoder takes them."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # in C: fast even for a 10 MB prompt
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list):
+        return any(holds_lone_surrogate(item) for item in value)
+    if isinstance(value, dict):
+        return any(holds_lone_surrogate(key) or holds_lone_surrogate(item) for key, item in value.items())
+    return False
+
+
+REQUEST_BOUNDS: dict[str, Bound] = {**SAMPLING_BOUNDS, **REQUEST_ONLY_BOUNDS}
+
+
+def add_sampling_bounds(schema: dict, model: type) -> None:
+    """Show the bounds table's ranges in the JSON schema (and so in /openapi.json)."""
+    for name, field_schema in schema.get("properties", {}).items():
+        bound = model.field_bound(name)
+        if bound is None:
+            continue
+        for branch in field_schema.get("anyOf", [field_schema]):
+            if branch.get("type") in ("integer", "number"):
+                branch.update(bound.json_schema())
+
+
 class RequestBody(BaseModel):
-    # Extra fields are kept (model_extra) so the routes can refuse the OpenAI ones they lack.
-    model_config = ConfigDict(extra="allow")
+    # strict: JSON's types as sent ("5" is no integer, true no token id, 0 no boolean). Extra fields
+    # are kept (model_extra) so the routes can refuse the OpenAI ones they lack.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -38,6 +70,13 @@ class RequestBody(BaseModel):
         if isinstance(data, dict):
             return {key: value for key, value in data.items() if value is not None}
         return data
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value):
+        if holds_lone_surrogate(value):
+            raise PydanticCustomError("invalid_unicode", "holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return value
 
 
 class ResponseBody(BaseModel):
@@ -53,6 +92,7 @@ class StreamOptions(RequestBody):
 
 class SamplingFields(RequestBody):
     """Fields common to completions and chat completions."""
+    model_config = ConfigDict(json_schema_extra=add_sampling_bounds)
     model: str | None = None  # None: the served model
     n: int = 1
     temperature: float | None = None
@@ -81,6 +121,22 @@ class SamplingFields(RequestBody):
     # and its cache policy, e.g. {"type": "sink_window", "sinks": 4, "window": 4096}
     rope_scaling: dict | None = None
     context_policy: dict | None = None
+
+    # A route's own bounds where they differ from the table's.
+    bound_overrides: ClassVar[dict[str, Bound]] = {}
+
+    @classmethod
+    def field_bound(cls, name: str) -> Bound | None:
+        return cls.bound_overrides.get(name) or REQUEST_BOUNDS.get(name)
+
+    @field_validator(*REQUEST_BOUNDS, check_fields=False)
+    @classmethod
+    def _within_bounds(cls, value, info):
+        bound = cls.field_bound(info.field_name)
+        # (Chat's logprobs is a boolean: the bound is completions' number of logprobs.)
+        if value is not None and not isinstance(value, bool) and not bound.contains(value):
+            raise PydanticCustomError("out_of_range", f"must be {bound.describe()}")
+        return value
 
     def context_params(self) -> ContextParams | None:
         if self.rope_scaling is None and self.context_policy is None:
@@ -191,6 +247,7 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 class CompletionRequest(SamplingFields):
+    bound_overrides: ClassVar[dict[str, Bound]] = {"max_tokens": COMPLETION_MAX_TOKENS_BOUND}
     # A string, a list of strings, a list of token ids, or a list of lists of token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16  # 0: score the prompt only (with echo or prompt_logprobs)
