@@ -9,6 +9,14 @@ and the scheduler's tensors), and lengths stay within int32: no context is longe
 import math
 from dataclasses import dataclass
 
+
+class InvalidParameter(ValueError):
+    """A request field with a bad value; `param` names the field (for OpenAI error objects)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
 INT32_MAX = 2**31 - 1
 
 

@@ -10,16 +10,11 @@ from ropeway.request_bounds import (
     MAX_STOP_TOKEN_IDS,
     MAX_TOP_LOGPROBS,
     SAMPLING_BOUNDS,
+    InvalidParameter,
 )
+from ropeway.structured_outputs import StructuredOutputs
 
-
-class InvalidParameter(ValueError):
-    """A request field with a bad value; `param` names the field (for OpenAI error objects)."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
+__all__ = ["InvalidParameter", "SamplingParams"]
 
 
 @dataclass
@@ -45,6 +40,8 @@ class SamplingParams:
     prompt_logprobs: bool = False  # the logprob of every prompt token given the ones before it
     min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens
     logit_bias: dict[int, float] | None = None  # token id -> bias added to its logit (OpenAI: -100..100)
+    # What the output must match (ropeway/structured_outputs.py); None: free text.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
