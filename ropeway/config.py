@@ -23,6 +23,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int | None = None  # default: the whole token budget
+    # Prompt tokens in a step that also carries decodes, at most; None: the whole token budget.
+    max_prefill_tokens_with_decodes: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0                         # seeds the streams of requests that give no seed
     rope_scaling: dict | None = None      # e.g. {"rope_type": "dynamic", "factor": 4}; None: the model's own

@@ -159,3 +159,24 @@ def test_the_session_store_counts_a_block_shared_by_two_sessions_once():
     assert tables[0][:3] == tables[1][:3]  # the opening's blocks, shared
     assert scheduler.sessions.num_blocks == len(set(tables[0]) | set(tables[1])) == bm.num_used_blocks
     assert scheduler.sessions.num_blocks < sum(len(table) for table in tables)
+
+
+def test_prompt_tokens_beside_decodes_are_capped_and_steps_without_decodes_use_the_whole_budget():
+    sim = Simulation(num_blocks=256, max_num_seqs=8, max_num_batched_tokens=32, prefill_chunk_size=32,
+                     max_prefill_tokens_with_decodes=8)
+    first = sim.add(range(20), 40)[0]
+    plan = sim.step()
+    assert plan.num_batched_tokens == 20  # no decodes yet: the whole prompt in one step
+    for length in (30, 17, 25):
+        sim.add(range(100, 100 + length), 3)
+    mixed_steps = 0
+    while sim.scheduler.has_unfinished():
+        decoding = {s.seq_id for s in sim.scheduler.running if s.num_uncomputed_tokens == 1}
+        plan = sim.step()
+        prompt_tokens = sum(item.num_new_tokens for item in plan.scheduled if item.seq.seq_id not in decoding)
+        if decoding:
+            mixed_steps += prompt_tokens > 0
+            assert prompt_tokens <= 8, (prompt_tokens, plan.scheduled)
+    assert mixed_steps >= 9  # 72 prompt tokens, at most 8 a step while `first` decodes
+    assert first in sim.finished and len(sim.finished) == 4
+    assert sim.bm.num_free_blocks == sim.bm.num_blocks

@@ -179,7 +179,8 @@ class EngineCore:
         self.planner = RopePlanner(model_config.rope_theta, model_config.head_dim, trained, self.rope_scaling)
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
-                            prefill_chunk_size=min(config.prefill_chunk_size or budget, budget)),
+                            prefill_chunk_size=min(config.prefill_chunk_size or budget, budget),
+                            max_prefill_tokens_with_decodes=config.max_prefill_tokens_with_decodes),
             self.block_manager, self.planner,
             session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )

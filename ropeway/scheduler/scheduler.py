@@ -25,10 +25,16 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int = 512
+    # Prompt tokens in a step that also carries decodes, at most (None: the whole budget). A mixed
+    # step's time grows with its prompt tokens and every running stream waits for it, so this bounds
+    # the inter-token latency while prompts queue; steps without decodes still use the whole budget.
+    max_prefill_tokens_with_decodes: int | None = None
 
     def __post_init__(self):
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_chunk_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and prefill_chunk_size must be >= 1")
+        if self.max_prefill_tokens_with_decodes is not None and self.max_prefill_tokens_with_decodes < 1:
+            raise ValueError("max_prefill_tokens_with_decodes must be >= 1")
 
 
 @dataclass
@@ -174,6 +180,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
+        cap = self.config.max_prefill_tokens_with_decodes
+        decodes = any(seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1 for seq in self.running)
+        prefill_budget = min(budget, cap) if cap is not None and decodes else budget
 
         for seq in list(self.running):
             if budget <= 0:
@@ -182,7 +191,9 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             try:
                 fault_injection.check("schedule", seq.request_id)
-                n = self._chunk(seq, budget)
+                n = self._chunk(seq, budget if seq.num_uncomputed_tokens == 1 else min(budget, prefill_budget))
+                if n <= 0:
+                    continue  # a prompt chunk waits for a step with prefill budget left
                 self._evict_if_needed(seq, n, out)
                 if seq.status is not SequenceStatus.RUNNING:
                     continue
@@ -205,11 +216,13 @@ class Scheduler:
                 bm.allocate(seq, n)
                 out.scheduled.append(ScheduledSequence(seq, n))
                 budget -= n
+                if n > 1:
+                    prefill_budget -= n
             except Exception as error:  # a fault tied to one sequence fails it alone
                 budget += self._fail(seq, error, out)
 
         # A step that had to preempt admits nobody: the pool is already over-committed.
-        while (self.waiting and budget > 0 and not out.preempted
+        while (self.waiting and min(budget, prefill_budget) > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[0]
             try:
@@ -220,7 +233,7 @@ class Scheduler:
                 self._grow_plan_before_admission(seq)
                 cached = [] if restored else bm.find_cached_prefix(seq)
                 n = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * bm.block_size,
-                        self._chunk(seq, budget))
+                        self._chunk(seq, min(budget, prefill_budget)))
                 if restored:
                     self._evict_if_needed(seq, n, out)
                 fits = (lambda: bm.blocks_to_grow(seq, n) <= bm.num_free_blocks) if restored else (
@@ -240,6 +253,7 @@ class Scheduler:
                 self.running.append(seq)
                 out.scheduled.append(ScheduledSequence(seq, n))
                 budget -= n
+                prefill_budget -= n
             except Exception as error:  # a fault tied to one sequence fails it alone
                 budget += self._fail(seq, error, out)
         self.last_plan = out

@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"tokens per engine step at most (default: {defaults.max_num_batched_tokens})")
     engine.add_argument("--prefill-chunk-size", type=positive_int, default=None,
                         help="prompt tokens per sequence per step at most (default: --max-num-batched-tokens)")
+    engine.add_argument("--max-prefill-tokens-with-decodes", type=positive_int,
+                        default=defaults.max_prefill_tokens_with_decodes,
+                        help="prompt tokens in a step that also decodes, at most: bounds the inter-token latency "
+                             "of running streams while prompts queue (default: --max-num-batched-tokens)")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=defaults.enable_prefix_caching, help="(default: on)")
     engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
@@ -163,6 +167,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_bytes=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,
+        max_prefill_tokens_with_decodes=args.max_prefill_tokens_with_decodes,
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, rope_scaling=args.rope_scaling,
         context_policy=args.context_policy, session_store_fraction=args.session_store_fraction,
         retrieval_archive_bytes=args.retrieval_archive_memory, async_scheduling=args.async_scheduling,
