@@ -167,8 +167,8 @@ def test_prompt_tokens_beside_decodes_are_capped_and_steps_without_decodes_use_t
     first = sim.add(range(20), 40)[0]
     plan = sim.step()
     assert plan.num_batched_tokens == 20  # no decodes yet: the whole prompt in one step
-    for length in (30, 17, 25):
-        sim.add(range(100, 100 + length), 3)
+    for start, length in ((100, 30), (200, 17), (300, 25)):  # no shared prefixes: every token is computed
+        sim.add(range(start, start + length), 3)
     mixed_steps = 0
     while sim.scheduler.has_unfinished():
         decoding = {s.seq_id for s in sim.scheduler.running if s.num_uncomputed_tokens == 1}
