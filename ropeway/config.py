@@ -23,7 +23,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     prefill_chunk_size: int | None = None  # default: the whole token budget
-    # Prompt tokens in a step that also carries decodes, at most; None: the whole token budget.
+    # Prompt tokens in a step that also carries decodes, at most; None: half the token budget (a
+    # mixed step's prompt share sets every running stream's worst inter-token gap; BENCHMARKS.md).
     max_prefill_tokens_with_decodes: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0                         # seeds the streams of requests that give no seed

@@ -180,7 +180,8 @@ class EngineCore:
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                             prefill_chunk_size=min(config.prefill_chunk_size or budget, budget),
-                            max_prefill_tokens_with_decodes=config.max_prefill_tokens_with_decodes),
+                            max_prefill_tokens_with_decodes=config.max_prefill_tokens_with_decodes
+                            or max(budget // 2, 1)),
             self.block_manager, self.planner,
             session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )

@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-prefill-tokens-with-decodes", type=positive_int,
                         default=defaults.max_prefill_tokens_with_decodes,
                         help="prompt tokens in a step that also decodes, at most: bounds the inter-token latency "
-                             "of running streams while prompts queue (default: --max-num-batched-tokens)")
+                             "of running streams while prompts queue; --max-num-batched-tokens turns the cap off "
+                             "(default: half of --max-num-batched-tokens)")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=defaults.enable_prefix_caching, help="(default: on)")
     engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
