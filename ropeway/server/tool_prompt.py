@@ -21,12 +21,11 @@ You can call these functions (tools), each described by a JSON object:
 <tools>
 {tools}
 </tools>
-To call a function, reply with its name and arguments as a JSON object inside <tool_call></tool_call> tags, \
-one block per call:
+Results of calls come back inside <tool_response></tool_response> tags. To call a function, reply with its name \
+and arguments as a JSON object inside <tool_call></tool_call> tags, one block per call:
 <tool_call>
 {{"name": "<function name>", "arguments": {{"<argument name>": <value>}}}}
-</tool_call>
-The results come back inside <tool_response></tool_response> tags."""
+</tool_call>"""
 
 
 def _checked_arguments(call, where: str) -> dict:
