@@ -107,16 +107,19 @@ def test_the_default_template_gets_the_fallback_prompt(default_llm):
 
 
 def test_auto_parses_a_call_the_model_writes_and_streams_it_in_pieces(client):
-    whole = client.chat.completions.create(model=MODEL_NAME, messages=ECHO, tools=[WEATHER], max_tokens=32,
-                                           **GREEDY)
+    def reply(stream: bool):
+        created = client.chat.completions.create(model=MODEL_NAME, messages=ECHO, tools=[WEATHER], max_tokens=32,
+                                                 stream=stream, **GREEDY)
+        return list(created) if stream else created
+
+    with ThreadPoolExecutor(2) as pool:  # one batch
+        whole, stream = pool.map(reply, [False, True])
     choice = whole.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     [call] = choice.message.tool_calls
     assert call.id.startswith("call_") and call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
 
-    stream = client.chat.completions.create(model=MODEL_NAME, messages=ECHO, tools=[WEATHER], max_tokens=32,
-                                            stream=True, **GREEDY)
     pieces, content, finish = [], "", None
     for chunk in stream:
         delta = chunk.choices[0].delta
@@ -142,8 +145,9 @@ def test_none_shows_the_tools_and_returns_text(client, http):
 
 def test_a_conversation_with_tool_results_continues(client):
     def reply(stream: bool):
-        return client.chat.completions.create(model=MODEL_NAME, messages=ANSWERED, tools=[WEATHER], max_tokens=6,
-                                              stream=stream, **GREEDY)
+        created = client.chat.completions.create(model=MODEL_NAME, messages=ANSWERED, tools=[WEATHER], max_tokens=6,
+                                                 stream=stream, **GREEDY)
+        return list(created) if stream else created
 
     with ThreadPoolExecutor(2) as pool:
         whole, stream = pool.map(reply, [False, True])
@@ -189,3 +193,10 @@ BAD_TOOL_REQUESTS = [
 def test_bad_tool_requests_get_400_naming_the_field(http, fields, param):
     response = http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 1, **fields})
     assert_openai_error(response, 400, param)
+
+
+def test_openapi_describes_tools(http):
+    schemas = http.get("/openapi.json").json()["components"]["schemas"]
+    request = schemas["ChatCompletionRequest"]["properties"]
+    assert {"tools", "tool_choice", "parallel_tool_calls"} <= set(request)
+    assert schemas["FunctionDefinition"]["properties"]["parameters"]["anyOf"][0]["required"] == ["type"]

@@ -333,7 +333,7 @@ class ChatMessage(RequestBody):
 
 
 class FunctionDefinition(RequestBody):
-    name: str
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
     description: str | None = None
     parameters: dict | None = None  # a JSON schema of type object; none: the function takes no arguments
     strict: bool | None = None

@@ -10,7 +10,6 @@ parallel_tool_calls), for a named function that function's arguments object alon
 """
 
 import json
-import re
 from dataclasses import dataclass
 
 from jsonschema import Draft202012Validator, SchemaError
@@ -21,7 +20,6 @@ from .errors import APIError
 from .protocol import ChatCompletionRequest, NamedToolChoice
 from .tool_call_parser import FreeTextToolCalls, NamedToolCall, RequiredToolCalls
 
-FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
@@ -76,9 +74,6 @@ def _checked_tools(body: ChatCompletionRequest) -> list[dict]:
     for index, tool in enumerate(body.tools):
         function = tool.function
         where = f"tools.{index}.function"
-        if not FUNCTION_NAME.fullmatch(function.name):
-            raise APIError.bad_request("a function name must be 1 to 64 letters, digits, underscores or dashes; "
-                                       f"got {function.name!r}", f"{where}.name")
         if function.name in seen:
             raise APIError.bad_request(f"two tools are named {function.name!r}", f"{where}.name")
         seen.add(function.name)
