@@ -10,6 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -61,6 +62,8 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.template = env.from_string(source)
         self.source = source
+        # Whether it renders tool definitions itself (reads `tools`, as tool-calling models' templates do).
+        self.knows_tools = "tools" in jinja2.meta.find_undeclared_variables(env.parse(source))
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
 
@@ -104,14 +107,17 @@ class RopewayTokenizer:
         """Readable text of one token (for logprobs), bytes that are not UTF-8 kept as escapes."""
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if self.chat_template is None:
             raise ValueError("this model has no chat template; use /v1/completions")
-        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        extra = {"tools": tools} if tools else {}
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, **extra)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         # The template writes any BOS itself, as transformers' apply_chat_template assumes.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False)
 
 
 def tokenizer_from_gguf(metadata: dict) -> RopewayTokenizer:

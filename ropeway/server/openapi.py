@@ -5,8 +5,9 @@
 - /health answers 200 with no body (503 with an error when the engine is down); /metrics is
   Prometheus text; completions and chat completions stream as text/event-stream.
 - What the server checks that pydantic's schema cannot say: prompts are non-empty, token ids lie
-  in the vocabulary, stop lists are bounded, and /tokenize takes exactly one of prompt and
-  messages.
+  in the vocabulary, stop lists are bounded, /tokenize takes exactly one of prompt and
+  messages, and a tool's parameters are a JSON schema of type object. (That tool_choice names a
+  tool, and tool messages answer a call before them, only the 400 says.)
 schemathesis (`--checks all`, .ci/run) holds the server to this schema.
 """
 
@@ -83,6 +84,9 @@ def _correct(schema: dict, vocab_size: int) -> None:
                                                       "maxItems": MAX_STOP_STRINGS}, {"type": "null"}]}
         properties["stop_token_ids"] = {"anyOf": [{"type": "array", "items": token_id,
                                                    "maxItems": MAX_STOP_TOKEN_IDS}, {"type": "null"}]}
+    components["FunctionDefinition"]["properties"]["parameters"] = {"anyOf": [
+        {"type": "object", "properties": {"type": {"const": "object"}}, "required": ["type"],
+         "additionalProperties": True}, {"type": "null"}]}
     components["TokenizeRequest"]["oneOf"] = [
         {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
         {"required": ["messages"], "properties": {"messages": {"type": "array"}}},

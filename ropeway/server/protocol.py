@@ -241,6 +241,7 @@ PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
 
 
 FinishReason = Literal["stop", "length", "abort"]
+ChatFinishReason = Literal["stop", "length", "abort", "tool_calls"]  # tool_calls: the reply ended in calls
 
 
 # ----- /v1/completions -----
@@ -298,20 +299,58 @@ class TextPart(RequestBody):
     text: str
 
 
+class MessageFunctionCall(RequestBody):
+    name: str
+    arguments: str  # JSON text, as the assistant's reply gave it
+
+
+class MessageToolCall(RequestBody):
+    id: str
+    type: Literal["function"]
+    function: MessageFunctionCall
+
+
 class ChatMessage(RequestBody):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls (its content may then be null)
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @property
+    def text(self) -> str:
+        """The content as one string."""
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
 
     def template_dict(self) -> dict:
         """The message as chat templates expect it: content as one string."""
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        message = {"role": self.role, "content": content or ""}
+        message = {"role": self.role, "content": self.text}
         if self.name is not None:
             message["name"] = self.name
         return message
+
+
+class FunctionDefinition(RequestBody):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of type object; none: the function takes no arguments
+    strict: bool | None = None
+
+
+class ToolDefinition(RequestBody):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(RequestBody):
+    name: str
+
+
+class NamedToolChoice(RequestBody):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -322,6 +361,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the reply continues the last (assistant) message
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: "auto" with tools
+    parallel_tool_calls: bool = True
 
 
 class TopLogprob(ResponseBody):
@@ -342,17 +384,59 @@ class ChatLogprobs(ResponseBody):
     refusal: None = None  # OpenAI's field for a refusal's tokens: this server never refuses
 
 
+def _without_none(serialize, model, keys: tuple[str, ...]) -> dict:
+    # OpenAI leaves these fields out rather than sending null.
+    return {key: value for key, value in serialize(model).items() if value is not None or key not in keys}
+
+
+class FunctionCall(ResponseBody):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(ResponseBody):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(ResponseBody):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_sent(self, serialize):
+        return _without_none(serialize, self, ("name", "arguments"))
+
+
+class ToolCallDelta(ResponseBody):
+    """A piece of a streamed tool call: the first names it (id, type, name); the rest add arguments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_sent(self, serialize):
+        return _without_none(serialize, self, ("id", "type"))
+
+
 class AssistantMessage(ResponseBody):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: the reply is tool calls only
     refusal: None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _tool_calls_only_when_made(self, serialize):
+        return _without_none(serialize, self, ("tool_calls",))
 
 
 class ChatChoice(ResponseBody):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     stop_reason: str | int | None = None
 
 
@@ -369,6 +453,7 @@ class ChatCompletionResponse(ResponseBody):
 class ChoiceDelta(ResponseBody):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_what_changed(self, serialize):
@@ -380,7 +465,7 @@ class ChatChunkChoice(ResponseBody):
     index: int
     delta: ChoiceDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
     stop_reason: str | int | None = None
 
 

@@ -35,8 +35,8 @@ def _encode(text: str, add_special_tokens: bool) -> array.array:
     return array.array("q", _worker_tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
-def _encode_chat(messages: list[dict], add_generation_prompt: bool) -> array.array:
-    return array.array("q", _worker_tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt))
+def _encode_chat(messages: list[dict], add_generation_prompt: bool, tools: list[dict] | None) -> array.array:
+    return array.array("q", _worker_tokenizer.encode_chat(messages, add_generation_prompt, tools))
 
 
 class TokenizerPool:
@@ -58,12 +58,13 @@ class TokenizerPool:
             return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return await asyncio.get_running_loop().run_in_executor(self._pool(), _encode, text, add_special_tokens)
 
-    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int] | array.array:
+    async def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                          tools: list[dict] | None = None) -> list[int] | array.array:
         """Raises what the template raises (jinja2.TemplateError, or ValueError without a template)."""
         if sum(len(message.get("content") or "") for message in messages) < INLINE_CHARS:
-            return self.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.encode_chat(messages, add_generation_prompt, tools)
         return await asyncio.get_running_loop().run_in_executor(self._pool(), _encode_chat, messages,
-                                                                add_generation_prompt)
+                                                                add_generation_prompt, tools)
 
     def shutdown(self) -> None:
         if self._executor is not None:

@@ -12,14 +12,18 @@ import json
 
 from .errors import APIError
 
-# Tool calling, audio, predicted outputs, search, reasoning controls.
+# OpenAI's deprecated functions API (tools and tool_choice do the same), audio, predicted outputs, search,
+# reasoning controls.
 REFUSED_CHAT_FIELDS = (
-    "tools", "parallel_tool_calls", "functions", "function_call", "audio", "prediction", "web_search_options",
-    "reasoning_effort", "verbosity", "moderation",
+    "functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort", "verbosity",
+    "moderation",
 )
 
-# A message's tool calls, function call and audio: the template and the model get text only.
-REFUSED_MESSAGE_FIELDS = ("tool_calls", "function_call", "audio")
+# A message's function call (the deprecated functions API) and audio.
+REFUSED_MESSAGE_FIELDS = ("function_call", "audio")
+
+# What to send instead, where the server has it.
+INSTEAD = {"functions": "tools", "function_call": "tool_choice (and a message's tool_calls)"}
 
 NO_EFFECT: dict[str, tuple | None] = {  # None: any value
     "metadata": None,                 # tags for stored completions; nothing is stored
@@ -28,7 +32,6 @@ NO_EFFECT: dict[str, tuple | None] = {  # None: any value
     # The defaults, which some clients send explicitly: plain text, no tool call.
     "response_format": ({"type": "text"},),
     "modalities": (["text"],),
-    "tool_choice": ("none",),
     "prompt_cache_key": None,         # a routing hint; the prefix cache finds shared prefixes by content
     "prompt_cache_retention": None,
     "prompt_cache_options": None,
@@ -41,7 +44,8 @@ def refuse_unsupported(extra_fields: dict | None, refused: tuple[str, ...] = (),
     something this server does not do; `where` prefixes the field's name ("messages.2.")."""
     for name, value in (extra_fields or {}).items():
         if name in refused:
-            raise APIError.bad_request(f"{where}{name} is not supported by this server", where + name)
+            instead = f"; use {INSTEAD[name]}" if name in INSTEAD else ""
+            raise APIError.bad_request(f"{where}{name} is not supported by this server{instead}", where + name)
         if NO_EFFECT.get(name) is not None and value not in NO_EFFECT[name]:
             allowed = " or ".join(json.dumps(v) for v in NO_EFFECT[name])
             raise APIError.bad_request(f"{name} may only be {allowed} on this server", name)
