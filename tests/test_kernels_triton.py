@@ -447,7 +447,7 @@ def test_long_chunk_split_pads_and_merges_to_paged_attention(context_len, num_qu
 def test_filtered_draw_matches_reference_across_chunks():
     """The top-p cut search and the race, each row split over several programs: the same
     tokens as the torch reference, with ties, -inf entries, rows without a top-p, a row whose
-    kept set is one token, and rows spanning several search tiles per chunk."""
+    kept set is one token, and chunks of several tiles."""
     from ropeway.engine.random_stream import stream_keys
     from ropeway.kernels.sampling import filtered_draw_reference, top_p_cut_reference
     from ropeway.kernels.triton_sampling import filtered_draw_triton
@@ -472,3 +472,6 @@ def test_filtered_draw_matches_reference_across_chunks():
     assert torch.equal(filtered_draw_triton(scaled, cut, top_p, row_max, keys, search=False, chunk=512,
                                             block=256), no_search)
     assert not torch.equal(expected, no_search)
+    # The race over several tiles of a chunk (the default chunks of a large batch).
+    assert torch.equal(filtered_draw_triton(scaled[:2], cut[:2], top_p[:2], row_max[:2], keys[:2], search=False,
+                                            chunk=512, block=64), no_search[:2])

@@ -98,14 +98,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], penalties: PenaltyStat
     want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
     raw_logprobs = logits.log_softmax(dim=-1) if want else None
     logits = process_logits(logits, rows, penalties, eos_token_ids)
-    chosen = logits.argmax(dim=-1)
     drawn_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if len(drawn_rows) == len(rows):
         chosen = draw(logits, rows)
-    elif drawn_rows:
-        # (Indexing with a Python list would copy it to the device synchronously.)
-        index = _column(drawn_rows, torch.int64, logits.device)
-        chosen = chosen.index_copy(0, index, draw(logits.index_select(0, index), [rows[i] for i in drawn_rows]))
+    else:
+        chosen = logits.argmax(dim=-1)
+        if drawn_rows:
+            # (Indexing with a Python list would copy it to the device synchronously.)
+            index = _column(drawn_rows, torch.int64, logits.device)
+            chosen = chosen.index_copy(0, index, draw(logits.index_select(0, index), [rows[i] for i in drawn_rows]))
     result = SampledTokens(chosen)
     if want:
         result.logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0]
