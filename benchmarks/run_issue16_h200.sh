@@ -36,7 +36,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to $OUT/N
 
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 if python3 -c "import pytest" 2>/dev/null; then
-  stage gpu_tests 120 python3 -m pytest -q -x tests/test_kernels_gpu.py -k "sampler or rerotate"
+  stage gpu_tests 120 python3 -m pytest -q -x tests/test_kernels_gpu.py -k "sampler or filtered_draw or rerotate"
 else
   echo "== gpu_tests: skipped (no pytest here)"
 fi

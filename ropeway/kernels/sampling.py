@@ -42,12 +42,14 @@ def token_bits(tokens: torch.Tensor, first: torch.Tensor, second: torch.Tensor) 
 
 
 def race_keys(scaled: torch.Tensor, cut: torch.Tensor, stream_keys: torch.Tensor) -> torch.Tensor:
-    """[R, V] fp64: s - ln(-ln u) where s >= cut, -inf elsewhere. stream_keys [R, 2] int64."""
-    tokens = torch.arange(scaled.shape[1], dtype=torch.int64, device=scaled.device)
-    bits = token_bits(tokens[None, :], stream_keys[:, :1], stream_keys[:, 1:])
+    """[R, V] fp64: s - ln(-ln u) where s >= cut, -inf elsewhere. stream_keys [R, 2] int64.
+    Only kept tokens are hashed: filters usually keep a few dozen of a row's tokens."""
+    rows, tokens = (scaled >= cut[:, None]).nonzero(as_tuple=True)
+    bits = token_bits(tokens, stream_keys[rows, 0], stream_keys[rows, 1])
     uniform = (bits.to(torch.float64) + 0.5) / float(1 << 32)  # strictly inside (0, 1)
-    keys = scaled.to(torch.float64) - (-uniform.log()).log()
-    return torch.where(scaled >= cut[:, None], keys, float("-inf"))
+    keys = torch.full(scaled.shape, float("-inf"), dtype=torch.float64, device=scaled.device)
+    keys[rows, tokens] = scaled[rows, tokens].to(torch.float64) - (-uniform.log()).log()
+    return keys
 
 
 def ordered_keys(values: torch.Tensor) -> torch.Tensor:
