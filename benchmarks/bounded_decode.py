@@ -4,9 +4,9 @@ B requests with `--context`-token random prompts decode greedily, once with the 
 (`none`) and once with `sink_window` (4 sinks, `--window` recent tokens): the prompts outgrow
 the window, so the bounded requests decode over sinks + window keys instead of the whole
 prompt. Steps are timed as in benchmarks/sampling.py (synchronized median and pipelined mean),
-and the engine's counters say whether the decode steps replayed CUDA graphs and how many
-evictions ran. Target (issue 16): the sink_window step at most 0.8x the full-cache step at
-B=32, 4k prompts, window 2048.
+and the engine's counters say how many of the policy's engine steps (prefill included)
+replayed a decode CUDA graph and how many evictions ran. Target (issue 16): the sink_window
+step at most 0.8x the full-cache step at B=32, 4k prompts, window 2048.
 
 GPU (the issue's shape, random weights):
     python benchmarks/bounded_decode.py --random-llama3-8b --out bounded_decode_h200.json
@@ -82,7 +82,7 @@ def main() -> None:
                                          prompt_seed=len(results["policies"]))
         results["policies"][name] = {
             "decode_step_ms": round(step, 3), "decode_step_pipelined_ms": round(pipelined, 3),
-            "steps": engine.stats_totals.steps - steps_before, "graph_replays": replays[0],
+            "engine_steps": engine.stats_totals.steps - steps_before, "graph_replays": replays[0],
             "evictions": engine.scheduler.num_evictions - evictions}
     full, bounded = results["policies"]["none"], results["policies"]["sink_window"]
     for key in ("decode_step_ms", "decode_step_pipelined_ms"):
