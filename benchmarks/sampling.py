@@ -2,8 +2,11 @@
 
 For each sampling setting (greedy; temperature 0.8 + top_p 0.95; temperature 0.8 + top_k 50;
 greedy with top-5 logprobs) and each batch size, B requests with `--context`-token random
-prompts are prefilled, then `--steps` decode steps are timed one by one (median). The sampler
-alone is timed on random [B, vocab] logits. Writes a table to stdout and JSON to `--out`.
+prompts are prefilled, then decode steps are timed two ways: `--steps` steps one by one, the
+GPU synchronized around each (median; the host's work adds to the GPU's), and `--steps`
+steps in a row, synchronized only at the ends (mean; with asynchronous scheduling the host
+prepares a step while the GPU runs the one before, as when serving). The sampler alone is
+timed on random [B, vocab] logits. Writes a table to stdout and JSON to `--out`.
 
 GPU (the issue's shape, random weights):
     python benchmarks/sampling.py --random-llama3-8b --out benchmarks/results/sampling_h200.json
@@ -24,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from random_model import LLAMA3_8B, build_engine, full_vocab_tokenizer, load_random_model  # noqa: E402
 
-from ropeway import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from ropeway import ContextParams, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from ropeway.engine.sampler import SamplingRow, sample  # noqa: E402
 from ropeway.engine.sampling_state import PenaltyState  # noqa: E402
 from ropeway.models import ModelConfig  # noqa: E402
@@ -48,13 +51,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, steps: int) -> float:
+def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, steps: int,
+                   context_params: ContextParams | None = None, prompt_seed: int | None = None) -> tuple[float, float]:
+    """(median synchronized step, mean pipelined step) in ms."""
     vocab = engine.model_config.vocab_size
-    generator = torch.Generator().manual_seed(batch)
+    generator = torch.Generator().manual_seed(batch if prompt_seed is None else prompt_seed)
     for i in range(batch):
         prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
-        engine.add_request(f"b{batch}-{i}", prompt, SamplingParams(max_tokens=steps + 5, ignore_eos=True, seed=i,
-                                                                  detokenize=False, **setting))
+        engine.add_request(f"b{batch}-{i}", prompt, SamplingParams(max_tokens=2 * steps + 5, ignore_eos=True, seed=i,
+                                                                  detokenize=False, **setting), context_params)
     while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
             or engine.scheduler.num_waiting:
         engine.step()
@@ -67,9 +72,15 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, s
         engine.step()
         synchronize(engine.device)
         times.append((time.perf_counter() - started) * 1e3)
+    synchronize(engine.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    synchronize(engine.device)
+    pipelined = (time.perf_counter() - started) * 1e3 / steps
     while engine.has_unfinished_requests():  # the last few tokens
         engine.step()
-    return statistics.median(times)
+    return statistics.median(times), pipelined
 
 
 def sampler_alone_us(batch: int, vocab: int, setting: dict, device: torch.device, repeats: int) -> float:
@@ -114,22 +125,25 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     results = {"device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
                "model": engine.model_config.name, "vocab": vocab, "context": context, "decode_step_ms": {},
-               "sampler_alone_us": {}}
+               "decode_step_pipelined_ms": {}, "sampler_alone_us": {}}
     for batch in batches:
         for name, setting in SETTINGS.items():
-            step = decode_step_ms(engine, batch, context, setting, steps)
+            step, pipelined = decode_step_ms(engine, batch, context, setting, steps)
             alone = sampler_alone_us(batch, vocab, setting, engine.device, repeats=max(steps, 20))
             results["decode_step_ms"].setdefault(name, {})[batch] = round(step, 3)
+            results["decode_step_pipelined_ms"].setdefault(name, {})[batch] = round(pipelined, 3)
             results["sampler_alone_us"].setdefault(name, {})[batch] = round(alone, 1)
-    header = " | ".join(f"B={b} step ms (x greedy) | B={b} sampler us" for b in batches)
+    header = " | ".join(f"B={b} step ms (x greedy) | B={b} pipelined ms (x greedy) | B={b} sampler us"
+                        for b in batches)
     print(f"| setting | {header} |")
-    print("| --- |" + " ---: |" * (2 * len(batches)))
+    print("| --- |" + " ---: |" * (3 * len(batches)))
     for name in SETTINGS:
         cells = []
         for batch in batches:
-            step = results["decode_step_ms"][name][batch]
-            ratio = step / results["decode_step_ms"]["greedy"][batch]
-            cells += [f"{step:.2f} ({ratio:.2f}x)", f"{results['sampler_alone_us'][name][batch]:.0f}"]
+            for key in ("decode_step_ms", "decode_step_pipelined_ms"):
+                step = results[key][name][batch]
+                cells.append(f"{step:.2f} ({step / results[key]['greedy'][batch]:.2f}x)")
+            cells.append(f"{results['sampler_alone_us'][name][batch]:.0f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

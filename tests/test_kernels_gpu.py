@@ -311,3 +311,23 @@ def test_sampler_on_cuda_draws_the_cpu_tokens_without_synchronizing():
             torch.cuda.set_sync_debug_mode("default")
         tokens[device] = sampled.read().token_ids
     assert tokens["cuda"] == tokens["cpu"]
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+def test_filtered_draw_at_full_vocabulary_matches_the_cpu_reference(rows):
+    """The split-row search and race at the Llama-3 vocabulary, with the default chunking
+    (batch 1: 126 chunks of 1k; batch 64: 16 chunks of 8k, 8 race tiles each)."""
+    from ropeway.engine.random_stream import stream_keys
+    from ropeway.kernels.sampling import filtered_draw_reference
+    from ropeway.kernels.triton_sampling import filtered_draw_triton
+
+    generator = torch.Generator().manual_seed(rows)
+    scaled = torch.randn(rows, 128256, generator=generator) * 5
+    scaled[:, 1000:1100] = 12.0  # a tied head across chunk boundaries
+    cut = torch.where(torch.arange(rows) % 3 == 0, float("-inf"), scaled.amax(-1) - 15.0)
+    top_p = torch.tensor([0.95, 1.0, 0.6, 0.999])[torch.arange(rows) % 4]
+    row_max = scaled.amax(-1)
+    keys = torch.from_numpy(stream_keys(list(range(rows)), [9] * rows))
+    expected = filtered_draw_reference(scaled, cut, top_p, row_max, keys, search=True)
+    drawn = filtered_draw_triton(*(t.cuda() for t in (scaled, cut, top_p, row_max, keys)), search=True)
+    assert drawn.cpu().tolist() == expected.tolist()

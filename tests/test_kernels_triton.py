@@ -444,10 +444,12 @@ def test_long_chunk_split_pads_and_merges_to_paged_attention(context_len, num_qu
     assert_close(out, paged_attention_reference(**case), torch.float32)
 
 
-def test_filtered_draw_matches_reference_across_tiles():
-    """The top-p cut search and the seeded draw: the same tokens as the torch reference, with
-    the row spread over several tiles, ties, -inf entries and rows without a top-p."""
-    from ropeway.kernels.sampling import filtered_draw_reference
+def test_filtered_draw_matches_reference_across_chunks():
+    """The top-p cut search and the race, each row split over several programs: the same
+    tokens as the torch reference, with ties, -inf entries, rows without a top-p, a row whose
+    kept set is one token, and chunks of several tiles."""
+    from ropeway.engine.random_stream import stream_keys
+    from ropeway.kernels.sampling import filtered_draw_reference, top_p_cut_reference
     from ropeway.kernels.triton_sampling import filtered_draw_triton
 
     generator = torch.Generator().manual_seed(0)
@@ -455,11 +457,21 @@ def test_filtered_draw_matches_reference_across_tiles():
     scaled = torch.randn(rows, vocab, generator=generator) * 2
     scaled[::3, :40] = torch.randint(0, 3, (4, 40), generator=generator).float() + 4.0  # tied heads
     scaled[1::4, 1200:] = float("-inf")  # suppressed tokens (min_tokens, bans)
+    scaled[5, 700] = 30.0  # one token holds all the mass
     cut = torch.where(torch.arange(rows) % 2 == 0, float("-inf"), torch.randn(rows, generator=generator) + 2.0)
-    top_p = torch.tensor([0.9, 0.5, 1.0, 0.3, 0.97, 1.0] * 2)
-    uniform = torch.rand(rows, generator=generator, dtype=torch.float64)
-    expected = filtered_draw_reference(scaled, cut, top_p, uniform, search=True)
-    assert torch.equal(filtered_draw_triton(scaled, cut, top_p, uniform, search=True, block=512), expected)
-    no_search = filtered_draw_reference(scaled, cut, top_p, uniform, search=False)
-    assert torch.equal(filtered_draw_triton(scaled, cut, top_p, uniform, search=False, block=512), no_search)
+    top_p = torch.tensor([0.9, 0.5, 1.0, 0.3, 0.97, 0.8] * 2)
+    row_max = scaled.amax(dim=-1)
+    keys = torch.from_numpy(stream_keys(list(range(rows)), [4] * rows))
+    expected = filtered_draw_reference(scaled, cut, top_p, row_max, keys, search=True)
+    drawn = filtered_draw_triton(scaled, cut, top_p, row_max, keys, search=True, chunk=512, block=256)
+    assert torch.equal(drawn, expected)
+    assert drawn[5].item() == 700
+    searched_cut = top_p_cut_reference(scaled, cut, top_p, row_max)
+    assert (scaled[torch.arange(rows), expected] >= searched_cut).all()
+    no_search = filtered_draw_reference(scaled, cut, top_p, row_max, keys, search=False)
+    assert torch.equal(filtered_draw_triton(scaled, cut, top_p, row_max, keys, search=False, chunk=512,
+                                            block=256), no_search)
     assert not torch.equal(expected, no_search)
+    # The race over several tiles of a chunk (the default chunks of a large batch).
+    assert torch.equal(filtered_draw_triton(scaled[:2], cut[:2], top_p[:2], row_max[:2], keys[:2], search=False,
+                                            chunk=512, block=64), no_search[:2])

@@ -13,10 +13,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from ropeway.engine.random_stream import uniform_per_row
+from ropeway.engine.random_stream import stream_keys
 from ropeway.engine.sampler import SamplingRow, apply_penalties, cuts_before_top_p_search, sample
 from ropeway.engine.sampling_state import PenaltyState
-from ropeway.kernels.sampling import top_p_cut_reference
+from ropeway.kernels.sampling import race_keys, token_bits, top_p_cut_reference
 from ropeway.sampling_params import InvalidParameter, SamplingParams
 
 VOCAB = 49152
@@ -33,8 +33,9 @@ def tokens(logits, rows, **options) -> list[int]:
 
 def filter_thresholds(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[R] the smallest scaled logit each row keeps, every filter applied."""
-    cut, top_p, search = cuts_before_top_p_search(scaled, rows)
-    return top_p_cut_reference(scaled, cut, top_p) if search else cut
+    row_max = scaled.amax(dim=-1)
+    cut, top_p, search = cuts_before_top_p_search(scaled, row_max, rows)
+    return top_p_cut_reference(scaled, cut, top_p, row_max) if search else cut
 
 
 def llm_like_logits(seed=0) -> torch.Tensor:
@@ -107,13 +108,29 @@ def test_each_setting_draws_its_filtered_distribution(setting):
     assert_draws_follow(drawn, reference_distribution(logits, **setting))
 
 
-def test_uniform_stream_is_uniform_and_depends_on_seed_and_step():
-    seeds = torch.arange(20000, dtype=torch.int64) * 7919 + (1 << 40)
-    u = uniform_per_row(seeds, torch.zeros_like(seeds))
-    assert (u > 0).all() and (u < 1).all()
-    assert chisquare(torch.histc(u.float(), bins=20, min=0, max=1).tolist()).pvalue > 1e-3
-    assert not torch.equal(u, uniform_per_row(seeds, torch.ones_like(seeds)))
-    assert not torch.equal(u, uniform_per_row(seeds + 1, torch.zeros_like(seeds)))
+def test_token_streams_are_uniform_and_depend_on_seed_step_and_token():
+    seeds = [i * 7919 + (1 << 40) for i in range(200)]
+    keys = torch.from_numpy(stream_keys(seeds, [0] * 200))
+    tokens = torch.arange(100, dtype=torch.int64)
+    bits = token_bits(tokens[None, :], keys[:, :1], keys[:, 1:])  # 200 rows x 100 tokens
+    assert ((bits >= 0) & (bits < 1 << 32)).all()
+    assert chisquare(torch.histc((bits >> 16).float(), bins=20, min=0, max=1 << 16).tolist()).pvalue > 1e-3
+    # Neighbouring tokens of one row and one token across rows are uncorrelated.
+    uniform = bits.double() / 2**32 - 0.5
+    assert abs((uniform[:, 1:] * uniform[:, :-1]).mean().item()) < 0.01
+    assert abs((uniform[1:] * uniform[:-1]).mean().item()) < 0.01
+    assert not torch.equal(keys, torch.from_numpy(stream_keys(seeds, [1] * 200)))
+    assert not torch.equal(keys, torch.from_numpy(stream_keys([s + 1 for s in seeds], [0] * 200)))
+
+
+def test_race_with_gumbel_noise_is_the_softmax():
+    """The race alone, without filters: each token's share of many streams' winners is its
+    softmax probability (the Gumbel-max trick, checked with the counter-based uniforms)."""
+    scaled = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0, float("-inf"), 1.5]])
+    streams = 20000
+    keys = torch.from_numpy(stream_keys(list(range(streams)), [3] * streams))
+    winners = race_keys(scaled.expand(streams, -1), torch.full((streams,), float("-inf")), keys).argmax(-1)
+    assert_draws_follow(winners.tolist(), scaled[0].double().softmax(-1))
 
 
 def test_greedy_and_degenerate_filters_pick_the_argmax():

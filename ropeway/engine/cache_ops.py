@@ -8,6 +8,7 @@ long prompt scores with."""
 import math
 
 import msgspec
+import numpy as np
 import torch
 
 from ropeway.kernels import rerotate_keys
@@ -85,9 +86,15 @@ class CacheOps:
         count = move.count
         if count == 0:
             return
-        positions = torch.arange(move.first_position, move.first_position + count, device=self.device)
-        table = torch.tensor(move.block_table, dtype=torch.int64, device=self.device)
-        slots = table[positions // self.block_size] * self.block_size + positions % self.block_size
+        # Slots are worked out on the host and copied without blocking: a pageable copy would
+        # wait for the step in flight, stalling the pipelined decode of bounded caches.
+        host_positions = np.arange(move.first_position, move.first_position + count)
+        host_slots = (np.asarray(move.block_table, dtype=np.int64)[host_positions // self.block_size]
+                      * self.block_size + host_positions % self.block_size)
+        both = torch.from_numpy(np.stack([host_positions, host_slots]))
+        if self.device.type == "cuda":
+            both = both.pin_memory().to(self.device, non_blocking=True)
+        positions, slots = both
         old_inv_freq, old_factor = self.runner.rope_row(move.old_plan)
         new_inv_freq, new_factor = self.runner.rope_row(move.new_plan)
         rerotate_keys(self.kv_cache[:, 0], slots, positions + move.shift, positions,

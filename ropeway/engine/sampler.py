@@ -11,10 +11,11 @@ For logits [R, V] (fp32, one row per sequence that samples this step):
    - top-p, over what min-p and top-k kept, renormalized: a token stays while the mass of the
      tokens above it is below top_p. The cut is the largest value v whose mass at or above v
      reaches top_p: read off the top-k candidates when the row has top-k, else searched by
-     `kernels.filtered_draw` (exact bisection on the fp32 values' bit patterns).
-4. The draw (`kernels.filtered_draw`: Triton on CUDA, one program per row; torch on CPU)
-   inverts the kept tokens' cumulative distribution (vocabulary order, fp64) at the row's
-   counter-based uniform, so a seeded row draws the same token whatever the batch.
+     `kernels.filtered_draw` (an exact search on the fp32 values' ordered bit patterns).
+4. The draw (`kernels.filtered_draw`: Triton on CUDA, each row split over many programs;
+   torch on CPU) is an exponential race among the kept tokens, each token's uniform hashed
+   from the row's counter-based stream keys, so a seeded row draws the same token whatever
+   the batch. Temperature alone (no filter) is that one pass.
 5. Logprobs, when asked, are the model's distribution before any of this (as vLLM reports them).
 
 `sample()` returns device tensors (on CUDA their copy to pinned host memory is queued right
@@ -28,7 +29,7 @@ import torch
 from ropeway.kernels import filtered_draw
 from ropeway.sampling_params import SamplingParams
 
-from .random_stream import uniform_per_row
+from .random_stream import stream_keys
 from .sampling_state import PenaltyState
 
 @dataclass
@@ -97,14 +98,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], penalties: PenaltyStat
     want = [r.params.logprobs for r in rows if r.params.logprobs is not None]
     raw_logprobs = logits.log_softmax(dim=-1) if want else None
     logits = process_logits(logits, rows, penalties, eos_token_ids)
-    chosen = logits.argmax(dim=-1)
     drawn_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if len(drawn_rows) == len(rows):
         chosen = draw(logits, rows)
-    elif drawn_rows:
-        # (Indexing with a Python list would copy it to the device synchronously.)
-        index = _column(drawn_rows, torch.int64, logits.device)
-        chosen = chosen.index_copy(0, index, draw(logits.index_select(0, index), [rows[i] for i in drawn_rows]))
+    else:
+        chosen = logits.argmax(dim=-1)
+        if drawn_rows:
+            # (Indexing with a Python list would copy it to the device synchronously.)
+            index = _column(drawn_rows, torch.int64, logits.device)
+            chosen = chosen.index_copy(0, index, draw(logits.index_select(0, index), [rows[i] for i in drawn_rows]))
     result = SampledTokens(chosen)
     if want:
         result.logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0]
@@ -159,18 +161,18 @@ def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device = logits.device
     temperature = _column([r.params.temperature for r in rows], torch.float32, device)
     scaled = logits / temperature[:, None]
-    cut, top_p, search = cuts_before_top_p_search(scaled, rows)
-    uniform = uniform_per_row(_column([r.seed for r in rows], torch.int64, device),
-                              _column([r.step for r in rows], torch.int64, device))
-    return filtered_draw(scaled, cut, top_p, uniform, search)
+    row_max = scaled.amax(dim=-1)
+    cut, top_p, search = cuts_before_top_p_search(scaled, row_max, rows)
+    keys = _column(stream_keys([r.seed for r in rows], [r.step for r in rows]), torch.int64, device)
+    return filtered_draw(scaled, cut, top_p, row_max, keys, search)
 
 
-def cuts_before_top_p_search(scaled: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def cuts_before_top_p_search(scaled: torch.Tensor, row_max: torch.Tensor, rows: list[SamplingRow]
+                             ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Per row, the smallest scaled logit that min-p and top-k keep (-inf: all), with top-p
     already applied where the row has top-k; the top_p (1: none) of the rows whose top-p cut
     `filtered_draw` still searches; and whether any row needs that search."""
     device, vocab = scaled.device, scaled.shape[1]
-    row_max = scaled.amax(dim=-1)
     cut = torch.full_like(row_max, float("-inf"))
     if any(r.params.min_p > 0 for r in rows):
         min_p = _column([r.params.min_p for r in rows], torch.float32, device)
@@ -205,7 +207,7 @@ def _top_p_cut_from_candidates(candidates, cut, row_max, needed) -> torch.Tensor
 def _column(values, dtype, device) -> torch.Tensor:
     """A per-row parameter as a device tensor, copied without waiting for the GPU's queue (a
     copy from pageable memory would block the host until the queued step has finished)."""
-    tensor = torch.tensor(values, dtype=dtype)
+    tensor = torch.as_tensor(values, dtype=dtype)
     if device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor

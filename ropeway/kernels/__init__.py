@@ -165,9 +165,9 @@ __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_attention", "pag
            "filtered_draw"]
 
 
-def filtered_draw(scaled, cut, top_p, uniform, search: bool):
+def filtered_draw(scaled, cut, top_p, row_max, stream_keys, search: bool):
     """The seeded draw of sampling after its top-p cut search (kernels/sampling.py says what)."""
     if scaled.is_cuda:
         from .triton_sampling import filtered_draw_triton
-        return filtered_draw_triton(scaled, cut, top_p, uniform, search)
-    return filtered_draw_reference(scaled, cut, top_p, uniform, search)
+        return filtered_draw_triton(scaled, cut, top_p, row_max, stream_keys, search)
+    return filtered_draw_reference(scaled, cut, top_p, row_max, stream_keys, search)

@@ -1,19 +1,55 @@
 """The last stage of sampling, torch reference: top-p cut search and the seeded draw.
 
 For each row of scaled logits s [R, V] (temperature applied), with the cut the other filters
-set (`cut`: the smallest s kept; -inf keeps all), top_p and a uniform u in (0, 1):
+set (`cut`: the smallest s kept; -inf keeps all), top_p, the row maximum and two 32-bit
+stream keys:
 - where top_p < 1 and `search`: the cut rises to the largest value v whose kept mass at or
   above v reaches top_p of the kept mass (a token stays while the mass above it is below
-  top_p; tokens tied at the cut stay). Found by bisection on the ordered 32-bit keys of the
-  fp32 values: each of the 32 steps is one masked sum over the row, and the result is exact.
-- the draw: the first token (vocabulary order) whose cumulative kept mass, in fp64, passes
-  u times the total. A token of mass 0 is never drawn.
+  top_p; tokens tied at the cut stay). The reference bisects on the ordered 32-bit keys of
+  the fp32 values; the Triton version narrows the same interval 16 ways per pass. Both pin
+  the one answer.
+- the draw, an exponential race (the Gumbel-max trick): every kept token t gets a uniform
+  u_t from a counter-based hash of (stream keys, t), and the token with the largest
+  s_t - ln(-ln u_t) wins (the first on a tie). That picks t with probability softmax(s) over
+  the kept set, in one pass with no cumulative sum, so a row can be split over many
+  programs. The keys are fp64, and u_t has 32 random bits: the race's extreme tail (a token
+  needing -ln(-ln u) > 22.9 to win) is cut at ~1e-10 per token.
 """
 
 import torch
 
 # Halving the key interval (at most 2^32 keys) 32 times pins the cut to one value.
 BISECTION_STEPS = 32
+
+MASK32 = 0xFFFFFFFF
+MIX_MULTIPLIER_1 = 0x7FEB352D
+MIX_MULTIPLIER_2 = 0x846CA68B
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser with good avalanche (lowbias32), on int64 holding 32-bit values.
+    The products exceed 2^63 and wrap; their low 32 bits, all that is kept, are exact."""
+    x = x ^ (x >> 16)
+    x = (x * MIX_MULTIPLIER_1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MIX_MULTIPLIER_2) & MASK32
+    return x ^ (x >> 16)
+
+
+def token_bits(tokens: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int64) per token of a stream with keys (first, second), broadcast."""
+    return mix32(mix32(tokens ^ first) ^ second)
+
+
+def race_keys(scaled: torch.Tensor, cut: torch.Tensor, stream_keys: torch.Tensor) -> torch.Tensor:
+    """[R, V] fp64: s - ln(-ln u) where s >= cut, -inf elsewhere. stream_keys [R, 2] int64.
+    Only kept tokens are hashed: filters usually keep a few dozen of a row's tokens."""
+    rows, tokens = (scaled >= cut[:, None]).nonzero(as_tuple=True)
+    bits = token_bits(tokens, stream_keys[rows, 0], stream_keys[rows, 1])
+    uniform = (bits.to(torch.float64) + 0.5) / float(1 << 32)  # strictly inside (0, 1)
+    keys = torch.full(scaled.shape, float("-inf"), dtype=torch.float64, device=scaled.device)
+    keys[rows, tokens] = scaled[rows, tokens].to(torch.float64) - (-uniform.log()).log()
+    return keys
 
 
 def ordered_keys(values: torch.Tensor) -> torch.Tensor:
@@ -27,9 +63,8 @@ def value_of_key(keys: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int32).view(torch.float32)
 
 
-def top_p_cut_reference(scaled, cut, top_p) -> torch.Tensor:
+def top_p_cut_reference(scaled, cut, top_p, row_max) -> torch.Tensor:
     """[R] the cut raised by top-p (rows with top_p >= 1 keep theirs)."""
-    row_max = scaled.amax(dim=-1)
     kept = torch.where(scaled >= cut[:, None], (scaled - row_max[:, None]).exp(), 0.0)
     needed = top_p * kept.sum(dim=-1)
     keys = ordered_keys(scaled)
@@ -43,12 +78,9 @@ def top_p_cut_reference(scaled, cut, top_p) -> torch.Tensor:
     return torch.where(top_p < 1.0, torch.maximum(cut, value_of_key(low)), cut)
 
 
-def filtered_draw_reference(scaled, cut, top_p, uniform, search: bool) -> torch.Tensor:
-    """[R] int64 tokens. scaled [R, V] fp32, cut and top_p [R] fp32, uniform [R] fp64; search:
-    whether any row has a top_p to apply (else top_p is not read)."""
+def filtered_draw_reference(scaled, cut, top_p, row_max, stream_keys, search: bool) -> torch.Tensor:
+    """[R] int64 tokens. scaled [R, V] fp32; cut, top_p and row_max [R] fp32; stream_keys
+    [R, 2] int64; search: whether any row has a top_p to apply (else top_p is not read)."""
     if search:
-        cut = top_p_cut_reference(scaled, cut, top_p)
-    row_max = scaled.amax(dim=-1, keepdim=True)
-    cumulative = torch.where(scaled >= cut[:, None], (scaled - row_max).exp(), 0.0).to(torch.float64).cumsum(-1)
-    target = uniform[:, None] * cumulative[:, -1:]
-    return torch.searchsorted(cumulative, target, right=True)[:, 0]
+        cut = top_p_cut_reference(scaled, cut, top_p, row_max)
+    return race_keys(scaled, cut, stream_keys).argmax(dim=-1)

@@ -1,87 +1,168 @@
 """Triton top-p cut search and seeded draw (see sampling.py for what they compute).
 
-One program per row walks the row in BLOCK-wide tiles: one pass for the maximum, one for
-the kept mass, 32 bisection passes when the row has a top_p (a batch-64 row of 128k fp32
-logits is 512 KiB: the passes read it from L2), and two passes for the draw, which scans
-each tile's kept mass in fp64 and stops at the first token past u times the total. Both
-draw passes add the same tile scans in the same order, so the running total ends exactly
-at the total the target was taken from.
+Each row is split into chunks, one program per (row, chunk), so a batch-1 row of 128k
+logits keeps the whole GPU busy instead of one SM (the old kernel's 2.6 ms at batch 1):
+- The top-p search narrows the interval [low, high) of ordered fp32 keys that holds the cut
+  (mass at or above low reaches what is needed, at or above high does not) 16 ways per pass:
+  each program sums its chunk's kept mass at or above 16 thresholds spread over the
+  interval, and the next pass's programs each add up the row's partial sums and pick the
+  sub-interval (the same way in every program; the chunk-0 program records it). Eight passes
+  shrink 2^32 keys to one. The draw's programs make the last pick.
+- The draw: each program runs the exponential race over its chunk and writes its best key
+  and token; the row's winner is the first chunk holding the largest key.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .sampling import BISECTION_STEPS
+# 16 thresholds per pass: 8 passes pin one of 2^32 keys.
+BINS = 16
+SEARCH_PASSES = 8
+# Programs per launch to aim for (several per SM of an H200), and the smallest chunk: a batch-1
+# row of 128k logits gets 126 programs, a batch-64 row 16, so the partial sums every program
+# of the next pass adds up stay a few hundred numbers.
+PROGRAMS = 1024
+MIN_CHUNK = 1024
 
 
 @triton.jit
 def _ordered_key(x):
     bits = (x + 0.0).to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
 
 
 @triton.jit
-def _filtered_draw_kernel(scaled_ptr, stride, cut_ptr, top_p_ptr, uniform_ptr, out_ptr, vocab,
-                          BLOCK: tl.constexpr, STEPS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = scaled_ptr + row * stride
-    offsets = tl.arange(0, BLOCK)
-    cut = tl.load(cut_ptr + row)
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _thresholds(low, high, BINS: tl.constexpr):
+    return low + ((high - low) * tl.arange(0, BINS).to(tl.int64)) // BINS
+
+
+@triton.jit
+def _narrowed(bounds_ptr, partial_ptr, row, num_rows, previous, top_p, num_chunks,
+              BINS: tl.constexpr, CHUNKS: tl.constexpr):
+    """The row's interval after the pick from pass `previous`'s partial masses."""
+    low = tl.load(bounds_ptr + (previous * num_rows + row) * 2)
+    high = tl.load(bounds_ptr + (previous * num_rows + row) * 2 + 1)
+    chunks = tl.arange(0, CHUNKS)
+    bins = tl.arange(0, BINS)
+    in_row = chunks[:, None] < num_chunks
+    partial = partial_ptr + (previous * num_rows + row) * num_chunks * BINS
+    mass = tl.sum(tl.load(partial + chunks[:, None] * BINS + bins[None, :], mask=in_row, other=0.0), 0)
+    # Pass 0's first threshold is the cut itself: its mass is everything kept.
+    first = partial_ptr + row * num_chunks * BINS
+    needed = top_p * tl.sum(tl.load(first + chunks * BINS, mask=chunks < num_chunks, other=0.0), 0)
+    thresholds = _thresholds(low, high, BINS)
+    # Masses fall as thresholds rise: the last threshold that still reaches (0 if none, by rounding).
+    pick = tl.max(tl.where(mass >= needed, bins, 0), 0)
+    new_low = tl.sum(tl.where(bins == pick, thresholds, 0), 0)
+    new_high = tl.where(pick == BINS - 1, high, tl.sum(tl.where(bins == pick + 1, thresholds, 0), 0))
+    return new_low, new_high
+
+
+@triton.jit
+def _top_p_pass_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, top_p_ptr, bounds_ptr, partial_ptr, pass_index,
+                       num_rows, vocab, chunk, num_chunks, BLOCK: tl.constexpr, BINS: tl.constexpr,
+                       CHUNKS: tl.constexpr):
+    row = tl.program_id(0)
+    chunk_index = tl.program_id(1)
     top_p = tl.load(top_p_ptr + row)
-
-    row_max = tl.full((), float("-inf"), tl.float32)
-    for start in range(0, vocab, BLOCK):
-        x = tl.load(base + start + offsets, mask=start + offsets < vocab, other=float("-inf"))
-        row_max = tl.maximum(row_max, tl.max(x, 0))
-
     if top_p < 1.0:
-        total = tl.full((), 0.0, tl.float32)
-        for start in range(0, vocab, BLOCK):
-            x = tl.load(base + start + offsets, mask=start + offsets < vocab, other=float("-inf"))
-            total += tl.sum(tl.where(x >= cut, tl.exp(x - row_max), 0.0), 0)
-        needed = top_p * total
-        low = _ordered_key(cut).to(tl.int64)
-        high = _ordered_key(row_max).to(tl.int64) + 1
-        for _ in range(STEPS):
-            middle = (low + high) >> 1
-            mass = tl.full((), 0.0, tl.float32)
-            for start in range(0, vocab, BLOCK):
-                x = tl.load(base + start + offsets, mask=start + offsets < vocab, other=float("-inf"))
-                keep = (x >= cut) & (_ordered_key(x).to(tl.int64) >= middle)
-                mass += tl.sum(tl.where(keep, tl.exp(x - row_max), 0.0), 0)
-            reaches = mass >= needed
-            low = tl.where(reaches, middle, low)
-            high = tl.where(reaches, high, middle)
-        bits = tl.where(low >= 0, low, low ^ 0x7FFFFFFF).to(tl.int32)
-        cut = tl.maximum(cut, bits.to(tl.float32, bitcast=True))
-
-    total = tl.full((), 0.0, tl.float64)
-    for start in range(0, vocab, BLOCK):
-        x = tl.load(base + start + offsets, mask=start + offsets < vocab, other=float("-inf"))
-        mass = tl.where(x >= cut, tl.exp(x - row_max), 0.0).to(tl.float64)
-        total += tl.max(tl.cumsum(mass, 0), 0)  # the scan's last entry: masses are >= 0
-    target = tl.load(uniform_ptr + row) * total
-    running = tl.full((), 0.0, tl.float64)
-    token = vocab + 0  # past the end: nothing found yet
-    for start in range(0, vocab, BLOCK):
-        x = tl.load(base + start + offsets, mask=start + offsets < vocab, other=float("-inf"))
-        scan = tl.cumsum(tl.where(x >= cut, tl.exp(x - row_max), 0.0).to(tl.float64), 0) + running
-        token = tl.minimum(token, tl.min(tl.where(scan > target, start + offsets, vocab), 0))
-        running = tl.max(scan, 0)
-    tl.store(out_ptr + row, token.to(tl.int64))
+        if pass_index == 0:
+            low = _ordered_key(tl.load(cut_ptr + row))
+            high = _ordered_key(tl.load(row_max_ptr + row)) + 1
+        else:
+            low, high = _narrowed(bounds_ptr, partial_ptr, row, num_rows, pass_index - 1, top_p, num_chunks,
+                                  BINS, CHUNKS)
+        if chunk_index == 0:
+            tl.store(bounds_ptr + (pass_index * num_rows + row) * 2, low)
+            tl.store(bounds_ptr + (pass_index * num_rows + row) * 2 + 1, high)
+        thresholds = _thresholds(low, high, BINS)
+        row_max = tl.load(row_max_ptr + row)
+        base = scaled_ptr + row.to(tl.int64) * stride
+        offsets = tl.arange(0, BLOCK)
+        mass = tl.zeros((BLOCK, BINS), tl.float32)
+        start = chunk_index * chunk
+        for tile in range(start, tl.minimum(start + chunk, vocab), BLOCK):
+            x = tl.load(base + tile + offsets, mask=tile + offsets < vocab, other=float("-inf"))
+            above = _ordered_key(x)[:, None] >= thresholds[None, :]
+            mass += tl.where(above, tl.exp(x - row_max)[:, None], 0.0)
+        partial = partial_ptr + ((pass_index * num_rows + row) * num_chunks + chunk_index) * BINS
+        tl.store(partial + tl.arange(0, BINS), tl.sum(mass, 0))
 
 
-def filtered_draw_triton(scaled, cut, top_p, uniform, search: bool, block: int = 2048) -> torch.Tensor:
-    """As filtered_draw_reference; `search` is implied by top_p here (each row checks its own)."""
+@triton.jit
+def _race_kernel(scaled_ptr, stride, cut_ptr, top_p_ptr, stream_keys_ptr, bounds_ptr, partial_ptr, best_key_ptr,
+                 best_token_ptr, num_rows, vocab, chunk, num_chunks, SEARCH: tl.constexpr, PASSES: tl.constexpr,
+                 BLOCK: tl.constexpr, BINS: tl.constexpr, CHUNKS: tl.constexpr):
+    row = tl.program_id(0)
+    chunk_index = tl.program_id(1)
+    cut = tl.load(cut_ptr + row)
+    if SEARCH:
+        top_p = tl.load(top_p_ptr + row)
+        if top_p < 1.0:
+            low, high = _narrowed(bounds_ptr, partial_ptr, row, num_rows, PASSES - 1, top_p, num_chunks,
+                                  BINS, CHUNKS)
+            bits = tl.where(low >= 0, low, low ^ 0x7FFFFFFF).to(tl.int32)
+            cut = tl.maximum(cut, bits.to(tl.float32, bitcast=True))
+    first = tl.load(stream_keys_ptr + row * 2)
+    second = tl.load(stream_keys_ptr + row * 2 + 1)
+    base = scaled_ptr + row.to(tl.int64) * stride
+    offsets = tl.arange(0, BLOCK)
+    best = tl.full((), float("-inf"), tl.float64)
+    best_token = tl.full((), 0, tl.int64)
+    start = chunk_index * chunk
+    for tile in range(start, tl.minimum(start + chunk, vocab), BLOCK):
+        tokens = (tile + offsets).to(tl.int64)
+        x = tl.load(base + tokens, mask=tokens < vocab, other=float("-inf"))
+        uniform = (_mix32(_mix32(tokens ^ first) ^ second).to(tl.float64) + 0.5) / 4294967296.0
+        keys = tl.where(x >= cut, x.to(tl.float64) - tl.log(-tl.log(uniform)), float("-inf"))
+        tile_best = tl.max(keys, 0)
+        tile_token = tile + tl.argmax(keys, 0)
+        better = tile_best > best  # strictly: the earlier tile wins a tie
+        best_token = tl.where(better, tile_token, best_token)
+        best = tl.where(better, tile_best, best)
+    tl.store(best_key_ptr + row * num_chunks + chunk_index, best)
+    tl.store(best_token_ptr + row * num_chunks + chunk_index, best_token)
+
+
+def filtered_draw_triton(scaled, cut, top_p, row_max, stream_keys, search: bool, chunk: int | None = None,
+                         block: int = 256) -> torch.Tensor:
+    """As filtered_draw_reference; rows with top_p >= 1 skip the search. Each program takes a
+    `chunk` of a row (default: about PROGRAMS programs in all, chunks of 1k tokens at least);
+    the search walks it in `block`-wide tiles (a [block, BINS] accumulator), the race in tiles
+    four times as wide."""
     rows, vocab = scaled.shape
-    out = torch.empty(rows, dtype=torch.int64, device=scaled.device)
     if rows == 0:
-        return out
-    if not search:
-        top_p = torch.ones_like(cut)
-    block = min(block, triton.next_power_of_2(vocab))
+        return torch.empty(0, dtype=torch.int64, device=scaled.device)
     scaled = scaled.contiguous()
-    _filtered_draw_kernel[(rows,)](scaled, scaled.stride(0), cut, top_p, uniform, out, vocab,
-                                   BLOCK=block, STEPS=BISECTION_STEPS, num_warps=8)
-    return out
+    stream_keys = stream_keys.contiguous()
+    if chunk is None:
+        chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(vocab, max(1, PROGRAMS // rows))))
+    block = min(block, triton.next_power_of_2(vocab))  # both powers of two
+    chunk = max(block, min(chunk, triton.next_power_of_2(vocab)))
+    num_chunks = triton.cdiv(vocab, chunk)
+    grid = (rows, num_chunks)
+    shape = {"BINS": BINS, "CHUNKS": triton.next_power_of_2(num_chunks)}
+    bounds = torch.empty(SEARCH_PASSES, rows, 2, dtype=torch.int64, device=scaled.device) if search else None
+    partial = (torch.empty(SEARCH_PASSES, rows, num_chunks, BINS, dtype=torch.float32, device=scaled.device)
+               if search else None)
+    if search:
+        for pass_index in range(SEARCH_PASSES):
+            _top_p_pass_kernel[grid](scaled, scaled.stride(0), cut, row_max, top_p, bounds, partial, pass_index,
+                                     rows, vocab, chunk, num_chunks, BLOCK=block, **shape)
+    best_key = torch.empty(rows, num_chunks, dtype=torch.float64, device=scaled.device)
+    best_token = torch.empty(rows, num_chunks, dtype=torch.int64, device=scaled.device)
+    _race_kernel[grid](scaled, scaled.stride(0), cut, top_p, stream_keys, bounds if search else best_token,
+                       partial if search else best_key, best_key, best_token, rows, vocab, chunk, num_chunks,
+                       SEARCH=search, PASSES=SEARCH_PASSES, BLOCK=min(chunk, 4 * block), **shape)
+    # torch.argmax gives the first of equal maxima: the earliest chunk, so the lowest token.
+    return best_token.gather(1, best_key.argmax(dim=1, keepdim=True))[:, 0]
