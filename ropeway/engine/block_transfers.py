@@ -71,7 +71,7 @@ class BlockTransfers:
         """Copy pool blocks to host slots: (block, slot) pairs."""
         if not copies:
             return
-        blocks = torch.tensor([block for block, _ in copies], dtype=torch.int64, device=self.device)
+        blocks = self._index([block for block, _ in copies])
         slots = [slot for _, slot in copies]
         self.offloaded_bytes += len(copies) * self.bytes_per_slot
         staging = [tensor.index_select(0, blocks) for tensor in self.cache_tensors]
@@ -95,8 +95,8 @@ class BlockTransfers:
             return
         slots = [slot for slot, _ in copies]
         self.loaded_bytes += len(copies) * self.bytes_per_slot
+        blocks = self._index([block for _, block in copies])
         if self.stream is None:
-            blocks = torch.tensor([block for _, block in copies], dtype=torch.int64)
             for tensor, host in zip(self.cache_tensors, self.host):
                 tensor.index_copy_(0, blocks, host.index_select(0, torch.tensor(slots, dtype=torch.int64)))
             self.in_flight.append(Transfer(None, [], loads))
@@ -104,13 +104,13 @@ class BlockTransfers:
         # The destination blocks' old contents may still be read or written by the step queued before.
         ready = torch.cuda.Event()
         ready.record()
+        blocks.record_stream(self.stream)  # made on the step's stream, read on the side stream
         with torch.cuda.stream(self.stream):
             staging = [torch.empty((len(copies), *t.shape[1:]), dtype=t.dtype, device=self.device)
                        for t in self.cache_tensors]
             for first, slot, length in slot_runs(slots):
                 for stage, host in zip(staging, self.host):
                     stage[first : first + length].copy_(host[slot : slot + length], non_blocking=True)
-            blocks = torch.tensor([block for _, block in copies], dtype=torch.int64).to(self.device, non_blocking=True)
             self.stream.wait_event(ready)
             for tensor, stage in zip(self.cache_tensors, staging):
                 tensor.index_copy_(0, blocks, stage)
@@ -133,6 +133,14 @@ class BlockTransfers:
                     transfer.done.synchronize()
                 break
         return self.finished()
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        """Block indices on the device, without synchronizing the step's stream (a plain copy from
+        pageable memory would wait for the step in flight)."""
+        index = torch.tensor(values, dtype=torch.int64)
+        if self.stream is None:
+            return index
+        return index.pin_memory().to(self.device, non_blocking=True)
 
     def _to_host(self, staging: list[torch.Tensor], slots: list[int]) -> None:
         for first, slot, length in slot_runs(slots):

@@ -196,7 +196,17 @@ class Scheduler:
             if seq.status is SequenceStatus.FINISHED:  # aborted meanwhile
                 self.block_manager.free(seq)
             else:
+                self.block_manager.register_full_blocks(seq)  # findable in the pool now
                 self._requeue(seq)
+
+    def _free_caches_queued_behind(self, head: Sequence) -> bool:
+        """Give the pool back the blocks of sequences queued behind head that hold some (brought
+        back from the host tier, waiting for their turn): otherwise head might never fit. A
+        prefix brought back stays findable in the pool (and the host tier) until reused."""
+        holders = [seq for seq in self.waiting if seq is not head and seq.block_table]
+        for seq in holders:
+            self.block_manager.free(seq)
+        return bool(holders)
 
     # ----- one step -----
 
@@ -267,6 +277,8 @@ class Scheduler:
                 while not fits() and self.sessions.release_oldest():
                     pass
                 if not fits():
+                    if self._free_caches_queued_behind(seq):
+                        continue
                     break
                 self.waiting.popleft()
                 if not restored:
