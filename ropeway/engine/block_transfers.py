@@ -28,6 +28,8 @@ from ropeway.scheduler import BlockLoad
 # the oldest (PCIe moves ~50 GB/s, so this bounds a wait to ~10 ms and is not reached at
 # serving rates).
 MAX_STAGING_BYTES = 512 << 20
+# A load goes through staging tensors of at most this size on the side stream.
+LOAD_STAGING_BYTES = 256 << 20
 
 
 @dataclass
@@ -105,18 +107,24 @@ class BlockTransfers:
         ready = torch.cuda.Event()
         ready.record()
         blocks.record_stream(self.stream)  # made on the step's stream, read on the side stream
+        # Through a bounded staging tensor, a chunk at a time (a 32k-token chat is GiBs).
+        per_chunk = max(1, LOAD_STAGING_BYTES // self.bytes_per_slot)
         with torch.cuda.stream(self.stream):
-            staging = [torch.empty((len(copies), *t.shape[1:]), dtype=t.dtype, device=self.device)
-                       for t in self.cache_tensors]
-            for first, slot, length in slot_runs(slots):
-                for stage, host in zip(staging, self.host):
-                    stage[first : first + length].copy_(host[slot : slot + length], non_blocking=True)
-            self.stream.wait_event(ready)
-            for tensor, stage in zip(self.cache_tensors, staging):
-                tensor.index_copy_(0, blocks, stage)
+            for start in range(0, len(copies), per_chunk):
+                chunk_slots = slots[start : start + per_chunk]
+                staging = [torch.empty((len(chunk_slots), *t.shape[1:]), dtype=t.dtype, device=self.device)
+                           for t in self.cache_tensors]
+                for first, slot, length in slot_runs(chunk_slots):
+                    for stage, host in zip(staging, self.host):
+                        stage[first : first + length].copy_(host[slot : slot + length], non_blocking=True)
+                if start == 0:
+                    self.stream.wait_event(ready)
+                for tensor, stage in zip(self.cache_tensors, staging):
+                    tensor.index_copy_(0, blocks[start : start + len(chunk_slots)], stage)
             done = torch.cuda.Event()
             done.record()
-        self.in_flight.append(Transfer(done, staging, loads))
+        # (Staging made and used on the side stream alone: the allocator reuses it in stream order.)
+        self.in_flight.append(Transfer(done, [], loads))
 
     def finished(self) -> list[BlockLoad]:
         """The loads whose blocks are in the pool now (one stream: transfers end in order)."""
