@@ -53,7 +53,8 @@ class Bench:
     def _add_decoder(self) -> None:
         request_id = f"decoder{self._next_decoder}"
         self._next_decoder += 1
-        self.engine.add_request(request_id, self.tokens(16), SamplingParams(temperature=0, max_tokens=512,
+        max_tokens = min(512, self.engine.max_model_len // 4)  # the decoders' KV stays small next to the chats'
+        self.engine.add_request(request_id, self.tokens(16), SamplingParams(temperature=0, max_tokens=max_tokens,
                                                                             ignore_eos=True))
         self.decoders.add(request_id)
 

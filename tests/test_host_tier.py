@@ -121,6 +121,19 @@ def test_lru_drops_the_oldest_entries_but_never_reuses_a_slot_a_load_still_reads
     assert host.free_slots == [a] and host.num_used_slots == 1
 
 
+def test_the_flag_sets_the_host_tier_and_tensor_parallelism_refuses_one():
+    from ropeway import EngineConfig
+    from ropeway.server.cli import build_parser, engine_config
+
+    config = engine_config(build_parser().parse_args(["serve", "--kv-host-memory", "2GiB"]))
+    assert config.kv_host_bytes(torch.device("cpu")) == 2 << 30
+    assert EngineConfig().kv_host_bytes(torch.device("cpu")) == 0  # the pool is host memory already
+    assert EngineConfig().kv_host_bytes(torch.device("cuda")) == 4 << 30
+    assert EngineConfig(tensor_parallel_size=2).kv_host_bytes(torch.device("cuda")) == 0
+    with pytest.raises(ValueError, match="--kv-host-memory"):
+        EngineConfig(tensor_parallel_size=2, kv_host_memory_bytes=1 << 30)
+
+
 def test_slot_runs_cover_each_contiguous_stretch_once():
     assert slot_runs([4, 5, 6, 0, 2, 3]) == [(0, 4, 3), (3, 0, 1), (4, 2, 2)]
 
