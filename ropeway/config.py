@@ -9,6 +9,7 @@ if TYPE_CHECKING:
 # torch.<name>; torch itself is imported only where a device or dtype is made, so the CLI's
 # --help reads these defaults without loading it.
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_CUDA_KV_HOST_BYTES = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class EngineConfig:
     context_policy: dict | None = None    # e.g. {"type": "sink_window", "sinks": 4, "window": 4096}; None: none
     session_store_fraction: float = 0.25  # at most this share of the KV pool holds retained chat sessions
     retrieval_archive_bytes: int = 4 << 30  # blocks evicted by landmark caches with `retrieve`: host + device
+    # Host memory for KV blocks the pool lets go of (prefix cache, sessions); 0: none.
+    # None: DEFAULT_CUDA_KV_HOST_BYTES on CUDA, 0 on CPU (there the pool is host memory already).
+    kv_host_memory_bytes: int | None = None
     # Launch step N+1 before reading step N's tokens (greedy steps); None: on CUDA only.
     async_scheduling: bool | None = None
     # Ranks the model is split over (one GPU each; processes over gloo on CPU).
@@ -48,6 +52,10 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.tensor_parallel_size < 1:
             raise ValueError("tensor_parallel_size must be at least 1")
+        if self.kv_host_memory_bytes is not None and self.kv_host_memory_bytes < 0:
+            raise ValueError("kv_host_memory_bytes must be >= 0")
+        if self.kv_host_memory_bytes and self.tensor_parallel_size > 1:
+            raise ValueError("--kv-host-memory is not supported with --tensor-parallel-size > 1 (give 0)")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be at least max_num_seqs, "
                              "so every running sequence can decode each step")
@@ -58,6 +66,13 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def kv_host_bytes(self, device: "torch.device") -> int:
+        if self.kv_host_memory_bytes is not None:
+            return self.kv_host_memory_bytes
+        if device.type != "cuda" or self.tensor_parallel_size > 1:
+            return 0
+        return DEFAULT_CUDA_KV_HOST_BYTES
 
     def uses_async_scheduling(self, device: "torch.device") -> bool:
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling

@@ -131,7 +131,9 @@ def test_dashboard_covers_latency_throughput_queues_kv_preemptions_evictions_and
     for needed in ("rate(ropeway:generation_tokens_total", "ropeway:num_requests_running",
                    "ropeway:num_requests_waiting", "ropeway:kv_cache_usage_perc",
                    "rate(ropeway:num_preemptions_total", "rate(ropeway:kv_evictions_total",
-                   "rate(ropeway:session_hits_total"):
+                   "rate(ropeway:session_hits_total", "rate(ropeway:kv_host_tier_hits_total",
+                   "ropeway:kv_host_tier_bytes", "rate(ropeway:kv_host_offloaded_bytes_total",
+                   "rate(ropeway:kv_host_loaded_bytes_total"):
         assert needed in exprs
     panel_ids = [panel["id"] for panel in dashboard["panels"]]
     assert len(set(panel_ids)) == len(panel_ids)

@@ -21,8 +21,8 @@ from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention
 from ropeway.models import LlamaModel, RopewayTokenizer, TensorParallel, effective_base, load_model_files
 from ropeway.outputs import RequestMetrics
 from ropeway.sampling_params import InvalidParameter
-from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlanner, RopeScaling, Scheduler, SchedulerConfig,
-                               SchedulerOutput, Sequence)
+from ropeway.scheduler import (BlockManager, ContextPolicy, HostTier, RopePlanner, RopeScaling, Scheduler,
+                               SchedulerConfig, SchedulerOutput, Sequence)
 
 from .detokenizer import IncrementalDetokenizer
 from .kv_pool import allocate_kv_cache, plan_kv_pool
@@ -174,7 +174,12 @@ class EngineCore:
             if self.context_policy.type == "landmark":
                 raise ValueError("--context-policy landmark is not supported with --tensor-parallel-size > 1")
             self.workers.init_cache(self.pool)
-        self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching)
+        # A host slot holds a block of every cache tensor, its landmark slot bias (fp32) included.
+        host_slot_bytes = self.pool.bytes_per_block + config.block_size * 4
+        host_slots = config.kv_host_bytes(self.device) // host_slot_bytes
+        self.host_tier = HostTier(host_slots) if host_slots else None
+        self.block_manager = BlockManager(self.pool.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          self.host_tier)
         budget = config.max_num_batched_tokens
         self.planner = RopePlanner(model_config.rope_theta, model_config.head_dim, trained, self.rope_scaling)
         self.scheduler = Scheduler(
@@ -185,7 +190,8 @@ class EngineCore:
             self.block_manager, self.planner,
             session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes)
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, config.retrieval_archive_bytes,
+                                  host_slots)
         self.runner.workers = self.workers
         self.penalty_state = PenaltyState(model_config.vocab_size, self.device)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
@@ -210,6 +216,8 @@ class EngineCore:
         log.info("KV pool: %d blocks of %d tokens = %d tokens, %.1f MiB; max_model_len %d",
                  self.pool.num_blocks, self.pool.block_size, self.pool.num_tokens,
                  self.pool.num_bytes / 2**20, self.max_model_len)
+        if self.host_tier is not None:
+            log.info("KV host tier: %d blocks, %.1f MiB", host_slots, host_slots * host_slot_bytes / 2**20)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (nothing to do on one rank)."""
@@ -222,7 +230,7 @@ class EngineCore:
         return self.outputs.requests
 
     def info(self, served_model_name: str | None = None) -> EngineInfo:
-        tok = self.tokenizer
+        tok, transfers = self.tokenizer, self.runner.block_transfers
         template = tok.chat_template.source if tok.chat_template is not None else None
         return EngineInfo(
             model_name=served_model_name or self.model_config.name, architecture=self.model_config.architecture,
@@ -234,7 +242,8 @@ class EngineCore:
             tensor_parallel_size=self.config.tensor_parallel_size, default_context_policy=asdict(self.context_policy),
             default_rope_scaling=asdict(self.rope_scaling),
             tokenizer=TokenizerSpec(tok.tokenizer.to_str(), tok.bos_token_id, tok.eos_token_ids, tok.add_bos,
-                                    template))
+                                    template),
+            kv_host_tier_bytes=transfers.bytes_per_slot * self.host_tier.num_slots if transfers else 0)
 
     def capture_decode_graphs(self) -> None:
         """On CUDA, capture the decode graphs of every batch size the server may run now,
@@ -336,12 +345,20 @@ class EngineCore:
         one step later, whatever the requests ask for (sampling, penalties, logprobs, prompt
         logprobs, bounded caches); a sequence that stopped has computed one token too many,
         which is dropped. Without it, each step is read at its end."""
+        transfers = self.runner.block_transfers
+        if transfers is not None:
+            self.scheduler.loads_finished(transfers.finished())
         plan = self.scheduler.schedule()
         if plan.failed:
             self._fail_scheduled(plan)
+        self.runner.move_blocks(plan)
         pending, self._in_flight = self._in_flight, None
         if plan.is_empty:
-            return self._resolve(pending) if pending else []
+            if pending:
+                return self._resolve(pending)
+            if self.scheduler.loading:  # nothing else to run: wait for blocks coming back
+                self.scheduler.loads_finished(transfers.wait_for_a_load())
+            return []
         now = time.monotonic()
         for item in plan.scheduled:
             metrics = self.requests[item.seq.request_id].metrics
@@ -516,6 +533,7 @@ class EngineCore:
     def stats(self) -> StatsSnapshot:
         """The state after the last step, and the totals since start-up, as data."""
         totals, scheduler, bm, ops = self.stats_totals, self.scheduler, self.block_manager, self.runner.cache_ops
+        transfers = self.runner.block_transfers
         new_plans = [PlanChoice(effective_base(plan), plan.scaling_factor) for plan in scheduler.new_plans]
         scheduler.new_plans.clear()
         on_cuda = self.device.type == "cuda"
@@ -532,6 +550,10 @@ class EngineCore:
             kv_rerotated_keys=scheduler.num_rerotated_keys,
             landmark_recomputations=scheduler.num_landmark_recomputations,
             session_hits=scheduler.sessions.hits, session_misses=scheduler.sessions.misses,
+            kv_host_tier_bytes=self.host_tier.num_used_slots * transfers.bytes_per_slot if transfers else 0,
+            kv_host_tier_hits=self.host_tier.hits if self.host_tier else 0,
+            kv_host_offloaded_bytes=transfers.offloaded_bytes if transfers else 0,
+            kv_host_loaded_bytes=transfers.loaded_bytes if transfers else 0,
             retrieval_recalls=ops.num_recalls, retrieval_recalled_blocks=ops.num_recalled_blocks,
             request_failures=totals.request_failures, new_plans=new_plans)
 

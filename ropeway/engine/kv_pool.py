@@ -45,6 +45,12 @@ def plan_kv_pool(model: LlamaModel, dtype: torch.dtype, device: torch.device, bl
     return KVPoolShape(num_blocks, block_size, bytes_per_block)
 
 
+def cache_block_views(kv_cache: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor of the pool that holds per-block state, as a view with the block axis first:
+    what moving a block between the pool and host memory copies."""
+    return [kv_cache.movedim(2, 0)]
+
+
 def allocate_kv_cache(model: LlamaModel, shape: KVPoolShape, dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
     """[num_layers, 2 (K, V), num_blocks, block_size, num_local_kv_heads, head_dim]."""

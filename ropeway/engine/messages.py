@@ -106,6 +106,7 @@ class EngineInfo(msgspec.Struct):
     default_context_policy: dict  # the server's ContextPolicy as a dict
     default_rope_scaling: dict    # the server's RopeScaling as a dict
     tokenizer: TokenizerSpec
+    kv_host_tier_bytes: int = 0   # host memory for blocks the pool lets go of (0: no host tier)
 
 
 encode = msgspec.msgpack.Encoder().encode

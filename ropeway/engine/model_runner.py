@@ -11,9 +11,11 @@ from ropeway.models import ForwardBatch, LlamaModel, rope_parameters
 from ropeway.models.forward_batch import block_table_width
 from ropeway.scheduler import RopePlan, SchedulerOutput
 
+from .block_transfers import BlockTransfers
 from .cache_ops import CacheOps
 from .host_batch import HostBatch
 from .cuda_graphs import DecodeGraphs
+from .kv_pool import cache_block_views
 from ropeway.arith import round_up
 
 
@@ -22,7 +24,7 @@ _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int,
-                 archive_bytes: int = 4 << 30):
+                 archive_bytes: int = 4 << 30, host_tier_slots: int = 0):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
@@ -41,6 +43,9 @@ class ModelRunner:
         # Pure-decode steps replay CUDA graphs on the GPU; None runs every step eagerly.
         self.decode_graphs = (DecodeGraphs(model, kv_cache, block_size, self.cache_ops.slot_bias)
                               if self.device.type == "cuda" else None)
+        # The host tier's memory and copies (None without one). A block's landmark slot bias moves with it.
+        self.block_transfers = (BlockTransfers(cache_block_views(kv_cache) + [self.cache_ops.slot_bias],
+                                               host_tier_slots) if host_tier_slots else None)
 
     def rope_index(self, plan: RopePlan) -> int:
         """The plan's row in the RoPE tables, added the first time the plan is seen."""
@@ -194,6 +199,15 @@ class ModelRunner:
         return [item.num_new_tokens if item.seq.wants_prompt_logprobs
                 and item.seq.num_computed_tokens < item.seq.num_prompt_tokens else int(item.samples)
                 for item in step.scheduled]
+
+    def move_blocks(self, step: SchedulerOutput) -> None:
+        """The step's host-tier copies: blocks the pool lets go of leave first (the step may
+        write into them), then loads start."""
+        if self.block_transfers is None:
+            return
+        # (A slot bias comes back as it left: non-zero only if bias_written was already set.)
+        self.block_transfers.offload(step.offloads)
+        self.block_transfers.load(step.loads)
 
     def execute(self, step: SchedulerOutput, logit_rows: list[int],
                 previous: tuple[torch.Tensor, dict[int, int]] | None = None) -> torch.Tensor:

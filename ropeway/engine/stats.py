@@ -21,6 +21,7 @@ class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     kv_used_blocks: int = 0
     session_store_blocks: int = 0
     retrieval_archive_bytes: int = 0
+    kv_host_tier_bytes: int = 0
     gpu_memory_allocated_bytes: int = 0
     gpu_memory_reserved_bytes: int = 0
     # Totals since start-up (Prometheus counters).
@@ -40,5 +41,8 @@ class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     retrieval_recalls: int = 0
     retrieval_recalled_blocks: int = 0
     request_failures: int = 0
+    kv_host_tier_hits: int = 0          # requests that brought blocks back from the host tier
+    kv_host_offloaded_bytes: int = 0    # pool -> host
+    kv_host_loaded_bytes: int = 0       # host -> pool
     # Plans chosen since the previous snapshot (each snapshot carries only its own).
     new_plans: list[PlanChoice] = []

@@ -3,13 +3,15 @@
 A full block's hash chains its parent's hash, its tokens and the RoPE plan's key, so a hit
 means the whole prefix up to and including that block is identical and was computed under
 the same plan. Freed blocks keep their hash and stay findable until the pool reuses them,
-least recently freed first.
+least recently freed first. With a host tier, a block the pool reuses goes there first: the
+manager lists the (block, host slot) copies the runner must make before the step writes.
 """
 
 import hashlib
 from array import array
 from collections import OrderedDict
 
+from .host_tier import HostTier
 from .sequence import Sequence
 from ropeway.arith import cdiv
 
@@ -23,7 +25,8 @@ def block_hash(parent: bytes, tokens: list[int], plan_key: bytes) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 host_tier: HostTier | None = None):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -34,6 +37,9 @@ class BlockManager:
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0     # of those, tokens found
+        self.host_tier = host_tier
+        # (pool block, host slot) copies owed before the next step writes to the pool.
+        self.offloads: list[tuple[int, int]] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -58,8 +64,8 @@ class BlockManager:
             hashes.append(block_hash(parent, seq.token_ids[start : start + self.block_size], key))
         return hashes[: num_tokens // self.block_size]
 
-    def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks holding the longest cached prefix of seq. At least one token is left to
+    def prefix_hashes(self, seq: Sequence) -> list[bytes]:
+        """Hashes of the blocks of seq that a cache may hold. At least one token is left to
         compute, since its logits are what the step is for. A request for prompt logprobs
         computes its whole prompt; a bounded cache reuses no more than it holds before its
         first eviction (where streaming and full attention still agree)."""
@@ -68,8 +74,12 @@ class BlockManager:
         limit = seq.num_tokens - 1
         if seq.context_policy.bounded:
             limit = min(limit, seq.context_policy.max_cache_tokens(self.block_size))
+        return self.full_block_hashes(seq, limit)
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Blocks of the pool holding the longest cached prefix of seq."""
         hits = []
-        for h in self.full_block_hashes(seq, limit):
+        for h in self.prefix_hashes(seq):
             block = self.block_of_hash.get(h)
             if block is None:
                 break
@@ -115,10 +125,24 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow seq's block table to hold num_computed + num_new tokens."""
         for _ in range(self.blocks_to_grow(seq, num_new_tokens)):
-            block, _ = self.free_blocks.popitem(last=False)
-            self._forget(block)
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+            seq.block_table.append(self.take_free_block())
+
+    def take_free_block(self) -> int:
+        """The least recently freed block, now held once. If it was in the prefix cache, it leaves
+        for the host tier (when there is one) instead of being lost."""
+        block, _ = self.free_blocks.popitem(last=False)
+        block_hash = self.hash_of_block[block]
+        if block_hash is not None and self.host_tier is not None:
+            slot = self.host_tier.store_block(block_hash)
+            if slot is not None:
+                self.offloads.append((block, slot))
+        self._forget(block)
+        self.ref_counts[block] = 1
+        return block
+
+    def take_offloads(self) -> list[tuple[int, int]]:
+        offloads, self.offloads = self.offloads, []
+        return offloads
 
     def make_private(self, seq: Sequence, first_index: int = 0) -> list[tuple[int, int]]:
         """Give seq its own copy of every block it shares (from first_index on in its table),
@@ -127,9 +151,7 @@ class BlockManager:
         copies = []
         for index, block in enumerate(seq.block_table):
             if index >= first_index and self.ref_counts[block] > 1:
-                fresh, _ = self.free_blocks.popitem(last=False)
-                self._forget(fresh)
-                self.ref_counts[fresh] = 1
+                fresh = self.take_free_block()
                 self.ref_counts[block] -= 1
                 seq.block_table[index] = fresh
                 copies.append((block, fresh))

@@ -5,7 +5,9 @@ unfinished prompt one chunk), then waiting sequences in arrival order. A long pr
 therefore delays running decodes by at most one chunk. When blocks run out, the newest
 running sequence is preempted: its blocks are freed and it waits at the front of the
 queue to be recomputed (often mostly from the prefix cache). Admission is strictly
-first-come first-served, so nobody starves.
+first-come first-served, so nobody starves, with one exception: a sequence whose cached blocks
+must first come back from the host tier steps out of the queue while they are copied (other
+sequences keep running and being admitted) and rejoins it in arrival order once they are back.
 """
 
 from collections import deque
@@ -16,7 +18,7 @@ from ropeway import fault_injection
 from .block_manager import BlockManager
 from .rope_plan import RopePlan, RopePlanner
 from .sequence import Sequence, SequenceStatus
-from .session_store import SessionStore
+from .session_store import SessionMatch, SessionStore
 from ropeway.arith import round_up
 
 
@@ -93,6 +95,14 @@ class Landmark:
 
 
 @dataclass
+class BlockLoad:
+    """Blocks of seq's cache coming back from the host tier: (host slot, pool block) copies.
+    seq waits outside the queues until the engine reports them done."""
+    seq: Sequence
+    copies: list[tuple[int, int]]
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
@@ -101,6 +111,10 @@ class SchedulerOutput:
     # Sequences whose scheduling raised: out of the queues and this plan, blocks freed; the
     # engine fails their requests and serves the rest.
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
+    # Host tier: (pool block, host slot) copies to make before anything this step writes, and
+    # then the loads to start (they finish in the background).
+    offloads: list[tuple[int, int]] = field(default_factory=list)
+    loads: list[BlockLoad] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -130,6 +144,8 @@ class Scheduler:
         # Choices 2..n of a request wait here until choice 1 has computed the prompt, then
         # find it in the prefix cache instead of computing it again.
         self.held_siblings: dict[int, list[Sequence]] = {}
+        # Sequences whose blocks are coming back from the host tier, by seq_id.
+        self.loading: dict[int, BlockLoad] = {}
         self.num_preemptions = 0
         self.last_plan: SchedulerOutput | None = None  # for step-level measurements
 
@@ -161,6 +177,8 @@ class Scheduler:
             if seq in group:
                 group.remove(seq)
         seq.status = SequenceStatus.FINISHED
+        if seq.seq_id in self.loading:
+            return  # its blocks are being written: freed once the load is done
         if not (retain and seq.context_policy.bounded and self.sessions.retain(seq)):
             evicted = seq.num_evicted_tokens
             self.block_manager.free(seq)
@@ -172,7 +190,29 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) + sum(len(g) for g in self.held_siblings.values())
+        return len(self.waiting) + len(self.loading) + sum(len(g) for g in self.held_siblings.values())
+
+    def loads_finished(self, loads: list[BlockLoad]) -> None:
+        """The engine has these loads' blocks in the pool: their sequences rejoin the queue."""
+        host = self.block_manager.host_tier
+        for load in loads:
+            host.unpin([slot for slot, _ in load.copies])
+            seq = load.seq
+            del self.loading[seq.seq_id]
+            if seq.status is SequenceStatus.FINISHED:  # aborted meanwhile
+                self.block_manager.free(seq)
+            else:
+                self.block_manager.register_full_blocks(seq)  # findable in the pool now
+                self._requeue(seq)
+
+    def _free_caches_queued_behind(self, head: Sequence) -> bool:
+        """Give the pool back the blocks of sequences queued behind head that hold some (brought
+        back from the host tier, waiting for their turn): otherwise head might never fit. A
+        prefix brought back stays findable in the pool (and the host tier) until reused."""
+        holders = [seq for seq in self.waiting if seq is not head and seq.block_table]
+        for seq in holders:
+            self.block_manager.free(seq)
+        return bool(holders)
 
     # ----- one step -----
 
@@ -228,10 +268,19 @@ class Scheduler:
             try:
                 fault_injection.check("schedule", seq.request_id)
                 if seq.context_policy.bounded and not seq.block_table:
-                    self.sessions.take(seq)
+                    match = self.sessions.take(seq)
+                    if match is not None and match.host is not None:
+                        if not self._bring_back_session(seq, match, out):
+                            break
+                        continue
                 restored = bool(seq.block_table)  # a retained session's cache, now this sequence's
                 self._grow_plan_before_admission(seq)
                 cached = [] if restored else bm.find_cached_prefix(seq)
+                on_host = [] if restored else self._host_prefix(seq, len(cached))
+                if on_host:
+                    if not self._bring_back_prefix(seq, cached, on_host, out):
+                        break
+                    continue
                 n = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * bm.block_size,
                         self._chunk(seq, min(budget, prefill_budget)))
                 if restored:
@@ -241,6 +290,8 @@ class Scheduler:
                 while not fits() and self.sessions.release_oldest():
                     pass
                 if not fits():
+                    if self._free_caches_queued_behind(seq):
+                        continue
                     break
                 self.waiting.popleft()
                 if not restored:
@@ -256,8 +307,71 @@ class Scheduler:
                 prefill_budget -= n
             except Exception as error:  # a fault tied to one sequence fails it alone
                 budget += self._fail(seq, error, out)
+        out.offloads = bm.take_offloads()
         self.last_plan = out
         return out
+
+    # ----- the host tier -----
+
+    def _host_prefix(self, seq: Sequence, num_cached: int) -> list[int]:
+        """Host slots of the blocks that continue seq's cached prefix in the host tier."""
+        host = self.block_manager.host_tier
+        if host is None:
+            return []
+        slots = []
+        for block_hash in self.block_manager.prefix_hashes(seq)[num_cached:]:
+            slot = host.find_block(block_hash)
+            if slot is None:
+                break
+            slots.append(slot)
+        return slots
+
+    def _make_room(self, blocks_needed) -> bool:
+        """Release retained sessions until blocks_needed() blocks are free."""
+        while self.block_manager.num_free_blocks < blocks_needed():
+            if not self.sessions.release_oldest():
+                return False
+        return True
+
+    def _bring_back_prefix(self, seq: Sequence, cached: list[int], slots: list[int], out: SchedulerOutput) -> bool:
+        """Take seq's cached prefix from the pool and fresh blocks for the part the host tier
+        holds, and start loading that part; False (nothing taken) if the pool has no room."""
+        bm, host = self.block_manager, self.block_manager.host_tier
+        host.pin(slots)  # releasing sessions to the host tier must not reuse them
+        if not self._make_room(lambda: sum(1 for b in cached if bm.ref_counts[b] == 0) + len(slots)):
+            host.unpin(slots)
+            return False
+        self.waiting.popleft()
+        bm.take_cached(seq, cached)
+        blocks = [bm.take_free_block() for _ in slots]
+        seq.block_table += blocks
+        seq.num_computed_tokens = len(seq.block_table) * bm.block_size
+        bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
+        self._start_load(seq, list(zip(slots, blocks)), out)
+        return True
+
+    def _bring_back_session(self, seq: Sequence, match: SessionMatch, out: SchedulerOutput) -> bool:
+        """Start loading a session the host tier holds into fresh blocks; False (the session
+        put back) if the pool has no room."""
+        bm, host = self.block_manager, self.block_manager.host_tier
+        slots = match.host.slots  # out of the host tier's LRU order: releasing sessions cannot drop them
+        if not self._make_room(lambda: len(slots)):
+            host.put_back_session(match.key, match.host)
+            return False
+        self.waiting.popleft()
+        self.sessions.hits += 1
+        match.session.restore_into(seq)
+        seq.block_table = [bm.take_free_block() for _ in slots]
+        host.pin(slots)
+        host.free(slots)  # the session leaves the host tier: its slots return once read
+        self._start_load(seq, list(zip(slots, seq.block_table)), out)
+        return True
+
+    def _start_load(self, seq: Sequence, copies: list[tuple[int, int]], out: SchedulerOutput) -> None:
+        load = BlockLoad(seq, copies)
+        self.loading[seq.seq_id] = load
+        out.loads.append(load)
+        self.block_manager.host_tier.hits += 1
 
     def _fail(self, seq: Sequence, error: Exception, out: SchedulerOutput) -> int:
         """Take a sequence whose scheduling raised out of the queues and of this step's plan and
@@ -382,7 +496,10 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        # Back in arrival order among the waiting, ahead of anything that came later.
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Back in arrival order among the waiting, ahead of anything that came later."""
         position = 0
         while position < len(self.waiting) and self.waiting[position].arrival < seq.arrival:
             position += 1

@@ -5,7 +5,9 @@ bounded policy (sinks + window) cannot be found in the prefix cache once it has 
 so when it finishes, its blocks stay here, keyed by the hash of the token history they
 stand for. The next request whose prompt extends that history takes them over and
 continues from there instead of re-reading the history. Entries hold blocks, so the store
-is bounded (LRU) and gives blocks back whenever the pool runs short.
+is bounded (LRU) and gives blocks back whenever the pool runs short; with a host tier, an entry
+that gives its blocks back moves to host memory (the blocks are copied there first) and a later
+turn brings it back.
 """
 
 import hashlib
@@ -14,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .block_manager import BlockManager
+from .host_tier import HostEntry
 from .sequence import Sequence
 
 
@@ -31,6 +34,21 @@ class RetainedSession:
     num_evicted_tokens: int
     num_region_positions: int
     archive: object | None
+
+    def restore_into(self, seq: Sequence) -> None:
+        """seq continues from this session's cache (block_table aside, which the caller sets)."""
+        seq.num_computed_tokens = self.num_tokens
+        seq.num_evicted_tokens = self.num_evicted_tokens
+        seq.num_region_positions = self.num_region_positions
+        seq.archive = self.archive
+
+
+@dataclass
+class SessionMatch:
+    """The longest retained history a new sequence extends: in the pool, or (host set) in host memory."""
+    key: bytes
+    session: RetainedSession
+    host: HostEntry | None = None
 
 
 class SessionStore:
@@ -60,30 +78,39 @@ class SessionStore:
             self.release_oldest()
         return True
 
-    def take(self, seq: Sequence) -> bool:
-        """Give a new sequence the longest retained history its tokens extend (leaving at
-        least one token to compute). Counts a hit or a miss."""
-        lengths = sorted({e.num_tokens for e in self.entries.values() if e.num_tokens < seq.num_tokens},
-                         reverse=True)
-        for length in lengths:
+    def take(self, seq: Sequence) -> SessionMatch | None:
+        """The longest retained history seq's tokens extend (leaving at least one token to
+        compute), taken out of the store. A match in the pool is restored into seq at once and
+        counts a hit; one in host memory (match.host) is out of the host tier's LRU order, and
+        the caller brings its blocks back (a hit) or puts it back. No match counts a miss."""
+        host = self.block_manager.host_tier
+        lengths = {e.num_tokens for e in self.entries.values()} | (host.session_lengths() if host else set())
+        for length in sorted((n for n in lengths if n < seq.num_tokens), reverse=True):
             key = history_key(seq.token_ids[:length], seq)
             entry = self.entries.pop(key, None)
             if entry is not None:
+                entry.restore_into(seq)
                 seq.block_table = entry.block_table
-                seq.num_computed_tokens = entry.num_tokens
-                seq.num_evicted_tokens = entry.num_evicted_tokens
-                seq.num_region_positions = entry.num_region_positions
-                seq.archive = entry.archive
                 self.hits += 1
-                return True
+                return SessionMatch(key, entry)
+            on_host = host.pop_session(key) if host else None
+            if on_host is not None:
+                return SessionMatch(key, on_host.session, on_host)
         self.misses += 1
-        return False
+        return None
 
     def release_oldest(self) -> bool:
-        """Free the least recently retained entry's blocks; False if the store is empty."""
+        """Give back the least recently retained entry's blocks, moving the entry to the host
+        tier if there is one and it has room; False if the store is empty."""
         if not self.entries:
             return False
-        self._release(next(iter(self.entries)))
+        key = next(iter(self.entries))
+        host = self.block_manager.host_tier
+        entry = self.entries[key]
+        slots = host.store_session(key, entry, len(entry.block_table)) if host else None
+        if slots is not None:
+            self.block_manager.offloads.extend(zip(entry.block_table, slots))
+        self._release(key)
         return True
 
     def _release(self, key: bytes) -> None:
@@ -91,3 +118,4 @@ class SessionStore:
         holder = Sequence(seq_id=-1, request_id="", choice_index=0, prompt_token_ids=[], rope_plan=None,
                           arrival=-1, max_total_tokens=0, block_table=entry.block_table)
         self.block_manager.free(holder)
+        entry.block_table = []

@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--kv-cache-memory", type=memory_size, default=None,
                         help="KV cache pool size, e.g. 2GiB (default: 1GiB on CPU; on CUDA, "
                              "--gpu-memory-utilization of the free memory)")
+    engine.add_argument("--kv-host-memory", type=memory_size, default=None,
+                        help="host memory (pinned on CUDA) for KV blocks the pool lets go of, prefix-cache blocks "
+                             "and retained sessions, LRU; a later hit copies them back instead of recomputing them; "
+                             "0 disables (default: 4GiB on CUDA, 0 on CPU; not with --tensor-parallel-size > 1)")
     engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
                         help=f"(default: {defaults.gpu_memory_utilization})")
     engine.add_argument("--block-size", type=int, default=defaults.block_size,
@@ -172,6 +176,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, rope_scaling=args.rope_scaling,
         context_policy=args.context_policy, session_store_fraction=args.session_store_fraction,
         retrieval_archive_bytes=args.retrieval_archive_memory, async_scheduling=args.async_scheduling,
+        kv_host_memory_bytes=args.kv_host_memory,
         tensor_parallel_size=args.tensor_parallel_size,
     )
 

@@ -82,6 +82,14 @@ class ServerMetrics:
         self.session_hits = counter("session_hits", "Requests that continued from a retained chat session.")
         self.session_misses = counter("session_misses", "Bounded-cache requests that found no retained session.")
         self.session_store_bytes = gauge("session_store_bytes", "KV bytes held by retained chat sessions.")
+        self.kv_host_tier_bytes = gauge("kv_host_tier_bytes", "Host memory holding KV blocks the pool let go of.")
+        self.kv_host_tier_capacity_bytes = gauge("kv_host_tier_capacity_bytes",
+                                                 "Host memory for KV blocks the pool lets go of (--kv-host-memory).")
+        self.kv_host_tier_hits = counter("kv_host_tier_hits", "Requests whose cached prefix or session came back "
+                                         "from the host tier.")
+        self.kv_host_offloaded_bytes = counter("kv_host_offloaded_bytes",
+                                               "KV bytes copied from the pool to the host tier.")
+        self.kv_host_loaded_bytes = counter("kv_host_loaded_bytes", "KV bytes copied from the host tier to the pool.")
         self.retrieval_recalls = counter("retrieval_recalls", "Prompt chunks of retrieving landmark caches "
                                          "that brought evicted blocks back.")
         self.retrieval_recalled_blocks = counter("retrieval_recalled_blocks",
@@ -105,6 +113,7 @@ class ServerMetrics:
                                                    "Generated tokens per request (all choices).", lengths)
 
         self.kv_blocks_capacity.set(info.num_blocks)
+        self.kv_host_tier_capacity_bytes.set(info.kv_host_tier_bytes)
         self.kv_bytes_capacity.set(info.num_blocks * info.bytes_per_block)
         self._num_blocks = info.num_blocks
         self._bytes_per_block = info.bytes_per_block
@@ -122,6 +131,9 @@ class ServerMetrics:
             (self.landmark_recomputations, "landmark_recomputations"),
             (self.session_hits, "session_hits"),
             (self.session_misses, "session_misses"),
+            (self.kv_host_tier_hits, "kv_host_tier_hits"),
+            (self.kv_host_offloaded_bytes, "kv_host_offloaded_bytes"),
+            (self.kv_host_loaded_bytes, "kv_host_loaded_bytes"),
             (self.retrieval_recalls, "retrieval_recalls"),
             (self.retrieval_recalled_blocks, "retrieval_recalled_blocks"),
         ]
@@ -142,6 +154,7 @@ class ServerMetrics:
         self._previous = stats
         self.session_store_bytes.set(stats.session_store_blocks * self._bytes_per_block)
         self.retrieval_archive_bytes.set(stats.retrieval_archive_bytes)
+        self.kv_host_tier_bytes.set(stats.kv_host_tier_bytes)
         for plan in stats.new_plans:
             self.rope_plan_base.observe(plan.effective_base)
             self.rope_plan_factor.observe(plan.scaling_factor)

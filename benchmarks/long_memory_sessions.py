@@ -1,0 +1,182 @@
+"""Long chats whose KV outgrows the pool: time to first token from the pool, the host tier, or cold.
+
+N chats each send a long first turn (cold: the whole history is prefilled), then a second turn
+at once (its history is still in the pool: a pool hit). Their histories together exceed the KV
+pool, so by the time each chat sends its third turn the pool has reused its blocks: with a host
+tier (--kv-host-memory) they come back from host memory, without one they are prefilled again.
+Each turn adds a short user message and asks for one token, one chat at a time, so time to first
+token is the turn's prefill (or load). Random token ids: the model's answers do not matter, only
+the cache's. With --decoders K, K background streams decode all along, and the decode-only steps
+are timed apart while blocks move (an offload or load issued, or a load in flight) and otherwise:
+the issue's bound is no decode step stalled by more than 2 ms.
+
+  python benchmarks/long_memory_sessions.py            # CPU, tiny: 3 chats of 512 tokens
+  python benchmarks/long_memory_sessions.py --random-llama3-8b --chats 4 \\
+      --history-tokens 32768 --kv-cache-memory 12GiB --kv-host-memory 32GiB --decoders 8 \\
+      --output benchmarks/results/long_memory_sessions_h200.json   # GPU: 32k turns (issue 20)
+
+Prints each turn's time to first token by kind and writes JSON (the issue's target: a 32k turn
+from the host tier in at most 15% of the cold one).
+"""
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from ropeway import EngineConfig, LLMEngine, SamplingParams
+from ropeway.server.cli import memory_size
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+NEW_TURN_TOKENS = 32
+
+
+class Bench:
+    """The engine, a few background streams that decode all along, and every step's time."""
+
+    def __init__(self, engine: LLMEngine, decoders: int, rng: random.Random):
+        self.engine = engine
+        self.rng = rng
+        self.steps: list[dict] = []
+        self.decoders: set[str] = set()
+        self._next_decoder = 0
+        for _ in range(decoders):
+            self._add_decoder()
+
+    def tokens(self, count: int) -> list[int]:
+        return [self.rng.randrange(100, self.engine.model_config.vocab_size) for _ in range(count)]
+
+    def _add_decoder(self) -> None:
+        request_id = f"decoder{self._next_decoder}"
+        self._next_decoder += 1
+        max_tokens = min(512, self.engine.max_model_len // 4)  # the decoders' KV stays small next to the chats'
+        self.engine.add_request(request_id, self.tokens(16), SamplingParams(temperature=0, max_tokens=max_tokens,
+                                                                            ignore_eos=True))
+        self.decoders.add(request_id)
+
+    def step(self) -> list:
+        scheduler = self.engine.scheduler
+        loading = bool(scheduler.loading)
+        started = time.perf_counter()
+        outputs = self.engine.step()
+        seconds = time.perf_counter() - started
+        plan = scheduler.last_plan
+        if plan is not None and plan.scheduled:
+            self.steps.append({"seconds": seconds, "decode_only": all(i.num_new_tokens == 1 for i in plan.scheduled),
+                               "moves_blocks": loading or bool(plan.offloads or plan.loads)})
+        for output in outputs:
+            if output.request_id in self.decoders and output.finished:
+                self.decoders.discard(output.request_id)
+                self._add_decoder()
+        return outputs
+
+    def turn(self, request_id: str, prompt: list[int]) -> tuple[float, list[int]]:
+        """Time to first token of one chat turn (one token asked for)."""
+        started = time.perf_counter()
+        self.engine.add_request(request_id, prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+        while True:
+            for output in self.step():
+                if output.request_id == request_id and output.finished:
+                    return time.perf_counter() - started, output.outputs[0].token_ids
+
+    def decode_steps(self) -> dict:
+        """Decode-only steps (the background streams' tokens), while blocks moved and otherwise."""
+        summary = {}
+        for label, moving in (("blocks_moving", True), ("no_blocks_moving", False)):
+            times = sorted(r["seconds"] for r in self.steps if r["decode_only"] and r["moves_blocks"] == moving)
+            if times:
+                summary[label] = {"steps": len(times), "median_ms": 1000 * statistics.median(times),
+                                  "p99_ms": 1000 * times[min(len(times) - 1, int(0.99 * len(times)))],
+                                  "max_ms": 1000 * times[-1]}
+        return summary
+
+
+def run(args) -> dict:
+    from random_model import build_engine
+
+    config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory,
+                          kv_host_memory_bytes=args.kv_host_memory,
+                          max_model_len=args.history_tokens + 4 * NEW_TURN_TOKENS,
+                          max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = build_engine(config, args.random_llama3_8b)
+    engine.capture_decode_graphs()
+    pool_tokens = engine.pool.num_tokens
+    if args.chats * args.history_tokens <= pool_tokens:
+        print(f"warning: {args.chats} chats of {args.history_tokens} tokens fit in the pool ({pool_tokens} tokens): "
+              "third turns will hit the pool", file=sys.stderr)
+    bench = Bench(engine, args.decoders, random.Random(0))
+    bench.turn("warm-up", bench.tokens(64))
+    chats = [bench.tokens(args.history_tokens) for _ in range(args.chats)]
+    turns = {"cold": [], "pool": [], "host": [], "recomputed": []}
+    for index, history in enumerate(chats):
+        seconds, answer = bench.turn(f"chat{index}-turn1", history)
+        turns["cold"].append(seconds)
+        chats[index] = history + answer + bench.tokens(NEW_TURN_TOKENS)
+        seconds, answer = bench.turn(f"chat{index}-turn2", chats[index])
+        turns["pool"].append(seconds)
+        chats[index] += answer + bench.tokens(NEW_TURN_TOKENS)
+    for index, history in enumerate(chats):
+        before = engine.stats()
+        seconds, _ = bench.turn(f"chat{index}-turn3", history)
+        after = engine.stats()
+        if after.kv_host_tier_hits > before.kv_host_tier_hits:
+            kind = "host"
+        elif after.prefix_cache_hits - before.prefix_cache_hits >= args.history_tokens // 2:
+            kind = "pool"
+        else:
+            kind = "recomputed"
+        turns[kind].append(seconds)
+    stats = engine.stats()
+    result = {
+        "config": {"model": args.model or "default", "dtype": str(engine.dtype), "device": str(engine.device),
+                   "chats": args.chats, "history_tokens": args.history_tokens, "pool_tokens": pool_tokens,
+                   "kv_host_memory": args.kv_host_memory, "decoders": args.decoders},
+        "time_to_first_token_seconds": turns,
+        "median": {kind: statistics.median(times) for kind, times in turns.items() if times},
+        "decode_steps": bench.decode_steps(),
+        "host_tier": {"hits": stats.kv_host_tier_hits, "offloaded_bytes": stats.kv_host_offloaded_bytes,
+                      "loaded_bytes": stats.kv_host_loaded_bytes},
+    }
+    median = result["median"]
+    if "host" in median and "cold" in median:
+        result["host_over_cold"] = median["host"] / median["cold"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="GGUF file or HF directory (default: the built-in model)")
+    parser.add_argument("--random-llama3-8b", action="store_true", help="Llama-3-8B shape with random weights")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--chats", type=int, default=3)
+    parser.add_argument("--history-tokens", type=int, default=512, help="tokens of each chat's first turn")
+    parser.add_argument("--kv-cache-memory", type=memory_size, default=memory_size("40MiB"),
+                        help="the pool: smaller than all chats' KV together (default 40MiB: ~900 fp32 tokens of "
+                             "the default model)")
+    parser.add_argument("--kv-host-memory", type=memory_size, default=memory_size("256MiB"))
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--decoders", type=int, default=0,
+                        help="background streams decoding all along: their decode-only steps while blocks move "
+                             "show what the copies cost other requests")
+    parser.add_argument("--output", type=Path, default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    result = run(args)
+    for kind, seconds in result["median"].items():
+        print(f"{kind:>10}: median time to first token {seconds * 1000:9.1f} ms over "
+              f"{len(result['time_to_first_token_seconds'][kind])} turns")
+    if "host_over_cold" in result:
+        print(f"host tier / cold: {result['host_over_cold']:.1%}")
+    for label, steps in result["decode_steps"].items():
+        print(f"decode-only steps, {label.replace('_', ' ')}: {steps['steps']}, median {steps['median_ms']:.2f} ms, "
+              f"p99 {steps['p99_ms']:.2f} ms, max {steps['max_ms']:.2f} ms")
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The host KV tier: blocks the pool lets go of (prefix cache, sessions) go to host memory and come
+back. The scheduler alone first (no model), then the real default model in fp32 on CPU: a request
+whose blocks went to the host and back gives exactly what one whose blocks stayed in the pool gives."""
+
+import pytest
+import torch
+from bounded_streams import long_text_ids
+
+from ropeway import ContextParams, SamplingParams
+from ropeway.engine.block_transfers import BlockTransfers, slot_runs
+from ropeway.scheduler import BlockLoad, BlockManager, HostTier, RopePlan, Scheduler, SchedulerConfig, Sequence
+
+PLAN = RopePlan("default", 10000.0, 64, 2048)
+WINDOW = {"type": "sink_window", "sinks": 4, "window": 128}
+
+
+def _seq(seq_id, prompt, max_new=2):
+    return Sequence(seq_id=seq_id, request_id=str(seq_id), choice_index=0, prompt_token_ids=list(prompt),
+                    rope_plan=PLAN, arrival=seq_id, max_total_tokens=len(prompt) + max_new)
+
+
+def _run_to_end(scheduler, seq, offloads=None):
+    while not seq.is_finished:
+        plan = scheduler.schedule()
+        if offloads is not None:
+            offloads += plan.offloads
+        scheduler.update_after_step(plan)
+        for item in plan.scheduled:
+            if item.samples:
+                item.seq.token_ids.append(7)
+                if item.seq.num_tokens >= item.seq.max_total_tokens:
+                    scheduler.finish(item.seq)
+
+
+def test_reused_prefix_blocks_go_to_the_host_and_a_hit_waits_outside_the_batch_for_them():
+    host = HostTier(16)
+    bm = BlockManager(8, 4, host_tier=host)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32, prefill_chunk_size=32), bm)
+    first = _seq(0, range(100, 120))  # 5 full blocks
+    scheduler.add([first])
+    _run_to_end(scheduler, first)
+    assert bm.num_free_blocks == 8 and len(bm.block_of_hash) == 5
+    first_hashes = set(bm.block_of_hash)
+
+    other = _seq(1, range(500, 528))  # with its tokens, every block of the pool
+    scheduler.add([other])
+    offloads = []
+    _run_to_end(scheduler, other, offloads)
+    assert not first_hashes & set(bm.block_of_hash)  # the pool reused every block the first prompt cached...
+    assert len(offloads) >= 5 and all(host.find_block(h) is not None for h in first_hashes)  # ...the host has them
+
+    decoding = _seq(2, [1, 2, 3], max_new=10)
+    scheduler.add([decoding])
+    scheduler.update_after_step(scheduler.schedule())
+    again = _seq(3, list(range(100, 120)) + [1, 2, 3])
+    scheduler.add([again])
+    plan = scheduler.schedule()
+    assert [item.seq for item in plan.scheduled] == [decoding]  # the running sequence goes on
+    assert len(plan.loads) == 1 and plan.loads[0].seq is again and len(plan.loads[0].copies) == 5
+    assert again.num_computed_tokens == 20 and scheduler.num_waiting == 1 and host.hits == 1
+    scheduler.update_after_step(plan)
+    plan = scheduler.schedule()
+    assert again not in [item.seq for item in plan.scheduled]  # not before the engine says the blocks are back
+    scheduler.update_after_step(plan)
+    scheduler.loads_finished([scheduler.loading[again.seq_id]])
+    plan = scheduler.schedule()
+    item = next(item for item in plan.scheduled if item.seq is again)
+    assert item.num_new_tokens == 3  # only what the host did not hold
+
+
+def test_an_aborted_load_frees_its_blocks_once_the_copy_is_done():
+    host = HostTier(16)
+    bm = BlockManager(6, 4, host_tier=host)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=32, prefill_chunk_size=32), bm)
+    first = _seq(0, range(100, 112))
+    scheduler.add([first])
+    _run_to_end(scheduler, first)
+    filler = _seq(1, range(500, 520))
+    scheduler.add([filler])
+    _run_to_end(scheduler, filler)
+    again = _seq(2, list(range(100, 112)) + [1])
+    scheduler.add([again])
+    load = scheduler.schedule().loads[0]
+    scheduler.finish(again)
+    assert bm.num_free_blocks < bm.num_blocks  # still being written
+    scheduler.loads_finished([load])
+    assert bm.num_free_blocks == bm.num_blocks and not host.pins and scheduler.num_waiting == 0
+
+
+def test_blocks_brought_back_give_way_to_an_older_request_that_would_not_fit_otherwise():
+    host = HostTier(16)
+    bm = BlockManager(8, 4, host_tier=host)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=32, prefill_chunk_size=32), bm)
+    first = _seq(0, range(100, 112))
+    scheduler.add([first])
+    _run_to_end(scheduler, first)
+    filler = _seq(1, range(500, 528))
+    scheduler.add([filler])
+    _run_to_end(scheduler, filler)
+    late = _seq(5, list(range(100, 112)) + [1])
+    scheduler.add([late])
+    scheduler.loads_finished(scheduler.schedule().loads)
+    assert len(late.block_table) == 3 and late.num_computed_tokens == 12
+    older = _seq(2, range(700, 726), max_new=1)  # 7 blocks: arrived before late, so it goes first
+    scheduler.add([older])
+    scheduler.waiting.rotate(1)  # (as it would stand had it arrived first)
+    plan = scheduler.schedule()
+    assert [item.seq for item in plan.scheduled] == [older]
+    assert late.block_table == [] and late in scheduler.waiting  # recomputed (or reloaded) later
+
+
+def test_lru_drops_the_oldest_entries_but_never_reuses_a_slot_a_load_still_reads():
+    host = HostTier(2)
+    a, b = host.store_block(b"a"), host.store_block(b"b")
+    host.pin([a])  # a load reads a's slot
+    c = host.store_block(b"c")  # drops a, then b, to find a slot: a's is still being read
+    assert c == b and host.find_block(b"a") is None and host.find_block(b"b") is None
+    assert host.store_block(b"c") is None and host.find_block(b"c") == c  # already here
+    assert host.store_block(b"d") == c  # drops c: a's slot is not free yet
+    host.unpin([a])
+    assert host.free_slots == [a] and host.num_used_slots == 1
+
+
+def test_the_flag_sets_the_host_tier_and_tensor_parallelism_refuses_one():
+    from ropeway import EngineConfig
+    from ropeway.server.cli import build_parser, engine_config
+
+    config = engine_config(build_parser().parse_args(["serve", "--kv-host-memory", "2GiB"]))
+    assert config.kv_host_bytes(torch.device("cpu")) == 2 << 30
+    assert EngineConfig().kv_host_bytes(torch.device("cpu")) == 0  # the pool is host memory already
+    assert EngineConfig().kv_host_bytes(torch.device("cuda")) == 4 << 30
+    assert EngineConfig(tensor_parallel_size=2).kv_host_bytes(torch.device("cuda")) == 0
+    with pytest.raises(ValueError, match="--kv-host-memory"):
+        EngineConfig(tensor_parallel_size=2, kv_host_memory_bytes=1 << 30)
+
+
+def test_slot_runs_cover_each_contiguous_stretch_once():
+    assert slot_runs([4, 5, 6, 0, 2, 3]) == [(0, 4, 3), (3, 0, 1), (4, 2, 2)]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_cache_tensor_of_a_block_goes_to_the_host_and_back_bit_for_bit(device):
+    # Keys and values, per-block scales and raw bytes, as a quantized cache would add them.
+    kv = torch.randn(3, 2, 10, 4, 2, 8, device=device).to(torch.bfloat16)  # layers, K/V, blocks, tokens, heads, dim
+    scales = torch.rand(3, 2, 10, device=device)
+    codes = torch.randint(0, 255, (10, 4, 16), dtype=torch.uint8, device=device)
+    views = [kv.movedim(2, 0), scales.movedim(2, 0), codes]
+    before = [view.clone() for view in views]
+    transfers = BlockTransfers(views, num_slots=6)
+    assert all(host.is_pinned() == (device == "cuda") for host in transfers.host)
+    transfers.offload([(7, 0), (8, 1), (2, 5)])
+    for view in views:  # the pool reuses the blocks at once: the copies were taken before
+        view.zero_()
+    load = BlockLoad(seq=None, copies=[(5, 3), (0, 4), (1, 9)])  # (slot, block)
+    transfers.load([load])
+    assert transfers.wait_for_a_load() == [load] and not transfers.in_flight
+    for view, old in zip(views, before):
+        assert torch.equal(view[3], old[2]) and torch.equal(view[4], old[7]) and torch.equal(view[9], old[8])
+        assert not view[0].any()
+    assert transfers.offloaded_bytes == transfers.loaded_bytes == 3 * transfers.bytes_per_slot
+    assert transfers.bytes_per_slot == 3 * 2 * 4 * 2 * 8 * 2 + 3 * 2 * 4 + 4 * 16
+
+
+def _greedy(llm, prompts, context=None):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
+    return [llm.generate([p], params, context=context)[0] for p in prompts]
+
+
+def test_prefix_blocks_back_from_the_host_give_what_blocks_kept_in_the_pool_give(make_llm):
+    text = long_text_ids(make_llm(kv_host_memory_bytes=0).tokenizer, 920)
+    first, other = text[:300], text[300:920]
+    again = first + text[:5]
+    kept = make_llm(kv_host_memory_bytes=0)  # a 1 GiB pool: the first prompt stays cached
+    on_gpu = _greedy(kept, [first, again])[1]
+    assert on_gpu.num_cached_tokens == 288
+
+    # 40 blocks of 16 tokens: the other prompt needs every block, the first one's cached ones too.
+    block_bytes = 30 * 2 * 16 * 3 * 64 * 4
+    tight = make_llm(kv_cache_memory_bytes=40 * block_bytes, kv_host_memory_bytes=64 * block_bytes)
+    engine = tight.engine
+    _greedy(tight, [first, other])
+    stats = engine.stats()
+    assert stats.kv_host_offloaded_bytes > 0 and stats.kv_host_tier_bytes > 0
+    assert not engine.block_manager.find_cached_prefix(_probe(engine, again))
+    from_host = _greedy(tight, [again])[0]
+    stats = engine.stats()
+    assert stats.kv_host_tier_hits == 1 and stats.kv_host_loaded_bytes >= 18 * block_bytes
+    assert from_host.num_cached_tokens == on_gpu.num_cached_tokens
+    assert from_host.outputs[0].token_ids == on_gpu.outputs[0].token_ids
+    assert [t.logprob for t in from_host.outputs[0].logprobs] == [t.logprob for t in on_gpu.outputs[0].logprobs]
+
+
+def _probe(engine, prompt):
+    """A sequence to look prompt up with, under the plan the engine would give it."""
+    seq = _seq(-1, prompt)
+    seq.rope_plan = engine.default_rope_plan
+    return seq
+
+
+def test_a_session_moved_to_the_host_continues_as_one_kept_in_the_pool(make_llm):
+    tokenizer = make_llm(kv_host_memory_bytes=0).tokenizer
+    history = long_text_ids(tokenizer, 200)
+    context = ContextParams(context_policy=WINDOW)
+
+    def two_turns(llm, between=None):
+        first = _greedy(llm, [history], context)[0]
+        if between:
+            between(llm.engine)
+        turn_two = history + first.outputs[0].token_ids + tokenizer.encode(" And then?")
+        return _greedy(llm, [turn_two], context)[0]
+
+    kept = two_turns(make_llm(kv_host_memory_bytes=0))
+    llm = make_llm(kv_host_memory_bytes=256 << 20)
+    sessions = llm.engine.scheduler.sessions
+    moved = two_turns(llm, between=lambda engine: engine.scheduler.sessions.release_oldest())
+    assert sessions.hits == 1 and llm.engine.host_tier.hits == 1  # taken back from the host
+    assert llm.engine.stats().kv_host_loaded_bytes > 0
+    assert moved.num_cached_tokens == kept.num_cached_tokens > 0
+    assert moved.outputs[0].token_ids == kept.outputs[0].token_ids
+    assert [t.logprob for t in moved.outputs[0].logprobs] == [t.logprob for t in kept.outputs[0].logprobs]
+
+
+def test_chats_through_the_server_continue_from_sessions_the_host_tier_kept(make_llm):
+    """Two chats take turns against a session store that holds one session: each turn pushes the
+    other chat's session to the host tier, and its next turn brings it back."""
+    import httpx
+    import openai
+    from server_harness import MODEL_NAME, RunningServer
+
+    from ropeway.engine import AsyncLLM
+
+    llm = make_llm(context_policy=WINDOW, kv_cache_memory_bytes=64 << 20, session_store_fraction=0.15,
+                   kv_host_memory_bytes=64 << 20)
+    engine = AsyncLLM.in_thread(llm.engine)
+    engine.start()
+    try:
+        with RunningServer(engine) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=600)
+            chats = {name: [{"role": "user", "content": f"Tell me a long story about {name}, please."}]
+                     for name in ("a lighthouse keeper", "a clockmaker")}
+            cached = []
+            for _ in range(2):
+                for messages in chats.values():
+                    reply = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=120,
+                                                           temperature=0)
+                    assert reply.choices[0].message.content
+                    cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+                    messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                                 {"role": "user", "content": "Go on."}]
+            metrics = {line.split("{")[0]: float(line.split()[-1]) for line in httpx.get(f"{server.url}/metrics")
+                       .text.splitlines() if line.startswith("ropeway:")}
+    finally:
+        engine.shutdown()
+    assert cached[:2] == [0, 0] and all(n > 0 for n in cached[2:])  # second turns continued from sessions
+    assert metrics["ropeway:kv_host_tier_hits_total"] >= 2
+    assert metrics["ropeway:session_hits_total"] >= 2
+    assert metrics["ropeway:kv_host_loaded_bytes_total"] > 0 and metrics["ropeway:kv_host_offloaded_bytes_total"] > 0
+    assert 0 < metrics["ropeway:kv_host_tier_bytes"] <= metrics["ropeway:kv_host_tier_capacity_bytes"] <= 64 << 20
