@@ -52,3 +52,13 @@ def filtered_draw_reference(scaled, cut, top_p, uniform, search: bool) -> torch.
     cumulative = torch.where(scaled >= cut[:, None], (scaled - row_max).exp(), 0.0).to(torch.float64).cumsum(-1)
     target = uniform[:, None] * cumulative[:, -1:]
     return torch.searchsorted(cumulative, target, right=True)[:, 0]
+
+
+def mask_by_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] with -inf wherever the row's bit is 0. bitmask [R, ceil(V / 32)] int32: bit j
+    of word w allows token 32 w + j (llguidance's and xgrammar's layout). Plain torch ops, on any
+    device: a few elementwise passes over [R, V], small next to the sampler's own."""
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
+    return logits.masked_fill(~allowed, float("-inf"))
