@@ -91,6 +91,9 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     if body.prompt_logprobs is not None and body.stream:
         raise APIError.bad_request("prompt_logprobs is not supported with stream: true", "prompt_logprobs")
     params = body.sampling_params(1 if prompt_only else body.max_tokens, body.logprobs, ctx.vocab_size)
+    if prompt_only and params.structured_outputs is not None:
+        raise APIError.bad_request("structured outputs need max_tokens of at least 1 (max_tokens 0 only scores "
+                                   "the prompt)", "max_tokens")
     if body.echo and body.logprobs is not None:
         params = with_prompt_logprobs(params, body.logprobs)
     ctx.check_n(params.n)
