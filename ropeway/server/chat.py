@@ -108,6 +108,7 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
     prompt_ids = body.truncated(prompt_ids, ctx.max_model_len)
     context = body.context_params()
     ctx.check_length(len(prompt_ids), params.max_tokens, "messages", context)
+    await ctx.check_structured_outputs(params)
     ctx.require_engine()
     ticket = ctx.gate.admit(params.n)
     response_id = new_id("chatcmpl")

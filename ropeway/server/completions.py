@@ -101,6 +101,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     context = body.context_params()
     for prompt in prompts:
         ctx.check_length(len(prompt.token_ids), params.max_tokens, "prompt", context)
+    await ctx.check_structured_outputs(params)
     ctx.require_engine()
     ticket = ctx.gate.admit(params.n * len(prompts), "n" if params.n > 1 else "prompt")
     response_id = new_id("cmpl")
