@@ -69,9 +69,9 @@ def test_unconstrained_request_in_a_mixed_batch_keeps_its_greedy_tokens(make_llm
     """Asynchronous scheduling reads the in-flight step early for constrained rows; a plain greedy
     request batched with them gets the tokens it gets alone."""
     llm = make_llm(async_scheduling=True)
-    plain = SamplingParams(temperature=0, max_tokens=24)
+    plain = SamplingParams(temperature=0, max_tokens=16)
     alone = llm.generate(["The history of Paris"], plain, use_tqdm=False)[0].outputs[0].token_ids
-    constrained = [SamplingParams(temperature=0, max_tokens=24,
+    constrained = [SamplingParams(temperature=0, max_tokens=16,
                                   structured_outputs=StructuredOutputs(json=json.dumps(schema)))
                    for schema in SCHEMAS[:3]]
     outputs = llm.generate(["The history of Paris"] + ["A JSON example:"] * 3, [plain] + constrained,
@@ -85,11 +85,12 @@ def test_unconstrained_request_in_a_mixed_batch_keeps_its_greedy_tokens(make_llm
 def test_preempted_constrained_requests_replay_their_grammar(make_llm, default_llm):
     """In a pool too small for all of them, constrained sequences are preempted, recomputed, and
     still produce what they produce undisturbed (greedy), each valid; every matcher released."""
-    schema = {"type": "object", "properties": {"words": {"type": "array", "minItems": 3, "maxItems": 3,
+    schema = {"type": "object", "properties": {"words": {"type": "array", "minItems": 6, "maxItems": 6,
                                                          "items": {"type": "string", "pattern": "^[a-z]{4,6}$"}}},
               "required": ["words"], "additionalProperties": False}
-    prompts = [f"Three words about a {animal} as JSON:" for animal in ("cat", "dog", "fox")]
-    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputs(json=json.dumps(schema)))
+    prompts = [f"Six words about a {animal} as JSON:" for animal in ("cat", "dog", "fox")]
+    # Each ~9-token prompt and its ~30-token output pass 32 tokens (3 blocks) in a pool of 6 blocks.
+    params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputs(json=json.dumps(schema)))
     calm = make_llm().generate(prompts, params, use_tqdm=False)
     tight = make_llm(kv_cache_memory_bytes=6 * default_llm.engine.pool.bytes_per_block,
                      max_num_batched_tokens=64, prefill_chunk_size=32, max_num_seqs=3)

@@ -456,7 +456,7 @@ class EngineCore:
 
     def _grammar_mask(self, seqs: list[Sequence], rows: list[SamplingRow], device: torch.device):
         return self.grammar_masks.mask(seqs, [row.params for row in rows],
-                                       [self.outputs.choice(seq) is not None for seq in seqs], device)
+                                       lambda seq: self.outputs.choice(seq) is not None, device)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         state = self.requests[seq.request_id]

@@ -8,12 +8,15 @@ bitmask, which goes to the device for the sampler (`sampler.GrammarMask`). A ste
 constrained row does none of this.
 """
 
+from collections.abc import Callable
+
 import llguidance
 import llguidance.torch
 import torch
 
-from ropeway.scheduler import Sequence
+from ropeway.request_bounds import InvalidParameter
 from ropeway.sampling_params import SamplingParams
+from ropeway.scheduler import Sequence
 
 from .grammar import GrammarTokenizer
 from .sampler import GrammarMask
@@ -55,7 +58,7 @@ class GrammarMasks:
         matcher.follow(seq.output_token_ids)
         return matcher
 
-    def mask(self, seqs: list[Sequence], params: list[SamplingParams], live: list[bool],
+    def mask(self, seqs: list[Sequence], params: list[SamplingParams], is_live: Callable[[Sequence], bool],
              device: torch.device) -> GrammarMask | None:
         """The bitmask of the rows whose request has structured outputs (None: no such row). A row
         whose choice has already finished (its token will be dropped) is left unconstrained."""
@@ -69,13 +72,17 @@ class GrammarMasks:
         bitmask.fill_(-1)
         targets, stop_ids = [], []
         for index, row in enumerate(constrained):
-            if not live[row]:
+            if not is_live(seqs[row]):
                 continue
             matcher = self._matcher(seqs[row], params[row])
             targets.append((matcher.matcher, index))
             if params[row].stop_token_ids and matcher.matcher.is_accepting():
                 stop_ids += [(index, token) for token in params[row].stop_token_ids if token < vocab]
         llguidance.torch.fill_next_token_bitmask_par(self.executor, targets, bitmask)
+        for matcher, index in targets:
+            if matcher.is_error():  # e.g. out of its step's fuel: the request fails, the batch goes on
+                raise InvalidParameter(params[constrained[index]].structured_outputs.param,
+                                       f"the grammar failed: {matcher.get_error()}")
         for index, token in stop_ids:  # a complete output may also end on the request's stop ids
             bitmask[index, token // 32] |= _bit(token % 32)
         rows = torch.tensor(constrained, dtype=torch.int64)

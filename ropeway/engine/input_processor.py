@@ -15,11 +15,14 @@ NO_CONTEXT = ContextParams()
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: RopewayTokenizer, limits: ContextLimits, vocab_size: int):
+    def __init__(self, tokenizer: RopewayTokenizer, limits: ContextLimits, vocab_size: int,
+                 grammars: GrammarTokenizer | None = None):
+        """grammars: the engine core's, when it runs in this process (one vocabulary build, not two)."""
         self.tokenizer = tokenizer
         self.limits = limits
         self.vocab_size = vocab_size
-        self.grammars = GrammarTokenizer(tokenizer.tokenizer.to_str(), vocab_size, tokenizer.eos_token_ids)
+        self.grammars = grammars or GrammarTokenizer(tokenizer.tokenizer.to_str(), vocab_size,
+                                                     tokenizer.eos_token_ids)
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
         vocab = self.vocab_size
