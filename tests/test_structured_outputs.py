@@ -71,13 +71,14 @@ def test_unconstrained_request_in_a_mixed_batch_keeps_its_greedy_tokens(make_llm
     llm = make_llm(async_scheduling=True)
     plain = SamplingParams(temperature=0, max_tokens=16)
     alone = llm.generate(["The history of Paris"], plain, use_tqdm=False)[0].outputs[0].token_ids
+    short = [schema for schema in SCHEMAS if schema["title"] in ("boolean flag", "color enum", "top-level integer")]
     constrained = [SamplingParams(temperature=0, max_tokens=16,
                                   structured_outputs=StructuredOutputs(json=json.dumps(schema)))
-                   for schema in SCHEMAS[:3]]
+                   for schema in short]
     outputs = llm.generate(["The history of Paris"] + ["A JSON example:"] * 3, [plain] + constrained,
                            use_tqdm=False)
     assert outputs[0].outputs[0].token_ids == alone
-    for schema, output in zip(SCHEMAS[:3], outputs[1:]):
+    for schema, output in zip(short, outputs[1:]):
         assert output.outputs[0].finish_reason == "stop"
         assert_valid(output.outputs[0].text, schema)
 
