@@ -89,9 +89,10 @@ def test_preempted_constrained_requests_replay_their_grammar(make_llm, default_l
     schema = {"type": "object", "properties": {"words": {"type": "array", "minItems": 6, "maxItems": 6,
                                                          "items": {"type": "string", "pattern": "^[a-z]{4,6}$"}}},
               "required": ["words"], "additionalProperties": False}
-    prompts = [f"Six words about a {animal} as JSON:" for animal in ("cat", "dog", "fox")]
-    # Each ~9-token prompt and its ~30-token output pass 32 tokens (3 blocks) in a pool of 6 blocks.
-    params = SamplingParams(temperature=0, max_tokens=60, structured_outputs=StructuredOutputs(json=json.dumps(schema)))
+    prompts = [f"Write six lowercase words about a {animal}, in a JSON object whose one key, words, holds the list:"
+               for animal in ("cat", "dog", "fox")]
+    # Each ~22-token prompt and its ~20-token output pass 32 tokens (3 blocks) in a pool of 6 blocks.
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputs(json=json.dumps(schema)))
     calm = make_llm().generate(prompts, params, use_tqdm=False)
     tight = make_llm(kv_cache_memory_bytes=6 * default_llm.engine.pool.bytes_per_block,
                      max_num_batched_tokens=64, prefill_chunk_size=32, max_num_seqs=3)
