@@ -8,6 +8,8 @@ and a 128,256-token byte-level BPE of the Llama-3 shape (the SmolLM2 vocabulary 
 random token pairs: no model hub is reachable here, so not Llama-3's own vocabulary).
 
     python benchmarks/grammar_engines.py --out benchmarks/results/grammar_engines_cpu.json
+
+xgrammar is needed for this comparison only: `pip install xgrammar` (ropeway runs on llguidance).
 """
 
 import argparse
