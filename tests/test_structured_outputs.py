@@ -219,6 +219,7 @@ def test_constrained_logprobs_cover_only_allowed_tokens(client):
     ({"structured_outputs": {"grammar": "root ::= missing_rule"}}, "structured_outputs.grammar"),
     ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json"),
     ({"structured_outputs": {"json": {"$ref": "#/nowhere"}}}, "structured_outputs.json"),
+    ({"structured_outputs": {"json": {"type": "array", "uniqueItems": True}}}, "structured_outputs.json"),
     ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
     ({"structured_outputs": {}}, "structured_outputs"),
     ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
