@@ -270,7 +270,8 @@ def test_every_openai_request_field_is_handled_or_refused(schema_name, request_c
 
 REFUSALS = [
     ({"functions": [{"name": "f"}]}, "functions"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format.json_schema.schema"),
     ({"store": True}, "store"),
     ({"service_tier": "flex"}, "service_tier"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),

@@ -181,11 +181,6 @@ def test_required_and_named_constraints_are_the_tools_schemas():
     assert tool_use(body).constraint() is None
 
 
-NEEDS_GRAMMAR = pytest.mark.xfail(strict=True, reason="constrained decoding lands with the structured branch "
-                                                      "(issue 17, part 1): remove this mark when it is merged")
-
-
-@NEEDS_GRAMMAR
 def test_required_and_named_calls_match_the_tools_schemas(client):
     def reply(case):
         tool_choice, stream = case
@@ -223,6 +218,7 @@ def tool_named(name: str, **function) -> dict:
 
 
 BAD_TOOL_REQUESTS = [
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
     ({"tools": [tool_named("has space")]}, "tools.0.function.name"),
     ({"tools": [WEATHER, WEATHER]}, "tools.1.function.name"),

@@ -96,6 +96,11 @@ class AsyncLLM:
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{next(self._ids)}"
 
+    def check_structured_outputs(self, params: SamplingParams) -> None:
+        """Raises InvalidParameter naming the field for a constraint that cannot compile (or run
+        with the request's other settings): a server calls it before a stream opens."""
+        self.input.grammars.check(params)
+
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
                        context: ContextParams | None = None) -> AsyncIterator[RequestOutput]:
         """Yield outputs until the request finishes. Leaving the iteration early (a client that

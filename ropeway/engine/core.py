@@ -28,6 +28,8 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_pool import allocate_kv_cache, plan_kv_pool
 from .limits import ContextLimits
 from .faults import is_device_fault, request_failure
+from .grammar import GrammarTokenizer
+from .grammar_masks import GrammarMasks
 from .messages import EngineInfo, EngineRequest, RequestDelta, RequestFailure, TokenizerSpec
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
@@ -195,6 +197,9 @@ class EngineCore:
         self.runner.workers = self.workers
         self.penalty_state = PenaltyState(model_config.vocab_size, self.device)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
+        self.grammar_tokenizer = GrammarTokenizer(self.tokenizer.tokenizer.to_str(), model_config.vocab_size,
+                                                  self.tokenizer.eos_token_ids)
+        self.grammar_masks = GrammarMasks(self.grammar_tokenizer)
         if is_long_chunk(self.scheduler.config.prefill_chunk_size):
             # Chunks this long can reach cuDNN: load it now, not inside a first long prompt.
             warm_up_long_chunk_attention(self.device, self.dtype, self.model.num_local_heads,
@@ -273,6 +278,7 @@ class EngineCore:
         self.limits.check(len(token_ids), params.max_tokens, context)
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise InvalidParameter("logit_bias", f"logit_bias keys must be token ids in [0, {vocab})")
+        self.grammar_tokenizer.check(params)
         max_total, planned = self.limits.sequence_lengths(len(token_ids), params.max_tokens, context)
         policy = self.limits.policy(context)
         arrival = next(self._arrivals)
@@ -311,10 +317,15 @@ class EngineCore:
             if choice.finish_reason is None:
                 choice.finish_reason = "abort"
                 self.scheduler.finish(choice.seq)
-                self.penalty_state.release(choice.seq.seq_id)
+                self._release(choice.seq.seq_id)
                 if choice.seq.token_ids and choice.seq.token_ids[-1] == PLACEHOLDER:
                     choice.seq.token_ids.pop()  # its step is in flight: the token is dropped
         return state.make_delta()
+
+    def _release(self, seq_id: int) -> None:
+        """A finished or aborted sequence's sampling state: its penalty counts and grammar matcher."""
+        self.penalty_state.release(seq_id)
+        self.grammar_masks.release(seq_id)
 
     def fail_request(self, request_id: str, error: Exception, stage: str) -> None:
         """A fault tied to one request ends that request alone: its blocks are freed and the API
@@ -375,13 +386,20 @@ class EngineCore:
         prompt_chunks = []
         if len(samplers) != len(logits):
             logits, prompt_chunks = self._prompt_logprobs(plan, logit_rows, logits)
+        outputs = []
+        if pending and any(self.requests[seq.request_id].params.structured_outputs for seq in samplers):
+            # A grammar's mask needs the in-flight step's tokens: read them now, while the GPU runs
+            # this step's forward pass, then fill and upload the masks, then sample.
+            outputs, pending = self._resolve(pending), None
+            logits, samplers = self._still_requested(logits, samplers)
         sampled, failed = None, {}
         if samplers:
             # (Sequences that stopped on the in-flight step's tokens sample too; their token is dropped.)
             # A request whose sampling raises fails alone; the others' rows are sampled together.
             samplers, sampled, failed = self._sample(logits, samplers)
         launched = InFlightStep.launched(samplers, sampled, prompt_chunks)
-        outputs = self._resolve(pending) if pending else []
+        if pending:
+            outputs = self._resolve(pending)
         self.scheduler.update_after_step(plan)
         self.stats_totals.steps += 1
         for request_id, error in failed.items():  # once the step is booked, as a fault in reporting
@@ -393,6 +411,16 @@ class EngineCore:
                 seq.token_ids.append(PLACEHOLDER)
         self._in_flight = launched
         return outputs
+
+    def _still_requested(self, logits: torch.Tensor, samplers: list[Sequence]
+                         ) -> tuple[torch.Tensor, list[Sequence]]:
+        """The samplers (and their logits' rows) whose request is still open: reading the in-flight
+        step may have finished or failed a request, whose sequences then sample nothing."""
+        kept = [row for row, seq in enumerate(samplers) if seq.request_id in self.requests]
+        if len(kept) == len(samplers):
+            return logits, samplers
+        index = torch.tensor(kept, dtype=torch.int64).to(logits.device, non_blocking=True)
+        return logits.index_select(0, index), [samplers[row] for row in kept]
 
     def _fail_scheduled(self, plan: SchedulerOutput) -> None:
         """Fail the requests whose scheduling raised, and take their other choices out of the plan."""
@@ -411,7 +439,7 @@ class EngineCore:
         try:
             for seq in samplers:
                 fault_injection.check("sample", seq.request_id)
-            return samplers, self._sample_rows(logits, [self._sampling_row(seq) for seq in samplers]), {}
+            return samplers, self._sample_rows(logits, samplers, [self._sampling_row(seq) for seq in samplers]), {}
         except Exception as error:
             if is_device_fault(error):
                 raise
@@ -423,7 +451,8 @@ class EngineCore:
             try:
                 fault_injection.check("sample", seq.request_id)
                 sampling_row = self._sampling_row(seq)
-                sample(logits[row : row + 1], [sampling_row], self.penalty_state, self.eos_token_ids)
+                sample(logits[row : row + 1], [sampling_row], self.penalty_state, self.eos_token_ids,
+                       self._grammar_mask([seq], [sampling_row], logits.device))
             except Exception as error:
                 if is_device_fault(error):
                     raise
@@ -434,13 +463,19 @@ class EngineCore:
         if not live:
             return [], None, failed
         index = torch.tensor(live, dtype=torch.int64, device=logits.device)
-        sampled = self._sample_rows(logits.index_select(0, index), [sampling_rows[row] for row in live])
-        return [samplers[row] for row in live], sampled, failed
+        live_samplers = [samplers[row] for row in live]
+        sampled = self._sample_rows(logits.index_select(0, index), live_samplers, [sampling_rows[row] for row in live])
+        return live_samplers, sampled, failed
 
-    def _sample_rows(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
-        sampled = sample(logits, rows, self.penalty_state, self.eos_token_ids)
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplingRow]) -> SampledTokens:
+        sampled = sample(logits, rows, self.penalty_state, self.eos_token_ids,
+                         self._grammar_mask(seqs, rows, logits.device))
         self.penalty_state.record([row.penalty_row for row in rows], sampled.token_ids)
         return sampled
+
+    def _grammar_mask(self, seqs: list[Sequence], rows: list[SamplingRow], device: torch.device):
+        return self.grammar_masks.mask(seqs, [row.params for row in rows],
+                                       lambda seq: self.outputs.choice(seq) is not None, device)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         state = self.requests[seq.request_id]
@@ -480,7 +515,7 @@ class EngineCore:
                 fault_injection.check("report", seq.request_id)
                 if self.outputs.accept(state, state.choices[seq.choice_index], token, result, row):
                     self.scheduler.finish(seq, retain=True)
-                    self.penalty_state.release(seq.seq_id)
+                    self._release(seq.seq_id)
             except Exception as error:
                 self.fail_request(seq.request_id, error, "reporting")
                 touched.pop(seq.request_id, None)

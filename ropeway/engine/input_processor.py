@@ -7,6 +7,7 @@ from ropeway.context_params import ContextParams
 from ropeway.models import RopewayTokenizer
 from ropeway.sampling_params import InvalidParameter, SamplingParams
 
+from .grammar import GrammarTokenizer
 from .limits import ContextLimits
 from .messages import EngineRequest
 
@@ -14,10 +15,14 @@ NO_CONTEXT = ContextParams()
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: RopewayTokenizer, limits: ContextLimits, vocab_size: int):
+    def __init__(self, tokenizer: RopewayTokenizer, limits: ContextLimits, vocab_size: int,
+                 grammars: GrammarTokenizer | None = None):
+        """grammars: the engine core's, when it runs in this process (one vocabulary build, not two)."""
         self.tokenizer = tokenizer
         self.limits = limits
         self.vocab_size = vocab_size
+        self.grammars = grammars or GrammarTokenizer(tokenizer.tokenizer.to_str(), vocab_size,
+                                                     tokenizer.eos_token_ids)
 
     def check_token_ids(self, token_ids: list[int], param: str) -> None:
         vocab = self.vocab_size
@@ -33,6 +38,7 @@ class InputProcessor:
             text, token_ids = None, list(prompt)
             self.check_token_ids(token_ids, param)
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        self.grammars.check(params)  # a constraint that cannot compile gets its 400 here, before any stream
         context = context or NO_CONTEXT
         self.limits.check(len(token_ids), params.max_tokens, context, param)
         return EngineRequest(request_id=request_id, prompt_token_ids=token_ids, params=params, context=context,

@@ -17,7 +17,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
         self.core = EngineCore(config, loaded)
         self.tokenizer = self.core.tokenizer
-        self.input = InputProcessor(self.tokenizer, self.core.limits, self.core.model_config.vocab_size)
+        self.input = InputProcessor(self.tokenizer, self.core.limits, self.core.model_config.vocab_size,
+                                    self.core.grammar_tokenizer)
         self._assemblies: dict[str, RequestAssembly] = {}
 
     def __getattr__(self, name: str):

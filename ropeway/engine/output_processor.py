@@ -2,6 +2,8 @@
 appended, formatted (logprobs with token text), detokenized and checked against the request's
 stops; finished choices are reported back so the core can free their blocks."""
 
+import math
+
 from ropeway.models import RopewayTokenizer
 from ropeway.outputs import TokenLogprob
 from ropeway.scheduler import Sequence
@@ -29,8 +31,9 @@ class OutputProcessor:
         seq.token_ids.append(token)
         if choice.logprobs is not None:
             text = self.tokenizer.token_to_text
+            # (-inf: a token the request's grammar forbids, not among its top logprobs.)
             top = [(t, text(t), lp) for t, lp in zip(result.top_token_ids[row][: params.logprobs],
-                                                      result.top_logprobs[row][: params.logprobs])]
+                                                      result.top_logprobs[row][: params.logprobs]) if lp != -math.inf]
             choice.logprobs.append(TokenLogprob(token, text(token), result.logprobs[row], top))
             choice.cumulative_logprob += result.logprobs[row]
         if not params.ignore_eos and token in self.tokenizer.eos_token_ids:

@@ -1,6 +1,8 @@
 """Batched sampling on the device: no full-vocabulary sort, no host synchronization.
 
 For logits [R, V] (fp32, one row per sequence that samples this step):
+0. Structured outputs: the grammar's disallowed tokens of constrained rows go to -inf
+   (`GrammarMask`, filled on the host by `grammar_masks.py`), before anything else.
 1. Processing: logit_bias, min_tokens (EOS and stop ids to -inf), then presence, frequency and
    repetition penalties from the device-side counts of `PenaltyState`.
 2. Greedy rows take the argmax of the processed logits.
@@ -16,7 +18,10 @@ For logits [R, V] (fp32, one row per sequence that samples this step):
    torch on CPU) is an exponential race among the kept tokens, each token's uniform hashed
    from the row's counter-based stream keys, so a seeded row draws the same token whatever
    the batch. Temperature alone (no filter) is that one pass.
-5. Logprobs, when asked, are the model's distribution before any of this (as vLLM reports them).
+5. Logprobs, when asked, are the model's distribution before any of this (as vLLM reports them),
+   except the grammar's mask: a constrained row reports the model's distribution over the
+   tokens its grammar allows (renormalized), the distribution it actually samples from before
+   temperature and filters; tokens the grammar forbids never appear among its top logprobs.
 
 `sample()` returns device tensors (on CUDA their copy to pinned host memory is queued right
 behind the sampling kernels); `SampledTokens.read()` waits for that copy and gives lists.
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ropeway.kernels import filtered_draw
+from ropeway.kernels import filtered_draw, mask_by_bitmask
 from ropeway.sampling_params import SamplingParams
 
 from .random_stream import stream_keys
@@ -38,6 +43,18 @@ class SamplingRow:
     seed: int                # the row's random stream (the request's seed mixed with the choice)
     step: int                # output tokens so far: the stream's counter, and what min_tokens counts
     penalty_row: int = -1    # the sequence's row in PenaltyState, when it asks for a penalty
+
+
+@dataclass
+class GrammarMask:
+    """The allowed tokens of a step's constrained rows, on the device."""
+    rows: torch.Tensor     # [C] int64: the constrained rows of the batch
+    bitmask: torch.Tensor  # [C, ceil(V / 32)] int32 (kernels.mask_by_bitmask's layout)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.rows.shape[0] == logits.shape[0]:
+            return mask_by_bitmask(logits, self.bitmask)
+        return logits.index_copy(0, self.rows, mask_by_bitmask(logits.index_select(0, self.rows), self.bitmask))
 
 
 @dataclass
@@ -89,8 +106,11 @@ def is_plain_argmax(params: SamplingParams) -> bool:
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], penalties: PenaltyState | None = None,
-           eos_token_ids: tuple[int, ...] = ()) -> SampledTokens:
-    """logits [R, V] fp32. Rows with a penalty need `penalties` (their `penalty_row` set)."""
+           eos_token_ids: tuple[int, ...] = (), grammar: GrammarMask | None = None) -> SampledTokens:
+    """logits [R, V] fp32. Rows with a penalty need `penalties` (their `penalty_row` set); rows with
+    structured outputs, `grammar`."""
+    if grammar is not None:
+        logits = grammar.apply(logits)
     if all(is_plain_argmax(r.params) for r in rows):
         result = SampledTokens(logits.argmax(dim=-1))
         result.queue_host_copy()

@@ -17,7 +17,7 @@ from .rerotate import rerotate_keys_reference
 from .rms_norm import add_rms_norm_reference, rms_norm_reference
 from .rotary import apply_rotary_reference
 from .rotary_write_kv import rotary_write_kv_reference
-from .sampling import filtered_draw_reference
+from .sampling import filtered_draw_reference, mask_by_bitmask
 from .silu_mul import silu_mul_reference
 
 
@@ -162,7 +162,7 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
 
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_attention", "paged_attention", "is_long_chunk",
            "warm_up_long_chunk_attention", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
-           "filtered_draw"]
+           "filtered_draw", "mask_by_bitmask"]
 
 
 def filtered_draw(scaled, cut, top_p, row_max, stream_keys, search: bool):

@@ -84,3 +84,13 @@ def filtered_draw_reference(scaled, cut, top_p, row_max, stream_keys, search: bo
     if search:
         cut = top_p_cut_reference(scaled, cut, top_p, row_max)
     return race_keys(scaled, cut, stream_keys).argmax(dim=-1)
+
+
+def mask_by_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] with -inf wherever the row's bit is 0. bitmask [R, ceil(V / 32)] int32: bit j
+    of word w allows token 32 w + j (llguidance's and xgrammar's layout). Plain torch ops, on any
+    device: a few elementwise passes over [R, V], small next to the sampler's own."""
+    vocab = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
+    return logits.masked_fill(~allowed, float("-inf"))

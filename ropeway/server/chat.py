@@ -103,14 +103,19 @@ async def create_chat_completion(ctx: ServerContext, body: ChatCompletionRequest
             raise APIError.bad_request(str(error).replace("max_tokens", "max_completion_tokens"),
                                        "max_completion_tokens") from error
         raise
-    if tools is not None:
-        params.structured_outputs = tools.constraint()
+    constraint = tools.constraint() if tools is not None else None
+    if constraint is not None:  # tool_choice "required" or a named function
+        if params.structured_outputs is not None:
+            raise APIError.bad_request("tool_choice 'required' or a named function constrains the reply itself; it "
+                                       "cannot be combined with response_format or structured_outputs", "tool_choice")
+        params.structured_outputs = constraint
     ctx.check_n(params.n)
     prompt_ids = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt, body.continue_final_message,
                                        tools.tools if tools is not None else None)
     prompt_ids = body.truncated(prompt_ids, ctx.max_model_len)
     context = body.context_params()
     ctx.check_length(len(prompt_ids), params.max_tokens, "messages", context)
+    await ctx.check_structured_outputs(params)
     ctx.require_engine()
     ticket = ctx.gate.admit(params.n)
     response_id = new_id("chatcmpl")

@@ -91,6 +91,9 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     if body.prompt_logprobs is not None and body.stream:
         raise APIError.bad_request("prompt_logprobs is not supported with stream: true", "prompt_logprobs")
     params = body.sampling_params(1 if prompt_only else body.max_tokens, body.logprobs, ctx.vocab_size)
+    if prompt_only and params.structured_outputs is not None:
+        raise APIError.bad_request("structured outputs need max_tokens of at least 1 (max_tokens 0 only scores "
+                                   "the prompt)", "max_tokens")
     if body.echo and body.logprobs is not None:
         params = with_prompt_logprobs(params, body.logprobs)
     ctx.check_n(params.n)
@@ -98,6 +101,7 @@ async def create_completion(ctx: ServerContext, body: CompletionRequest, request
     context = body.context_params()
     for prompt in prompts:
         ctx.check_length(len(prompt.token_ids), params.max_tokens, "prompt", context)
+    await ctx.check_structured_outputs(params)
     ctx.require_engine()
     ticket = ctx.gate.admit(params.n * len(prompts), "n" if params.n > 1 else "prompt")
     response_id = new_id("cmpl")

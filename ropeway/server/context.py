@@ -1,5 +1,6 @@
 """What every route needs: the engine, the tokenizer, names, limits, metrics and the gate."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -96,6 +97,12 @@ class ServerContext:
                      context: ContextParams | None) -> None:
         """Also validates the request's RoPE scaling, which can lower its context limit."""
         self.engine.limits.check(num_prompt_tokens, max_tokens, context, param)
+
+    async def check_structured_outputs(self, params: SamplingParams) -> None:
+        """On a thread: a grammar's check takes milliseconds, the first one also builds llguidance's
+        tokenizer (about a second); the event loop serves other requests meanwhile."""
+        if params.structured_outputs is not None:
+            await asyncio.to_thread(self.engine.check_structured_outputs, params)
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                  context: ContextParams | None) -> AsyncIterator[RequestOutput]:

@@ -8,6 +8,7 @@ OpenAI clients send fields a server may not know. Ranges are checked by Sampling
 the offline engine and the server refuse exactly the same values.
 """
 
+import json
 import time
 import uuid
 from typing import ClassVar, Literal
@@ -18,6 +19,7 @@ from pydantic_core import PydanticCustomError
 from ropeway.context_params import ContextParams
 from ropeway.request_bounds import COMPLETION_MAX_TOKENS_BOUND, REQUEST_ONLY_BOUNDS, SAMPLING_BOUNDS, Bound
 from ropeway.sampling_params import InvalidParameter, SamplingParams
+from ropeway.structured_outputs import StructuredOutputs
 
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's range for a bias: -100 (never) to 100 (always)
 
@@ -90,6 +92,33 @@ class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(RequestBody):
+    """OpenAI's response_format.json_schema. The schema is enforced whatever `strict` says."""
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    schema_: dict = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestBody):
+    """OpenAI's response_format: plain text, any JSON object, or JSON that matches a schema."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(RequestBody):
+    """vLLM's structured_outputs: exactly one of a JSON schema (object or JSON text), any JSON
+    object, a regex, a choice of strings, or a grammar (GBNF/EBNF or Lark)."""
+    model_config = ConfigDict(extra="forbid")
+    json_: dict | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class SamplingFields(RequestBody):
     """Fields common to completions and chat completions."""
     model_config = ConfigDict(json_schema_extra=add_sampling_bounds)
@@ -117,6 +146,8 @@ class SamplingFields(RequestBody):
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:<id>"
     prompt_logprobs: int | None = None  # the prompt tokens' logprobs, each with the k likeliest tokens
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
     # ropeway's extensions: this request's RoPE scaling, e.g. {"rope_type": "dynamic", "factor": 4},
     # and its cache policy, e.g. {"type": "sink_window", "sinks": 4, "window": 4096}
     rope_scaling: dict | None = None
@@ -171,11 +202,31 @@ class SamplingFields(RequestBody):
             prompt_top_logprobs=self.prompt_logprobs or 0,
             min_tokens=self.min_tokens,
             logit_bias=self._token_logit_bias(vocab_size),
+            structured_outputs=self._structured_outputs(),
             **{name: value for name, value in optional.items() if value is not None},
         )
         if not 0 <= self.min_tokens <= (params.max_tokens or self.min_tokens):
             raise InvalidParameter("min_tokens", "min_tokens must be between 0 and max_tokens")
         return params
+
+    def _structured_outputs(self) -> StructuredOutputs | None:
+        """OpenAI's response_format or vLLM's structured_outputs, as the engine's constraint."""
+        given, form = self.structured_outputs, self.response_format
+        if given is not None and form is not None and form.type != "text":
+            raise InvalidParameter("structured_outputs", "give response_format or structured_outputs, not both")
+        if given is not None:
+            json_schema = json.dumps(given.json_) if isinstance(given.json_, dict) else given.json_
+            return StructuredOutputs(json=json_schema, json_object=bool(given.json_object), regex=given.regex,
+                                     choice=None if given.choice is None else tuple(given.choice),
+                                     grammar=given.grammar)
+        if form is None or form.type == "text":
+            return None
+        if form.type == "json_object":
+            return StructuredOutputs(json_object=True, param="response_format")
+        if form.json_schema is None:
+            raise InvalidParameter("response_format.json_schema", "response_format of type json_schema needs "
+                                                                  "its json_schema")
+        return StructuredOutputs(json=json.dumps(form.json_schema.schema_), param="response_format.json_schema.schema")
 
     def _token_logit_bias(self, vocab_size: int) -> dict[int, float] | None:
         """OpenAI's {"token id as a string": bias} as {token id: bias}."""

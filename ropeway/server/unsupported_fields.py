@@ -29,8 +29,7 @@ NO_EFFECT: dict[str, tuple | None] = {  # None: any value
     "metadata": None,                 # tags for stored completions; nothing is stored
     "store": (False,),                # storing completions is not offered: only false
     "service_tier": ("auto", "default"),
-    # The defaults, which some clients send explicitly: plain text, no tool call.
-    "response_format": ({"type": "text"},),
+    # The defaults, which some clients send explicitly: text, no tool call.
     "modalities": (["text"],),
     "prompt_cache_key": None,         # a routing hint; the prefix cache finds shared prefixes by content
     "prompt_cache_retention": None,
