@@ -1,4 +1,9 @@
-"""Quantizing to the fp8 KV cache inside Triton kernels, with fp8_kv.quantize_fp8's arithmetic."""
+"""Quantizing to the fp8 KV cache inside Triton kernels, with fp8_kv.quantize_fp8's arithmetic.
+
+Values are rounded to e4m3 (nearest, ties to even) in fp32 before the store's cast, which then
+is exact: the same bits on a GPU as in Triton's interpreter, whose fp32 -> fp8 cast does not
+carry a rounding up into the exponent (125.7 became 64, not 128).
+"""
 
 import triton
 import triton.language as tl
@@ -14,11 +19,24 @@ def fp8_scales(amax):
 
 
 @triton.jit
+def round_to_e4m3(y):
+    """fp32 y (|y| <= 448) rounded to the nearest e4m3 value, ties to even."""
+    # Normal range: keep 3 of fp32's 23 mantissa bits, rounding on the bits below (a carry
+    # moves into the exponent as it should).
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    # Below 2**-6 e4m3 is subnormal, in steps of 2**-9: adding 1.5 * 2**14 (an fp32 ulp of 2**-9)
+    # and taking it away again rounds to those steps.
+    subnormal = (y + 24576.0) - 24576.0
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+@triton.jit
 def to_fp8_range(x, divisor):
     """x [ROWS, COLS] fp32 divided by its row's divisor [ROWS], clamped to e4m3's finite range
-    (the store's cast then rounds to nearest)."""
+    and rounded to e4m3 values."""
     y = x / divisor[:, None]
-    return tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
+    return round_to_e4m3(tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
 
 
 @triton.jit
