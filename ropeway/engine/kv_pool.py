@@ -28,13 +28,13 @@ class KVPoolShape:
         return self.num_blocks * self.bytes_per_block
 
 
-def kv_bytes_per_block(model: LlamaModel, kv_dtype: torch.dtype, block_size: int) -> int:
-    """One block's K and V over all layers of this rank; an fp8 block counts its scales."""
+def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+                       block_size: int) -> int:
+    """One block's K and V over all layers (of the KV heads a rank holds); an fp8 block counts
+    its scales."""
     if kv_dtype == FP8:
-        per_layer = fp8_block_bytes(block_size, model.num_local_kv_heads, model.config.head_dim)
-        return 2 * model.config.num_layers * per_layer
-    element = torch.tensor([], dtype=kv_dtype).element_size()
-    return block_size * model.kv_elements_per_token * element
+        return 2 * num_layers * fp8_block_bytes(block_size, num_kv_heads, head_dim)
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * kv_dtype.itemsize
 
 
 def plan_kv_pool(model: LlamaModel, kv_dtype: torch.dtype, device: torch.device, block_size: int,
@@ -42,7 +42,8 @@ def plan_kv_pool(model: LlamaModel, kv_dtype: torch.dtype, device: torch.device,
     """The pool of this rank: under tensor parallelism a block holds the rank's KV heads only,
     so the same budget per GPU holds world_size / replication times the tokens. kv_dtype: the
     model's dtype, or fp8_kv.FP8."""
-    bytes_per_block = kv_bytes_per_block(model, kv_dtype, block_size)
+    bytes_per_block = kv_bytes_per_block(model.config.num_layers, model.num_local_kv_heads, model.config.head_dim,
+                                         kv_dtype, block_size)
     if budget_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
