@@ -25,9 +25,9 @@ def assert_within_fp8_rounding(dequantized, exact, scales):
     assert bool(((dequantized.double() - exact.double()).abs() <= bound.double() * 1.0001).all())
 
 
-def fp8_pool(num_layers, num_blocks, page_size, num_kv_heads, head_dim):
+def fp8_pool(num_layers, num_blocks, page_size, num_kv_heads, head_dim, device="cpu"):
     """A zeroed fp8 pool and the views (keys, key scales, values, value scales) of every layer."""
-    pool = allocate_fp8_cache(num_layers, num_blocks, page_size, num_kv_heads, head_dim, "cpu")
+    pool = allocate_fp8_cache(num_layers, num_blocks, page_size, num_kv_heads, head_dim, device)
     return pool, (*cache_views(pool[:, 0], num_kv_heads, head_dim), *cache_views(pool[:, 1], num_kv_heads, head_dim))
 
 
@@ -35,7 +35,7 @@ def fp8_paged_case(case, num_kv_heads, head_dim):
     """paged_case's caches stored in an fp8 pool (its never-written NaN slots too), and the
     dequantized caches in q's dtype that the fp8 path must attend exactly like."""
     num_blocks, page_size = case["k_cache"].shape[:2]
-    pool, (k8, ks, v8, vs) = fp8_pool(1, num_blocks, page_size, num_kv_heads, head_dim)
+    pool, (k8, ks, v8, vs) = fp8_pool(1, num_blocks, page_size, num_kv_heads, head_dim, case["q"].device)
     for cache, scales, source in ((k8, ks, case["k_cache"]), (v8, vs, case["v_cache"])):
         cache[0], scales[0] = quantize_fp8(source)
     fp8 = dict(case, k_cache=k8[0], v_cache=v8[0], k_scale=ks[0], v_scale=vs[0])
