@@ -22,6 +22,13 @@ from ropeway.kernels.fp8_kv import FP8
 POOL = 32 << 20
 
 
+def test_an_unknown_kv_cache_dtype_is_refused_by_name():
+    from ropeway import EngineConfig
+
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3; got 'int8'"):
+        EngineConfig(kv_cache_dtype="int8")
+
+
 def test_fp8_pool_holds_its_bytes_in_fp8_with_a_scale_per_token_and_head(make_llm):
     budget = 64 << 20
     fp8 = make_llm(kv_cache_dtype="fp8", kv_cache_memory_bytes=budget).engine

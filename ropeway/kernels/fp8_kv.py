@@ -7,11 +7,13 @@ never needs re-quantizing as its later slots fill, and a key re-rotated to a new
 simply gets a new scale. They cost 4 bytes per head_dim bytes: at head_dim 128 a token takes
 132 bytes per head where bf16 takes 256 (1.94x the tokens in the same memory).
 
-Layout: a pool block is bytes, [block_size, Hkv, head_dim] fp8 then [block_size, Hkv] fp32
+Layout: a pool block is bytes, [block_size, Hkv, head_dim] fp8 then [Hkv, block_size] fp32
 scales, so a block moves with its scales (kv_cache[:, :, blocks] copies both) and each fp8 row
-stays 16-byte aligned for the kernels' vector loads. The pool is uint8
-[num_layers, 2 (K, V), num_blocks, block_bytes]; cache_views splits any [..., block_bytes]
-into an fp8 view [..., block_size, Hkv, head_dim] and a scale view [..., block_size, Hkv].
+stays 16-byte aligned for the kernels' vector loads. Scales are head-major so that attention,
+which reads one KV head's keys, reads that head's scales of a block as one contiguous run. The
+pool is uint8 [num_layers, 2 (K, V), num_blocks, block_bytes]; cache_views splits any
+[..., block_bytes] into an fp8 view [..., block_size, Hkv, head_dim] and a scale view
+[..., block_size, Hkv] (strided: indexed by slot and head like the values).
 A cache in the model's dtype is [..., block_size, Hkv, head_dim] and has no scales.
 """
 
@@ -43,7 +45,7 @@ def cache_views(blocks: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple
     block_size = blocks.shape[-1] // (num_kv_heads * (head_dim + SCALE_BYTES))
     value_bytes = block_size * num_kv_heads * head_dim
     values = blocks[..., :value_bytes].view(FP8).unflatten(-1, (block_size, num_kv_heads, head_dim))
-    scales = blocks[..., value_bytes:].view(torch.float32).unflatten(-1, (block_size, num_kv_heads))
+    scales = blocks[..., value_bytes:].view(torch.float32).unflatten(-1, (num_kv_heads, block_size)).transpose(-1, -2)
     return values, scales
 
 
