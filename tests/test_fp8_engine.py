@@ -56,7 +56,7 @@ def test_fp8_cache_gives_the_fp32_caches_next_token_logprobs_closely(make_llm, d
     assert sum(top) / len(top) >= 0.93
 
 
-# Block size 16: each bounded policy evicts several times over a 200-token prompt and 24 tokens.
+# Block size 16: each bounded policy evicts over a 160-token prompt and 12 tokens.
 POLICIES = {
     "none": None,
     "sink_window": {"type": "sink_window", "sinks": 4, "window": 64},
@@ -72,8 +72,8 @@ def test_every_context_policy_runs_on_an_fp8_cache_close_to_fp32(make_llm, defau
     policy = POLICIES[name]
     context = ContextParams(context_policy=policy) if policy else None
     options = dict(prefill_chunk_size=32, max_num_batched_tokens=64, kv_cache_memory_bytes=POOL)
-    prompt = long_text_ids(default_llm.tokenizer, 200)
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompt = long_text_ids(default_llm.tokenizer, 160)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outputs, engines = [], []
     for kv in ("fp8", "auto"):
         llm = make_llm(kv_cache_dtype=kv, **options)
@@ -83,7 +83,7 @@ def test_every_context_policy_runs_on_an_fp8_cache_close_to_fp32(make_llm, defau
     assert fp8_tokens[:8] == fp32_tokens[:8]
     fp8_stats = engines[0].stats()
     if policy is not None:
-        assert fp8_stats.kv_evictions >= 2 and fp8_stats.kv_rerotated_keys > 0
+        assert fp8_stats.kv_evicted_tokens >= 64 and fp8_stats.kv_rerotated_keys > 0
     if name.startswith("landmark"):
         assert fp8_stats.landmark_recomputations > 0
     if name == "landmark-retrieve":
