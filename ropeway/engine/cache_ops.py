@@ -103,8 +103,8 @@ class CacheOps:
 
     def views(self, kind: int, blocks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Keys (kind 0) or values (1) of every layer, [num_layers, num_blocks, block_size, Hkv, D],
-        and their fp8 scales (None for a pool in the model's dtype); of `blocks` (a host copy,
-        [num_layers, 2, n, ...] as the pool holds them) instead of the pool if given."""
+        and their fp8 scales (None for a pool in the model's dtype); of `blocks` (a copy of some
+        blocks, [num_layers, 2, n, ...] as the pool holds them) instead of the pool if given."""
         source = self.kv_cache if blocks is None else blocks
         return cache_views(source[:, kind], self.model.num_local_kv_heads, self.model.config.head_dim)
 
