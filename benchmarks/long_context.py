@@ -6,8 +6,11 @@
 
   python benchmarks/long_context.py                       # CPU: lengths up to 8k by default
   python3 benchmarks/long_context.py --lengths 2048,4096,8192,16384,32768   # GPU machine
+  python3 benchmarks/long_context.py --kv-cache-dtype auto,fp8   # each plan on each KV cache dtype
 
-Every scaling type uses factor 4 (8k x 4 = 32k). Prints tables, writes JSON and PNG plots.
+Every scaling type uses factor 4 (8k x 4 = 32k). Prints tables, writes JSON and PNG plots. With
+several KV cache dtypes, rows are plan/dtype, and a last table gives each dtype's perplexity
+relative to the first dtype's and its passkey accuracy minus the first's.
 """
 
 import argparse
@@ -16,12 +19,15 @@ import math
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ropeway import LLM, ContextParams, SamplingParams
+from ropeway import LLM, ContextParams, EngineConfig, LLMEngine, SamplingParams
+from ropeway.engine import LoadedModel
+from ropeway.engine.kv_pool import KVPoolShape, allocate_kv_cache
 from ropeway.models import ForwardBatch
 from ropeway.scheduler import RopeScaling
 from ropeway.arith import cdiv
@@ -52,15 +58,16 @@ def documentation_tokens(tokenizer, count: int) -> list[int]:
 @torch.inference_mode()
 def perplexity(llm: LLM, ids: list[int], scaling: dict | None, chunk: int) -> float:
     """Perplexity of predicting ids[1:] from ids[:-1], under the plan the engine would choose for
-    a request of that length, computed by chunked prefill into a private paged cache."""
+    a request of that length, computed by chunked prefill into a private paged cache of the
+    engine's KV cache dtype."""
     engine = llm.engine
-    cfg, block_size, device = engine.model_config, engine.config.block_size, engine.device
+    block_size, device = engine.config.block_size, engine.device
     n = len(ids) - 1
     plan = engine.planner.plan(n, RopeScaling.from_dict(scaling) if scaling else None)
     inv_freq, factor = rope_parameters(plan)
     blocks = cdiv(n, block_size)
-    kv_cache = torch.zeros(cfg.num_layers, 2, blocks, block_size, cfg.num_kv_heads, cfg.head_dim,
-                           dtype=engine.dtype, device=device)
+    kv_cache = allocate_kv_cache(engine.model, KVPoolShape(blocks, block_size, engine.pool.bytes_per_block),
+                                 engine.kv_dtype, device)
     table = torch.randperm(blocks, device=device).to(torch.int32)  # paged, not contiguous
     tokens = torch.tensor(ids, device=device)
     nll, counted = 0.0, 0
@@ -103,6 +110,22 @@ def passkey_accuracy(llm: LLM, length: int, scaling: dict | None, trials: int, s
     return sum(key in o.outputs[0].text for o, key in zip(outputs, keys)) / trials
 
 
+def dtype_differences(results: dict, names: list[str], kv_cache_dtypes: list[str], lengths: list[int]) -> dict:
+    """Per plan and later dtype: perplexity / the first dtype's - 1, and passkey accuracy minus the first's."""
+    base = kv_cache_dtypes[0]
+    out = {"perplexity_ratio_minus_1": {}, "passkey_difference": {}}
+    for name in names:
+        for kv in kv_cache_dtypes[1:]:
+            ppl = results["perplexity"]
+            out["perplexity_ratio_minus_1"][f"{name}/{kv}"] = {
+                str(n): ppl[f"{name}/{kv}"][str(n)] / ppl[f"{name}/{base}"][str(n)] - 1 for n in lengths}
+            if results["passkey"]:
+                key = results["passkey"]
+                out["passkey_difference"][f"{name}/{kv}"] = {
+                    str(n): key[f"{name}/{kv}"][str(n)] - key[f"{name}/{base}"][str(n)] for n in lengths}
+    return {measure: values for measure, values in out.items() if values}
+
+
 def plot(results: dict, measure: str, lengths: list[int], path: Path, ylabel: str, log: bool) -> None:
     import matplotlib
 
@@ -133,6 +156,8 @@ def main() -> None:
     parser.add_argument("--skip-passkey", action="store_true")
     parser.add_argument("--out-dir", default="results/long_context")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="comma-separated KV cache dtypes, each run on every plan (e.g. auto,fp8; default: auto)")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -142,25 +167,38 @@ def main() -> None:
     longest = max(lengths)
     # Requests without their own scaling use the model's RoPE ("none") up to this limit, so
     # `none` can be measured past the trained context, where it breaks.
-    llm = LLM(dtype="bfloat16" if cuda else "float32", max_model_len=longest + 64,
-              kv_cache_memory_bytes=(24 << 30) if cuda else (2 << 30),
-              max_num_batched_tokens=8192, max_num_seqs=args.trials)
+    config = EngineConfig(dtype="bfloat16" if cuda else "float32", max_model_len=longest + 64,
+                          kv_cache_memory_bytes=(24 << 30) if cuda else (2 << 30),
+                          max_num_batched_tokens=8192, max_num_seqs=args.trials)
+    kv_cache_dtypes = args.kv_cache_dtype.split(",")
+    # One engine per KV cache dtype, all on the model loaded once.
+    first = LLM(engine=LLMEngine(replace(config, kv_cache_dtype=kv_cache_dtypes[0])))
+    loaded = LoadedModel(first.engine.model, first.tokenizer, 0.0)
+    llms = {kv: first if i == 0 else LLM(engine=LLMEngine(replace(config, kv_cache_dtype=kv), loaded=loaded))
+            for i, kv in enumerate(kv_cache_dtypes)}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ids = documentation_tokens(llm.tokenizer, longest + 1)
+    ids = documentation_tokens(first.tokenizer, longest + 1)
+
+    def row(name: str, kv: str) -> str:
+        return name if len(llms) == 1 else f"{name}/{kv}"
 
     results = {"perplexity": {}, "passkey": {}}
     started = time.perf_counter()
-    work = [(name, n) for name in names for n in lengths]
-    for name, n in tqdm(work, desc="perplexity"):
-        results["perplexity"].setdefault(name, {})[str(n)] = perplexity(llm, ids[: n + 1], PLANS[name], args.chunk)
+    work = [(name, kv, n) for name in names for kv in llms for n in lengths]
+    for name, kv, n in tqdm(work, desc="perplexity"):
+        results["perplexity"].setdefault(row(name, kv), {})[str(n)] = perplexity(
+            llms[kv], ids[: n + 1], PLANS[name], args.chunk)
     if not args.skip_passkey:
-        for name, n in tqdm(work, desc="passkey"):
-            accuracy = passkey_accuracy(llm, n, PLANS[name], args.trials, args.seed)
-            results["passkey"].setdefault(name, {})[str(n)] = accuracy
+        for name, kv, n in tqdm(work, desc="passkey"):
+            accuracy = passkey_accuracy(llms[kv], n, PLANS[name], args.trials, args.seed)
+            results["passkey"].setdefault(row(name, kv), {})[str(n)] = accuracy
+    if len(llms) > 1:
+        results["kv_cache_dtype_vs_first"] = dtype_differences(results, names, kv_cache_dtypes, lengths)
 
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
+    meta = {"model": first.engine.model_config.name, "device": device, "dtype": str(first.engine.dtype),
+            "kv_cache_dtypes": [llms[kv].engine.kv_cache_dtype_name for kv in llms],
             "factor": FACTOR, "lengths": lengths, "trials": args.trials, "seconds": time.perf_counter() - started,
             "command": " ".join(sys.argv)}
     for measure, fmt in (("perplexity", "{:>10.2f}"), ("passkey", "{:>10.2f}")):
@@ -172,6 +210,11 @@ def main() -> None:
             print(f"{name:>13}" + "".join(fmt.format(values[str(n)]) for n in lengths))
         plot(results, measure, lengths, out_dir / f"{measure}.png",
              "perplexity" if measure == "perplexity" else "passkey accuracy", log=measure == "perplexity")
+    for measure, values in results.get("kv_cache_dtype_vs_first", {}).items():
+        print(f"\n{measure} against {kv_cache_dtypes[0]}")
+        print(f"{'plan':>13}" + "".join(f"{n:>10}" for n in lengths))
+        for name, by_length in values.items():
+            print(f"{name:>13}" + "".join(f"{by_length[str(n)]:>+10.4f}" for n in lengths))
     (out_dir / "long_context.json").write_text(json.dumps({"meta": meta, **results}, indent=2))
     print(f"\nwrote {out_dir}/long_context.json and PNG plots ({meta['seconds']:.0f} s)")
 

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
 # --help reads these defaults without loading it.
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CUDA_KV_HOST_BYTES = 4 << 30
+# auto: the model's dtype; fp8 (fp8_e4m3 is the same): kernels/fp8_kv.py.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,7 @@ class EngineConfig:
     model: str | None = None              # GGUF file or HF directory; None: the built-in default
     dtype: str = "auto"                   # float32 | bfloat16 | float16 | auto (fp32 on CPU, bf16 on CUDA)
     device: str = "auto"                  # cpu | cuda | auto
+    kv_cache_dtype: str = "auto"          # auto (the model's dtype) | fp8 (e4m3, scale per token and KV head)
     block_size: int = 16
     kv_cache_memory_bytes: int | None = None  # KV pool size; default 1 GiB on CPU
     gpu_memory_utilization: float = 0.9   # on CUDA without a byte budget: this fraction of free memory
@@ -44,6 +47,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be cpu, cuda or auto; got {self.device!r}")
         if self.block_size not in (8, 16, 32, 64, 128, 256):
@@ -76,6 +81,12 @@ class EngineConfig:
 
     def uses_async_scheduling(self, device: "torch.device") -> bool:
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+
+    def kv_torch_dtype(self, model_dtype: "torch.dtype") -> "torch.dtype":
+        """What the KV pool stores: the model's dtype, or torch.float8_e4m3fn."""
+        import torch
+
+        return model_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
     def torch_dtype(self, device: "torch.device") -> "torch.dtype":
         import torch

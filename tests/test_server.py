@@ -572,6 +572,7 @@ def test_metrics_after_traffic_pass_promtool(http, client):
     assert metric(samples, "ropeway:request_queue_time_seconds_count") > 0
     assert metric(samples, "ropeway:prefix_cache_hits_total") > 0  # n=2 choices share their prompt
     assert metric(samples, "ropeway:kv_cache_capacity_blocks") > 0
+    assert metric(samples, "ropeway:kv_cache_info", kv_cache_dtype="float32", block_size="16") == 1
     for name in ("ropeway:num_requests_waiting", "ropeway:num_preemptions_total", "ropeway:kv_cache_capacity_bytes",
                  "ropeway:request_prompt_tokens_count", "ropeway:request_generation_tokens_count",
                  "ropeway:prefix_cache_queries_total", "ropeway:kv_cache_used_bytes"):

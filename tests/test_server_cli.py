@@ -32,6 +32,17 @@ def test_serve_defaults_to_the_default_model_on_localhost_8000():
     assert (args.host, args.port, args.model, args.api_key) == ("127.0.0.1", 8000, None, None)
 
 
+def test_kv_cache_dtype_flag_reaches_the_engine_config_and_refuses_unknown_dtypes(capsys):
+    from ropeway.server.cli import engine_config
+
+    parser = build_parser()
+    assert engine_config(parser.parse_args(["serve"])).kv_cache_dtype == "auto"
+    assert engine_config(parser.parse_args(["serve", "--kv-cache-dtype", "fp8"])).kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--kv-cache-dtype", "int4"])
+    assert "--kv-cache-dtype: invalid choice: 'int4'" in capsys.readouterr().err
+
+
 def test_help_never_shows_the_api_key():
     done = subprocess.run([ROPEWAY, "serve", "--help"], capture_output=True, text=True, timeout=60,
                           env={**THIS_TREE, "ROPEWAY_API_KEY": "do-not-print"})

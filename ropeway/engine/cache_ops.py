@@ -3,7 +3,11 @@ evictions of bounded caches (keys moved down and re-rotated), RoPE-plan growths 
 to the larger plan), landmark summaries written into their slots, evicted blocks archived to
 host memory and the best of them recalled. The runner applies them all, in this order, before
 it builds the step's batch; during the step it captures the queries that the next recall of a
-long prompt scores with."""
+long prompt scores with.
+
+The pool may be fp8 (kernels/fp8_kv.py): keys and values are read through cache_views, dequantized
+where they are read as numbers and quantized where they are written; whole blocks (copies,
+archives, recalls) move as bytes with their scales."""
 
 import math
 
@@ -12,6 +16,7 @@ import numpy as np
 import torch
 
 from ropeway.kernels import rerotate_keys
+from ropeway.kernels.fp8_kv import cache_views, read_vectors, write_vectors
 from ropeway.models import Capture, ForwardBatch
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
@@ -97,10 +102,18 @@ class CacheOps:
         positions, slots = both
         old_inv_freq, old_factor = self.runner.rope_row(move.old_plan)
         new_inv_freq, new_factor = self.runner.rope_row(move.new_plan)
-        rerotate_keys(self.kv_cache[:, 0], slots, positions + move.shift, positions,
+        keys, scales = self.views(0)
+        rerotate_keys(keys, slots, positions + move.shift, positions,
                       old_inv_freq.expand(count, -1), new_inv_freq.expand(count, -1),
                       torch.full((count,), old_factor, device=self.device),
-                      torch.full((count,), new_factor, device=self.device))
+                      torch.full((count,), new_factor, device=self.device), scales)
+
+    def views(self, kind: int, blocks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys (kind 0) or values (1) of every layer, [num_layers, num_blocks, block_size, Hkv, D],
+        and their fp8 scales (None for a pool in the model's dtype); of `blocks` (a copy of some
+        blocks, [num_layers, 2, n, ...] as the pool holds them) instead of the pool if given."""
+        source = self.kv_cache if blocks is None else blocks
+        return cache_views(source[:, kind], self.model.num_local_kv_heads, self.model.config.head_dim)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for source, destination in copies:
@@ -125,8 +138,8 @@ class CacheOps:
             keys, values = chunk_summary(self.model, landmark.token_ids, inv_freq, factor, self.block_size)
             block, offset = table[landmark.position // self.block_size], landmark.position % self.block_size
             rotated = rotate_to(keys, landmark.position, inv_freq, factor)
-            self.kv_cache[:, 0, block, offset] = rotated.to(self.kv_cache.dtype)
-            self.kv_cache[:, 1, block, offset] = values.to(self.kv_cache.dtype)
+            write_vectors(*self.views(0), (slice(None), block, offset), rotated)
+            write_vectors(*self.views(1), (slice(None), block, offset), values)
             bias[block, offset] = math.log(len(landmark.token_ids))
 
     def archive_evicted(self, eviction: Eviction) -> None:
@@ -136,8 +149,10 @@ class CacheOps:
             seq.archive = RecallArchive()
         blocks = torch.tensor(eviction.archived_blocks, device=self.device)
         inv_freq, factor = self.runner.rope_row(eviction.plan)
-        seq.archive.add(self.kv_cache[:, :, blocks], eviction.archived_position, eviction.archived_first_token,
-                        eviction.plan, inv_freq, factor)
+        kv = self.kv_cache[:, :, blocks]
+        keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype)
+        seq.archive.add(kv, eviction.archived_position, eviction.archived_first_token, eviction.plan, inv_freq,
+                        factor, keys)
         self.archive_budget.track(seq.archive)
 
     def clear_written_slots(self, batch: ForwardBatch) -> None:

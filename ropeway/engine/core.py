@@ -18,6 +18,7 @@ from ropeway import fault_injection
 from ropeway.arith import cdiv
 from ropeway.config import EngineConfig
 from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention
+from ropeway.kernels.fp8_kv import FP8
 from ropeway.models import LlamaModel, RopewayTokenizer, TensorParallel, effective_base, load_model_files
 from ropeway.outputs import RequestMetrics
 from ropeway.sampling_params import InvalidParameter
@@ -148,7 +149,8 @@ class EngineCore:
         self.model_config = model_config = self.model.config
         self.device = self.model.device
         self.dtype = self.model.dtype
-        self.pool = plan_kv_pool(self.model, self.dtype, self.device, config.block_size,
+        self.kv_dtype = config.kv_torch_dtype(self.dtype)
+        self.pool = plan_kv_pool(self.model, self.kv_dtype, self.device, config.block_size,
                                  config.kv_cache_memory_bytes, config.gpu_memory_utilization)
         model_scaling = _parse_server_setting(RopeScaling.from_dict, model_config.rope_scaling or None,
                                               "model rope_scaling")
@@ -171,7 +173,7 @@ class EngineCore:
         self.limits = ContextLimits(self.max_model_len, config.max_model_len is not None, trained,
                                     self.pool.num_tokens, config.block_size, self.context_policy, self.rope_scaling,
                                     config.tensor_parallel_size)
-        self.kv_cache = allocate_kv_cache(self.model, self.pool, self.dtype, self.device)
+        self.kv_cache = allocate_kv_cache(self.model, self.pool, self.kv_dtype, self.device)
         if self.workers is not None:
             if self.context_policy.type == "landmark":
                 raise ValueError("--context-policy landmark is not supported with --tensor-parallel-size > 1")
@@ -218,9 +220,9 @@ class EngineCore:
                  str(self.dtype).removeprefix("torch."), loaded.seconds)
         if not self.rope_scaling.is_none:
             log.info("RoPE scaling %s", self.rope_scaling)
-        log.info("KV pool: %d blocks of %d tokens = %d tokens, %.1f MiB; max_model_len %d",
+        log.info("KV pool: %d blocks of %d tokens = %d tokens, %.1f MiB in %s; max_model_len %d",
                  self.pool.num_blocks, self.pool.block_size, self.pool.num_tokens,
-                 self.pool.num_bytes / 2**20, self.max_model_len)
+                 self.pool.num_bytes / 2**20, self.kv_cache_dtype_name, self.max_model_len)
         if self.host_tier is not None:
             log.info("KV host tier: %d blocks, %.1f MiB", host_slots, host_slots * host_slot_bytes / 2**20)
 
@@ -229,6 +231,11 @@ class EngineCore:
         if self.workers is not None:
             self.workers.shutdown()
             self.workers = None
+
+    @property
+    def kv_cache_dtype_name(self) -> str:
+        """bfloat16, float32, ... or fp8_e4m3 (scales per token and KV head)."""
+        return "fp8_e4m3" if self.kv_dtype == FP8 else str(self.kv_dtype).removeprefix("torch.")
 
     @property
     def requests(self) -> dict[str, RequestState]:
@@ -243,6 +250,7 @@ class EngineCore:
             vocab_size=self.model_config.vocab_size, trained_context=self.model_config.max_position_embeddings,
             max_model_len=self.max_model_len, max_model_len_is_explicit=self.config.max_model_len is not None,
             pool_tokens=self.pool.num_tokens, block_size=self.config.block_size, num_blocks=self.pool.num_blocks,
+            kv_cache_dtype=self.kv_cache_dtype_name,
             bytes_per_block=self.pool.bytes_per_block, max_num_seqs=self.config.max_num_seqs,
             tensor_parallel_size=self.config.tensor_parallel_size, default_context_policy=asdict(self.context_policy),
             default_rope_scaling=asdict(self.rope_scaling),

@@ -101,6 +101,7 @@ class EngineInfo(msgspec.Struct):
     block_size: int
     num_blocks: int
     bytes_per_block: int
+    kv_cache_dtype: str           # bfloat16, float32, ... or fp8_e4m3
     max_num_seqs: int
     tensor_parallel_size: int
     default_context_policy: dict  # the server's ContextPolicy as a dict

@@ -47,10 +47,16 @@ RECALL_FOLLOWING_BLOCKS = 1
 
 @dataclass
 class ArchivedBlocks:
-    kv: torch.Tensor  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], host, cache dtype
+    kv: torch.Tensor  # [num_layers, 2, num_blocks, ...] on the host, as the pool holds them (fp8 with scales)
+    block_size: int
     position: int     # cache position of the first token when the blocks were evicted
     plan: RopePlan    # the plan their keys were rotated under
     first_token: int  # token index (in the stream) of the first token
+    scoring_bytes: int  # of its scoring keys on the device
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.shape[2]
 
 
 class RecallArchive:
@@ -59,7 +65,7 @@ class RecallArchive:
     def __init__(self):
         self.chunks: list[ArchivedBlocks] = []
         # Keys before RoPE on the device, [num_layers, archived tokens, num_kv_heads, head_dim]
-        # in the cache dtype: one tensor, re-joined when chunks arrive (scoring is one pass).
+        # in the model's dtype: one tensor, re-joined when chunks arrive (scoring is one pass).
         self.scoring_keys: torch.Tensor | None = None
         self._new_keys: list[torch.Tensor] = []
         self.num_blocks = 0
@@ -73,30 +79,33 @@ class RecallArchive:
         self.recalled_tokens: list[int] = []
 
     def add(self, kv: torch.Tensor, position: int, first_token: int, plan: RopePlan, inv_freq: torch.Tensor,
-            attention_factor: float) -> None:
-        """Archive evicted blocks kv [num_layers, 2, n, block_size, Hkv, D] (on the device)
-        whose first token, token first_token of the stream, sat at cache position `position`
-        under plan."""
-        num_layers, _, num_blocks, block_size, num_kv_heads, head_dim = kv.shape
+            attention_factor: float, keys: torch.Tensor | None = None) -> None:
+        """Archive evicted blocks kv [num_layers, 2, n, ...] as the pool holds them (on the
+        device) whose first token, token first_token of the stream, sat at cache position
+        `position` under plan. keys: their keys as numbers, [num_layers, n, block_size, Hkv, D]
+        in the model's dtype, where the pool is fp8 (else kv[:, 0] is that)."""
+        if keys is None:
+            keys = kv[:, 0]
+        num_layers, num_blocks, block_size, num_kv_heads, head_dim = keys.shape
         n = num_blocks * block_size
-        keys = kv[:, 0].reshape(num_layers, n, num_kv_heads, head_dim).transpose(0, 1).reshape(n, -1, head_dim)
+        keys = keys.reshape(num_layers, n, num_kv_heads, head_dim).transpose(0, 1).reshape(n, -1, head_dim)
         # Rotate back by each key's angle (and undo YaRN's scale): fp32, for scoring only.
         positions = torch.arange(position, position + n, device=kv.device)
         cos, sin = rope_cos_sin(positions, inv_freq.expand(n, -1),
                                 torch.full((n,), 1.0 / attention_factor, device=kv.device))
-        unrotated = rotate_by(keys.float(), cos, -sin).to(kv.dtype).view(n, num_layers, num_kv_heads, head_dim)
+        unrotated = rotate_by(keys.float(), cos, -sin).to(keys.dtype).view(n, num_layers, num_kv_heads, head_dim)
         self._new_keys.append(unrotated.transpose(0, 1))
-        self.chunks.append(ArchivedBlocks(kv.cpu(), position, plan, first_token))
+        self.chunks.append(ArchivedBlocks(kv.cpu(), block_size, position, plan, first_token, unrotated.nbytes))
         self.num_blocks += num_blocks
         self.num_bytes += self.chunks[-1].kv.nbytes + unrotated.nbytes
 
     def drop_oldest(self) -> None:
         oldest = self.chunks.pop(0)
-        num_tokens = oldest.kv.shape[2] * oldest.kv.shape[3]
+        num_tokens = oldest.num_blocks * oldest.block_size
         self._join_keys()
         self.scoring_keys = self.scoring_keys[:, num_tokens:].clone()
-        self.num_blocks -= oldest.kv.shape[2]
-        self.num_bytes -= oldest.kv.nbytes + oldest.kv[:, 0].nbytes
+        self.num_blocks -= oldest.num_blocks
+        self.num_bytes -= oldest.kv.nbytes + oldest.scoring_bytes
 
     def _join_keys(self) -> None:
         if self._new_keys:
@@ -147,21 +156,21 @@ class RecallArchive:
         return all_reduce(best.softmax(-1).sum((1, 2)))
 
     def block(self, index: int) -> tuple[torch.Tensor, int, RopePlan]:
-        """Archived block index: kv [num_layers, 2, block_size, Hkv, D], its first token's
-        position when evicted, its plan."""
+        """Archived block index: kv [num_layers, 2, ...] as the pool holds a block, its first
+        token's position when evicted, its plan."""
         chunk, offset = self._locate(index)
-        return chunk.kv[:, :, offset], chunk.position + offset * chunk.kv.shape[3], chunk.plan
+        return chunk.kv[:, :, offset], chunk.position + offset * chunk.block_size, chunk.plan
 
     def first_token(self, index: int) -> int:
         """Token index (in the stream) of archived block index's first token."""
         chunk, offset = self._locate(index)
-        return chunk.first_token + offset * chunk.kv.shape[3]
+        return chunk.first_token + offset * chunk.block_size
 
     def _locate(self, index: int) -> tuple[ArchivedBlocks, int]:
         for chunk in self.chunks:
-            if index < chunk.kv.shape[2]:
+            if index < chunk.num_blocks:
                 return chunk, index
-            index -= chunk.kv.shape[2]
+            index -= chunk.num_blocks
         raise IndexError(index)
 
 

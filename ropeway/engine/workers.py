@@ -173,7 +173,8 @@ def run_worker(rank: int, world_size: int, init_method: str, config_bytes: bytes
             return
         if isinstance(message, WorkerInit):
             pool = KVPoolShape(message.num_blocks, message.block_size, message.bytes_per_block)
-            runner = ModelRunner(model, allocate_kv_cache(model, pool, model.dtype, device), pool.block_size,
+            kv_cache = allocate_kv_cache(model, pool, config.kv_torch_dtype(model.dtype), device)
+            runner = ModelRunner(model, kv_cache, pool.block_size,
                                  config.retrieval_archive_bytes)
         elif isinstance(message, CaptureGraphs):
             if runner.decode_graphs is not None:

@@ -38,15 +38,16 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 
 def rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index, inv_freq,
-                    attention_factor) -> None:
-    """apply_rotary(q, k, ...) then write_kv(k, v, ...): one launch on CUDA."""
+                    attention_factor, k_scale=None, v_scale=None) -> None:
+    """apply_rotary(q, k, ...) then write_kv(k, v, ...): one launch on CUDA. With k_scale,
+    v_scale the caches are fp8 (fp8_kv.py) and the launch also quantizes."""
     if q.is_cuda:
         from .triton_rotary_write_kv import rotary_write_kv_triton
         rotary_write_kv_triton(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index,
-                               inv_freq, attention_factor)
+                               inv_freq, attention_factor, k_scale, v_scale)
     else:
         rotary_write_kv_reference(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index,
-                                  inv_freq, attention_factor)
+                                  inv_freq, attention_factor, k_scale, v_scale)
 
 
 # Prefill chunks of this many queries go to cuDNN on CUDA (kernels/cudnn_attention.py).
@@ -82,18 +83,20 @@ def plan_attention(block_tables, seq_lens, query_start_loc, block_size, slot_bia
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                     max_query_len=None, max_seq_len=None, slot_bias=None, num_decode_seqs=0,
-                    long_chunks=(), plan=None):
+                    long_chunks=(), plan=None, k_scale=None, v_scale=None):
     """num_decode_seqs: how many leading sequences have one query; long_chunks: (first query,
     queries, cached tokens before them) of the last sequences, chunks that is_long_chunk
     picks. Both are launch hints only: the result is the same without them. plan: this
-    batch's plan_attention (None: made per call where one is needed)."""
+    batch's plan_attention (None: made per call where one is needed). k_scale, v_scale: the
+    caches are fp8 (fp8_kv.py), dequantized as they are read."""
     if q.is_cuda:
         from .triton_attention import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
                                       scale, max_query_len, max_seq_len, slot_bias=slot_bias,
-                                      num_decode_seqs=num_decode_seqs, long_chunks=long_chunks)
+                                      num_decode_seqs=num_decode_seqs, long_chunks=long_chunks,
+                                      k_scale=k_scale, v_scale=v_scale)
     return paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, slot_bias,
-                               plan)
+                               plan, k_scale, v_scale)
 
 
 def rms_norm(x, weight, eps):
@@ -150,14 +153,15 @@ def silu_mul(gate_up):
 
 
 def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
-                  old_attention_factor, new_attention_factor) -> None:
+                  old_attention_factor, new_attention_factor, k_scale=None) -> None:
+    """k_scale: the cache is fp8 (fp8_kv.py); keys are dequantized, rotated, re-quantized."""
     if k_cache.is_cuda:
         from .triton_rerotate import rerotate_keys_triton
         rerotate_keys_triton(k_cache, slots, old_positions, new_positions, old_inv_freq,
-                             new_inv_freq, old_attention_factor, new_attention_factor)
+                             new_inv_freq, old_attention_factor, new_attention_factor, k_scale)
     else:
         rerotate_keys_reference(k_cache, slots, old_positions, new_positions, old_inv_freq,
-                                new_inv_freq, old_attention_factor, new_attention_factor)
+                                new_inv_freq, old_attention_factor, new_attention_factor, k_scale)
 
 
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_attention", "paged_attention", "is_long_chunk",

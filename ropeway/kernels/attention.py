@@ -6,12 +6,16 @@ Query j of a chunk of n queries sits at cache position seq_lens[s] - n + j and s
 positions 0..that position (causal over the cached prefix and the chunk itself).
 An optional slot_bias [num_blocks, block_size] fp32 is added to the scaled score of the
 key in each cache slot (a landmark's ln(chunk length), -inf for an empty slot).
+With k_scale, v_scale [num_blocks, block_size, Hkv] fp32 the caches are fp8 (fp8_kv.py):
+each cached vector is its fp8 numbers times its scale.
 """
 
 import math
 
 import torch
 import torch.nn.functional as F
+
+from .fp8_kv import read_vectors
 
 
 def paged_attention_reference(
@@ -25,6 +29,8 @@ def paged_attention_reference(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     slot_bias: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D];
     block_tables [S, max_blocks] int32; seq_lens [S]; query_start_loc [S+1].
@@ -44,12 +50,12 @@ def paged_attention_reference(
             continue
         num_blocks = math.ceil(seq_len / block_size)
         blocks = block_tables[s, :num_blocks].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k = read_vectors(k_cache, k_scale, blocks, q.dtype).reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        v = read_vectors(v_cache, v_scale, blocks, q.dtype).reshape(-1, num_kv_heads, head_dim)[:seq_len]
         # [H, n, D] x [H, L, D], GQA by repeating each KV head over its query group.
         qs = q[q_start:q_end].transpose(0, 1)
-        ks = k.transpose(0, 1).repeat_interleave(group, dim=0).to(q.dtype)
-        vs = v.transpose(0, 1).repeat_interleave(group, dim=0).to(q.dtype)
+        ks = k.transpose(0, 1).repeat_interleave(group, dim=0)
+        vs = v.transpose(0, 1).repeat_interleave(group, dim=0)
         query_pos = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
         key_pos = torch.arange(seq_len, device=q.device)[None, :]
         mask = key_pos <= query_pos

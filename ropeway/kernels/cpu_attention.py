@@ -9,7 +9,8 @@ down its slowest (math) path. Here:
 - a chunk after a cached prefix attends to the prefix (no mask) and to itself (causal) in two
   calls of torch's CPU flash kernel, merged by their log-sum-exps: no [chunk, prefix] mask.
 GQA needs no repeated keys for the unmasked parts: a KV head's query group is stacked into
-its query rows. slot_bias (landmark caches) is added as a float mask where it applies.
+its query rows. slot_bias (landmark caches) is added as a float mask where it applies. An fp8
+cache's keys and values are dequantized as they are gathered.
 
 Everything that depends only on the batch's layout (which cache slots each sequence reads,
 the masks) is worked out once per step in a CpuAttentionPlan; each layer then only gathers
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .fp8_kv import read_vectors
 
 # What F.scaled_dot_product_attention runs on CPU, called directly because it also returns
 # the log-sum-exp of each query's scores, which merging two partial attentions needs.
@@ -86,27 +89,29 @@ def plan_cpu_attention(block_tables, seq_lens, query_start_loc, block_size, slot
 
 
 def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, slot_bias=None,
-                        plan: CpuAttentionPlan | None = None) -> torch.Tensor:
+                        plan: CpuAttentionPlan | None = None, k_scale=None, v_scale=None) -> torch.Tensor:
     """As paged_attention_reference (attention.py): q [T, Hq, D] -> [T, Hq, D]. plan: this batch's
     plan_cpu_attention, made once for all layers (None: made here)."""
     if plan is None:
         plan = plan_cpu_attention(block_tables, seq_lens, query_start_loc, k_cache.shape[1], slot_bias)
     out = torch.empty_like(q)
-    num_kv_heads, head_dim = k_cache.shape[2:]
-    keys = k_cache.view(-1, num_kv_heads, head_dim)
-    values = v_cache.view(-1, num_kv_heads, head_dim)
+    block_size = k_cache.shape[1]
+
+    def gather(slots):
+        """Keys and values of cache slots [...] -> [..., Hkv, D] each, in q's dtype."""
+        index = (slots // block_size, slots % block_size)
+        return read_vectors(k_cache, k_scale, index, q.dtype), read_vectors(v_cache, v_scale, index, q.dtype)
+
     for bucket in plan.decode_buckets:
-        _decode(q, keys, values, bucket, scale, out)
+        _decode(q, gather, bucket, scale, out)
     for chunk in plan.chunks:
-        _chunk(q, keys, values, chunk, scale, out)
+        _chunk(q, gather, chunk, scale, out)
     return out
 
 
-def _decode(q, keys, values, bucket: DecodeBucket, scale, out):
-    num_kv_heads, head_dim = keys.shape[1:]
-    batch = bucket.rows.shape[0]
-    k = keys[bucket.slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-    v = values[bucket.slots].to(q.dtype).transpose(1, 2)
+def _decode(q, gather, bucket: DecodeBucket, scale, out):
+    k, v = (x.transpose(1, 2) for x in gather(bucket.slots))  # [B, Hkv, L, D]
+    batch, num_kv_heads, _, head_dim = k.shape
     # Query head h reads KV head h // group: each KV head's group becomes its query rows.
     queries = q[bucket.rows].view(batch, num_kv_heads, -1, head_dim)
     mask = None if bucket.mask is None else bucket.mask.to(q.dtype)
@@ -114,13 +119,12 @@ def _decode(q, keys, values, bucket: DecodeBucket, scale, out):
     out[bucket.rows] = o.reshape(batch, -1, head_dim)
 
 
-def _chunk(q, keys, values, chunk: Chunk, scale, out):
-    num_kv_heads, head_dim = keys.shape[1:]
+def _chunk(q, gather, chunk: Chunk, scale, out):
+    k, v = (x.transpose(0, 1)[None] for x in gather(chunk.slots))  # [1, Hkv, L, D]
+    num_kv_heads, head_dim = k.shape[1], k.shape[3]
     num_q_heads = q.shape[1]
     group = num_q_heads // num_kv_heads
     start, n, prefix = chunk.start, chunk.num_queries, chunk.prefix
-    k = keys[chunk.slots].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
-    v = values[chunk.slots].to(q.dtype).transpose(0, 1)[None]
     bias = None if chunk.bias is None else chunk.bias.to(q.dtype)
     queries = q[start : start + n].transpose(0, 1)[None]  # [1, Hq, n, D]
     if prefix == 0 and bias is None:

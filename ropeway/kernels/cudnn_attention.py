@@ -9,7 +9,9 @@ dense bias and runs slower than Triton), so the chunk is attended twice and the 
 merged by their log-sum-exps:
 - queries x prefix keys, no mask;
 - queries x the chunk's own keys, causal (a square, upper-left aligned mask).
-GQA stays native (cuDNN reads each KV head for its group of query heads).
+GQA stays native (cuDNN reads each KV head for its group of query heads). An fp8 cache's pages
+are dequantized to the queries' dtype as they are gathered (the gathered copy is in that dtype
+either way).
 
 ROPEWAY_CUDNN_PREFILL=0 keeps such chunks in the Triton kernel (for A/B timings).
 """
@@ -19,6 +21,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .fp8_kv import read_vectors
 
 _DISABLED = os.environ.get("ROPEWAY_CUDNN_PREFILL") == "0"
 # Shapes cuDNN sees are rounded to these (see chunk_attention).
@@ -123,14 +127,15 @@ def warm_up(device: torch.device, dtype: torch.dtype, num_heads: int, num_kv_hea
 
 def attend_long_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_table: torch.Tensor, context_len: int, scale: float, out: torch.Tensor,
-                      attend=_cudnn) -> bool:
+                      attend=_cudnn, k_scale: torch.Tensor | None = None,
+                      v_scale: torch.Tensor | None = None) -> bool:
     """chunk_attention through cuDNN (or attend: tests pass a plain-torch one) on keys
-    gathered from the sequence's pages (block_table is its row). False, with nothing
-    written, if cuDNN refuses: the caller uses Triton."""
+    gathered from the sequence's pages (block_table is its row); k_scale, v_scale: the
+    caches are fp8. False, with nothing written, if cuDNN refuses: the caller uses Triton."""
     seq_len = context_len + q.shape[0]
     pages = block_table[: triton.cdiv(seq_len, k_cache.shape[1])].long()
-    keys = k_cache.index_select(0, pages).flatten(0, 1)
-    values = v_cache.index_select(0, pages).flatten(0, 1)
+    keys = read_vectors(k_cache, k_scale, pages, q.dtype).flatten(0, 1)
+    values = read_vectors(v_cache, v_scale, pages, q.dtype).flatten(0, 1)
     try:
         chunk_attention(q, keys, values, context_len, scale, out, attend)
     except torch.cuda.OutOfMemoryError:

@@ -2,11 +2,13 @@
 
 The rotation angle is the difference of the two angles, computed in fp32, and the key is
 rotated once by it: never un-rotated and re-rotated in the cache dtype, which would round
-twice. A change of YaRN attention factor rescales the key by new/old.
+twice. A change of YaRN attention factor rescales the key by new/old. In an fp8 cache the
+key is dequantized, rotated in fp32 and quantized again with a scale of its own.
 """
 
 import torch
 
+from .fp8_kv import read_vectors, write_vectors
 from .rotary import rotate_by
 
 
@@ -19,10 +21,12 @@ def rerotate_keys_reference(
     new_inv_freq: torch.Tensor,
     old_attention_factor: torch.Tensor,
     new_attention_factor: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
 ) -> None:
     """k_cache [num_layers, num_blocks, block_size, Hkv, D] (any strides), rotated in place
     at slots [N] for every layer. Per slot: old/new positions [N], old/new inv_freq [N, D/2],
-    old/new attention_factor [N]."""
+    old/new attention_factor [N]. k_scale [num_layers, num_blocks, block_size, Hkv]: the
+    cache is fp8 (fp8_kv.py)."""
     block_size = k_cache.shape[2]
     slots = slots.long()
     blocks, offsets = slots // block_size, slots % block_size
@@ -32,5 +36,6 @@ def rerotate_keys_reference(
     ratio = (new_attention_factor.to(torch.float32) / old_attention_factor.to(torch.float32))[:, None]
     cos, sin = torch.cos(delta) * ratio, torch.sin(delta) * ratio
     for layer in range(k_cache.shape[0]):
-        keys = k_cache[layer, blocks, offsets]
-        k_cache[layer, blocks, offsets] = rotate_by(keys, cos, sin)
+        index = (layer, blocks, offsets)
+        keys = read_vectors(k_cache, k_scale, index, torch.float32)
+        write_vectors(k_cache, k_scale, index, rotate_by(keys, cos, sin))

@@ -15,6 +15,9 @@ Same semantics as attention.paged_attention_reference. The grid is
   independent of the cache's page size.
 - HAS_BIAS (a landmark cache) adds a per-slot logit bias; without it the kernel compiles
   exactly as before.
+- HAS_SCALES (an fp8 cache, fp8_kv.py) reads fp8 keys and values, converts them to the
+  queries' dtype in registers, and applies each key's scale to its column of scores and each
+  value's scale to its column of probabilities: a multiply per score, not per key element.
 """
 
 import dataclasses
@@ -56,8 +59,9 @@ def _find_sequence(query_start_loc_ptr, first_query, tile, num_seqs, BLOCK_Q: tl
 def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr,
                     kv_head, stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
                     scale_log2e, row_limit, kv_stop, dims, dim_mask, slot_bias_ptr,
+                    k_scale_ptr, v_scale_ptr, stride_ksb, stride_kso, stride_ksh, stride_vsb, stride_vso, stride_vsh,
                     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr):
     """One online-softmax step over keys kv_start..kv_start+BLOCK_N. MASKED tiles also mask
     keys at or past kv_stop and keys a row may not see (key > row_limit)."""
     keys = kv_start + tl.arange(0, BLOCK_N)
@@ -74,6 +78,16 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
     v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset * stride_vo
                 + kv_head * stride_vh + dims[None, :], mask=load_mask, other=0.0)
     scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    if HAS_SCALES:
+        k_scale_ptrs = k_scale_ptr + block * stride_ksb + (keys % PAGE_SIZE) * stride_kso + kv_head * stride_ksh
+        v_scale_ptrs = v_scale_ptr + block * stride_vsb + (keys % PAGE_SIZE) * stride_vso + kv_head * stride_vsh
+        if MASKED:
+            k_scales = tl.load(k_scale_ptrs, mask=key_valid, other=0.0)
+            v_scales = tl.load(v_scale_ptrs, mask=key_valid, other=0.0)
+        else:
+            k_scales = tl.load(k_scale_ptrs)
+            v_scales = tl.load(v_scale_ptrs)
+        scores = scores * k_scales[None, :]
     if HAS_BIAS:
         slot = block * PAGE_SIZE + keys % PAGE_SIZE
         if MASKED:
@@ -95,6 +109,8 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
     p = tl.exp2(scores - m_shift[:, None])
     alpha = tl.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_SCALES:
+        p = p * v_scales[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -106,14 +122,15 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
 @triton.jit(do_not_specialize=["first_seq", "num_seqs", "num_tiles"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_lse_ptr,
-        block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, slot_bias_ptr,
+        block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, slot_bias_ptr, k_scale_ptr, v_scale_ptr,
         scale_log2e, first_seq, num_seqs, num_tiles,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh, stride_bt,
+        stride_ksb, stride_kso, stride_ksh, stride_vsb, stride_vso, stride_vsh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SEQ_OFFSET: tl.constexpr, PDL: tl.constexpr):
+        HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, SEQ_OFFSET: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     # Late tiles of a causal prefill have the most keys: start them first.
     tile = num_tiles - 1 - tl.program_id(0)
@@ -181,13 +198,15 @@ def _paged_attention_kernel(
             acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
             stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
             scale_log2e, row_limit, kv_hi, dims, dim_mask, slot_bias_ptr,
-            PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, HAS_BIAS)
+            k_scale_ptr, v_scale_ptr, stride_ksb, stride_kso, stride_ksh, stride_vsb, stride_vso, stride_vsh,
+            PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, HAS_BIAS, HAS_SCALES)
     for kv_start in range(unmasked_hi, kv_hi, BLOCK_N):
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
             stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
             scale_log2e, row_limit, kv_hi, dims, dim_mask, slot_bias_ptr,
-            PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, HAS_BIAS)
+            k_scale_ptr, v_scale_ptr, stride_ksb, stride_kso, stride_ksh, stride_vsb, stride_vso, stride_vsh,
+            PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, HAS_BIAS, HAS_SCALES)
 
     # l_i is 0 only for a slice with no key a row may see; its partial weighs 0 in the merge.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -261,7 +280,9 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            config: AttentionConfig | None = None,
                            slot_bias: torch.Tensor | None = None,
                            num_decode_seqs: int = 0,
-                           long_chunks: tuple[tuple[int, int, int], ...] = ()) -> torch.Tensor:
+                           long_chunks: tuple[tuple[int, int, int], ...] = (),
+                           k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """See attention.paged_attention_reference. Without the hints, the grid is sized from
     shapes (all tokens in one sequence; the block table's full capacity). slot_bias must be
     contiguous [num_blocks, page_size] fp32.
@@ -273,7 +294,9 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
     long_chunks: (first query, queries, cached tokens before them) of the batch's last
     sequences, long prefill chunks: each goes to cuDNN (cudnn_attention.attend_long_chunk)
-    where it can, else stays in a Triton launch."""
+    where it can, else stays in a Triton launch.
+
+    k_scale, v_scale [num_blocks, page_size, Hkv] fp32: the caches are fp8 (fp8_kv.py)."""
     num_tokens = q.shape[0]
     page_size = k_cache.shape[1]
     num_seqs = block_tables.shape[0]
@@ -284,7 +307,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         max_query_len = num_tokens
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * page_size
-    common = (q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale, max_seq_len, slot_bias)
+    common = (q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale, max_seq_len, slot_bias,
+              k_scale, v_scale)
     if config is not None:
         _attend(*common, first_seq=0, num_seqs=num_seqs, num_tokens=num_tokens,
                 max_query_len=max_query_len, config=config)
@@ -304,13 +328,15 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                 max_query_len=max_query_len, config=None)
     for row, (first_query, queries, context_len) in enumerate(long_chunks[:num_long], first_long):
         rows = slice(first_query, first_query + queries)
-        if not attend_long_chunk(q[rows], k_cache, v_cache, block_tables[row], context_len, scale, out[rows]):
+        if not attend_long_chunk(q[rows], k_cache, v_cache, block_tables[row], context_len, scale, out[rows],
+                                 k_scale=k_scale, v_scale=v_scale):
             _attend(*common, first_seq=row, num_seqs=1, num_tokens=queries, max_query_len=queries, config=None)
     return out
 
 
 def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, scale: float,
-            max_seq_len: int, slot_bias: torch.Tensor | None, first_seq: int, num_seqs: int,
+            max_seq_len: int, slot_bias: torch.Tensor | None, k_scale: torch.Tensor | None,
+            v_scale: torch.Tensor | None, first_seq: int, num_seqs: int,
             num_tokens: int, max_query_len: int, config: AttentionConfig | None) -> None:
     """One launch (two with split keys) over sequences first_seq..first_seq+num_seqs-1, whose
     queries are num_tokens consecutive tokens of q; writes their rows of out."""
@@ -339,17 +365,22 @@ def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, s
         partial_out = partial_lse = out
     block_d = triton.next_power_of_2(head_dim)
     pdl = use_pdl(q)
+    has_scales = k_scale is not None
+    # Without scales the kernel never reads them: any tensor stands in.
+    k_scales, v_scales = (k_scale, v_scale) if has_scales else (q, q)
     _paged_attention_kernel[(num_tiles, num_kv_heads, config.num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse,
-        block_tables, seq_lens, query_start_loc, q if slot_bias is None else slot_bias,
+        block_tables, seq_lens, query_start_loc, q if slot_bias is None else slot_bias, k_scales, v_scales,
         scale * LOG2_E, first_seq, num_seqs, num_tiles,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        *k_scales.stride()[:3], *v_scales.stride()[:3],
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
         PAGE_SIZE=page_size, NUM_SPLITS=config.num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_BIAS=slot_bias is not None,
+        HAS_SCALES=has_scales,
         SEQ_OFFSET=first_seq > 0, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
         launch_pdl=pdl,
     )

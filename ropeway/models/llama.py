@@ -11,6 +11,7 @@ import torch
 
 from ropeway.kernels import (add_rms_norm, linear, linear_silu_mul, paged_attention, plan_attention, rms_norm,
                              rotary_write_kv)
+from ropeway.kernels.fp8_kv import cache_views
 
 from .config import ModelConfig
 from .errors import ModelLoadError
@@ -129,7 +130,8 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor,
                 capture: Capture | None = None) -> torch.Tensor:
         """Logits (fp32) [len(batch.logits_indices), vocab]. kv_cache is
-        [num_layers, 2, num_blocks, block_size, num_local_kv_heads, head_dim]. capture, if given,
+        [num_layers, 2, num_blocks, block_size, num_local_kv_heads, head_dim], or an fp8 pool
+        [num_layers, 2, num_blocks, block bytes] (kernels/fp8_kv.py). capture, if given,
         receives each layer's queries and keys before RoPE, and values, of this rank's heads.
         Under tensor parallelism every rank runs the same batch on its own slice of the cache
         (num_local_kv_heads) and returns the same full-vocabulary logits."""
@@ -138,8 +140,11 @@ class LlamaModel:
         h = tp.embed(batch.input_ids, self.embed_tokens)
         # The residual stream h is updated in place by the fused add + norm kernels.
         x = rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
+        # Per layer: (k_cache, k_scale, v_cache, v_scale), the scales None unless the pool is fp8.
+        caches = [(*cache_views(kv_cache[i, 0], self.num_local_kv_heads, cfg.head_dim),
+                   *cache_views(kv_cache[i, 1], self.num_local_kv_heads, cfg.head_dim)) for i in range(cfg.num_layers)]
         attention_plan = plan_attention(batch.block_tables, batch.seq_lens, batch.query_start_loc,
-                                        kv_cache.shape[3], batch.slot_bias)
+                                        caches[0][0].shape[1], batch.slot_bias)
         for i, layer in enumerate(self.layers):
             qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
             q = qkv[:, : self.q_size].view(num_tokens, self.num_local_heads, cfg.head_dim)
@@ -147,13 +152,14 @@ class LlamaModel:
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_local_kv_heads, cfg.head_dim)
             if capture is not None:
                 capture.add(q, k, v)
-            k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
+            k_cache, k_scale, v_cache, v_scale = caches[i]
             # RoPE on q and k in place, then k and v to their cache slots: one launch on CUDA.
             rotary_write_kv(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions,
-                            batch.seq_index, batch.inv_freq, batch.attention_factor)
+                            batch.seq_index, batch.inv_freq, batch.attention_factor, k_scale, v_scale)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
-                                   batch.slot_bias, batch.num_decode_seqs, batch.long_chunks, attention_plan)
+                                   batch.slot_bias, batch.num_decode_seqs, batch.long_chunks, attention_plan,
+                                   k_scale, v_scale)
             o = tp.all_reduce(linear(attn.reshape(num_tokens, self.q_size), layer.o_weight))
             x = add_rms_norm(o, h, layer.post_attention_norm, cfg.rms_norm_eps)
             mlp = tp.all_reduce(linear(linear_silu_mul(x, layer.gate_up_weight), layer.down_weight))

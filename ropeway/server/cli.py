@@ -16,7 +16,7 @@ import sys
 
 # Only what parsing needs: torch, the engine and the web stack load in serve(), so --help
 # and --version answer at once.
-from ropeway.config import EngineConfig
+from ropeway.config import KV_CACHE_DTYPES, EngineConfig
 from ropeway.request_bounds import DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger("ropeway")
@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "0 disables (default: 4GiB on CUDA, 0 on CPU; not with --tensor-parallel-size > 1)")
     engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
                         help=f"(default: {defaults.gpu_memory_utilization})")
+    engine.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
+                        help="KV cache storage: auto (the model's dtype) or fp8 (e4m3 with a scale per token and "
+                             "KV head: about half the memory per token, so twice the tokens in a pool) "
+                             "(default: auto)")
     engine.add_argument("--block-size", type=int, default=defaults.block_size,
                         help=f"tokens per KV block (default: {defaults.block_size})")
     engine.add_argument("--max-num-seqs", type=positive_int, default=defaults.max_num_seqs,
@@ -168,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        model=args.model, dtype=args.dtype, device=args.device, kv_cache_dtype=args.kv_cache_dtype,
+        block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, prefill_chunk_size=args.prefill_chunk_size,

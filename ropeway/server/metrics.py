@@ -8,7 +8,7 @@ lengths are observed from the request's own stream of outputs.
 
 from collections.abc import AsyncIterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from ropeway.engine.messages import EngineInfo
 from ropeway.engine.stats import StatsSnapshot
@@ -54,6 +54,10 @@ class ServerMetrics:
         self.kv_blocks_capacity = gauge("kv_cache_capacity_blocks", "KV cache blocks in the pool.")
         self.kv_bytes_used = gauge("kv_cache_used_bytes", "Bytes of the KV cache pool in use.")
         self.kv_bytes_capacity = gauge("kv_cache_capacity_bytes", "Bytes of the KV cache pool.")
+        # What the pool stores, as vLLM's cache_config_info: a constant 1 with the settings as labels.
+        Info("ropeway:kv_cache", "KV cache storage: dtype (fp8_e4m3: a scale per token and KV head) and block size.",
+             names, registry=registry).labels(**label).info({"kv_cache_dtype": info.kv_cache_dtype,
+                                                             "block_size": str(info.block_size)})
         self.on_cuda = info.device.startswith("cuda")
         if self.on_cuda:
             self.gpu_allocated = gauge("gpu_memory_allocated_bytes", "GPU memory held by tensors (torch).")
