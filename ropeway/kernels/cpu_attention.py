@@ -105,13 +105,20 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
 def _decode(q, keys, values, bucket: DecodeBucket, scale, out):
     num_kv_heads, head_dim = keys.shape[1:]
     batch = bucket.rows.shape[0]
-    k = keys[bucket.slots].to(q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-    v = values[bucket.slots].to(q.dtype).transpose(1, 2)
+    length = bucket.slots.shape[1]
+    k = _gather(keys, bucket.slots.view(-1)).view(batch, length, num_kv_heads, head_dim).to(q.dtype).transpose(1, 2)
+    v = _gather(values, bucket.slots.view(-1)).view(batch, length, num_kv_heads, head_dim).to(q.dtype).transpose(1, 2)
     # Query head h reads KV head h // group: each KV head's group becomes its query rows.
-    queries = q[bucket.rows].view(batch, num_kv_heads, -1, head_dim)
+    queries = q.index_select(0, bucket.rows).view(batch, num_kv_heads, -1, head_dim)
     mask = None if bucket.mask is None else bucket.mask.to(q.dtype)
     o = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scale)
-    out[bucket.rows] = o.reshape(batch, -1, head_dim)
+    out.index_copy_(0, bucket.rows, o.reshape(batch, -1, head_dim))
+
+
+def _gather(cache_rows, slots):
+    # index_select, not cache_rows[slots]: on CPU advanced indexing wakes the thread pool even
+    # for a few rows, which on a busy 2-core machine costs milliseconds per call.
+    return cache_rows.index_select(0, slots)
 
 
 def _chunk(q, keys, values, chunk: Chunk, scale, out):
@@ -119,8 +126,8 @@ def _chunk(q, keys, values, chunk: Chunk, scale, out):
     num_q_heads = q.shape[1]
     group = num_q_heads // num_kv_heads
     start, n, prefix = chunk.start, chunk.num_queries, chunk.prefix
-    k = keys[chunk.slots].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
-    v = values[chunk.slots].to(q.dtype).transpose(0, 1)[None]
+    k = _gather(keys, chunk.slots).to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+    v = _gather(values, chunk.slots).to(q.dtype).transpose(0, 1)[None]
     bias = None if chunk.bias is None else chunk.bias.to(q.dtype)
     queries = q[start : start + n].transpose(0, 1)[None]  # [1, Hq, n, D]
     if prefix == 0 and bias is None:

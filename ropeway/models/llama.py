@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ropeway.kernels import (add_rms_norm, linear, linear_silu_mul, paged_attention, plan_attention, rms_norm,
-                             rotary_write_kv)
+from ropeway.kernels import (add_rms_norm, linear, linear_silu_mul, paged_attention, plan_attention,
+                             plan_rotary_write_kv, rms_norm, rotary_write_kv)
 
 from .config import ModelConfig
 from .errors import ModelLoadError
@@ -140,6 +140,8 @@ class LlamaModel:
         x = rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
         attention_plan = plan_attention(batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                         kv_cache.shape[3], batch.slot_bias)
+        rotary_plan = plan_rotary_write_kv(batch.positions, batch.seq_index, batch.inv_freq, batch.attention_factor,
+                                           batch.slot_mapping)
         for i, layer in enumerate(self.layers):
             qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
             q = qkv[:, : self.q_size].view(num_tokens, self.num_local_heads, cfg.head_dim)
@@ -150,7 +152,7 @@ class LlamaModel:
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
             # RoPE on q and k in place, then k and v to their cache slots: one launch on CUDA.
             rotary_write_kv(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions,
-                            batch.seq_index, batch.inv_freq, batch.attention_factor)
+                            batch.seq_index, batch.inv_freq, batch.attention_factor, rotary_plan)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
                                    batch.slot_bias, batch.num_decode_seqs, batch.long_chunks, attention_plan)
