@@ -5,16 +5,18 @@
 
 Prefill: one prompt of N random token ids, time to its first output token (greedy).
 Decode: after a prompt of C tokens, the time of the next D tokens (the first token excluded).
-Each figure is the best of --repeats runs; the two libraries alternate at each shape, so both
-see the same machine load. ropeway runs with prefix caching off (a repeat must not reuse the
-previous run's blocks) and its defaults otherwise (2,048-token prefill chunks); transformers
-runs `generate` on its whole prompt at once (its SDPA attention). Prints a table, writes JSON.
+Each figure is the median of --repeats runs. The two libraries take turns at each shape, and
+which goes first alternates from one repeat to the next, so on a shared machine both see the
+same load. ropeway runs with prefix caching off (a repeat must not reuse the previous run's
+blocks) and its defaults otherwise (2,048-token prefill chunks); transformers runs `generate` on
+its whole prompt at once (its SDPA attention). Prints a table, writes JSON (every run's times).
 """
 
 import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -65,9 +67,14 @@ def transformers_times(model, prompt: list[int], new_tokens: int) -> tuple[float
     return clock.first - started, time.perf_counter() - clock.first
 
 
-def best(run, repeats: int) -> tuple[float, float]:
-    results = [run() for _ in range(repeats)]
-    return min(r[0] for r in results), min(r[1] for r in results)
+def side_by_side(ours, theirs, repeats: int, pick: int) -> tuple[list[float], list[float]]:
+    """Each side's times (element pick of what a run returns) over repeats, the side that goes
+    first alternating from one repeat to the next."""
+    times: dict = {ours: [], theirs: []}
+    for repeat in range(repeats):
+        for run in ((ours, theirs) if repeat % 2 == 0 else (theirs, ours)):
+            times[run].append(run()[pick])
+    return times[ours], times[theirs]
 
 
 def main() -> None:
@@ -76,7 +83,7 @@ def main() -> None:
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[16, 4096])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,17 +111,22 @@ def main() -> None:
     rows = []
     for length in args.prefill:
         ids = prompt(length)
-        ours = best(lambda: ropeway_times(llm, ids, 1), args.repeats)[0]
-        theirs = best(lambda: transformers_times(hf, ids, 1), args.repeats)[0]
-        rows.append({"what": "prefill", "tokens": length, "ropeway_s": ours, "transformers_s": theirs})
+        ours_runs, theirs_runs = side_by_side(lambda: ropeway_times(llm, ids, 1),
+                                              lambda: transformers_times(hf, ids, 1), args.repeats, 0)
+        ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
+        rows.append({"what": "prefill", "tokens": length, "ropeway_s": ours, "transformers_s": theirs,
+                     "ropeway_runs": ours_runs, "transformers_runs": theirs_runs})
         print(f"prefill {length:>6} tokens: ropeway {ours:7.2f} s, transformers {theirs:7.2f} s", flush=True)
     for context in args.decode_contexts:
         ids = prompt(context)
         # One more token than timed: the first comes from the prefill.
-        ours = best(lambda: ropeway_times(llm, ids, args.decode_tokens + 1), args.repeats)[1]
-        theirs = best(lambda: transformers_times(hf, ids, args.decode_tokens + 1), args.repeats)[1]
+        ours_runs, theirs_runs = side_by_side(lambda: ropeway_times(llm, ids, args.decode_tokens + 1),
+                                              lambda: transformers_times(hf, ids, args.decode_tokens + 1),
+                                              args.repeats, 1)
+        ours, theirs = statistics.median(ours_runs), statistics.median(theirs_runs)
         rows.append({"what": "decode", "context": context, "tokens": args.decode_tokens,
-                     "ropeway_s": ours, "transformers_s": theirs})
+                     "ropeway_s": ours, "transformers_s": theirs,
+                     "ropeway_runs": ours_runs, "transformers_runs": theirs_runs})
         print(f"decode {args.decode_tokens} tokens at {context:>6}: ropeway {ours:7.2f} s, "
               f"transformers {theirs:7.2f} s", flush=True)
 

@@ -1,11 +1,14 @@
-"""The CPU fast path of paged attention against the torch reference it replaces in the model."""
+"""The CPU fast paths (paged attention; RoPE + KV write) against the torch references they
+replace in the model."""
 
 import pytest
 import torch
 
-from kernel_cases import paged_case
+from kernel_cases import paged_case, rope_rows
 from ropeway.kernels.attention import paged_attention_reference
 from ropeway.kernels.cpu_attention import paged_attention_cpu
+from ropeway.kernels.cpu_rotary_write_kv import plan_cpu_rotary, rotary_write_kv_cpu
+from ropeway.kernels.rotary_write_kv import rotary_write_kv_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
@@ -58,3 +61,41 @@ def test_long_prefix_chunk_matches_reference():
     fast, expected = run_both([(2048, 512), (700, 1)], (9, 3, 64), torch.float32, with_bias=False, seed=1)
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
 
+
+
+def qkv_views(qkv, num_q_heads, num_kv_heads, head_dim):
+    """q, k, v as the model makes them: strided views into one fused projection output."""
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    num_tokens = qkv.shape[0]
+    return (qkv[:, :q_size].view(num_tokens, num_q_heads, head_dim),
+            qkv[:, q_size:q_size + kv_size].view(num_tokens, num_kv_heads, head_dim),
+            qkv[:, q_size + kv_size:].view(num_tokens, num_kv_heads, head_dim))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padding", [False, True], ids=["no-padding", "padding"])
+def test_cpu_rotary_write_kv_equals_reference(dtype, padding):
+    """Bit for bit: q and k rotated in place, the whole cache (only the mapped slots written)."""
+    gen = torch.Generator().manual_seed(3)
+    num_tokens, num_q_heads, num_kv_heads, head_dim, page_size, num_blocks = 23, 9, 3, 64, 16, 5
+    qkv = torch.randn(num_tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(dtype)
+    # Three sequences with their own RoPE rows and attention factors, in runs of tokens.
+    inv_freq, factors = rope_rows(3, head_dim, "cpu", gen)
+    seq_index = torch.tensor([(3 * t) // num_tokens for t in range(num_tokens)], dtype=torch.int32)
+    positions = torch.randint(0, 5000, (num_tokens,), generator=gen)
+    slot_mapping = torch.randperm(num_blocks * page_size, generator=gen)[:num_tokens]
+    if padding:  # CUDA-graph filler tokens carry slot -1; the CPU contract allows them too
+        slot_mapping[[1, num_tokens - 1]] = -1
+    # The KV pair of one layer of a [layers, 2, blocks, page, heads, dim] cache.
+    kv = torch.randn(2, 2, num_blocks, page_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    qkv_ref, kv_ref, kv_before = qkv.clone(), kv.clone(), kv.clone()
+
+    q, k, v = qkv_views(qkv, num_q_heads, num_kv_heads, head_dim)
+    plan = plan_cpu_rotary(positions, seq_index, inv_freq, factors, slot_mapping)
+    rotary_write_kv_cpu(q, k, v, kv[1, 0], kv[1, 1], plan)
+    rotary_write_kv_reference(*qkv_views(qkv_ref, num_q_heads, num_kv_heads, head_dim), kv_ref[1, 0], kv_ref[1, 1],
+                              slot_mapping, positions, seq_index, inv_freq, factors)
+
+    assert torch.equal(qkv, qkv_ref)
+    assert torch.equal(kv, kv_ref)
+    assert not torch.equal(kv, kv_before)  # something was written, and rotated the same way

@@ -84,6 +84,22 @@ def test_length_dependent_plans_within_the_trained_context_are_the_models_own(ki
     assert planner.plan(4097) != planner.model_plan
 
 
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0}, {"rope_type": "ntk", "factor": 4.0},
+                                     {"rope_type": "yarn", "factor": 4.0},
+                                     {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0}],
+                         ids=lambda scaling: scaling["rope_type"])
+def test_static_plans_change_even_short_prompts(scaling):
+    """What docs/server.md tells users: a static type rotates a 10-token prompt differently from
+    the model's own RoPE (its outputs change), unlike dynamic and dynamic-yarn above."""
+    planner = RopePlanner(10000.0, 64, 4096, RopeScaling.from_dict(scaling))
+    plan = planner.plan(10)
+    own_inv_freq, own_factor = rope_parameters(planner.model_plan)
+    inv_freq, factor = rope_parameters(plan)
+    assert plan.cache_key != planner.model_plan.cache_key
+    assert not torch.equal(inv_freq, own_inv_freq) or factor != own_factor
+
+
 def test_buckets_are_eighths_of_a_power_of_two_and_shared():
     assert [bucket_length(n) for n in (1, 8, 9, 16, 17, 100, 1000, 8193, 9000, 12289)] == \
         [1, 8, 9, 16, 18, 104, 1024, 9216, 9216, 13312]

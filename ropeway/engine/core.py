@@ -19,7 +19,8 @@ from ropeway.arith import cdiv
 from ropeway.config import EngineConfig
 from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention
 from ropeway.kernels.fp8_kv import FP8
-from ropeway.models import LlamaModel, RopewayTokenizer, TensorParallel, effective_base, load_model_files
+from ropeway.models import (ForwardStopped, LlamaModel, RopewayTokenizer, TensorParallel, effective_base,
+                            load_model_files)
 from ropeway.outputs import RequestMetrics
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import (BlockManager, ContextPolicy, HostTier, RopePlanner, RopeScaling, Scheduler,
@@ -38,6 +39,7 @@ from .request_state import ChoiceState, RequestState
 from .sampler import SampledTokens, SamplerOutput, SamplingRow, has_penalty, sample
 from .sampling_state import PenaltyState
 from .stats import PlanChoice, StatsSnapshot
+from .step_interrupt import StepInterrupt
 from .workers import CaptureGraphs, WorkerGroup, rank_device
 
 log = logging.getLogger("ropeway")
@@ -353,8 +355,10 @@ class EngineCore:
 
     # ----- one step -----
 
-    def step(self) -> list[RequestDelta]:
-        """Run one batch; return a delta for every request that progressed.
+    def step(self, interrupt: StepInterrupt | None = None) -> list[RequestDelta]:
+        """Run one batch; return a delta for every request that progressed. interrupt: if it says
+        so between two layers (the engine is stopping, or every request in the batch was aborted
+        meanwhile), the batch is dropped as though never scheduled: nothing of it is booked.
 
         The step's results stay on the device (the sampler makes no host synchronization), their
         copies to the host queued behind it. With asynchronous scheduling (on CUDA), each
@@ -390,7 +394,15 @@ class EngineCore:
         # (A pending step that sampled nothing, e.g. a prefill chunk, or one whose every sampling
         # request failed, left no placeholder to fill.)
         in_flight_tokens = (pending.tokens, pending.rows()) if pending and pending.sampled is not None else None
-        logits = self.runner.execute(plan, logit_rows, in_flight_tokens)
+        keep_going = interrupt.keep_going_for({item.seq.request_id for item in plan.scheduled}) if interrupt else None
+        try:
+            logits = self.runner.execute(plan, logit_rows, in_flight_tokens, keep_going)
+        except ForwardStopped as stopped:
+            # Blocks are registered for the prefix cache only once a step is booked, so the
+            # half-written ones are never found; the aborts, applied next, free them.
+            log.info("a step of %d tokens was dropped after %d of %d layers: nobody wants it any more",
+                     sum(item.num_new_tokens for item in plan.scheduled), stopped.layers_done, stopped.num_layers)
+            return self._resolve(pending) if pending else []
         prompt_chunks = []
         if len(samplers) != len(logits):
             logits, prompt_chunks = self._prompt_logprobs(plan, logit_rows, logits)

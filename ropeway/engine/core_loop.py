@@ -16,6 +16,7 @@ from ropeway import fault_injection
 from .core import EngineCore
 from .messages import AbortRequests, EngineOutputs, EngineRequest, Shutdown
 from .stats import StatsSnapshot
+from .step_interrupt import StepInterrupt
 
 log = logging.getLogger("ropeway")
 
@@ -27,6 +28,13 @@ class CoreLoop:
         self.core = core
         self.emit = emit
         self.inputs: queue.Queue = queue.Queue()
+        self.interrupt = StepInterrupt()
+
+    def post(self, message) -> None:
+        """Hand the loop an input, from any thread: it is applied before the next step, and an
+        abort or shutdown may stop the running step early (engine/step_interrupt.py)."""
+        self.interrupt.note(message)
+        self.inputs.put(message)
 
     def run(self) -> None:
         core = self.core
@@ -38,7 +46,7 @@ class CoreLoop:
                         return
                     self._apply(message)
                 busy = core.has_unfinished_requests()
-                deltas = core.step() if busy else []
+                deltas = core.step(self.interrupt) if busy else []
                 if busy or messages:  # the state changed: a fresh snapshot goes with the outputs
                     self.emit(EngineOutputs(deltas=deltas, failures=core.take_failures(), stats=self._stats()))
         except BaseException as error:  # noqa: BLE001 -- whatever it was, the API side must hear of it
@@ -63,6 +71,7 @@ class CoreLoop:
         elif isinstance(message, AbortRequests):
             for request_id in message.request_ids:
                 self.core.abort_request(request_id)
+            self.interrupt.applied(message.request_ids)
 
     def _stats(self) -> StatsSnapshot | None:
         try:

@@ -65,7 +65,7 @@ def run_engine_core(config_bytes: bytes, input_address: str, output_address: str
         core.workers.on_worker_death = lambda message: _die(outbox, message)
     loop = CoreLoop(core, outbox.put)
     parent = os.getppid()
-    reader = threading.Thread(target=_read_inputs, args=(input_socket, loop.inputs, parent), daemon=True,
+    reader = threading.Thread(target=_read_inputs, args=(input_socket, loop.post, parent), daemon=True,
                               name="ropeway-core-inputs")
     writer = threading.Thread(target=_write_outputs, args=(output_socket, outbox), daemon=True,
                               name="ropeway-core-outputs")
@@ -90,15 +90,15 @@ def _die(outbox: queue.Queue, message: str) -> None:
     os._exit(1)
 
 
-def _read_inputs(socket: zmq.Socket, inputs: queue.Queue, parent: int) -> None:
+def _read_inputs(socket: zmq.Socket, post: Callable[[object], None], parent: int) -> None:
     while True:
         if socket.poll(PARENT_CHECK_MS):
             message = input_decoder.decode(socket.recv())
-            inputs.put(message)
+            post(message)
             if isinstance(message, Shutdown):
                 return
         elif os.getppid() != parent:  # the API process is gone: nobody will read our outputs
-            inputs.put(Shutdown())
+            post(Shutdown())
             return
 
 

@@ -22,13 +22,13 @@ class CoreThread:
         self._thread.start()
 
     def send(self, message) -> None:
-        self._loop.inputs.put(message)
+        self._loop.post(message)
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._thread is not None and self._thread.is_alive():
-            self._loop.inputs.put(Shutdown())
+            self._loop.post(Shutdown())
             self._thread.join(timeout)
         self.core.shutdown()

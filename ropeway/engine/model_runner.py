@@ -1,5 +1,6 @@
 """Turns a scheduler step into one flat model batch and runs it."""
 
+from collections.abc import Callable
 from itertools import chain
 
 import numpy as np
@@ -210,10 +211,13 @@ class ModelRunner:
         self.block_transfers.load(step.loads)
 
     def execute(self, step: SchedulerOutput, logit_rows: list[int],
-                previous: tuple[torch.Tensor, dict[int, int]] | None = None) -> torch.Tensor:
+                previous: tuple[torch.Tensor, dict[int, int]] | None = None,
+                keep_going: Callable[[], bool] | None = None) -> torch.Tensor:
         """Logits for the rows `logit_rows(step)` asks for, sequence after sequence in scheduled
         order: apply the step's cache operations, build the batch, run it. previous: see
-        build_batch. Under tensor parallelism every other rank is sent the same step first."""
+        build_batch. keep_going: LlamaModel.forward's (ForwardStopped between layers); ignored
+        under tensor parallelism, where every other rank is sent the same step first and all must
+        run every layer's collectives."""
         ops = self.cache_ops
         if self.workers is not None:
             ops.recorded = []
@@ -223,14 +227,15 @@ class ModelRunner:
         if self.workers is not None:
             self.workers.send_step(self._rope_plans, ops.recorded, host, previous_tokens)
             ops.recorded = None
+            keep_going = None
         # Retrieval keeps queries of prompt chunks for the next chunk's selection.
-        return self.run(self.upload(host, previous_tokens), ops.query_capture(step, self.chunk_starts))
+        return self.run(self.upload(host, previous_tokens), ops.query_capture(step, self.chunk_starts), keep_going)
 
-    def run(self, batch: ForwardBatch, capture=None) -> torch.Tensor:
+    def run(self, batch: ForwardBatch, capture=None, keep_going: Callable[[], bool] | None = None) -> torch.Tensor:
         self.cache_ops.clear_written_slots(batch)
         if capture is None and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
-        logits = self.model.forward(batch, self.kv_cache, capture)
+        logits = self.model.forward(batch, self.kv_cache, capture, keep_going)
         if capture is not None:
             self.cache_ops.keep_queries(capture)
         return logits

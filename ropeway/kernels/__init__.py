@@ -1,9 +1,10 @@
 """Ops used by the model, each with one signature and two implementations.
 
 Torch reference versions run on CPU and are the ground truth in tests; Triton versions
-run on CUDA tensors. Attention on CPU takes a fast path (cpu_attention.py) that tests hold
-equal to its reference. The public functions below pick by the tensors' device, and import
-the Triton modules only then, so a CPU server never imports triton.
+run on CUDA tensors. Attention and RoPE + KV write on CPU take fast paths (cpu_attention.py,
+cpu_rotary_write_kv.py) that tests hold equal to their references. The public functions below
+pick by the tensors' device, and import the Triton modules only then, so a CPU server never
+imports triton.
 """
 
 import os
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_attention import paged_attention_cpu, plan_cpu_attention
+from .cpu_rotary_write_kv import plan_cpu_rotary, rotary_write_kv_cpu
 from .kv_cache import write_kv_reference
 from .rerotate import rerotate_keys_reference
 from .rms_norm import add_rms_norm_reference, rms_norm_reference
@@ -37,17 +39,32 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
 
 
+def plan_rotary_write_kv(positions, seq_index, inv_freq, attention_factor, slot_mapping):
+    """What rotary_write_kv can work out once per batch for all layers: a plan on CPU (cos/sin,
+    cache slots), None on CUDA (the kernel reads the batch's tensors directly)."""
+    if positions.is_cuda:
+        return None
+    return plan_cpu_rotary(positions, seq_index, inv_freq, attention_factor, slot_mapping)
+
+
 def rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index, inv_freq,
-                    attention_factor, k_scale=None, v_scale=None) -> None:
+                    attention_factor, k_scale=None, v_scale=None, plan=None) -> None:
     """apply_rotary(q, k, ...) then write_kv(k, v, ...): one launch on CUDA. With k_scale,
-    v_scale the caches are fp8 (fp8_kv.py) and the launch also quantizes."""
+    v_scale the caches are fp8 (fp8_kv.py) and the launch also quantizes. On CPU an fp8 cache
+    takes the reference; otherwise the fast path (cpu_rotary_write_kv.py) with this batch's
+    plan_rotary_write_kv (None: made here)."""
     if q.is_cuda:
         from .triton_rotary_write_kv import rotary_write_kv_triton
         rotary_write_kv_triton(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index,
                                inv_freq, attention_factor, k_scale, v_scale)
-    else:
+        return
+    if k_scale is not None:
         rotary_write_kv_reference(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index,
                                   inv_freq, attention_factor, k_scale, v_scale)
+        return
+    if plan is None:
+        plan = plan_cpu_rotary(positions, seq_index, inv_freq, attention_factor, slot_mapping)
+    rotary_write_kv_cpu(q, k, v, k_cache, v_cache, plan)
 
 
 # Prefill chunks of this many queries go to cuDNN on CUDA (kernels/cudnn_attention.py).
@@ -164,7 +181,8 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
                                 new_inv_freq, old_attention_factor, new_attention_factor, k_scale)
 
 
-__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_attention", "paged_attention", "is_long_chunk",
+__all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_rotary_write_kv", "plan_attention", "paged_attention",
+           "is_long_chunk",
            "warm_up_long_chunk_attention", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
            "filtered_draw", "mask_by_bitmask"]
 

@@ -99,6 +99,12 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
 
     def gather(slots):
         """Keys and values of cache slots [...] -> [..., Hkv, D] each, in q's dtype."""
+        if k_scale is None:
+            # index_select, not advanced indexing: on CPU that wakes the thread pool even for a
+            # few rows, which on a busy 2-core machine costs milliseconds per call.
+            shape = (*slots.shape, *k_cache.shape[2:])
+            return tuple(cache.view(-1, *cache.shape[2:]).index_select(0, slots.reshape(-1)).view(shape).to(q.dtype)
+                         for cache in (k_cache, v_cache))
         index = (slots // block_size, slots % block_size)
         return read_vectors(k_cache, k_scale, index, q.dtype), read_vectors(v_cache, v_scale, index, q.dtype)
 
@@ -113,10 +119,16 @@ def _decode(q, gather, bucket: DecodeBucket, scale, out):
     k, v = (x.transpose(1, 2) for x in gather(bucket.slots))  # [B, Hkv, L, D]
     batch, num_kv_heads, _, head_dim = k.shape
     # Query head h reads KV head h // group: each KV head's group becomes its query rows.
-    queries = q[bucket.rows].view(batch, num_kv_heads, -1, head_dim)
+    queries = q.index_select(0, bucket.rows).view(batch, num_kv_heads, -1, head_dim)
     mask = None if bucket.mask is None else bucket.mask.to(q.dtype)
     o = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scale)
-    out[bucket.rows] = o.reshape(batch, -1, head_dim)
+    out.index_copy_(0, bucket.rows, o.reshape(batch, -1, head_dim))
+
+
+def _gather(cache_rows, slots):
+    # index_select, not cache_rows[slots]: on CPU advanced indexing wakes the thread pool even
+    # for a few rows, which on a busy 2-core machine costs milliseconds per call.
+    return cache_rows.index_select(0, slots)
 
 
 def _chunk(q, gather, chunk: Chunk, scale, out):

@@ -4,13 +4,13 @@ q/k/v and gate/up projections are fused into one matrix each at load time: one G
 instead of three (two) per layer.
 """
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from ropeway.kernels import (add_rms_norm, linear, linear_silu_mul, paged_attention, plan_attention, rms_norm,
-                             rotary_write_kv)
+from ropeway.kernels import (add_rms_norm, linear, linear_silu_mul, paged_attention, plan_attention,
+                             plan_rotary_write_kv, rms_norm, rotary_write_kv)
 from ropeway.kernels.fp8_kv import cache_views
 
 from .config import ModelConfig
@@ -28,6 +28,16 @@ class DecoderLayer:
     post_attention_norm: torch.Tensor
     gate_up_weight: torch.Tensor
     down_weight: torch.Tensor
+
+
+class ForwardStopped(Exception):
+    """A forward pass left between two layers because its caller's keep_going said so: what it
+    wrote to the KV cache so far is incomplete."""
+
+    def __init__(self, layers_done: int, num_layers: int):
+        super().__init__(f"stopped after {layers_done} of {num_layers} layers")
+        self.layers_done = layers_done
+        self.num_layers = num_layers
 
 
 @dataclass
@@ -127,13 +137,15 @@ class LlamaModel:
         return self.embed_tokens.dtype
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor,
-                capture: Capture | None = None) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor, capture: Capture | None = None,
+                keep_going: Callable[[], bool] | None = None) -> torch.Tensor:
         """Logits (fp32) [len(batch.logits_indices), vocab]. kv_cache is
         [num_layers, 2, num_blocks, block_size, num_local_kv_heads, head_dim], or an fp8 pool
         [num_layers, 2, num_blocks, block bytes] (kernels/fp8_kv.py). capture, if given,
         receives each layer's queries and keys before RoPE, and values, of this rank's heads.
-        Under tensor parallelism every rank runs the same batch on its own slice of the cache
+        keep_going, if given, is asked before each layer; False raises ForwardStopped (a long
+        prompt chunk on CPU runs for seconds, and nobody may want it any more). Under tensor
+        parallelism every rank runs the same batch on its own slice of the cache
         (num_local_kv_heads) and returns the same full-vocabulary logits."""
         cfg, tp = self.config, self.tp
         num_tokens = batch.input_ids.shape[0]
@@ -145,7 +157,12 @@ class LlamaModel:
                    *cache_views(kv_cache[i, 1], self.num_local_kv_heads, cfg.head_dim)) for i in range(cfg.num_layers)]
         attention_plan = plan_attention(batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                         caches[0][0].shape[1], batch.slot_bias)
+        # The CPU's RoPE + KV-write plan (cos/sin, slots) once for all layers; None on CUDA.
+        rotary_plan = plan_rotary_write_kv(batch.positions, batch.seq_index, batch.inv_freq, batch.attention_factor,
+                                           batch.slot_mapping)
         for i, layer in enumerate(self.layers):
+            if keep_going is not None and not keep_going():
+                raise ForwardStopped(i, len(self.layers))
             qkv = linear(x, layer.qkv_weight, layer.qkv_bias)
             q = qkv[:, : self.q_size].view(num_tokens, self.num_local_heads, cfg.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_local_kv_heads, cfg.head_dim)
@@ -155,7 +172,8 @@ class LlamaModel:
             k_cache, k_scale, v_cache, v_scale = caches[i]
             # RoPE on q and k in place, then k and v to their cache slots: one launch on CUDA.
             rotary_write_kv(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions,
-                            batch.seq_index, batch.inv_freq, batch.attention_factor, k_scale, v_scale)
+                            batch.seq_index, batch.inv_freq, batch.attention_factor, k_scale, v_scale,
+                            rotary_plan)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
                                    batch.slot_bias, batch.num_decode_seqs, batch.long_chunks, attention_plan,
