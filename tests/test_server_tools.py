@@ -176,7 +176,10 @@ def test_required_and_named_constraints_are_the_tools_schemas():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(calls, constraint(tool_choice="required", parallel_tool_calls=False))
     named = constraint(tool_choice={"type": "function", "function": {"name": "get_weather"}})
-    assert named == WEATHER["function"]["parameters"]
+    # The tool's schema, closed to keys it does not list (OpenAI's strict form).
+    assert named == {**WEATHER["function"]["parameters"], "additionalProperties": False}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"city": "Oslo", "wind": 3}, named)
     body = ChatCompletionRequest.model_validate({"messages": ASK, "tools": [WEATHER], "tool_choice": "auto"})
     assert tool_use(body).constraint() is None
 

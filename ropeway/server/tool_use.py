@@ -65,8 +65,22 @@ class ToolUse:
     def _parameters(self, name: str) -> dict:
         for tool in self.tools:
             if tool["function"]["name"] == name:
-                return tool["function"].get("parameters") or NO_PARAMETERS
+                return _closed(tool["function"].get("parameters") or NO_PARAMETERS)
         raise KeyError(name)
+
+
+def _closed(schema):
+    """The schema with `additionalProperties: false` wherever an object schema lists properties and
+    leaves it unsaid (as OpenAI's strict mode requires): every call still validates against the
+    tool's own schema, and the model cannot pad its arguments with invented keys until max_tokens."""
+    if isinstance(schema, list):
+        return [_closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed(value) for key, value in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _checked_tools(body: ChatCompletionRequest) -> list[dict]:
