@@ -5,6 +5,8 @@
   decode    one decode step of a single sequence after --context cached tokens (random cache
             contents, the same positions and shapes as serving): the whole model step under a
             CUDA graph on GPU, and attention alone over every layer, per dtype.
+  sessions  long chats whose history exceeds the GPU pool: each turn's time to first token from
+            the pool, the host tier or a cold prefill (long_memory_sessions.py; its own flags).
 
   python benchmarks/long_memory.py capacity --shape default --context 4096 --pool-gib 0.25   # CPU, tiny
   python benchmarks/long_memory.py decode --shape default --context 2048                    # CPU, tiny
@@ -185,6 +187,11 @@ def device_name(device: torch.device) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["sessions"]:
+        from long_memory_sessions import main as sessions
+
+        sessions(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -196,6 +203,7 @@ def main() -> None:
     subcommand.add_argument("--pool-gib", type=float, default=96.0)
     subcommand = commands.add_parser("decode", parents=[common], help="a batch-1 decode step at --context")
     subcommand.add_argument("--repeats", type=int, default=20)
+    commands.add_parser("sessions", help="time to first token per KV tier (see long_memory_sessions.py --help)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
