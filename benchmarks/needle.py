@@ -341,7 +341,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown policies {sorted(unknown)}")
     llm = LLM(dtype="bfloat16" if cuda else "float32", max_model_len=max(lengths) + 64,
-              kv_cache_memory_bytes=(8 << 30) if cuda else (2 << 30), max_num_seqs=args.trials,
+              kv_cache_memory_bytes=(8 << 30) if cuda else (2 << 30), max_num_seqs=max(args.trials, 2),
               max_num_batched_tokens=8192 if cuda else 1024, prefill_chunk_size=2048 if cuda else 512,
               # Eight retrieving 128k streams keep ~24 GB of evicted KV on the host (pinned) and
               # ~12 GB of scoring keys on the GPU (bf16).
