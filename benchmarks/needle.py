@@ -1,5 +1,5 @@
 """Needle in a haystack past the window: does `landmark` + `retrieve` bring the needle back,
-and does the model then answer?
+and does the model then answer? And what does retrieval cost in time to first token?
 
 Grid: window x prompt length x needle depth (share of the evicted part, 10%-90%). Each cell
 runs `--trials` prompts at once (concurrent streams), cycling over four fillers (Python's
@@ -13,21 +13,35 @@ first words. Per cell and policy:
   - the oracle's accuracy: the sinks, the needle's region (`retrieve` tokens around it) and
     the last `window` tokens with the question, as one short prompt without a policy: what
     perfect retrieval would show the model.
+Policies: "retrieve" (no landmark summaries, the default with `retrieve`), "retrieve, 1
+landmark", "retrieve, 64 landmarks", "landmark" (64 summaries, no retrieval), "sink_window".
 
-  python3 benchmarks/needle.py --quick           # GPU: 16k-128k, windows 1024/4096, 3 depths
-  python3 benchmarks/needle.py                   # GPU: the full grid (5 depths, 16 trials)
-  python benchmarks/needle.py --lengths 2048 --windows 256 --depths 0.5 --trials 2 --retrieve 64  # CPU check
+--ttft-length N times one N-token prompt at the first window, median of 3, under sink_window,
+under retrieve, and under retrieve with archiving and recall switched off (the same eviction
+schedule: what retrieval itself adds); and decode steps of a stream that does not retrieve,
+alone and beside a neighbour prefilling the same prompt with and without retrieval.
 
-Writes benchmarks/results/needle/needle.json and one heatmap PNG per policy.
+  # H200, two calls of an estimated 6-8 minutes each into one directory (results land cell by
+  # cell; --resume keeps the cells already there, so a call cut short can be repeated):
+  PYTHONPATH=. python3 benchmarks/needle.py --lengths 16384,32768,65536 --ttft-length 32768 \
+      --extra-policies "retrieve, 1 landmark" --extra-lengths 16384 --out-dir benchmarks/results/needle_h200 --resume
+  PYTHONPATH=. python3 benchmarks/needle.py --lengths 131072 --out-dir benchmarks/results/needle_h200 --resume
+  # CPU check:
+  PYTHONPATH=. python benchmarks/needle.py --lengths 2048 --windows 256 --depths 0.5 --trials 2 --retrieve 64
+
+Defaults: lengths 16k-128k, depths 10/50/90%, 8 trials, policy "retrieve" and the oracle.
+Writes OUT_DIR/needle.json after every cell and one heatmap PNG per policy at the end.
 """
 
 import argparse
 import glob
 import inspect
 import json
+import math
 import random
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -35,7 +49,6 @@ import torch
 from ropeway import LLM, ContextParams, SamplingParams
 
 SINKS = 4
-LANDMARKS = 64
 REPETITIVE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 # (needle, answer, {question kind: question and the answer's first words})
@@ -123,11 +136,12 @@ def make_prompt(filler: list[int], needle: list[int], question: list[int], lengt
 
 
 def policies(window: int, retrieve: int) -> dict[str, dict]:
-    landmark = {"type": "landmark", "sinks": SINKS, "window": window, "landmarks": LANDMARKS}
+    landmark = {"type": "landmark", "sinks": SINKS, "window": window}
     return {
         "retrieve": {**landmark, "retrieve": retrieve},
         "retrieve, 1 landmark": {**landmark, "landmarks": 1, "retrieve": retrieve},
-        "landmark": landmark,
+        "retrieve, 64 landmarks": {**landmark, "landmarks": 64, "retrieve": retrieve},
+        "landmark": {**landmark, "landmarks": 64},
         "sink_window": {"type": "sink_window", "sinks": SINKS, "window": window},
     }
 
@@ -182,19 +196,86 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
     return cell
 
 
+@contextmanager
+def retrieval_switched_off(llm: LLM):
+    """Retrieving caches evict on the same schedule, but nothing is archived, scored or recalled."""
+    ops = llm.engine.runner.cache_ops
+    archive, capture = ops.archive_evicted, ops.query_capture
+    ops.archive_evicted, ops.query_capture = (lambda eviction: None), (lambda step, starts: None)
+    try:
+        yield
+    finally:
+        ops.archive_evicted, ops.query_capture = archive, capture
+
+
 def time_to_first_token(llm: LLM, texts: dict, length: int, window: int, retrieve: int) -> dict[str, float]:
-    """Median seconds (of 3) to prefill one prompt and sample a token, without and with retrieval."""
+    """Median seconds (of 3) to prefill one prompt and sample a token under sink_window, under
+    retrieve, and under retrieve with retrieval switched off (the same chunks and evictions)."""
     prompt = next(iter(texts.values()))[:length]
+    named = policies(window, retrieve)
     out = {}
-    for name in ("landmark", "retrieve"):
-        policy = policies(window, retrieve)[name]
+    for name, policy, switched_off in (("sink_window", named["sink_window"], False),
+                                       ("retrieve", named["retrieve"], False),
+                                       ("retrieve, archive and recall off", named["retrieve"], True)):
         times = []
         for _ in range(3):
-            started = time.perf_counter()
-            llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1),
-                         context=ContextParams(context_policy=policy))
-            times.append(time.perf_counter() - started)
+            with retrieval_switched_off(llm) if switched_off else nullcontext():
+                started = time.perf_counter()
+                llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1),
+                             context=ContextParams(context_policy=policy))
+                times.append(time.perf_counter() - started)
         out[name] = sorted(times)[1]
+    out["retrieval_overhead"] = out["retrieve"] / out["retrieve, archive and recall off"] - 1
+    return out
+
+
+def decode_step_seconds(llm: LLM, texts: dict, length: int, window: int, retrieve: int,
+                        decode_tokens: int = 48) -> dict[str, float]:
+    """Median seconds of an engine step in which a short sink_window stream decodes: alone, and
+    beside a neighbour prefilling a `length`-token prompt under sink_window and under retrieve;
+    and of the neighbour's own decode steps after its prompt (no recall happens in decode)."""
+    engine = llm.engine
+    named = policies(window, retrieve)
+    decoding = {"type": "sink_window", "sinks": SINKS, "window": window}
+    short = next(iter(texts.values()))[:64]
+    prompt = list(texts.values())[-1][:length]
+    params = SamplingParams(temperature=0, max_tokens=decode_tokens, ignore_eos=True)
+    out = {}
+
+    def steps(neighbour: str | None) -> tuple[list[float], list[float]]:
+        """Step times while the short stream decodes beside the neighbour's prefill, and the
+        neighbour's own decode steps once the short stream has finished."""
+        engine.add_request("short", short, params, ContextParams(context_policy=decoding))
+        seq = engine.requests["short"].choices[0].seq
+        while not seq.prompt_done or len(seq.output_token_ids) < 2:
+            engine.step()
+        other = None
+        if neighbour:
+            engine.add_request("neighbour", prompt, SamplingParams(temperature=0, max_tokens=3 * decode_tokens,
+                                                                   ignore_eos=True),
+                               ContextParams(context_policy=named[neighbour]))
+            other = engine.requests["neighbour"].choices[0].seq
+        beside, own = [], []
+        while engine.has_unfinished_requests():
+            decoding_short = "short" in engine.requests
+            prefilling = other is not None and not other.prompt_done
+            started = time.perf_counter()
+            engine.step()
+            elapsed = time.perf_counter() - started
+            if decoding_short and (prefilling or other is None):
+                beside.append(elapsed)
+            elif not decoding_short and other is not None and other.prompt_done:
+                own.append(elapsed)
+        return beside, own
+
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2] if values else float("nan")
+
+    out["decode alone"] = median(steps(None)[0])
+    for name in ("sink_window", "retrieve"):
+        beside, own = steps(name)
+        out[f"decode beside a {name} prefill"] = median(beside)
+        out[f"{name} stream's own decode"] = median(own)
     return out
 
 
@@ -204,22 +285,24 @@ def plot(results: dict, windows: list[int], lengths: list[int], depths: list[flo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(next(iter(results.values())))
+    names = list(dict.fromkeys(name for cell in results.values() for name in cell))
     for name in names:
-        measures = list(next(iter(results.values()))[name])
+        measures = list(dict.fromkeys(m for cell in results.values() if name in cell for m in cell[name]))
         fig, axes = plt.subplots(len(measures), len(windows), squeeze=False,
                                  figsize=(3.2 * len(windows) + 1, 2.6 * len(measures) + 0.6))
         for row, measure in enumerate(measures):
             for col, window in enumerate(windows):
-                grid = [[results[f"{window}/{length}/{depth}"][name][measure] for length in lengths]
-                        for depth in depths]
+                # A cell that did not run this policy (or has not run yet) stays blank.
+                grid = [[results.get(f"{window}/{length}/{depth}", {}).get(name, {}).get(measure, math.nan)
+                         for length in lengths] for depth in depths]
                 ax = axes[row][col]
                 ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
                 ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths])
                 ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
                 for i, values in enumerate(grid):
                     for j, value in enumerate(values):
-                        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
+                        if not math.isnan(value):
+                            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8)
                 ax.set_title(f"{measure}, window {window}", fontsize=9)
                 ax.set_xlabel("prompt length")
                 ax.set_ylabel("needle depth")
@@ -231,63 +314,87 @@ def plot(results: dict, windows: list[int], lengths: list[int], depths: list[flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="3 depths, 8 trials, retrieval with 64 and with 1 landmark, and the oracle")
     parser.add_argument("--lengths", default="16384,32768,65536,131072")
     parser.add_argument("--windows", default="1024,4096")
-    parser.add_argument("--depths", default=None, help="comma-separated shares of the evicted part")
-    parser.add_argument("--trials", type=int, default=None, help="prompts per cell, run as concurrent streams")
+    parser.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated shares of the evicted part")
+    parser.add_argument("--trials", type=int, default=8, help="prompts per cell, run as concurrent streams")
     parser.add_argument("--retrieve", type=int, default=256)
-    parser.add_argument("--policies", default=None, help=f"comma-separated, of: {', '.join(policies(1024, 256))}")
+    parser.add_argument("--policies", default="retrieve",
+                        help=f"comma-separated, of: {', '.join(policies(1024, 256))} (the oracle always runs)")
+    parser.add_argument("--extra-policies", default="", help="comma-separated policies run only at --extra-lengths")
+    parser.add_argument("--extra-lengths", default="", help="comma-separated lengths for --extra-policies")
     parser.add_argument("--ttft-length", type=int, default=0,
-                        help="also time one prompt of this length without and with retrieval (window: the first)")
+                        help="first time one prompt of this length and decode steps beside it (window: the first)")
     parser.add_argument("--out-dir", default="benchmarks/results/needle")
+    parser.add_argument("--resume", action="store_true", help="keep the cells OUT_DIR/needle.json already holds")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
     lengths = [int(n) for n in args.lengths.split(",")]
     windows = [int(n) for n in args.windows.split(",")]
-    depths = [float(d) for d in (args.depths or ("0.1,0.5,0.9" if args.quick else "0.1,0.3,0.5,0.7,0.9")).split(",")]
-    trials = args.trials or (8 if args.quick else 16)
-    policy_names = (args.policies.split(",") if args.policies
-                    else ["retrieve", "retrieve, 1 landmark"] if args.quick else list(policies(1024, 256)))
+    depths = [float(d) for d in args.depths.split(",")]
+    policy_names = args.policies.split(",")
+    extra_names = [n for n in args.extra_policies.split(",") if n]
+    extra_lengths = {int(n) for n in args.extra_lengths.split(",") if n}
+    unknown = set(policy_names + extra_names) - set(policies(1024, 256))
+    if unknown:
+        parser.error(f"unknown policies {sorted(unknown)}")
     llm = LLM(dtype="bfloat16" if cuda else "float32", max_model_len=max(lengths) + 64,
-              kv_cache_memory_bytes=(8 << 30) if cuda else (2 << 30), max_num_seqs=8,
+              kv_cache_memory_bytes=(8 << 30) if cuda else (2 << 30), max_num_seqs=max(args.trials, 2),
               max_num_batched_tokens=8192 if cuda else 1024, prefill_chunk_size=2048 if cuda else 512,
-              # Eight retrieving 128k streams keep ~24 GB of evicted KV on the host and ~12 GB of
-              # scoring keys on the GPU (bf16).
+              # Eight retrieving 128k streams keep ~24 GB of evicted KV on the host (pinned) and
+              # ~12 GB of scoring keys on the GPU (bf16).
               retrieval_archive_bytes=(48 << 30) if cuda else (2 << 30))
     texts = fillers(llm.tokenizer, max(lengths))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / "needle.json"
     started = time.perf_counter()
     device = torch.cuda.get_device_name() if cuda else "cpu"
     meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
-            "lengths": lengths, "windows": windows, "depths": depths, "trials": trials, "retrieve": args.retrieve,
-            "sinks": SINKS, "landmarks": LANDMARKS, "command": " ".join(sys.argv)}
+            "lengths": lengths, "windows": windows, "depths": depths, "trials": args.trials,
+            "retrieve": args.retrieve, "sinks": SINKS, "policies": policy_names,
+            "extra_policies": extra_names, "extra_lengths": sorted(extra_lengths), "command": " ".join(sys.argv)}
+    results = {}
+    if args.resume and results_file.exists():
+        saved = json.loads(results_file.read_text())
+        results = saved["cells"]
+        meta = {**saved["meta"], **{k: v for k, v in meta.items() if k != "command"}}
+        print(f"resuming: {len(results)} cells already measured", flush=True)
+
+    def save() -> None:
+        meta["seconds"] = meta.get("seconds_before", 0) + time.perf_counter() - started
+        results_file.write_text(json.dumps({"meta": meta, "cells": results}, indent=1))
+
+    meta["seconds_before"] = meta.get("seconds", 0)
     if args.ttft_length:
         meta["ttft_seconds"] = time_to_first_token(llm, texts, args.ttft_length, windows[0], args.retrieve)
-        print("time to first token", meta["ttft_seconds"], flush=True)
-    results = {}
+        print("time to first token", json.dumps(meta["ttft_seconds"]), flush=True)
+        meta["decode_step_seconds"] = decode_step_seconds(llm, texts, args.ttft_length, windows[0], args.retrieve)
+        print("decode steps", json.dumps(meta["decode_step_seconds"]), flush=True)
+        save()
     for window in windows:
         for length in lengths:
+            names = policy_names + (extra_names if length in extra_lengths else [])
             for depth in depths:
                 key = f"{window}/{length}/{depth}"
-                results[key] = run_cell(llm, texts, window, length, depth, trials, args.retrieve, policy_names,
+                if key in results:
+                    continue
+                results[key] = run_cell(llm, texts, window, length, depth, args.trials, args.retrieve, names,
                                         args.seed)
-                meta["seconds"] = time.perf_counter() - started
+                save()  # after every cell: a run cut short keeps what it measured
                 print(key, json.dumps(results[key]), f"{meta['seconds']:.0f} s", flush=True)
-                # Written after every cell: a run cut short keeps what it measured.
-                (out_dir / "needle.json").write_text(json.dumps({"meta": meta, "cells": results}, indent=1))
-    plot(results, windows, lengths, depths, out_dir)
-    for name in [*policy_names, "oracle"]:
-        cells = [c[name] for c in results.values()]
+    # The plots show every cell the file holds, earlier calls' (--resume) included.
+    keys = [key.split("/") for key in results]
+    plot(results, *(sorted({int(k[i]) for k in keys}) for i in (0, 1)), sorted({float(k[2]) for k in keys}), out_dir)
+    for name in [*policy_names, *extra_names, "oracle"]:
+        cells = [c[name] for c in results.values() if name in c]
         line = f"{name:>22}: accuracy {sum(c['accuracy'] for c in cells) / len(cells):.3f}"
         if "needle_block_recall" in cells[0]:
             line += f", needle-block recall {sum(c['needle_block_recall'] for c in cells) / len(cells):.3f}"
         print(line)
-    print(f"wrote {out_dir}/needle.json and PNGs ({meta['seconds']:.0f} s)")
+    print(f"wrote {results_file} and PNGs ({meta['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ COMPLETION_MAX_TOKENS_BOUND = _int(0, INT32_MAX)
 CONTEXT_POLICY_BOUNDS: dict[str, Bound] = {
     "sinks": _int(0, 2**20),
     "window": _int(16, INT32_MAX),
-    "landmarks": _int(1, 2**20),
+    "landmarks": _int(0, 2**20),  # 0 only with retrieve (ContextPolicy checks)
     "retrieve": _int(0, INT32_MAX),
 }
 

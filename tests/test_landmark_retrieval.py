@@ -8,6 +8,7 @@ from bounded_streams import long_text_ids, stream_checking_positions
 
 from ropeway.arith import cdiv
 from ropeway import ContextParams, SamplingParams
+from ropeway.engine import recall as recall_module
 from ropeway.engine.recall import ArchiveBudget, RecallArchive
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import ContextPolicy
@@ -26,6 +27,18 @@ def test_bad_retrieve_names_the_field(bad):
     with pytest.raises(InvalidParameter) as error:
         ContextPolicy.from_dict(bad)
     assert error.value.param == "context_policy.retrieve"
+
+
+def test_retrieve_comes_without_landmark_summaries_unless_they_are_asked_for():
+    retrieving = ContextPolicy.from_dict({"type": "landmark", "window": 64, "retrieve": 32})
+    assert (retrieving.landmarks, retrieving.landmark_blocks(16), retrieving.recall_blocks(16)) == (0, 0, 2)
+    assert ContextPolicy(type="landmark", retrieve=32).landmarks == 0
+    assert ContextPolicy.from_dict({"type": "landmark"}).landmarks == 64
+    assert ContextPolicy.from_dict({"type": "landmark", "landmarks": 2, "retrieve": 32}).landmarks == 2
+    for bad in ({"type": "landmark", "landmarks": 0}, {"type": "landmark", "landmarks": 0, "retrieve": 0}):
+        with pytest.raises(InvalidParameter) as error:
+            ContextPolicy.from_dict(bad)
+        assert error.value.param == "context_policy.landmarks" and "retrieve" in str(error.value)
 
 
 def test_recall_region_sits_between_landmarks_and_window():
@@ -55,8 +68,10 @@ def test_retrieval_finds_a_passkey_long_evicted_that_landmarks_alone_lose(make_l
 
     assert found(landmark) < len(keys)
     recalls_before = llm.engine.runner.cache_ops.num_recalls
+    summaries_before = llm.engine.stats().landmark_recomputations
     assert found({**landmark, "retrieve": 64}) == len(keys)
     assert llm.engine.runner.cache_ops.num_recalls >= recalls_before + len(keys)  # at least once per prompt
+    assert llm.engine.stats().landmark_recomputations > summaries_before  # landmarks asked for: summaries too
     while llm.engine.scheduler.sessions.release_oldest():
         pass
     assert llm.engine.block_manager.num_free_blocks == llm.engine.pool.num_blocks
@@ -113,7 +128,7 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
     k = archived[:, 0].double()
     half = k.shape[-1] // 2
     unrotated = torch.cat((k[..., :half] * cos + k[..., half:] * sin, k[..., half:] * cos - k[..., :half] * sin), -1)
-    archive.block_scores(torch.zeros(30, 1, 9, 64), None, 1.0, lambda x: x)  # joins the newest scoring keys
+    assert archive.scoring_keys.shape[1] == archive.num_blocks * 16
     torch.testing.assert_close(archive.scoring_keys[:, 3 * 16 : 4 * 16].double(), unrotated, atol=1e-5, rtol=1e-5)
     assert archive.first_token(3) == 16 + 3 * 16  # after the sink block
     assert engine.runner.cache_ops.archive_budget.num_bytes == archive.num_bytes > 0
@@ -136,6 +151,7 @@ def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(defau
     first, second = budget_archives
     assert (first.num_blocks, second.num_blocks) == (2, 1)
     assert first.block(0)[1] == 16  # the block archived at position 0 went first
+    assert first.scoring_keys.shape[1] == first.num_tokens == 2 * 16
     assert budget.num_bytes == 3 * one_chunk
 
 
@@ -153,10 +169,12 @@ QUESTIONS = {  # the end of each prompt: a question and the answer's first words
 
 def test_retrieval_brings_back_the_needle_in_natural_text_whatever_the_question(make_llm):
     """Python's documentation with one sentence about soup at a third of it, far outside the
-    window; three questions of 10 to 60 tokens, one repeating the needle's own words. The
-    last recall of each prompt brings back the block holding the answer."""
+    window; three questions of 10 to 60 tokens, one repeating the needle's own words. Retrieval
+    without landmark summaries (the default with `retrieve`): the last recall of each prompt
+    brings back the block holding the answer, no chunk is re-computed for a summary, and the
+    model answers the question that repeats the needle, which it cannot under sink_window."""
     llm = make_llm(prefill_chunk_size=256, max_num_batched_tokens=768)
-    policy = {"type": "landmark", "sinks": 4, "window": 256, "landmarks": 16, "retrieve": 64}
+    policy = {"type": "landmark", "sinks": 4, "window": 256, "retrieve": 64}
     tokenizer = llm.tokenizer
     filler = long_text_ids(tokenizer, 1100)
     needle = tokenizer.encode(NEEDLE)
@@ -173,20 +191,32 @@ def test_retrieval_brings_back_the_needle_in_natural_text_whatever_the_question(
             recalled[item.seq.request_id] = item.seq.archive.recalled_tokens
 
     ops.recall = record
+    params = SamplingParams(temperature=0, max_tokens=3)
     try:
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
-                               context=ContextParams(context_policy=policy))
+        outputs = llm.generate(prompts, params, context=ContextParams(context_policy=policy))
     finally:
         ops.recall = recall
     for name, out in zip(QUESTIONS, outputs):
         starts = recalled[out.request_id]
         assert len(starts) == 4 and len(prompts[0]) - 256 > answer_token, name
         assert any(start <= answer_token < start + 16 for start in starts), (name, starts, answer_token)
+    stats = llm.engine.stats()
+    assert stats.landmark_recomputations == 0 and stats.retrieval_recalls >= len(prompts)
+
+    repeats = list(QUESTIONS).index("repeats the needle")
+    assert "paprika" in outputs[repeats].outputs[0].text
+    (unretrieved,) = llm.generate([prompts[repeats]], params, context=ContextParams(
+        context_policy={"type": "sink_window", "sinks": 4, "window": 256}))
+    assert "paprika" not in unretrieved.outputs[0].text
 
 
-def test_block_scores_and_choice_match_plain_attention_math(default_llm):
-    """Scores against a loop over layers, query tokens and heads in fp64; each chosen block
-    brings the block after it, and the choice fills exactly the slots it is given."""
+@pytest.mark.parametrize("layers_per_product", ["several", "one"])
+def test_block_scores_and_choice_match_plain_attention_math(default_llm, layers_per_product, monkeypatch):
+    """Scores against a loop over layers, query tokens and heads in fp64, whether the layers
+    are scored in one product or one at a time; each chosen block brings the block after it,
+    and the choice fills exactly the slots it is given."""
+    if layers_per_product == "one":
+        monkeypatch.setattr(recall_module, "SCORING_BYTES", {"cpu": 1, "cuda": 1})
     plan = default_llm.engine.default_rope_plan
     inv_freq, factor = rope_parameters(plan)
     generator = torch.Generator().manual_seed(3)

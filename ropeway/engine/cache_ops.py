@@ -147,7 +147,7 @@ class CacheOps:
         seq = eviction.seq
         if seq.archive is None:
             seq.archive = RecallArchive()
-        blocks = torch.tensor(eviction.archived_blocks, device=self.device)
+        (blocks,) = self.runner.upload_arrays([np.asarray(eviction.archived_blocks, dtype=np.int64)], torch.int64)
         inv_freq, factor = self.runner.rope_row(eviction.plan)
         kv = self.kv_cache[:, :, blocks]
         keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype)
@@ -199,9 +199,8 @@ class CacheOps:
 
     def recall(self, item: ScheduledSequence) -> None:
         """Fill the recall region with the archived blocks the chunk's queries score highest,
-        oldest first, each re-rotated from where it was evicted to its slot; empty slots
-        stay masked. A prompt's last chunk is run once first for its own queries (its K/V
-        writes are redone by the step itself)."""
+        oldest first; empty slots stay masked. A prompt's last chunk is run once first for its
+        own queries (its K/V writes are redone by the step itself)."""
         seq, size = item.seq, self.block_size
         archive = seq.archive
         if item.samples:
@@ -215,20 +214,40 @@ class CacheOps:
             queries = archive.queries
         archive.queries = None  # a new turn's prompt is scored by its own queries
         policy = seq.context_policy
-        slots = policy.recall_blocks(size)
-        # The baseline: the latest chunk before this one (never the question being scored).
-        chosen = archive.select(queries, archive.baseline_queries, slots, self.model.scale, self.model.tp.all_reduce)
-        archive.recalled_tokens = [archive.first_token(index) for index in chosen]
         first_block = policy.sink_blocks(size) + policy.landmark_blocks(size)
-        for slot in range(slots):
-            block = seq.block_table[first_block + slot]
-            if slot >= len(chosen):
-                self.slot_bias[block] = float("-inf")
-                continue
-            kv, old_position, plan = archive.block(chosen[slot])
-            self.kv_cache[:, :, block].copy_(kv)
-            self.slot_bias[block] = 0.0
-            position = (first_block + slot) * size
-            self.move_keys(KeyMove(seq.block_table, [], position, size, old_position - position, plan, seq.rope_plan))
+        region = seq.block_table[first_block : first_block + policy.recall_blocks(size)]
+        # The baseline: the latest chunk before this one (never the question being scored).
+        chosen = archive.select(queries, archive.baseline_queries, len(region), self.model.scale,
+                                self.model.tp.all_reduce)
+        archive.recalled_tokens = [archive.first_token(index) for index in chosen]
+        self.bring_back(seq, [archive.block(index) for index in chosen], region, first_block)
         self.num_recalls += 1
         self.num_recalled_blocks += len(chosen)
+
+    def bring_back(self, seq, blocks: list[tuple[torch.Tensor, int, RopePlan]], region: list[int],
+                   first_block: int) -> None:
+        """Copy archived blocks (kv, position when evicted, plan) into the first blocks of the
+        region (table index first_block on) and re-rotate their keys from where they were
+        evicted to their slots, all blocks at once; mask the rest of the region."""
+        size, count = self.block_size, len(blocks)
+        offsets = np.arange(size)
+        old_positions = np.array([position for _, position, _ in blocks], dtype=np.int64)[:, None] + offsets
+        new_positions = (first_block + np.arange(count))[:, None] * size + offsets
+        destination = np.asarray(region[:count], dtype=np.int64)
+        old_rows = np.repeat([self.runner.rope_index(plan) for _, _, plan in blocks], size)
+        destination_t, empty_t, slots, old_t, new_t, old_rows_t, new_rows_t = self.runner.upload_arrays(
+            [destination, np.asarray(region[count:], dtype=np.int64), (destination[:, None] * size + offsets).ravel(),
+             old_positions.ravel(), new_positions.ravel(), old_rows,
+             np.full(count * size, self.runner.rope_index(seq.rope_plan))], torch.int64)
+        self.slot_bias.index_fill_(0, empty_t, float("-inf"))
+        if not count:
+            return
+        staged = torch.empty((count, *blocks[0][0].shape), dtype=self.kv_cache.dtype, device=self.device)
+        for row, (kv, _, _) in enumerate(blocks):
+            staged[row].copy_(kv, non_blocking=True)  # pinned on CUDA: queued, no wait
+        self.kv_cache.index_copy_(2, destination_t, staged.movedim(0, 2))  # whole blocks, fp8 scales included
+        self.slot_bias.index_fill_(0, destination_t, 0.0)
+        old_inv_freq, old_factor = self.runner.rope_rows(old_rows_t)
+        new_inv_freq, new_factor = self.runner.rope_rows(new_rows_t)
+        keys, scales = self.views(0)
+        rerotate_keys(keys, slots, old_t, new_t, old_inv_freq, new_inv_freq, old_factor, new_factor, scales)

@@ -66,6 +66,11 @@ class ModelRunner:
         index = self.rope_index(plan)
         return self._inv_freq_table[index], self._attention_factors[index]
 
+    def rope_rows(self, plan_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inv_freq [N, D/2], attention factor [N]) on the device, of the plans' rows plan_index [N]."""
+        return (self._inv_freq_table.index_select(0, plan_index),
+                self._attention_factor_table.index_select(0, plan_index))
+
     def build_batch(self, step: SchedulerOutput, logit_rows: list[int],
                     previous: tuple[torch.Tensor, dict[int, int]] | None = None) -> ForwardBatch:
         """The step's flat batch on the device. previous: (tokens on the device, row of each
@@ -150,11 +155,12 @@ class ModelRunner:
     def upload(self, host: HostBatch, previous_tokens: torch.Tensor | None = None) -> ForwardBatch:
         """The batch on the device, in two copies, one per integer type; placeholders filled
         from the previous step's tokens, which are still on the device."""
-        input_ids, positions, slot_mapping, logits_indices, plan_index, holes, sources = self._upload(
+        input_ids, positions, slot_mapping, logits_indices, plan_index, holes, sources = self.upload_arrays(
             host.int64, torch.int64)
         if holes.numel():
             input_ids.index_copy_(0, holes, previous_tokens.index_select(0, sources))
-        block_tables, seq_index, query_start_loc, seq_lens = self._upload(host.int32, torch.int32)
+        block_tables, seq_index, query_start_loc, seq_lens = self.upload_arrays(host.int32, torch.int32)
+        inv_freq, attention_factor = self.rope_rows(plan_index)
         return ForwardBatch(
             input_ids=input_ids,
             positions=positions,
@@ -163,8 +169,8 @@ class ModelRunner:
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_tables=block_tables,
-            inv_freq=self._inv_freq_table.index_select(0, plan_index),
-            attention_factor=self._attention_factor_table.index_select(0, plan_index),
+            inv_freq=inv_freq,
+            attention_factor=attention_factor,
             logits_indices=logits_indices,
             max_query_len=host.max_query_len,
             max_seq_len=host.max_seq_len,
@@ -173,7 +179,7 @@ class ModelRunner:
             slot_bias=self.cache_ops.slot_bias if host.uses_slot_bias else None,
         )
 
-    def _upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+    def upload_arrays(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """The arrays as tensors on the device. On CUDA they go through one pinned host buffer
         and one asynchronous copy, so the host neither waits for the GPU nor pays one copy per
         array (the caching host allocator reuses a pinned buffer only once its copy is done).

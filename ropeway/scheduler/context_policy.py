@@ -7,8 +7,13 @@ landmark adds, from the first eviction on, a region of ceil(landmarks / block_si
 between sinks and window: one slot per evicted chunk holds that chunk's summary, the
 slots used as a ring once all landmarks are taken. With `retrieve`, a recall region of
 ceil(retrieve / block_size) blocks follows the landmark slots: evicted blocks are kept in
-host memory, and at each new prompt the ones whose keys best match its queries are
+host memory, and before each prompt chunk the ones whose keys best match its queries are
 brought back there (InfLLM-style), so a needle far outside the window can still be found.
+
+Retrieval comes without summaries by default (`landmarks` 0 when `retrieve` is given): no
+chunk is re-computed and no landmark region kept. The summaries cost time to first token and,
+measured on the needle grid (BENCHMARKS.md, issue 19), distract the model from the blocks
+retrieval brings back.
 """
 
 from dataclasses import dataclass, fields
@@ -18,6 +23,7 @@ from ropeway.request_bounds import CONTEXT_POLICY_BOUNDS
 from ropeway.sampling_params import InvalidParameter
 
 POLICY_TYPES = ("none", "sink_window", "landmark")
+DEFAULT_LANDMARKS = 64  # without retrieve
 
 
 @dataclass(frozen=True)
@@ -25,8 +31,13 @@ class ContextPolicy:
     type: str = "none"
     sinks: int = 4
     window: int = 4096
-    landmarks: int = 64  # landmark only: the most chunk summaries kept
-    retrieve: int = 0    # landmark only: evicted tokens brought back per prompt (0: none)
+    # landmark only: the most chunk summaries kept; None: 64, or 0 (no summaries) with retrieve
+    landmarks: int | None = None
+    retrieve: int = 0    # landmark only: evicted tokens brought back per prompt chunk (0: none)
+
+    def __post_init__(self):
+        if self.landmarks is None:
+            object.__setattr__(self, "landmarks", 0 if self.retrieve else DEFAULT_LANDMARKS)
 
     @property
     def bounded(self) -> bool:
@@ -78,9 +89,12 @@ class ContextPolicy:
             if name in raw and kind != "landmark":
                 raise InvalidParameter(f"{param}.{name}", f"{name} applies only to the landmark policy")
         for name, bound in CONTEXT_POLICY_BOUNDS.items():
-            if not bound.contains(raw.get(name, getattr(cls, name))):
+            if name in raw and not bound.contains(raw[name]):
                 raise InvalidParameter(f"{param}.{name}", f"{name} must be {bound.describe()}")
         policy = cls(**raw)
+        if policy.type == "landmark" and policy.landmarks == 0 and policy.retrieve == 0:
+            raise InvalidParameter(f"{param}.landmarks", "landmarks may be 0 only with retrieve > 0 "
+                                                         "(a cache of sinks and window alone is sink_window)")
         if policy.type == "landmark" and policy.landmarks + policy.retrieve > policy.window:
             raise InvalidParameter(f"{param}.retrieve" if policy.retrieve else f"{param}.landmarks",
                                    "landmarks + retrieve may not exceed the window")

@@ -403,8 +403,8 @@ class Scheduler:
     def _evict_if_needed(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
         """Keep a bounded cache within sinks + window + one chunk: drop the oldest window blocks
         (whole blocks, a chunk at a time, back to the pool at once) and have the kept window
-        keys re-rotated down, so cache positions stay contiguous. A landmark cache also has
-        each evicted chunk summarized into its next landmark slot."""
+        keys re-rotated down, so cache positions stay contiguous. A landmark cache with
+        landmark slots also has each evicted chunk summarized into its next slot."""
         policy, bm = seq.context_policy, self.block_manager
         size = bm.block_size
         length = seq.num_cached_positions
@@ -419,7 +419,7 @@ class Scheduler:
         evicted_from = sink_blocks + region_blocks - kept_blocks  # table index of the first evicted token
         # Landmark evictions come in whole chunks, one summary each; rounding up to a chunk
         # must not reach past the window's newest token.
-        unit = chunk if policy.type == "landmark" else size
+        unit = chunk if policy.landmark_blocks(size) else size
         evict = min(max(chunk, round_up(excess, unit)), (length - evicted_from * size) // unit * unit)
         evicted_blocks = seq.block_table[evicted_from : evicted_from + evict // size]
         bm.drop_blocks(seq, sink_blocks + region_blocks, evict // size - kept_blocks)
@@ -445,10 +445,11 @@ class Scheduler:
             if policy.retrieve:
                 eviction.archived_blocks, eviction.archived_position = evicted_blocks, evicted_from * size
                 eviction.archived_first_token = first_token
-            for start in range(first_token, first_token + evict, chunk):
-                slot = (start - region_start) // chunk % policy.landmarks
-                eviction.landmarks.append(Landmark(seq.token_ids[start : start + chunk], region_start + slot))
-            self.num_landmark_recomputations += len(eviction.landmarks)
+            if policy.landmarks:
+                for start in range(first_token, first_token + evict, chunk):
+                    slot = (start - region_start) // chunk % policy.landmarks
+                    eviction.landmarks.append(Landmark(seq.token_ids[start : start + chunk], region_start + slot))
+                self.num_landmark_recomputations += len(eviction.landmarks)
         seq.num_evicted_tokens += evict
         out.evictions.append(eviction)
         self.num_evictions += 1
