@@ -14,7 +14,7 @@ import torch
 from scipy.stats import chisquare
 
 from ropeway.engine.random_stream import stream_keys
-from ropeway.engine.sampler import SamplingRow, apply_penalties, cuts_before_top_p_search, sample
+from ropeway.engine.sampler import SamplingBatch, SamplingRow, apply_penalties, cuts_before_top_p_search, sample
 from ropeway.engine.sampling_state import PenaltyState
 from ropeway.kernels.sampling import race_keys, token_bits, top_p_cut_reference
 from ropeway.sampling_params import InvalidParameter, SamplingParams
@@ -34,7 +34,8 @@ def tokens(logits, rows, **options) -> list[int]:
 def filter_thresholds(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[R] the smallest scaled logit each row keeps, every filter applied."""
     row_max = scaled.amax(dim=-1)
-    cut, top_p, search = cuts_before_top_p_search(scaled, row_max, rows)
+    columns = SamplingBatch(rows).draw_columns(scaled.shape[1], scaled.device)
+    cut, top_p, search = cuts_before_top_p_search(scaled, row_max, columns)
     return top_p_cut_reference(scaled, cut, top_p, row_max) if search else cut
 
 
@@ -202,7 +203,7 @@ def test_penalties_equal_a_plain_python_reference():
     state = PenaltyState(vocab, torch.device("cpu"), initial_rows=1)  # grows to three rows
     rows = [row(penalty_row=state.row(i, prompt, output), **s)
             for i, ((prompt, output), s) in enumerate(zip(histories, settings))]
-    processed = apply_penalties(logits, rows, state)
+    processed = apply_penalties(logits, SamplingBatch(rows), state)
     for i, ((prompt, output), s) in enumerate(zip(histories, settings)):
         counts = Counter(output)
         for token in range(vocab):
