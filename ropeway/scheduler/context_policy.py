@@ -11,6 +11,7 @@ host memory, and at each new prompt the ones whose keys best match its queries a
 brought back there (InfLLM-style), so a needle far outside the window can still be found.
 """
 
+import functools
 from dataclasses import dataclass, fields
 
 from ropeway.arith import cdiv
@@ -58,7 +59,7 @@ class ContextPolicy:
 
     def max_cache_tokens(self, block_size: int) -> int:
         """The most the cache ever holds: the kept tokens plus one eviction chunk of new ones."""
-        return self.kept_tokens(block_size) + self.eviction_chunk(block_size)
+        return _max_cache_tokens(self, block_size)
 
     @classmethod
     def from_dict(cls, raw: dict | None, param: str = "context_policy") -> "ContextPolicy":
@@ -85,3 +86,10 @@ class ContextPolicy:
             raise InvalidParameter(f"{param}.retrieve" if policy.retrieve else f"{param}.landmarks",
                                    "landmarks + retrieve may not exceed the window")
         return policy
+
+
+# The scheduler and block manager ask for it per bounded sequence, several times a step: work it
+# out once per (policy, block size). Bounded, since requests may each bring a policy of their own.
+@functools.lru_cache(maxsize=4096)
+def _max_cache_tokens(policy: ContextPolicy, block_size: int) -> int:
+    return policy.kept_tokens(block_size) + policy.eviction_chunk(block_size)
