@@ -22,6 +22,7 @@ For logits [R, V] (fp32, one row per sequence that samples this step):
 behind the sampling kernels); `SampledTokens.read()` waits for that copy and gives lists.
 """
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,7 +98,11 @@ class SamplingBatch:
         self.flags = np.fromiter((s.flags for s in settings), np.int64, len(rows))
         self.any_flags = int(np.bitwise_or.reduce(self.flags)) if rows else 0
         self.all_flags = int(np.bitwise_and.reduce(self.flags)) if rows else 0
-        self.floats = np.array([s.floats for s in settings], dtype=np.float32).reshape(len(rows), len(FLOAT_FIELDS))
+
+    @functools.cached_property
+    def floats(self) -> np.ndarray:
+        """[R, len(FLOAT_FIELDS)] fp32 (a plain-argmax batch never asks)."""
+        return np.array([s.floats for s in self.settings], dtype=np.float32).reshape(len(self), len(FLOAT_FIELDS))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -114,7 +119,9 @@ class SamplingBatch:
         searched = (top_p < 1.0) & ~has_top_k
         keys = stream_keys(np.fromiter((r.seed for r in rows), np.uint64, len(rows)),
                            np.fromiter((r.step for r in rows), np.uint64, len(rows)))
-        arrays = [keys, floats[:, TEMPERATURE], np.where(searched, top_p, np.float32(1.0))]
+        # The cut starts at -inf (keep all) for every row: uploaded with the rest instead of filled on the device.
+        arrays = [keys, floats[:, TEMPERATURE, None], np.where(searched, top_p, np.float32(1.0)),
+                  np.full(len(rows), -np.inf, np.float32)]
         any_min_p = bool(self.any_flags & MIN_P)
         any_top_k = bool(has_top_k.any())
         if any_min_p:
@@ -123,9 +130,9 @@ class SamplingBatch:
             arrays += [np.where(has_top_k, top_k, vocab), np.where(has_top_k, top_p, np.float32(1.0))]
         uploaded = upload(arrays, device)
         columns = DrawColumns(stream_keys=uploaded[0], temperature=uploaded[1], search_top_p=uploaded[2],
-                              any_search=bool(searched.any()))
+                              no_cut=uploaded[3], any_search=bool(searched.any()))
         if any_min_p:
-            columns.min_p = uploaded[3]
+            columns.min_p = uploaded[4]
         if any_top_k:
             columns.top_k, columns.top_k_top_p = uploaded[-2:]
             columns.max_top_k = int(top_k[has_top_k].max())
@@ -137,8 +144,9 @@ class SamplingBatch:
 class DrawColumns:
     """The draw's per-row parameters on the device, and what the host knows about them."""
     stream_keys: torch.Tensor         # [R, 2] int64
-    temperature: torch.Tensor         # [R] fp32
+    temperature: torch.Tensor         # [R, 1] fp32
     search_top_p: torch.Tensor        # [R] fp32: the top_p the cut search applies (1: none)
+    no_cut: torch.Tensor              # [R] fp32, all -inf: the cut before any filter
     any_search: bool
     min_p: torch.Tensor | None = None         # [R] fp32, when a row has one
     top_k: torch.Tensor | None = None         # [R] int64 (vocab: none), when a row has one
@@ -263,7 +271,7 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch, penalties: Penal
 def draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """[R] tokens drawn from the filtered, temperature-scaled distributions of processed logits."""
     columns = batch.draw_columns(logits.shape[1], logits.device)
-    scaled = logits / columns.temperature[:, None]
+    scaled = logits / columns.temperature
     row_max = scaled.amax(dim=-1)
     cut, top_p, search = cuts_before_top_p_search(scaled, row_max, columns)
     return filtered_draw(scaled, cut, top_p, row_max, columns.stream_keys, search)
@@ -274,7 +282,7 @@ def cuts_before_top_p_search(scaled: torch.Tensor, row_max: torch.Tensor, column
     """Per row, the smallest scaled logit that min-p and top-k keep (-inf: all), with top-p
     already applied where the row has top-k; the top_p (1: none) of the rows whose top-p cut
     `filtered_draw` still searches; and whether any row needs that search."""
-    cut = torch.full_like(row_max, float("-inf"))
+    cut = columns.no_cut
     if columns.min_p is not None:
         cut = torch.maximum(cut, row_max + columns.min_p.log())  # log(0) = -inf: no cut
     if columns.top_k is None:
