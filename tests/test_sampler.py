@@ -268,3 +268,25 @@ def test_bad_parameters_name_the_field(bad):
     with pytest.raises(InvalidParameter) as error:
         SamplingParams(**bad)
     assert error.value.param == next(iter(bad))
+
+
+def test_draw_columns_hold_each_rows_parameters():
+    """The step's per-row draw parameters, built as arrays over the batch, are each row's own."""
+    vocab = 100
+    rows = [row(seed=1, step=4, temperature=0.8, top_p=0.9),
+            row(seed=2, step=0, temperature=1.2, top_k=5, top_p=0.7),
+            row(seed=3, step=9, temperature=0.5, top_k=vocab, top_p=0.6),  # a top-k of the whole vocabulary: none
+            row(seed=4, step=2, temperature=1.0, min_p=0.1),
+            row(seed=2**62 + 5, step=1, temperature=0.9, top_k=3)]
+    columns = SamplingBatch(rows).draw_columns(vocab, torch.device("cpu"))
+    assert columns.temperature[:, 0].tolist() == pytest.approx([0.8, 1.2, 0.5, 1.0, 0.9])
+    assert columns.search_top_p.tolist() == pytest.approx([0.9, 1.0, 0.6, 1.0, 1.0])
+    assert columns.top_k.tolist() == [vocab, 5, vocab, vocab, 3] and columns.max_top_k == 5
+    assert columns.top_k_top_p.tolist() == pytest.approx([1.0, 0.7, 1.0, 1.0, 1.0])
+    assert columns.min_p.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.0])
+    assert columns.no_cut.tolist() == [float("-inf")] * 5
+    assert columns.any_search and columns.any_top_k_top_p
+    for i, r in enumerate(rows):
+        assert columns.stream_keys[i].tolist() == stream_keys([r.seed], [r.step])[0].tolist()
+    plain = SamplingBatch([row(seed=1, temperature=0.7)]).draw_columns(vocab, torch.device("cpu"))
+    assert plain.top_k is None and plain.min_p is None and not plain.any_search
