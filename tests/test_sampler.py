@@ -281,7 +281,8 @@ def test_draw_columns_hold_each_rows_parameters():
     columns = SamplingBatch(rows).draw_columns(vocab, torch.device("cpu"))
     assert columns.temperature[:, 0].tolist() == pytest.approx([0.8, 1.2, 0.5, 1.0, 0.9])
     assert columns.search_top_p.tolist() == pytest.approx([0.9, 1.0, 0.6, 1.0, 1.0])
-    assert columns.top_k.tolist() == [vocab, 5, vocab, vocab, 3] and columns.max_top_k == 5
+    assert columns.has_top_k.tolist() == [False, True, False, False, True] and columns.max_top_k == 5
+    assert columns.kth_index[:, 0].tolist() == [0, 4, 0, 0, 2]
     assert columns.top_k_top_p.tolist() == pytest.approx([1.0, 0.7, 1.0, 1.0, 1.0])
     assert columns.min_p.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.0])
     assert columns.no_cut.tolist() == [float("-inf")] * 5
@@ -289,4 +290,4 @@ def test_draw_columns_hold_each_rows_parameters():
     for i, r in enumerate(rows):
         assert columns.stream_keys[i].tolist() == stream_keys([r.seed], [r.step])[0].tolist()
     plain = SamplingBatch([row(seed=1, temperature=0.7)]).draw_columns(vocab, torch.device("cpu"))
-    assert plain.top_k is None and plain.min_p is None and not plain.any_search
+    assert plain.has_top_k is None and plain.min_p is None and not plain.any_search

@@ -127,15 +127,18 @@ class SamplingBatch:
         if any_min_p:
             arrays.append(floats[:, MIN_P_COLUMN])
         if any_top_k:
-            arrays += [np.where(has_top_k, top_k, vocab), np.where(has_top_k, top_p, np.float32(1.0))]
+            max_top_k = int(top_k[has_top_k].max())
+            # Where each row's k-th value sits among the batch's max_top_k candidates (rows without a top-k read 0).
+            kth_index = np.where(has_top_k, top_k - 1, 0)[:, None]
+            arrays += [has_top_k, kth_index, np.where(has_top_k, top_p, np.float32(1.0))]
         uploaded = upload(arrays, device)
         columns = DrawColumns(stream_keys=uploaded[0], temperature=uploaded[1], search_top_p=uploaded[2],
                               no_cut=uploaded[3], any_search=bool(searched.any()))
         if any_min_p:
             columns.min_p = uploaded[4]
         if any_top_k:
-            columns.top_k, columns.top_k_top_p = uploaded[-2:]
-            columns.max_top_k = int(top_k[has_top_k].max())
+            columns.has_top_k, columns.kth_index, columns.top_k_top_p = uploaded[-3:]
+            columns.max_top_k = max_top_k
             columns.any_top_k_top_p = bool((has_top_k & (top_p < 1.0)).any())
         return columns
 
@@ -149,7 +152,8 @@ class DrawColumns:
     no_cut: torch.Tensor              # [R] fp32, all -inf: the cut before any filter
     any_search: bool
     min_p: torch.Tensor | None = None         # [R] fp32, when a row has one
-    top_k: torch.Tensor | None = None         # [R] int64 (vocab: none), when a row has one
+    has_top_k: torch.Tensor | None = None     # [R] bool, when a row has a top-k below the vocabulary
+    kth_index: torch.Tensor | None = None     # [R, 1] int64: top_k - 1 (0: none)
     top_k_top_p: torch.Tensor | None = None   # [R] fp32: top_p of rows with a top-k (1: none)
     max_top_k: int = 0
     any_top_k_top_p: bool = False
@@ -285,12 +289,11 @@ def cuts_before_top_p_search(scaled: torch.Tensor, row_max: torch.Tensor, column
     cut = columns.no_cut
     if columns.min_p is not None:
         cut = torch.maximum(cut, row_max + columns.min_p.log())  # log(0) = -inf: no cut
-    if columns.top_k is None:
+    if columns.has_top_k is None:
         return cut, columns.search_top_p, columns.any_search
-    vocab, top_k = scaled.shape[1], columns.top_k
     candidates = scaled.topk(columns.max_top_k, dim=-1).values
-    kth = candidates.gather(1, (top_k.clamp(max=candidates.shape[1]) - 1)[:, None])[:, 0]
-    cut = torch.where(top_k < vocab, torch.maximum(cut, kth), cut)
+    kth = candidates.gather(1, columns.kth_index)[:, 0]
+    cut = torch.where(columns.has_top_k, torch.maximum(cut, kth), cut)
     if columns.any_top_k_top_p:
         top_p = columns.top_k_top_p
         kept = torch.where(scaled >= cut[:, None], (scaled - row_max[:, None]).exp(), 0.0)
@@ -309,15 +312,16 @@ def _top_p_cut_from_candidates(candidates, cut, row_max, needed) -> torch.Tensor
     return torch.where(reached.any(dim=-1), candidates.gather(1, first[:, None])[:, 0], cut)
 
 
-_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32, np.dtype(np.bool_): torch.bool}
 _ALIGNMENT = 16  # bytes: Triton specializes kernels on pointer alignment
 
 
 def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
-    """Host arrays (int64 or float32) as device tensors of the same shapes. On CUDA they share one
-    pinned buffer and one asynchronous copy: the host neither waits for the GPU's queue (as a copy
-    from pageable memory would) nor pays a copy per array. On CPU they are used as they are."""
-    arrays = [np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else np.int64) for a in arrays]
+    """Host arrays (int64, float32 or bool) as device tensors of the same shapes. On CUDA they share
+    one pinned buffer and one asynchronous copy: the host neither waits for the GPU's queue (as a
+    copy from pageable memory would) nor pays a copy per array. On CPU they are used as they are."""
+    arrays = [np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else bool if a.dtype.kind == "b"
+                                   else np.int64) for a in arrays]
     if device.type != "cuda":
         return [torch.from_numpy(a) for a in arrays]
     sizes = [-(-a.nbytes // _ALIGNMENT) * _ALIGNMENT for a in arrays]
@@ -328,8 +332,12 @@ def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]
         host_bytes[start : start + a.nbytes] = a.reshape(-1).view(np.uint8)
         start += size
     on_device = host.to(device, non_blocking=True)
+    # One view of the buffer per dtype, then a slice per array: every view is a dispatch on the host.
+    typed = {dtype: on_device.view(dtype) for dtype in {_TORCH_DTYPES[a.dtype] for a in arrays}}
     tensors, start = [], 0
     for a, size in zip(arrays, sizes):
-        tensors.append(on_device[start : start + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape))
+        first = start // a.itemsize
+        tensor = typed[_TORCH_DTYPES[a.dtype]][first : first + a.size]
+        tensors.append(tensor if a.ndim == 1 else tensor.view(a.shape))
         start += size
     return tensors
