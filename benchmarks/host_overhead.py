@@ -11,6 +11,7 @@ match greedy's).
   python benchmarks/host_overhead.py                    # greedy, batches 1, 16, 64, 256
   python benchmarks/host_overhead.py --batches 64 --settings greedy,top_p,top_k,logprobs --async-scheduling
   python benchmarks/host_overhead.py --batches 64 --profile
+  python benchmarks/host_overhead.py --batches 32 --window 128 --async-scheduling   # bounded caches
 
 On CPU the clock is the thread's CPU time (the shared development box's load inflates wall
 time); on CUDA it is wall time and the device work is timed between two synchronizations,
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_model import full_vocab_tokenizer, load_random_model  # noqa: E402
 
-from ropeway import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from ropeway import ContextParams, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from ropeway import kernels  # noqa: E402
 from ropeway.engine import sampler  # noqa: E402
 from ropeway.models import ModelConfig  # noqa: E402
@@ -88,7 +89,7 @@ class DeviceClock:
 
 
 def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: str, setting: str,
-            async_scheduling: bool | None, profile: bool) -> dict:
+            async_scheduling: bool | None, window: int | None, profile: bool) -> dict:
     config = EngineConfig(device=device, max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len),
                           enable_prefix_caching=False, kv_cache_memory_bytes=256 * 2**20,
                           async_scheduling=async_scheduling)
@@ -100,8 +101,10 @@ def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: st
     params = [SamplingParams(seed=i, max_tokens=warm_steps + steps + 8, ignore_eos=True, **SETTINGS[setting])
               for i in range(batch)]
     prompts = torch.randint(0, TINY.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    context = (ContextParams(context_policy={"type": "sink_window", "sinks": 4, "window": window}) if window
+               else None)
     for i, prompt in enumerate(prompts.tolist()):
-        engine.add_request(f"host-{i}", prompt, params[i])
+        engine.add_request(f"host-{i}", prompt, params[i], context)
     for _ in range(warm_steps + 1):  # the prefill, then decodes: outputs grow as in a long completion
         engine.step()
     clock = DeviceClock(engine)
@@ -124,7 +127,7 @@ def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: st
         pstats.Stats(profiler).sort_stats("tottime").print_stats(r"ropeway/(engine|scheduler|models)", 25)
     host_ms = [s - m for s, m in zip(step_ms, device_ms)]
     return {
-        "batch": batch, "setting": setting, "output_tokens_before": warm_steps, "steps": steps,
+        "batch": batch, "setting": setting, "sink_window": window, "output_tokens_before": warm_steps, "steps": steps,
         "step_ms": statistics.median(step_ms), "device_ms": statistics.median(device_ms),
         "host_ms": statistics.median(host_ms),
         "host_us_per_seq": statistics.median(host_ms) * 1e3 / batch,
@@ -142,13 +145,15 @@ def main() -> None:
                         help=f"comma-separated sampling settings, of {','.join(SETTINGS)}")
     parser.add_argument("--async-scheduling", action="store_true", default=None,
                         help="schedule asynchronously, as on CUDA by default (placeholders, outputs a step later)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="bound every cache by sink_window (4 sinks, this window): evictions every window/8 steps")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions per batch")
     parser.add_argument("--label", default="", help="saved in the JSON (e.g. before/after)")
     parser.add_argument("--out", type=Path, default=RESULTS / "host_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the model's time is not the point; keep it steady
     rows = [measure(int(b), args.prompt_len, args.warm_steps, args.steps, args.device, setting,
-                    args.async_scheduling, args.profile)
+                    args.async_scheduling, args.window, args.profile)
             for b in args.batches.split(",") for setting in args.settings.split(",")]
     print(f"{'batch':>6} {'setting':>9} {'step ms':>9} {'device ms':>10} {'host ms':>9} {'host us/seq':>12}")
     for r in rows:
