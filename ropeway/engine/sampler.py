@@ -20,6 +20,10 @@ For logits [R, V] (fp32, one row per sequence that samples this step):
 
 `sample()` returns device tensors (on CUDA their copy to pinned host memory is queued right
 behind the sampling kernels); `SampledTokens.read()` waits for that copy and gives lists.
+
+The host's share must not grow with the batch faster than greedy's (issue 16): a request's
+`RowSettings` are worked out once, a step reads its rows into numpy arrays (`SamplingBatch`),
+and the per-row parameters reach the device in one pinned buffer and one copy (`upload`).
 """
 
 import functools
@@ -42,9 +46,7 @@ REPETITION = 8
 LOGIT_BIAS = 16
 MIN_TOKENS = 32
 MIN_P = 64
-TOP_K = 128          # top_k > 0 (a top-k as large as the vocabulary keeps everything: checked per batch)
-TOP_P = 256
-LOGPROBS = 512
+LOGPROBS = 128
 
 # RowSettings.floats, in this order: the columns of SamplingBatch.floats.
 FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
@@ -62,12 +64,10 @@ class RowSettings:
         self.floats = tuple(float(getattr(params, name)) for name in FLOAT_FIELDS)
         self.top_k = params.top_k
         self.logprobs = -1 if params.logprobs is None else params.logprobs
-        penalty = has_penalty(params)
-        flags = ((GREEDY if params.greedy else 0) | (PENALTY if penalty else 0)
+        flags = ((GREEDY if params.greedy else 0) | (PENALTY if has_penalty(params) else 0)
                  | (REPETITION if params.repetition_penalty != 1.0 else 0)
                  | (LOGIT_BIAS if params.logit_bias else 0) | (MIN_TOKENS if params.min_tokens else 0)
-                 | (MIN_P if params.min_p > 0 else 0) | (TOP_K if params.top_k > 0 else 0)
-                 | (TOP_P if params.top_p < 1.0 else 0) | (LOGPROBS if params.logprobs is not None else 0))
+                 | (MIN_P if params.min_p > 0 else 0) | (LOGPROBS if params.logprobs is not None else 0))
         if flags & (GREEDY | PENALTY | LOGIT_BIAS | MIN_TOKENS | LOGPROBS) == GREEDY:
             flags |= PLAIN_ARGMAX
         self.flags = flags
