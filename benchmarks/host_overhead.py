@@ -1,13 +1,21 @@
-"""Host time of pure-decode engine steps: a whole `LLMEngine.step()` minus its model forward.
+"""Host time of pure-decode engine steps: a whole `LLMEngine.step()` minus its device work.
 
 A tiny random Llama keeps the model's own time small, so what is left is the engine's
 Python: scheduling, batch metadata, sampling, stop checks, detokenization, outputs.
+Device work is the model forward and the sampler's filtered draw (`kernels.filtered_draw`:
+Triton on a GPU, where the host only launches it; its torch reference on CPU, whose
+bisection would otherwise count as host time). Each sampling setting of
+`benchmarks/sampling.py` can be compared with greedy (issue 16: sampled host time should
+match greedy's).
 
-  python benchmarks/host_overhead.py                    # batches 1, 16, 64, 256
+  python benchmarks/host_overhead.py                    # greedy, batches 1, 16, 64, 256
+  python benchmarks/host_overhead.py --batches 64 --settings greedy,top_p,top_k,logprobs --async-scheduling
   python benchmarks/host_overhead.py --batches 64 --profile
+  python benchmarks/host_overhead.py --batches 32 --window 128 --async-scheduling   # bounded caches
 
-On CUDA the model forward (graph replay or eager) is timed between two synchronizations,
-so "model" also holds the wait for the step's input copies.
+On CPU the clock is the thread's CPU time (the shared development box's load inflates wall
+time); on CUDA it is wall time and the device work is timed between two synchronizations,
+so "device" also holds the wait for the step's input copies.
 """
 
 import argparse
@@ -26,8 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from random_model import full_vocab_tokenizer, load_random_model  # noqa: E402
 
-from ropeway import EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from ropeway import ContextParams, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from ropeway import kernels  # noqa: E402
+from ropeway.engine import sampler  # noqa: E402
 from ropeway.models import ModelConfig  # noqa: E402
+
+# The settings of benchmarks/sampling.py, by short name.
+SETTINGS = {
+    "greedy": {"temperature": 0.0},
+    "top_p": {"temperature": 0.8, "top_p": 0.95},
+    "top_k": {"temperature": 0.8, "top_k": 50},
+    "logprobs": {"temperature": 0.0, "logprobs": 5},
+}
 
 TINY = ModelConfig(
     architecture="llama", vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -37,24 +55,27 @@ TINY = ModelConfig(
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-class ModelClock:
-    """Wraps the runner's model calls and adds up their wall time (synchronized on CUDA)."""
+class DeviceClock:
+    """Wraps the step's device work (model calls, the sampler's filtered draw) and adds up its
+    time (synchronized on CUDA)."""
 
     def __init__(self, engine: LLMEngine):
         self.seconds = 0.0
         self._depth = 0  # a graph capture calls forward inside run: count the outer call only
         self._cuda = engine.device.type == "cuda"
+        self.now = time.perf_counter if self._cuda else time.thread_time
         engine.model.forward = self._timed(engine.model.forward)
         graphs = engine.runner.decode_graphs
         if graphs is not None:
             graphs.run = self._timed(graphs.run)
+        sampler.filtered_draw = self._timed(kernels.filtered_draw)  # (the unwrapped op: one clock at a time)
 
     def _timed(self, call):
         def timed(*args, **kwargs):
             self._depth += 1
             if self._cuda:
                 torch.cuda.synchronize()
-            started = time.perf_counter()
+            started = self.now()
             try:
                 result = call(*args, **kwargs)
                 if self._cuda:
@@ -63,49 +84,51 @@ class ModelClock:
             finally:
                 self._depth -= 1
                 if self._depth == 0:
-                    self.seconds += time.perf_counter() - started
+                    self.seconds += self.now() - started
         return timed
 
 
-def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: str, sampled: bool,
-            profile: bool) -> dict:
+def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: str, setting: str,
+            async_scheduling: bool | None, window: int | None, profile: bool) -> dict:
     config = EngineConfig(device=device, max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len),
-                          enable_prefix_caching=False, kv_cache_memory_bytes=256 * 2**20)
+                          enable_prefix_caching=False, kv_cache_memory_bytes=256 * 2**20,
+                          async_scheduling=async_scheduling)
     torch_device = config.torch_device()
     loaded = load_random_model(TINY, config.torch_dtype(torch_device), torch_device,
                                full_vocab_tokenizer(TINY.vocab_size))
     engine = LLMEngine(config, loaded=loaded)
-    # Detokenized, as the server does; greedy unless asked (on CPU, sampling's tensor work
-    # would count as host time, where on a GPU it is queued kernels).
-    params = SamplingParams(temperature=0.8 if sampled else 0.0, top_p=0.95, seed=1,
-                            max_tokens=warm_steps + steps + 8, ignore_eos=True)
+    # Detokenized, as the server does; a seed per request, as chat clients send.
+    params = [SamplingParams(seed=i, max_tokens=warm_steps + steps + 8, ignore_eos=True, **SETTINGS[setting])
+              for i in range(batch)]
     prompts = torch.randint(0, TINY.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    context = (ContextParams(context_policy={"type": "sink_window", "sinks": 4, "window": window}) if window
+               else None)
     for i, prompt in enumerate(prompts.tolist()):
-        engine.add_request(f"host-{i}", prompt, params)
+        engine.add_request(f"host-{i}", prompt, params[i], context)
     for _ in range(warm_steps + 1):  # the prefill, then decodes: outputs grow as in a long completion
         engine.step()
-    clock = ModelClock(engine)
-    profiler = cProfile.Profile() if profile else None
-    step_ms, model_ms = [], []
+    clock = DeviceClock(engine)
+    profiler = cProfile.Profile(clock.now) if profile else None
+    step_ms, device_ms = [], []
     for _ in range(steps):
         before = clock.seconds
         if profiler:
             profiler.enable()
-        started = time.perf_counter()
+        started = clock.now()
         engine.step()
-        elapsed = time.perf_counter() - started
+        elapsed = clock.now() - started
         if profiler:
             profiler.disable()
         assert all(item.num_new_tokens == 1 for item in engine.scheduler.last_plan.scheduled)
         step_ms.append(elapsed * 1e3)
-        model_ms.append((clock.seconds - before) * 1e3)
+        device_ms.append((clock.seconds - before) * 1e3)
     if profiler:
-        print(f"--- batch {batch}")
-        pstats.Stats(profiler).sort_stats("cumulative").print_stats(r"ropeway/(engine|scheduler)", 25)
-    host_ms = [s - m for s, m in zip(step_ms, model_ms)]
+        print(f"--- batch {batch}, {setting}")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(r"ropeway/(engine|scheduler|models)", 25)
+    host_ms = [s - m for s, m in zip(step_ms, device_ms)]
     return {
-        "batch": batch, "output_tokens_before": warm_steps, "steps": steps,
-        "step_ms": statistics.median(step_ms), "model_ms": statistics.median(model_ms),
+        "batch": batch, "setting": setting, "sink_window": window, "output_tokens_before": warm_steps, "steps": steps,
+        "step_ms": statistics.median(step_ms), "device_ms": statistics.median(device_ms),
         "host_ms": statistics.median(host_ms),
         "host_us_per_seq": statistics.median(host_ms) * 1e3 / batch,
     }
@@ -118,23 +141,29 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=500, help="decode steps before measuring")
     parser.add_argument("--steps", type=int, default=30, help="decode steps measured (medians reported)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--sampled", action="store_true", help="temperature 0.8, top-p 0.95 instead of greedy")
+    parser.add_argument("--settings", default="greedy",
+                        help=f"comma-separated sampling settings, of {','.join(SETTINGS)}")
+    parser.add_argument("--async-scheduling", action="store_true", default=None,
+                        help="schedule asynchronously, as on CUDA by default (placeholders, outputs a step later)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="bound every cache by sink_window (4 sinks, this window): evictions every window/8 steps")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions per batch")
     parser.add_argument("--label", default="", help="saved in the JSON (e.g. before/after)")
     parser.add_argument("--out", type=Path, default=RESULTS / "host_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the model's time is not the point; keep it steady
-    rows = [measure(int(b), args.prompt_len, args.warm_steps, args.steps, args.device, args.sampled,
-                    args.profile)
-            for b in args.batches.split(",")]
-    print(f"{'batch':>6} {'step ms':>9} {'model ms':>9} {'host ms':>9} {'host us/seq':>12}")
+    rows = [measure(int(b), args.prompt_len, args.warm_steps, args.steps, args.device, setting,
+                    args.async_scheduling, args.window, args.profile)
+            for b in args.batches.split(",") for setting in args.settings.split(",")]
+    print(f"{'batch':>6} {'setting':>9} {'step ms':>9} {'device ms':>10} {'host ms':>9} {'host us/seq':>12}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['step_ms']:>9.3f} {r['model_ms']:>9.3f} {r['host_ms']:>9.3f} "
+        print(f"{r['batch']:>6} {r['setting']:>9} {r['step_ms']:>9.3f} {r['device_ms']:>10.3f} {r['host_ms']:>9.3f} "
               f"{r['host_us_per_seq']:>12.1f}")
     device = EngineConfig(device=args.device).torch_device()
     report = {"label": args.label, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or platform.machine(),
-              "model": TINY.name, "prompt_len": args.prompt_len, "sampled": args.sampled, "rows": rows}
+              "model": TINY.name, "prompt_len": args.prompt_len,
+              "async_scheduling": bool(args.async_scheduling), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

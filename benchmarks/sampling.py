@@ -6,7 +6,9 @@ prompts are prefilled, then decode steps are timed two ways: `--steps` steps one
 GPU synchronized around each (median; the host's work adds to the GPU's), and `--steps`
 steps in a row, synchronized only at the ends (mean; with asynchronous scheduling the host
 prepares a step while the GPU runs the one before, as when serving). The sampler alone is
-timed on random [B, vocab] logits. Writes a table to stdout and JSON to `--out`.
+timed on random [B, vocab] logits, with the host's share of it: the time until sample()
+returns (launches and parameter copies; on CUDA the kernels run behind it). Writes a table
+to stdout and JSON to `--out`.
 
 GPU (the issue's shape, random weights):
     python benchmarks/sampling.py --random-llama3-8b --out benchmarks/results/sampling_h200.json
@@ -83,19 +85,25 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, s
     return statistics.median(times), pipelined
 
 
-def sampler_alone_us(batch: int, vocab: int, setting: dict, device: torch.device, repeats: int) -> float:
+def sampler_alone_us(batch: int, vocab: int, setting: dict, device: torch.device, repeats: int
+                     ) -> tuple[float, float]:
+    """(median us of sample() and reading its tokens, median us until sample() returns): on CUDA
+    the second is the host's own time, launching the sampler's kernels and copying its parameters."""
     logits = torch.randn(batch, vocab, device=device) * 4
     rows = [SamplingRow(SamplingParams(seed=i, **setting), seed=i, step=0) for i in range(batch)]
     state = PenaltyState(vocab, device)
     for _ in range(3):
         sample(logits, rows, state).read()
-    times = []
+    times, launches = [], []
     for _ in range(repeats):
         synchronize(device)
         started = time.perf_counter()
-        sample(logits, rows, state).read()
+        sampled = sample(logits, rows, state)
+        launched = time.perf_counter()
+        sampled.read()
         times.append((time.perf_counter() - started) * 1e6)
-    return statistics.median(times)
+        launches.append((launched - started) * 1e6)
+    return statistics.median(times), statistics.median(launches)
 
 
 def main() -> None:
@@ -125,15 +133,16 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     results = {"device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
                "model": engine.model_config.name, "vocab": vocab, "context": context, "decode_step_ms": {},
-               "decode_step_pipelined_ms": {}, "sampler_alone_us": {}}
+               "decode_step_pipelined_ms": {}, "sampler_alone_us": {}, "sampler_launch_us": {}}
     for batch in batches:
         for name, setting in SETTINGS.items():
             step, pipelined = decode_step_ms(engine, batch, context, setting, steps)
-            alone = sampler_alone_us(batch, vocab, setting, engine.device, repeats=max(steps, 20))
+            alone, launch = sampler_alone_us(batch, vocab, setting, engine.device, repeats=max(steps, 20))
             results["decode_step_ms"].setdefault(name, {})[batch] = round(step, 3)
             results["decode_step_pipelined_ms"].setdefault(name, {})[batch] = round(pipelined, 3)
             results["sampler_alone_us"].setdefault(name, {})[batch] = round(alone, 1)
-    header = " | ".join(f"B={b} step ms (x greedy) | B={b} pipelined ms (x greedy) | B={b} sampler us"
+            results["sampler_launch_us"].setdefault(name, {})[batch] = round(launch, 1)
+    header = " | ".join(f"B={b} step ms (x greedy) | B={b} pipelined ms (x greedy) | B={b} sampler us (launch)"
                         for b in batches)
     print(f"| setting | {header} |")
     print("| --- |" + " ---: |" * (3 * len(batches)))
@@ -143,7 +152,8 @@ def main() -> None:
             for key in ("decode_step_ms", "decode_step_pipelined_ms"):
                 step = results[key][name][batch]
                 cells.append(f"{step:.2f} ({step / results[key]['greedy'][batch]:.2f}x)")
-            cells.append(f"{results['sampler_alone_us'][name][batch]:.0f}")
+            cells.append(f"{results['sampler_alone_us'][name][batch]:.0f} "
+                         f"({results['sampler_launch_us'][name][batch]:.0f})")
         print(f"| {name} | " + " | ".join(cells) + " |")
     if args.out:
         pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import torch
 from scipy.stats import chisquare
 
 from ropeway.engine.random_stream import stream_keys
-from ropeway.engine.sampler import SamplingRow, apply_penalties, cuts_before_top_p_search, sample
+from ropeway.engine.sampler import SamplingBatch, SamplingRow, apply_penalties, cuts_before_top_p_search, sample
 from ropeway.engine.sampling_state import PenaltyState
 from ropeway.kernels.sampling import race_keys, token_bits, top_p_cut_reference
 from ropeway.sampling_params import InvalidParameter, SamplingParams
@@ -34,7 +34,8 @@ def tokens(logits, rows, **options) -> list[int]:
 def filter_thresholds(scaled: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """[R] the smallest scaled logit each row keeps, every filter applied."""
     row_max = scaled.amax(dim=-1)
-    cut, top_p, search = cuts_before_top_p_search(scaled, row_max, rows)
+    columns = SamplingBatch(rows).draw_columns(scaled.shape[1], scaled.device)
+    cut, top_p, search = cuts_before_top_p_search(scaled, row_max, columns)
     return top_p_cut_reference(scaled, cut, top_p, row_max) if search else cut
 
 
@@ -202,7 +203,7 @@ def test_penalties_equal_a_plain_python_reference():
     state = PenaltyState(vocab, torch.device("cpu"), initial_rows=1)  # grows to three rows
     rows = [row(penalty_row=state.row(i, prompt, output), **s)
             for i, ((prompt, output), s) in enumerate(zip(histories, settings))]
-    processed = apply_penalties(logits, rows, state)
+    processed = apply_penalties(logits, SamplingBatch(rows), state)
     for i, ((prompt, output), s) in enumerate(zip(histories, settings)):
         counts = Counter(output)
         for token in range(vocab):
@@ -267,3 +268,26 @@ def test_bad_parameters_name_the_field(bad):
     with pytest.raises(InvalidParameter) as error:
         SamplingParams(**bad)
     assert error.value.param == next(iter(bad))
+
+
+def test_draw_columns_hold_each_rows_parameters():
+    """The step's per-row draw parameters, built as arrays over the batch, are each row's own."""
+    vocab = 100
+    rows = [row(seed=1, step=4, temperature=0.8, top_p=0.9),
+            row(seed=2, step=0, temperature=1.2, top_k=5, top_p=0.7),
+            row(seed=3, step=9, temperature=0.5, top_k=vocab, top_p=0.6),  # a top-k of the whole vocabulary: none
+            row(seed=4, step=2, temperature=1.0, min_p=0.1),
+            row(seed=2**62 + 5, step=1, temperature=0.9, top_k=3)]
+    columns = SamplingBatch(rows).draw_columns(vocab, torch.device("cpu"))
+    assert columns.temperature[:, 0].tolist() == pytest.approx([0.8, 1.2, 0.5, 1.0, 0.9])
+    assert columns.search_top_p.tolist() == pytest.approx([0.9, 1.0, 0.6, 1.0, 1.0])
+    assert columns.has_top_k.tolist() == [False, True, False, False, True] and columns.max_top_k == 5
+    assert columns.kth_index[:, 0].tolist() == [0, 4, 0, 0, 2]
+    assert columns.top_k_top_p.tolist() == pytest.approx([1.0, 0.7, 1.0, 1.0, 1.0])
+    assert columns.min_p.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.0])
+    assert columns.no_cut.tolist() == [float("-inf")] * 5
+    assert columns.any_search and columns.any_top_k_top_p
+    for i, r in enumerate(rows):
+        assert columns.stream_keys[i].tolist() == stream_keys([r.seed], [r.step])[0].tolist()
+    plain = SamplingBatch([row(seed=1, temperature=0.7)]).draw_columns(vocab, torch.device("cpu"))
+    assert plain.has_top_k is None and plain.min_p is None and not plain.any_search

@@ -36,7 +36,7 @@ from .messages import EngineInfo, EngineRequest, RequestDelta, RequestFailure, T
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .request_state import ChoiceState, RequestState
-from .sampler import SampledTokens, SamplerOutput, SamplingRow, has_penalty, sample
+from .sampler import PENALTY, RowSettings, SampledTokens, SamplerOutput, SamplingRow, sample
 from .sampling_state import PenaltyState
 from .stats import PlanChoice, StatsSnapshot
 from .step_interrupt import StepInterrupt
@@ -308,7 +308,7 @@ class EngineCore:
         wants_top = params.prompt_logprobs and params.prompt_top_logprobs > 0
         self.requests[request.request_id] = RequestState(
             request.request_id, params, choices, RequestMetrics(arrival_time=request.arrival_time),
-            prompt_logprobs=[None] if params.prompt_logprobs else None,
+            RowSettings(params), prompt_logprobs=[None] if params.prompt_logprobs else None,
             prompt_top_logprobs=[[]] if wants_top else None)
         self.scheduler.add([c.seq for c in choices])
         self.stats_totals.prompt_tokens += len(token_ids)
@@ -500,11 +500,11 @@ class EngineCore:
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         state = self.requests[seq.request_id]
         penalty_row = -1
-        if has_penalty(state.params):
+        if state.sampling.flags & PENALTY:
             penalty_row = self.penalty_state.row(seq.seq_id, seq.prompt_token_ids, seq.output_token_ids)
         # The stream's counter: output tokens so far, an in-flight placeholder included.
         return SamplingRow(state.params, state.choices[seq.choice_index].seed,
-                           seq.num_tokens - seq.num_prompt_tokens, penalty_row)
+                           seq.num_tokens - seq.num_prompt_tokens, penalty_row, state.sampling)
 
     def _resolve(self, step: InFlightStep) -> list[RequestDelta]:
         """Read a launched step's results; its tokens replace their placeholders."""

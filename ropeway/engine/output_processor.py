@@ -30,12 +30,12 @@ class OutputProcessor:
         params, seq = state.params, choice.seq
         seq.token_ids.append(token)
         if choice.logprobs is not None:
-            text = self.tokenizer.token_to_text
+            text, k, logprob = self.tokenizer.token_to_text, params.logprobs, result.logprobs[row]
             # (-inf: a token the request's grammar forbids, not among its top logprobs.)
-            top = [(t, text(t), lp) for t, lp in zip(result.top_token_ids[row][: params.logprobs],
-                                                      result.top_logprobs[row][: params.logprobs]) if lp != -math.inf]
-            choice.logprobs.append(TokenLogprob(token, text(token), result.logprobs[row], top))
-            choice.cumulative_logprob += result.logprobs[row]
+            top = [(t, text(t), lp) for t, lp in zip(result.top_token_ids[row][:k], result.top_logprobs[row][:k])
+                   if lp != -math.inf]
+            choice.logprobs.append(TokenLogprob(token, text(token), logprob, top))
+            choice.cumulative_logprob += logprob
         if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
             choice.finish_reason = "stop"
         elif token in params.stop_token_ids:

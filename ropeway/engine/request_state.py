@@ -8,6 +8,7 @@ from ropeway.scheduler import Sequence
 
 from .detokenizer import IncrementalDetokenizer
 from .messages import ChoiceDelta, RequestDelta
+from .sampler import RowSettings
 
 
 @dataclass
@@ -29,6 +30,7 @@ class RequestState:
     params: SamplingParams
     choices: list[ChoiceState]
     metrics: RequestMetrics
+    sampling: RowSettings  # what params ask of the sampler, worked out once
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs_sent: bool = False

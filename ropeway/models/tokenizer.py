@@ -88,6 +88,8 @@ class RopewayTokenizer:
         bos = tokenizer.id_to_token(bos_token_id) if bos_token_id is not None else None
         eos = tokenizer.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else None
         self.chat_template = ChatTemplate(chat_template, bos, eos) if chat_template else None
+        # Each token's text once decoded: logprobs name ~k+1 tokens per sampled token, every step.
+        self._token_texts: dict[int, str] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -105,7 +107,10 @@ class RopewayTokenizer:
 
     def token_to_text(self, token_id: int) -> str:
         """Readable text of one token (for logprobs), bytes that are not UTF-8 kept as escapes."""
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:

@@ -16,6 +16,7 @@ measured on the needle grid (BENCHMARKS.md, issue 19), distract the model from t
 retrieval brings back.
 """
 
+import functools
 from dataclasses import dataclass, fields
 
 from ropeway.arith import cdiv
@@ -69,7 +70,7 @@ class ContextPolicy:
 
     def max_cache_tokens(self, block_size: int) -> int:
         """The most the cache ever holds: the kept tokens plus one eviction chunk of new ones."""
-        return self.kept_tokens(block_size) + self.eviction_chunk(block_size)
+        return _max_cache_tokens(self, block_size)
 
     @classmethod
     def from_dict(cls, raw: dict | None, param: str = "context_policy") -> "ContextPolicy":
@@ -99,3 +100,10 @@ class ContextPolicy:
             raise InvalidParameter(f"{param}.retrieve" if policy.retrieve else f"{param}.landmarks",
                                    "landmarks + retrieve may not exceed the window")
         return policy
+
+
+# The scheduler and block manager ask for it per bounded sequence, several times a step: work it
+# out once per (policy, block size). Bounded, since requests may each bring a policy of their own.
+@functools.lru_cache(maxsize=4096)
+def _max_cache_tokens(policy: ContextPolicy, block_size: int) -> int:
+    return policy.kept_tokens(block_size) + policy.eviction_chunk(block_size)

@@ -394,7 +394,7 @@ class Scheduler:
         eviction chunk (so one eviction always makes room)."""
         n = min(seq.num_uncomputed_tokens, self.config.prefill_chunk_size, budget)
         policy = seq.context_policy
-        if policy.bounded:
+        if policy.bounded and n > 1:  # (one token always fits: the chunk is at least a block)
             size = self.block_manager.block_size
             room = policy.max_cache_tokens(size) - seq.num_cached_positions
             n = min(n, max(room, policy.eviction_chunk(size)))
