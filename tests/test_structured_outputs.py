@@ -188,7 +188,7 @@ def test_regex_choice_grammar_and_json_object_through_structured_outputs(client)
     anything = complete({"json_object": True}, 'Reply with {"ok": true}:', max_tokens=48)
     assert anything.finish_reason == "stop" and isinstance(json.loads(anything.text), dict)
     chat = client.chat.completions.create(model=MODEL_NAME, max_tokens=48, temperature=0,
-                                          messages=[{"role": "user", "content": "Give me a JSON object."}],
+                                          messages=[{"role": "user", "content": 'Reply with {"ok": true}'}],
                                           response_format={"type": "json_object"})
     assert isinstance(json.loads(chat.choices[0].message.content), dict)
 
