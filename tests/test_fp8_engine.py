@@ -56,9 +56,10 @@ def test_fp8_cache_gives_the_fp32_caches_next_token_logprobs_closely(make_llm, d
     assert sum(top) / len(top) >= 0.93
 
 
-# Block size 16: each bounded policy evicts over a prompt of this many tokens and 12 more (retrieval
-# keeps more blocks: its prompt is longer).
-PROMPT_TOKENS = {"none": 160, "sink_window": 160, "landmark": 160, "landmark-retrieve": 200}
+# Block size 16: each bounded policy evicts over a 200-token prompt and 12 more tokens (and the
+# retrieving one recalls). Greedy may part where fp8's rounding tips a near tie: on a 160-token
+# prompt of this text, plain attention parts at the fourth token.
+PROMPT_TOKENS = 200
 POLICIES = {
     "none": None,
     "sink_window": {"type": "sink_window", "sinks": 4, "window": 64},
@@ -74,7 +75,7 @@ def test_every_context_policy_runs_on_an_fp8_cache_close_to_fp32(make_llm, defau
     policy = POLICIES[name]
     context = ContextParams(context_policy=policy) if policy else None
     options = dict(prefill_chunk_size=32, max_num_batched_tokens=64, kv_cache_memory_bytes=POOL)
-    prompt = long_text_ids(default_llm.tokenizer, PROMPT_TOKENS[name])
+    prompt = long_text_ids(default_llm.tokenizer, PROMPT_TOKENS)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outputs, engines = [], []
     for kv in ("fp8", "auto"):
