@@ -27,7 +27,7 @@ def relative_error(out, ref):
 
 @pytest.mark.parametrize("sequences", [
     [(4000, 1), (70, 1), (131, 1)],                # decodes: split keys
-    [(300, 300), (900, 64), (513, 1), (64, 1)],    # prefill chunks after decodes
+    [(513, 1), (64, 1), (300, 300), (900, 64)],    # prefill chunks after decodes
     [(6000, 4096)],                                # a long chunk: cuDNN on dequantized pages
 ])
 def test_fp8_attention_in_bf16_against_fp64_on_the_dequantized_cache(sequences):

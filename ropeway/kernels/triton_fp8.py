@@ -8,7 +8,7 @@ carry a rounding up into the exponent (125.7 became 64, not 128).
 import triton
 import triton.language as tl
 
-FP8_MAX: tl.constexpr = 448.0
+FP8_MAX = tl.constexpr(448.0)
 
 
 @triton.jit
