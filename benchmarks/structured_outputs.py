@@ -2,12 +2,14 @@
 
 A batch of B requests with `--context`-token random prompts is prefilled, then `--steps` decode
 steps are timed one by one (median), for three batches: none constrained; every request with a
-JSON schema; 10% of them constrained. The schema (a long array of small records) keeps every
-request decoding through the timed steps. The first-use cost of a typical schema (a person
-record) is the edge's check plus the engine's matcher and first mask, with nothing cached. Random
-weights: the constrained tokens follow the grammar, not sense. The tokenizer is the random
-model's (bytes plus one word per id, with an EOS); benchmarks/grammar_engines.py times masks over
-real vocabularies. Writes a table to stdout and JSON to `--out`.
+JSON schema; 10% of them constrained. No request may finish before the timed steps end: none has
+a max_tokens (each is aborted after them), the unconstrained ones ignore EOS, and the schema's
+500 records (a record takes several tokens at any tokenizer) outlast the chunked prefill's steps,
+in which the first-prefilled requests already decode, and the timed ones. The first-use cost of
+a typical schema (a person record) is the edge's check plus the engine's matcher and first mask,
+with nothing cached. Random weights: the constrained tokens follow the grammar, not sense. The
+tokenizer is the random model's (bytes plus one word per id, with an EOS);
+benchmarks/grammar_engines.py times masks over real vocabularies. Writes a table to stdout and JSON to `--out`.
 
 GPU (the issue's shape, random weights):
     python benchmarks/structured_outputs.py --random-llama3-8b --out benchmarks/results/structured_outputs_h200.json
@@ -63,25 +65,30 @@ def decode_step_ms(engine: LLMEngine, batch: int, constrained_share: float, cont
     for i in range(batch):
         prompt = torch.randint(0, vocab - 1, (context,), generator=generator).tolist()
         constrained = i < num_constrained
-        params = SamplingParams(max_tokens=steps + 8, seed=i, temperature=0.0, detokenize=False,
+        # No max_tokens: requests prefilled in the first chunks decode while the others prefill, so a
+        # bound sized to the timed steps would end them early.
+        params = SamplingParams(max_tokens=None, seed=i, temperature=0.0, detokenize=False,
                                 ignore_eos=not constrained, structured_outputs=records if constrained else None)
         engine.add_request(f"{constrained_share}-{i}", prompt, params)
+    finished = []
     while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
             or engine.scheduler.num_waiting:
-        engine.step()
+        finished += [output for output in engine.step() if output.finished]
     for _ in range(3):  # warm-up decodes (and, with asynchronous scheduling, fill the pipeline)
-        engine.step()
+        finished += [output for output in engine.step() if output.finished]
     times = []
     for _ in range(steps):
         synchronize(engine.device)
         started = time.perf_counter()
-        engine.step()
+        outputs = engine.step()
         synchronize(engine.device)
         times.append((time.perf_counter() - started) * 1e3)
-    if len(engine.core.scheduler.running) != batch:
-        raise RuntimeError("a request finished inside the timed steps: raise RECORDS' minItems")
-    while engine.has_unfinished_requests():
-        engine.step()
+        finished += [output for output in outputs if output.finished]
+    if finished:
+        reasons = sorted({f"{output.request_id}: {output.outputs[0].finish_reason}" for output in finished})
+        raise RuntimeError(f"{len(finished)} requests finished before the timed steps ended ({', '.join(reasons[:4])})")
+    for i in range(batch):
+        engine.abort_request(f"{constrained_share}-{i}")
     return statistics.median(times)
 
 

@@ -5,7 +5,7 @@ Fair closeness, since fp8 rounds every cached key and value by up to 2**-4 of it
 same tokens fed to both (prompt logprobs of a real text, prefilled in chunks so later chunks read
 earlier ones from the cache), the fp8 cache's perplexity is within 2% of the fp32 cache's, its
 logprob of each next token within a small distance, and its top token the same almost always;
-greedy decoding starts with the same tokens. (Measured on this model, 319 tokens: perplexity
+greedy decoding follows the same tokens until a near tie. (Measured on this model, 319 tokens: perplexity
 18.13 against 18.23, mean |logprob difference| 0.08, the top token the same at 96.6%.)
 """
 
@@ -56,36 +56,46 @@ def test_fp8_cache_gives_the_fp32_caches_next_token_logprobs_closely(make_llm, d
     assert sum(top) / len(top) >= 0.93
 
 
-# Block size 16: each bounded policy evicts over a prompt of this many tokens and 12 more (retrieval
-# keeps more blocks: its prompt is longer).
-PROMPT_TOKENS = {"none": 160, "sink_window": 160, "landmark": 160, "landmark-retrieve": 200}
+# Block size 16: each bounded policy evicts over a 200-token prompt and 12 more tokens (and the
+# retrieving one recalls).
+PROMPT_TOKENS = 200
 POLICIES = {
     "none": None,
     "sink_window": {"type": "sink_window", "sinks": 4, "window": 64},
     "landmark": {"type": "landmark", "sinks": 4, "window": 64, "landmarks": 4},
     "landmark-retrieve": {"type": "landmark", "sinks": 4, "window": 64, "landmarks": 4, "retrieve": 32},
 }
+# Greedy decoding may part only where the fp32 cache's choice is within this many nats of the fp8
+# cache's: a near tie that fp8's rounding (about 0.08 nats a token, above) can tip. Measured on a
+# 160-token prompt of this text: plain attention parts at a gap of 0.08, landmarks at 0.17.
+NEAR_TIE = 0.3
 
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_every_context_policy_runs_on_an_fp8_cache_close_to_fp32(make_llm, default_llm, name):
     """Evictions re-rotate fp8 keys, landmarks are written quantized, retrieval archives and
-    recalls fp8 blocks with their scales: greedy output starts as the fp32 cache's does."""
+    recalls fp8 blocks with their scales: greedy output follows the fp32 cache's, with logprobs
+    close to its own, until the two part at a near tie."""
     policy = POLICIES[name]
     context = ContextParams(context_policy=policy) if policy else None
     options = dict(prefill_chunk_size=32, max_num_batched_tokens=64, kv_cache_memory_bytes=POOL)
-    prompt = long_text_ids(default_llm.tokenizer, PROMPT_TOKENS[name])
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompt = long_text_ids(default_llm.tokenizer, PROMPT_TOKENS)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
     outputs, engines = [], []
     for kv in ("fp8", "auto"):
         llm = make_llm(kv_cache_dtype=kv, **options)
-        outputs.append(llm.generate([prompt], params, context=context)[0].outputs[0].token_ids)
+        outputs.append(llm.generate([prompt], params, context=context)[0].outputs[0])
         engines.append(llm.engine)
-    fp8_tokens, fp32_tokens = outputs
-    # Retrieval picks blocks by an argmax over scores that fp8's rounding can tip (measured: this
-    # prompt's continuations part at the fourth token); the other policies agree longer.
-    agreeing = 3 if name == "landmark-retrieve" else 8
-    assert fp8_tokens[:agreeing] == fp32_tokens[:agreeing]
+    fp8, fp32 = outputs
+    part = next((i for i, (a, b) in enumerate(zip(fp8.token_ids, fp32.token_ids)) if a != b), len(fp32.token_ids))
+    # Up to the parting both read the same tokens, so their logprobs differ only by fp8's rounding.
+    differences = [abs(a.logprob - b.logprob) for a, b in zip(fp8.logprobs[:part], fp32.logprobs[:part])]
+    assert sum(differences) <= 0.15 * len(differences)
+    if part < len(fp32.token_ids):
+        fp32_choices = {token: logprob for token, _, logprob in fp32.logprobs[part].top}
+        assert fp8.token_ids[part] in fp32_choices, f"fp8 chose a token outside fp32's top 5 at {part}"
+        gap = fp32_choices[fp32.token_ids[part]] - fp32_choices[fp8.token_ids[part]]
+        assert gap < NEAR_TIE, f"greedy parts at token {part}, where fp32 prefers its token by {gap:.2f} nats"
     fp8_stats = engines[0].stats()
     if policy is not None:
         assert fp8_stats.kv_evicted_tokens >= 64 and fp8_stats.kv_rerotated_keys > 0
