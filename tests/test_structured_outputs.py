@@ -20,8 +20,17 @@ from ropeway.structured_outputs import StructuredOutputs
 
 SCHEMAS = json.loads((pathlib.Path(__file__).parent / "data" / "json_schemas.json").read_text())
 FORMATS = jsonschema.Draft202012Validator.FORMAT_CHECKER
-# Every schema's longest valid document fits in this (strings and arrays are bounded).
+# Every schema's longest valid document fits in this (strings and arrays are bounded), but for the
+# recursive ones, whose prompt asks for a shallow example (suite_prompt).
 SUITE_MAX_TOKENS = 128
+
+
+def suite_prompt(schema: dict) -> str:
+    """A recursive schema carries a shallow example: greedy decoding of a small model otherwise
+    nests until max_tokens, and the prompt asks for the example's depth."""
+    if "examples" in schema:
+        return f"Reply with a JSON {schema['title']}, like {json.dumps(schema['examples'][0])}."
+    return f"Reply with a JSON {schema['title']}."
 
 
 def assert_valid(text: str, schema: dict) -> None:
@@ -143,7 +152,7 @@ def test_schema_suite_through_the_server_all_valid(server):
         sampled, streamed = index % 2 == 1, index % 4 >= 2
         options = dict(model=MODEL_NAME, max_tokens=SUITE_MAX_TOKENS, seed=index,
                        temperature=0.8 if sampled else 0.0,
-                       messages=[{"role": "user", "content": f"Reply with a JSON {schema['title']}."}],
+                       messages=[{"role": "user", "content": suite_prompt(schema)}],
                        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema,
                                                                                "strict": True}})
         if not streamed:
