@@ -232,7 +232,7 @@ class Scheduler:
             try:
                 fault_injection.check("schedule", seq.request_id)
                 n = self._chunk(seq, budget if seq.num_uncomputed_tokens == 1 else min(budget, prefill_budget))
-                if n <= 0:
+                if n <= 0 < seq.num_uncomputed_tokens:
                     continue  # a prompt chunk waits for a step with prefill budget left
                 self._evict_if_needed(seq, n, out)
                 if seq.status is not SequenceStatus.RUNNING:
