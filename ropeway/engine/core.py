@@ -17,7 +17,7 @@ import torch
 from ropeway import fault_injection
 from ropeway.arith import cdiv
 from ropeway.config import EngineConfig
-from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention
+from ropeway.kernels import is_long_chunk, warm_up_long_chunk_attention, warm_up_sampling
 from ropeway.kernels.fp8_kv import FP8
 from ropeway.models import (ForwardStopped, LlamaModel, RopewayTokenizer, TensorParallel, effective_base,
                             load_model_files)
@@ -208,6 +208,8 @@ class EngineCore:
             # Chunks this long can reach cuDNN: load it now, not inside a first long prompt.
             warm_up_long_chunk_attention(self.device, self.dtype, self.model.num_local_heads,
                                          self.model.num_local_kv_heads, model_config.head_dim)
+        # A ramping batch of sampled rows must not wait on Triton compiles (seconds each on the H200).
+        warm_up_sampling(model_config.vocab_size, config.max_num_seqs, self.device)
         self.default_rope_plan = self.planner.model_plan
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats_totals = StatsSnapshot()

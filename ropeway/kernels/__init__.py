@@ -183,8 +183,15 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
 
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_rotary_write_kv", "plan_attention", "paged_attention",
            "is_long_chunk",
-           "warm_up_long_chunk_attention", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
+           "warm_up_long_chunk_attention", "warm_up_sampling", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
            "filtered_draw", "mask_by_bitmask"]
+
+
+def warm_up_sampling(vocab: int, max_rows: int, device: torch.device) -> None:
+    """On CUDA, compile the draw's kernel variants for batches of up to max_rows rows now."""
+    if device.type == "cuda":
+        from .triton_sampling import warm_up_filtered_draw
+        warm_up_filtered_draw(vocab, max_rows, device)
 
 
 def filtered_draw(scaled, cut, top_p, row_max, stream_keys, search: bool):

@@ -68,7 +68,10 @@ def _narrowed(bounds_ptr, partial_ptr, row, num_rows, previous, top_p, num_chunk
     return new_low, new_high
 
 
-@triton.jit
+# These integers vary with the batch and the pass: specializing on their values (1, multiples of
+# 16) would compile new variants while a server ramps up (the stride and vocabulary stay
+# specialized: they are fixed per model and let loads vectorize).
+@triton.jit(do_not_specialize=["pass_index", "num_rows", "num_chunks"])
 def _top_p_pass_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, top_p_ptr, bounds_ptr, partial_ptr, pass_index,
                        num_rows, vocab, chunk, num_chunks, BLOCK: tl.constexpr, BINS: tl.constexpr,
                        CHUNKS: tl.constexpr):
@@ -99,7 +102,7 @@ def _top_p_pass_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, top_p_ptr, boun
         tl.store(partial + tl.arange(0, BINS), tl.sum(mass, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_chunks"])
 def _race_kernel(scaled_ptr, stride, cut_ptr, top_p_ptr, stream_keys_ptr, bounds_ptr, partial_ptr, best_key_ptr,
                  best_token_ptr, num_rows, vocab, chunk, num_chunks, SEARCH: tl.constexpr, PASSES: tl.constexpr,
                  BLOCK: tl.constexpr, BINS: tl.constexpr, CHUNKS: tl.constexpr):
@@ -134,6 +137,24 @@ def _race_kernel(scaled_ptr, stride, cut_ptr, top_p_ptr, stream_keys_ptr, bounds
     tl.store(best_token_ptr + row * num_chunks + chunk_index, best_token)
 
 
+def default_chunk(rows: int, vocab: int) -> int:
+    """Tokens of a row per program: about PROGRAMS programs in all, MIN_CHUNK at least."""
+    return max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(vocab, max(1, PROGRAMS // rows))))
+
+
+def warm_up_filtered_draw(vocab: int, max_rows: int, device: torch.device) -> None:
+    """Compile every kernel variant a batch of 1..max_rows rows can launch (one per chunk size,
+    with and without the top-p search) before serving, so a ramping batch never waits on Triton."""
+    rows_per_chunk = {default_chunk(rows, vocab): rows for rows in range(1, max_rows + 1)}
+    for rows in rows_per_chunk.values():
+        scaled = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+        cut = torch.full((rows,), float("-inf"), device=device)
+        keys = torch.zeros(rows, 2, dtype=torch.int64, device=device)
+        for search in (False, True):
+            filtered_draw_triton(scaled, cut, torch.full((rows,), 0.9, device=device), torch.zeros(rows, device=device),
+                                 keys, search)
+
+
 def filtered_draw_triton(scaled, cut, top_p, row_max, stream_keys, search: bool, chunk: int | None = None,
                          block: int = 256) -> torch.Tensor:
     """As filtered_draw_reference; rows with top_p >= 1 skip the search. Each program takes a
@@ -146,7 +167,7 @@ def filtered_draw_triton(scaled, cut, top_p, row_max, stream_keys, search: bool,
     scaled = scaled.contiguous()
     stream_keys = stream_keys.contiguous()
     if chunk is None:
-        chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(vocab, max(1, PROGRAMS // rows))))
+        chunk = default_chunk(rows, vocab)
     block = min(block, triton.next_power_of_2(vocab))  # both powers of two
     chunk = max(block, min(chunk, triton.next_power_of_2(vocab)))
     num_chunks = triton.cdiv(vocab, chunk)
