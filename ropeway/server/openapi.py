@@ -16,13 +16,14 @@ from fastapi.openapi.utils import get_openapi
 
 from ropeway.request_bounds import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 
-from .protocol import ErrorResponse
+from .protocol import ErrorResponse, RequestBody
 
 _GENERATION_ERRORS = (400, 401, 404, 413, 500, 503)
 ERROR_STATUSES = {
     "/v1/completions": _GENERATION_ERRORS,
     "/v1/chat/completions": _GENERATION_ERRORS,
     "/v1/models": (401,),
+    "/v1/models/{model_id}": (401, 404),
     "/tokenize": (400, 401, 404, 413),
     "/detokenize": (400, 401, 404, 413),
     "/health": (503,),
@@ -87,7 +88,29 @@ def _correct(schema: dict, vocab_size: int) -> None:
     components["FunctionDefinition"]["properties"]["parameters"] = {"anyOf": [
         {"type": "object", "properties": {"type": {"const": "object"}}, "required": ["type"],
          "additionalProperties": True}, {"type": "null"}]}
+    _null_means_unset(components)
     components["TokenizeRequest"]["oneOf"] = [
         {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
         {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
     ]
+
+
+def _request_models(cls=RequestBody) -> set[str]:
+    return {name for sub in cls.__subclasses__() for name in (sub.__name__, *_request_models(sub))}
+
+
+def _null_means_unset(components: dict) -> None:
+    """A request field sent as null is read as left out (protocol.RequestBody): say so for every
+    optional field of every request model."""
+    for name in _request_models() & components.keys():
+        model = components[name]
+        required = set(model.get("required", ()))
+        for field, schema in model.get("properties", {}).items():
+            if field in required or _allows_null(schema):
+                continue
+            described = {key: schema.pop(key) for key in ("title", "description", "default") if key in schema}
+            model["properties"][field] = {"anyOf": [schema, {"type": "null"}], **described}
+
+
+def _allows_null(schema: dict) -> bool:
+    return schema.get("type") == "null" or any(_allows_null(option) for option in schema.get("anyOf", ()))
