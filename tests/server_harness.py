@@ -1,5 +1,6 @@
 """Real uvicorn servers on 127.0.0.1 for the server tests, each on a free port in a thread."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import threading
 import time
 
 import httpx
+import openai
 import uvicorn
 from openai_spec import SpecCheckedApp
 
@@ -55,6 +57,22 @@ class RunningServer:
         self._server.should_exit = True
         self._thread.join(10)
         self.ctx.tokenizers.shutdown()
+
+
+@contextlib.contextmanager
+def serving(llm, **settings):
+    """A RunningServer over an in-thread engine core for `llm`'s engine, shut down afterwards."""
+    engine = AsyncLLM.in_thread(llm.engine)
+    engine.start()
+    try:
+        with RunningServer(engine, **settings) as running:
+            yield running
+    finally:
+        engine.shutdown()
+
+
+def openai_client(server: RunningServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -8,10 +8,9 @@ import json
 import logging
 
 import pytest
-from server_harness import MODEL_NAME, RunningServer
+from server_harness import MODEL_NAME, serving
 
 from ropeway import SamplingParams
-from ropeway.engine import AsyncLLM
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -113,13 +112,8 @@ def engine_generation_accuracy(llm) -> float:
 
 @pytest.fixture(scope="module")
 def server(make_llm):
-    engine = AsyncLLM.in_thread(make_llm(max_model_len=512, max_num_seqs=8, kv_cache_memory_bytes=64 << 20).engine)
-    engine.start()
-    try:
-        with RunningServer(engine) as running:
-            yield running
-    finally:
-        engine.shutdown()
+    with serving(make_llm(max_model_len=512, max_num_seqs=8, kv_cache_memory_bytes=64 << 20)) as running:
+        yield running
 
 
 def test_lm_eval_local_completions_reports_the_engines_own_accuracy(server, default_llm, tmp_path, monkeypatch):

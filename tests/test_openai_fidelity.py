@@ -10,10 +10,9 @@ import openai
 import pytest
 import torch
 from openai_spec import SPEC
-from server_harness import MODEL_NAME, RunningServer
+from server_harness import MODEL_NAME, openai_client, serving
 from test_server import GREEDY, QUESTION, assert_openai_error, sse_frames
 
-from ropeway.engine import AsyncLLM
 from ropeway.server.protocol import ChatCompletionRequest, CompletionRequest
 from ropeway.server.unsupported_fields import NO_EFFECT, REFUSED_CHAT_FIELDS
 
@@ -22,18 +21,13 @@ PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 @pytest.fixture(scope="module")
 def server(make_llm):
-    engine = AsyncLLM.in_thread(make_llm(max_model_len=1024, max_num_seqs=8, kv_cache_memory_bytes=128 << 20).engine)
-    engine.start()
-    try:
-        with RunningServer(engine) as running:
-            yield running
-    finally:
-        engine.shutdown()
+    with serving(make_llm(max_model_len=1024, max_num_seqs=8, kv_cache_memory_bytes=128 << 20)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import jsonschema
-import openai
 import pytest
 from conftest import DEFAULT_GGUF_NAME
-from server_harness import MODEL_NAME, RunningServer
+from server_harness import MODEL_NAME, openai_client, serving
 from test_server import GREEDY, assert_openai_error
 
-from ropeway.engine import AsyncLLM
 from ropeway.models.tokenizer import ChatTemplate
 from ropeway.server.protocol import ChatCompletionRequest, ChatMessage
 from ropeway.server.tool_prompt import template_input
@@ -46,18 +44,13 @@ TOOLS_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def server(make_llm):
-    engine = AsyncLLM.in_thread(make_llm(max_model_len=1024, max_num_seqs=8, kv_cache_memory_bytes=128 << 20).engine)
-    engine.start()
-    try:
-        with RunningServer(engine) as running:
-            yield running
-    finally:
-        engine.shutdown()
+    with serving(make_llm(max_model_len=1024, max_num_seqs=8, kv_cache_memory_bytes=128 << 20)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import jsonschema
 import openai
 import pytest
 import torch
-from server_harness import MODEL_NAME, RunningServer
+from server_harness import MODEL_NAME, openai_client, serving
 
 from ropeway import SamplingParams
-from ropeway.engine import AsyncLLM
 from ropeway.engine.sampler import GrammarMask, SamplingRow, sample
 from ropeway.structured_outputs import StructuredOutputs
 
@@ -124,23 +123,15 @@ def test_max_tokens_before_the_grammar_completes_finishes_with_length(default_ll
 
 
 @pytest.fixture(scope="module")
-def engine(make_llm):
-    llm = make_llm(max_model_len=1024, max_num_seqs=64, kv_cache_memory_bytes=256 << 20, async_scheduling=True)
-    async_engine = AsyncLLM.in_thread(llm.engine)
-    async_engine.start()
-    yield async_engine
-    async_engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with RunningServer(engine) as running:
+def server(make_llm):
+    with serving(make_llm(max_model_len=1024, max_num_seqs=64, kv_cache_memory_bytes=256 << 20,
+                          async_scheduling=True)) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai_client(server)
 
 
 def test_schema_suite_through_the_server_all_valid(server):
