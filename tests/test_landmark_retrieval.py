@@ -155,6 +155,34 @@ def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(defau
     assert budget.num_bytes == 3 * one_chunk
 
 
+def test_archive_budget_takes_from_idle_archives_before_the_long_prompt_in_use(default_llm):
+    """A finished request's archive (kept by the session store) is given up before the distant
+    past of a larger archive still being filled, though that one is the largest."""
+    plan = default_llm.engine.default_rope_plan
+    inv_freq, factor = rope_parameters(plan)
+    kv = torch.randn(2, 2, 1, 16, 3, 64)
+    budget = ArchiveBudget(max_bytes=1 << 40)
+    finished, running = RecallArchive(), RecallArchive()
+    for position in range(2):
+        finished.add(kv, 16 * position, 16 * position, plan, inv_freq, factor)
+    budget.track(finished)
+    one_chunk = finished.num_bytes // 2
+    for _ in range(ArchiveBudget.IDLE_STEPS + 1):
+        budget.next_step()
+    for position in range(4):
+        running.add(kv, 16 * position, 16 * position, plan, inv_freq, factor)
+        budget.track(running)
+    budget.max_bytes = 5 * one_chunk
+    budget.next_step()
+    running.add(kv, 64, 64, plan, inv_freq, factor)
+    budget.track(running)
+    assert (finished.num_blocks, running.num_blocks) == (0, 5)  # the idle archive went whole
+    assert running.block(0)[1] == 0
+    running.add(kv, 80, 80, plan, inv_freq, factor)
+    budget.track(running)  # nothing idle is left: now the running archive forgets its oldest block
+    assert running.num_blocks == 5 and running.block(0)[1] == 16
+
+
 NEEDLE = " Grandma's secret ingredient for her famous tomato soup is smoked paprika from Hungary. "
 QUESTIONS = {  # the end of each prompt: a question and the answer's first words
     "short": " What is the secret ingredient? The secret ingredient is",

@@ -57,6 +57,7 @@ class CacheOps:
         self._capturing: list[tuple[object, int, int]] = []  # (sequence, baseline rows, query rows) of a step
 
     def apply(self, step: SchedulerOutput) -> None:
+        self.archive_budget.next_step()
         # Evicted blocks go to host memory first: this step may hand them out again.
         for eviction in step.evictions:
             if eviction.archived_blocks:
@@ -213,6 +214,7 @@ class CacheOps:
         else:
             queries = archive.queries
         archive.queries = None  # a new turn's prompt is scored by its own queries
+        self.archive_budget.touch(archive)
         policy = seq.context_policy
         first_block = policy.sink_blocks(size) + policy.landmark_blocks(size)
         region = seq.block_table[first_block : first_block + policy.recall_blocks(size)]

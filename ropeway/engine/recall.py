@@ -88,6 +88,7 @@ class RecallArchive:
         self.baseline_queries: torch.Tensor | None = None
         # Token index of the first token of each block the last recall brought back.
         self.recalled_tokens: list[int] = []
+        self.last_step = 0  # the engine step that last archived into it or recalled from it (ArchiveBudget)
 
     @property
     def scoring_keys(self) -> torch.Tensor | None:
@@ -209,21 +210,42 @@ class RecallArchive:
 
 
 class ArchiveBudget:
-    """Bytes all archives may hold together (host copies and scoring keys); over it, the
-    largest archive drops its oldest chunk first (a long stream forgets its distant past
-    before a short one does)."""
+    """Bytes all archives may hold together (host copies and scoring keys). Over it, archives
+    nobody has used for IDLE_STEPS steps go first, least recently used first: those of finished
+    requests kept by the session store, and of streams that are only decoding (neither needs its
+    archive before its next prompt). Only then does the largest archive in use drop its oldest
+    chunk (a long stream forgets its distant past before a short one does). Without the first
+    rule, sessions kept from earlier requests ate the distant past of the long prompts running
+    now (needle-block recall 0 at 64k-128k on the H200)."""
+
+    IDLE_STEPS = 16
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.archives: weakref.WeakSet[RecallArchive] = weakref.WeakSet()  # freed with their sequences
+        self.step = 0
+
+    def next_step(self) -> None:
+        self.step += 1
+
+    def touch(self, archive: RecallArchive) -> None:
+        archive.last_step = self.step
 
     def track(self, archive: RecallArchive) -> None:
         self.archives.add(archive)
+        self.touch(archive)
         while self.num_bytes > self.max_bytes:
-            largest = max(self.archives, key=lambda a: a.num_bytes)
-            if not largest.chunks:
+            victim = self._victim()
+            if victim is None:
                 break
-            largest.drop_oldest()
+            victim.drop_oldest()
+
+    def _victim(self) -> "RecallArchive | None":
+        holding = [a for a in self.archives if a.chunks]
+        idle = [a for a in holding if a.last_step < self.step - self.IDLE_STEPS]
+        if idle:
+            return min(idle, key=lambda a: a.last_step)
+        return max(holding, key=lambda a: a.num_bytes, default=None)
 
     @property
     def num_bytes(self) -> int:
