@@ -156,12 +156,40 @@ def test_every_cache_tensor_of_a_block_goes_to_the_host_and_back_bit_for_bit(dev
         view.zero_()
     load = BlockLoad(seq=None, copies=[(5, 3), (0, 4), (1, 9)])  # (slot, block)
     transfers.load([load])
-    assert transfers.wait_for_a_load() == [load] and not transfers.in_flight
+    assert transfers.wait_for_a_load() == [load] and not transfers.busy
     for view, old in zip(views, before):
         assert torch.equal(view[3], old[2]) and torch.equal(view[4], old[7]) and torch.equal(view[9], old[8])
         assert not view[0].any()
     assert transfers.offloaded_bytes == transfers.loaded_bytes == 3 * transfers.bytes_per_slot
     assert transfers.bytes_per_slot == 3 * 2 * 4 * 2 * 8 * 2 + 3 * 2 * 4 + 4 * 16
+
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_load_into_the_blocks_its_step_offloads_gets_them_out_first_chunk_by_chunk(threaded):
+    """The host-hit pattern: the pool reuses blocks for a load, and they leave for the host in the
+    same step. Tiny chunks (one block, two in flight) make every copy its own chunk; threaded runs
+    the pump thread the GPU uses (copies in it here, which stands for the copy streams)."""
+    torch.manual_seed(0)
+    kv = torch.randn(2, 2, 8, 4, 2, 8)  # layers, K/V, blocks, tokens, heads, dim
+    bias = torch.randn(8, 4)
+    views = [kv.movedim(2, 0), bias]
+    transfers = BlockTransfers(views, num_slots=12, chunk_bytes=1, queue_depth=2, threaded=threaded)
+    assert transfers.blocks_per_chunk == 1
+    coming_back = [view[[1, 2, 3]].clone() for view in views]
+    transfers.offload([(1, 7), (2, 8), (3, 9)])  # an earlier step: gathered on the step's stream
+    leaving = [view[[4, 5, 6]].clone() for view in views]
+    # Blocks 4 and 6 leave for slots 0 and 1 (block 6 also for slot 2) while slots 7, 8, 9 come back into 4, 6, 5.
+    load = BlockLoad(seq=None, copies=[(7, 4), (8, 6), (9, 5)])
+    transfers.move([(4, 0), (6, 1), (6, 2), (5, 3)], [load])
+    assert transfers.wait_for_a_load() == [load] and transfers.finished() == []
+    for view, host, back, left in zip(views, transfers.host, coming_back, leaving):
+        assert torch.equal(view[[4, 6, 5]], back)
+        assert torch.equal(host[[0, 1, 2, 3]], left[[0, 2, 2, 1]])
+    assert len(transfers.load_timings) == 1 and transfers.load_timings[0][0] == 3 * transfers.bytes_per_slot
+    if threaded:
+        transfers.pump.wait_for_gathered_bytes(0)  # the earlier step's gathered blocks are let go once on the host
+        assert transfers.pump.gathered_bytes == 0 and transfers.pump.error is None
 
 
 def _greedy(llm, prompts, context=None):
