@@ -2,12 +2,16 @@
 back. The scheduler alone first (no model), then the real default model in fp32 on CPU: a request
 whose blocks went to the host and back gives exactly what one whose blocks stayed in the pool gives."""
 
+import threading
+import time
+
 import pytest
 import torch
 from bounded_streams import long_text_ids
 
 from ropeway import ContextParams, SamplingParams
-from ropeway.engine.block_transfers import BlockTransfers, slot_runs
+from ropeway.engine.block_transfers import BlockTransfers, CopyChunk, slot_runs
+from ropeway.engine.copy_pump import CopyPump
 from ropeway.scheduler import BlockLoad, BlockManager, HostTier, RopePlan, Scheduler, SchedulerConfig, Sequence
 
 PLAN = RopePlan("default", 10000.0, 64, 2048)
@@ -287,3 +291,57 @@ def test_chats_through_the_server_continue_from_sessions_the_host_tier_kept(make
     assert metrics["ropeway:session_hits_total"] >= 2
     assert metrics["ropeway:kv_host_loaded_bytes_total"] > 0 and metrics["ropeway:kv_host_offloaded_bytes_total"] > 0
     assert 0 < metrics["ropeway:kv_host_tier_bytes"] <= metrics["ropeway:kv_host_tier_capacity_bytes"] <= 64 << 20
+
+
+class _Done:
+    """A chunk's event, completed by the test."""
+
+    def __init__(self):
+        self.completed = threading.Event()
+
+    def query(self):
+        return self.completed.is_set()
+
+    def synchronize(self):
+        self.completed.wait(10)
+
+
+class _CountingTransfers:
+    on_cuda = False
+
+    def __init__(self):
+        self.issued = []
+
+    def issue(self, chunk):
+        chunk.done = _Done()
+        self.issued.append(chunk)
+        chunk.issued.set()
+
+
+def _settles_at(transfers, count):
+    deadline = time.monotonic() + 10
+    while len(transfers.issued) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)  # and no further
+    return len(transfers.issued) == count
+
+
+def test_the_pump_keeps_at_most_depth_chunks_in_flight_per_stream_and_issues_in_order():
+    transfers = _CountingTransfers()
+    pump = CopyPump(transfers, depth=2)
+    staged = torch.zeros(4, 8)
+    chunks = [CopyChunk(offload, [k]) for k in range(3) for offload in (True, False)]  # out0 in0 out1 in1 out2 in2
+    chunks[0].gathered = [staged]
+    pump.submit(chunks)
+    assert pump.gathered_bytes == staged.numel() * 4
+    assert _settles_at(transfers, 4)  # out2 waits: two offload chunks in flight
+    chunks[2].done.completed.set()  # out1 ends before out0: still in order, nothing frees a place
+    assert _settles_at(transfers, 4)
+    chunks[0].done.completed.set()
+    assert _settles_at(transfers, 5)  # out2 issued; in2 waits for in0 or in1
+    chunks[1].done.completed.set()
+    assert _settles_at(transfers, 6) and transfers.issued == chunks
+    for chunk in chunks:
+        chunk.done.completed.set()
+    pump.wait_for_gathered_bytes(0)
+    assert pump.gathered_bytes == 0 and chunks[0].gathered is None and pump.error is None

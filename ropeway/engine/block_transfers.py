@@ -57,6 +57,7 @@ class CopyChunk:
     offload: bool
     slots: list[int]
     blocks: list[int] | None = None
+    index: torch.Tensor | None = None  # the blocks on the device (uploaded with the step's, on its stream)
     gathered: list[torch.Tensor] | None = None
     after: torch.cuda.Event | None = None  # the step's stream, when the chunk was made
     ends: BlockLoad | None = None          # the load whose last chunk this is
@@ -100,9 +101,7 @@ class BlockTransfers:
         self.bytes_per_slot = sum(t[0].numel() * t.element_size() for t in cache_tensors)
         chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self.blocks_per_chunk = max(1, min(chunk_bytes // self.bytes_per_slot, num_slots))
-        # One staging buffer per direction: chunks on one stream use it in stream order.
-        self.staging = {offload: [torch.empty((self.blocks_per_chunk, *t.shape[1:]), dtype=t.dtype, device=self.device)
-                                  for t in cache_tensors] for offload in (True, False)}
+        self.staging: dict[bool, list[torch.Tensor]] = {}  # see _staging
         self.streams = {offload: torch.cuda.Stream(self.device) for offload in (True, False)} if self.on_cuda else {}
         self.last_offload_done: torch.cuda.Event | None = None  # of the last offload chunk issued
         threaded = self.on_cuda if threaded is None else threaded
@@ -123,10 +122,6 @@ class BlockTransfers:
             return
         self.offloaded_bytes += len(offloads) * self.bytes_per_slot
         self.loaded_bytes += sum(len(load.copies) for load in loads) * self.bytes_per_slot
-        after = None
-        if self.on_cuda:
-            after = torch.cuda.Event()
-            after.record()
         loaded_blocks = {block for load in loads for _, block in load.copies}
         slots_of_loaded: dict[int, list[int]] = {}
         others = []
@@ -135,22 +130,36 @@ class BlockTransfers:
                 slots_of_loaded.setdefault(block, []).append(slot)
             else:
                 others.append((block, slot))
-        chunks = self._gather_now(others, after)
+        chunks = self._gather_now(others)
+        paired = []
         for load in loads:
             load_chunks = []
             for copies in chunked(load.copies, self.blocks_per_chunk):
                 blocks = [block for _, block in copies]
                 for pairs in chunked([(block, slot) for block in blocks for slot in slots_of_loaded.get(block, [])],
                                      self.blocks_per_chunk):
-                    chunks.append(CopyChunk(True, [s for _, s in pairs], blocks=[b for b, _ in pairs], after=after))
-                load_chunks.append(CopyChunk(False, [slot for slot, _ in copies], blocks=blocks, after=after))
-                chunks.append(load_chunks[-1])
+                    paired.append(CopyChunk(True, [s for _, s in pairs], blocks=[b for b, _ in pairs]))
+                load_chunks.append(CopyChunk(False, [slot for slot, _ in copies], blocks=blocks))
+                paired.append(load_chunks[-1])
             if not load_chunks:  # nothing to copy: done once what came before is
-                load_chunks.append(CopyChunk(False, [], blocks=[], after=after))
-                chunks.append(load_chunks[-1])
+                load_chunks.append(CopyChunk(False, [], blocks=[]))
+                paired.append(load_chunks[-1])
             load_chunks[0].starts_load = True
             load_chunks[-1].ends = load
             self.loads.append((load, load_chunks[0], load_chunks[-1], time.perf_counter()))
+        if paired:
+            # Every chunk's blocks in one upload on the step's stream (an upload on a copy stream
+            # would queue behind the other direction's chunks).
+            index = self._index([block for chunk in paired for block in chunk.blocks])
+            after = None
+            if self.on_cuda:
+                after = torch.cuda.Event()
+                after.record()  # the blocks' earlier writers and the upload
+            start = 0
+            for chunk in paired:
+                chunk.index, chunk.after = index[start : start + len(chunk.blocks)], after
+                start += len(chunk.blocks)
+            chunks += paired
         if self.pump is not None:
             self.pump.submit(chunks)
         else:
@@ -199,7 +208,7 @@ class BlockTransfers:
     def _is_done(self, chunk: CopyChunk) -> bool:
         return chunk.issued.is_set() and (chunk.done is None or chunk.done.query())
 
-    def _gather_now(self, offloads: list[tuple[int, int]], after: torch.cuda.Event | None) -> list[CopyChunk]:
+    def _gather_now(self, offloads: list[tuple[int, int]]) -> list[CopyChunk]:
         """Gather blocks on the step's stream (before the step writes to them); chunks to copy them to the host."""
         if not offloads:
             return []
@@ -207,7 +216,8 @@ class BlockTransfers:
             self.pump.wait_for_gathered_bytes(MAX_GATHERED_BYTES)
         blocks = self._index([block for block, _ in offloads])
         gathered = [tensor.index_select(0, blocks) for tensor in self.cache_tensors]
-        if after is not None:
+        after = None
+        if self.on_cuda:
             after = torch.cuda.Event()
             after.record()
         return [CopyChunk(True, [slot for _, slot in offloads[start : start + self.blocks_per_chunk]],
@@ -252,9 +262,8 @@ class BlockTransfers:
         staging = chunk.gathered
         if staging is None:
             count = len(chunk.blocks)
-            blocks = self._index(chunk.blocks)
-            staging = [torch.index_select(tensor, 0, blocks, out=stage[:count])
-                       for tensor, stage in zip(self.cache_tensors, self.staging[True])]
+            staging = [torch.index_select(tensor, 0, chunk.index, out=stage[:count])
+                       for tensor, stage in zip(self.cache_tensors, self._staging(True))]
         for first, slot, length in slot_runs(chunk.slots):
             for stage, host in zip(staging, self.host):
                 host[slot : slot + length].copy_(stage[first : first + length], non_blocking=self.on_cuda)
@@ -263,11 +272,18 @@ class BlockTransfers:
         count = len(chunk.slots)
         if not count:
             return
-        staging = [stage[:count] for stage in self.staging[False]]
+        staging = [stage[:count] for stage in self._staging(False)]
         for first, slot, length in slot_runs(chunk.slots):
             for stage, host in zip(staging, self.host):
                 stage[first : first + length].copy_(host[slot : slot + length], non_blocking=self.on_cuda)
-        blocks = self._index(chunk.blocks)
         for tensor, stage in zip(self.cache_tensors, staging):
-            tensor.index_copy_(0, blocks, stage)
+            tensor.index_copy_(0, chunk.index, stage)
+
+    def _staging(self, offload: bool) -> list[torch.Tensor]:
+        """A chunk's worth of every cache tensor on the device, one per direction (made by the
+        first chunk that needs it, on its stream): chunks on one stream use it in stream order."""
+        if offload not in self.staging:
+            self.staging[offload] = [torch.empty((self.blocks_per_chunk, *t.shape[1:]), dtype=t.dtype,
+                                                 device=self.device) for t in self.cache_tensors]
+        return self.staging[offload]
 
