@@ -63,6 +63,7 @@ class CopyChunk:
     ends: BlockLoad | None = None          # the load whose last chunk this is
     starts_load: bool = False              # the first chunk of a load: timed from here
     started: torch.cuda.Event | None = None
+    copy_seconds: tuple[float, float] = (0.0, 0.0)  # on CPU: when the copies began and ended
     done: torch.cuda.Event | None = None   # set once issued (None on CPU)
     issued: threading.Event = field(default_factory=threading.Event)
 
@@ -106,7 +107,7 @@ class BlockTransfers:
         self.last_offload_done: torch.cuda.Event | None = None  # of the last offload chunk issued
         threaded = self.on_cuda if threaded is None else threaded
         self.pump = CopyPump(self, QUEUE_DEPTH if queue_depth is None else queue_depth) if threaded else None
-        self.loads: deque[tuple[BlockLoad, CopyChunk, CopyChunk, float]] = deque()  # (load, first, last, since)
+        self.loads: deque[tuple[BlockLoad, CopyChunk, CopyChunk]] = deque()  # (load, its first chunk, its last)
         self.offloaded_bytes = 0  # totals since start-up
         self.loaded_bytes = 0
         # (bytes, seconds from the load's first copy to its last) of each load finished, for benchmarks.
@@ -146,7 +147,7 @@ class BlockTransfers:
                 paired.append(load_chunks[-1])
             load_chunks[0].starts_load = True
             load_chunks[-1].ends = load
-            self.loads.append((load, load_chunks[0], load_chunks[-1], time.perf_counter()))
+            self.loads.append((load, load_chunks[0], load_chunks[-1]))
         if paired:
             # Every chunk's blocks in one upload on the step's stream (an upload on a copy stream
             # would queue behind the other direction's chunks).
@@ -178,9 +179,9 @@ class BlockTransfers:
             self.pump.raise_if_failed()
         done = []
         while self.loads and self._is_done(self.loads[0][2]):
-            load, first, last, since = self.loads.popleft()
+            load, first, last = self.loads.popleft()
             seconds = (first.started.elapsed_time(last.done) / 1000 if first.started is not None
-                       else time.perf_counter() - since)
+                       else last.copy_seconds[1] - first.copy_seconds[0])
             self.load_timings.append((len(load.copies) * self.bytes_per_slot, seconds))
             done.append(load)
         return done
@@ -246,10 +247,12 @@ class BlockTransfers:
                 if chunk.starts_load:
                     chunk.started = torch.cuda.Event(enable_timing=True)
                     chunk.started.record(stream)
+            began = time.perf_counter()
             if chunk.offload:
                 self._copy_out(chunk)
             else:
                 self._copy_in(chunk)
+            chunk.copy_seconds = (began, time.perf_counter())
             if stream is not None:
                 done = torch.cuda.Event(enable_timing=chunk.ends is not None)
                 done.record(stream)

@@ -81,11 +81,13 @@ class CopyPump:
                             if waiting[0].done is not None:
                                 waiting[0].done.synchronize()
                             self._retire(waiting)
+                        chunk = waiting = None
                         continue
                     self.transfers.issue(chunk)
                     with self.changed:
                         self.queue.popleft()
                         self.in_flight[chunk.offload].append(chunk)
+                    chunk = waiting = None  # (what a chunk holds is let go of inside the gate)
         except BaseException as error:  # reported to the step loop by raise_if_failed
             self.error = error
             with self.changed:
