@@ -2,12 +2,16 @@
 back. The scheduler alone first (no model), then the real default model in fp32 on CPU: a request
 whose blocks went to the host and back gives exactly what one whose blocks stayed in the pool gives."""
 
+import threading
+import time
+
 import pytest
 import torch
 from bounded_streams import long_text_ids
 
 from ropeway import ContextParams, SamplingParams
-from ropeway.engine.block_transfers import BlockTransfers, slot_runs
+from ropeway.engine.block_transfers import BlockTransfers, CopyChunk, slot_runs
+from ropeway.engine.copy_pump import CopyPump
 from ropeway.scheduler import BlockLoad, BlockManager, HostTier, RopePlan, Scheduler, SchedulerConfig, Sequence
 
 PLAN = RopePlan("default", 10000.0, 64, 2048)
@@ -156,12 +160,40 @@ def test_every_cache_tensor_of_a_block_goes_to_the_host_and_back_bit_for_bit(dev
         view.zero_()
     load = BlockLoad(seq=None, copies=[(5, 3), (0, 4), (1, 9)])  # (slot, block)
     transfers.load([load])
-    assert transfers.wait_for_a_load() == [load] and not transfers.in_flight
+    assert transfers.wait_for_a_load() == [load] and not transfers.busy
     for view, old in zip(views, before):
         assert torch.equal(view[3], old[2]) and torch.equal(view[4], old[7]) and torch.equal(view[9], old[8])
         assert not view[0].any()
     assert transfers.offloaded_bytes == transfers.loaded_bytes == 3 * transfers.bytes_per_slot
     assert transfers.bytes_per_slot == 3 * 2 * 4 * 2 * 8 * 2 + 3 * 2 * 4 + 4 * 16
+
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_load_into_the_blocks_its_step_offloads_gets_them_out_first_chunk_by_chunk(threaded):
+    """The host-hit pattern: the pool reuses blocks for a load, and they leave for the host in the
+    same step. Tiny chunks (one block, two in flight) make every copy its own chunk; threaded runs
+    the pump thread the GPU uses (copies in it here, which stands for the copy streams)."""
+    torch.manual_seed(0)
+    kv = torch.randn(2, 2, 8, 4, 2, 8)  # layers, K/V, blocks, tokens, heads, dim
+    bias = torch.randn(8, 4)
+    views = [kv.movedim(2, 0), bias]
+    transfers = BlockTransfers(views, num_slots=12, chunk_bytes=1, queue_depth=2, threaded=threaded)
+    assert transfers.blocks_per_chunk == 1
+    coming_back = [view[[1, 2, 3]].clone() for view in views]
+    transfers.offload([(1, 7), (2, 8), (3, 9)])  # an earlier step: gathered on the step's stream
+    leaving = [view[[4, 5, 6]].clone() for view in views]
+    # Blocks 4 and 6 leave for slots 0 and 1 (block 6 also for slot 2) while slots 7, 8, 9 come back into 4, 6, 5.
+    load = BlockLoad(seq=None, copies=[(7, 4), (8, 6), (9, 5)])
+    transfers.move([(4, 0), (6, 1), (6, 2), (5, 3)], [load])
+    assert transfers.wait_for_a_load() == [load] and transfers.finished() == []
+    for view, host, back, left in zip(views, transfers.host, coming_back, leaving):
+        assert torch.equal(view[[4, 6, 5]], back)
+        assert torch.equal(host[[0, 1, 2, 3]], left[[0, 2, 2, 1]])
+    assert len(transfers.load_timings) == 1 and transfers.load_timings[0][0] == 3 * transfers.bytes_per_slot
+    if threaded:
+        transfers.pump.wait_for_gathered_bytes(0)  # the earlier step's gathered blocks are let go once on the host
+        assert transfers.pump.gathered_bytes == 0 and transfers.pump.error is None
 
 
 def _greedy(llm, prompts, context=None):
@@ -259,3 +291,57 @@ def test_chats_through_the_server_continue_from_sessions_the_host_tier_kept(make
     assert metrics["ropeway:session_hits_total"] >= 2
     assert metrics["ropeway:kv_host_loaded_bytes_total"] > 0 and metrics["ropeway:kv_host_offloaded_bytes_total"] > 0
     assert 0 < metrics["ropeway:kv_host_tier_bytes"] <= metrics["ropeway:kv_host_tier_capacity_bytes"] <= 64 << 20
+
+
+class _Done:
+    """A chunk's event, completed by the test."""
+
+    def __init__(self):
+        self.completed = threading.Event()
+
+    def query(self):
+        return self.completed.is_set()
+
+    def synchronize(self):
+        self.completed.wait(10)
+
+
+class _CountingTransfers:
+    on_cuda = False
+
+    def __init__(self):
+        self.issued = []
+
+    def issue(self, chunk):
+        chunk.done = _Done()
+        self.issued.append(chunk)
+        chunk.issued.set()
+
+
+def _settles_at(transfers, count):
+    deadline = time.monotonic() + 10
+    while len(transfers.issued) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)  # and no further
+    return len(transfers.issued) == count
+
+
+def test_the_pump_keeps_at_most_depth_chunks_in_flight_per_stream_and_issues_in_order():
+    transfers = _CountingTransfers()
+    pump = CopyPump(transfers, depth=2)
+    staged = torch.zeros(4, 8)
+    chunks = [CopyChunk(offload, [k]) for k in range(3) for offload in (True, False)]  # out0 in0 out1 in1 out2 in2
+    chunks[0].gathered = [staged]
+    pump.submit(chunks)
+    assert pump.gathered_bytes == staged.numel() * 4
+    assert _settles_at(transfers, 4)  # out2 waits: two offload chunks in flight
+    chunks[2].done.completed.set()  # out1 ends before out0: still in order, nothing frees a place
+    assert _settles_at(transfers, 4)
+    chunks[0].done.completed.set()
+    assert _settles_at(transfers, 5)  # out2 issued; in2 waits for in0 or in1
+    chunks[1].done.completed.set()
+    assert _settles_at(transfers, 6) and transfers.issued == chunks
+    for chunk in chunks:
+        chunk.done.completed.set()
+    pump.wait_for_gathered_bytes(0)
+    assert pump.gathered_bytes == 0 and chunks[0].gathered is None and pump.error is None

@@ -17,6 +17,7 @@ whatever the model's size; a graph replays them in one launch.
 """
 
 import bisect
+from contextlib import nullcontext
 
 import torch
 
@@ -49,6 +50,8 @@ class DecodeGraphs:
         self.logits_indices = index[:largest]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Held around each capture: keeps other threads' CUDA calls (the host tier's copy pump) out of it.
+        self.capture_guard = nullcontext
 
     def fits(self, batch: ForwardBatch) -> bool:
         """A pure-decode step in which every sequence samples, no larger than the largest bucket."""
@@ -98,6 +101,10 @@ class DecodeGraphs:
             max_query_len=1, max_seq_len=self.max_seq_len, slot_bias=self.slot_bias if with_bias else None)
 
     def _capture(self, bucket: int, with_bias: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        with self.capture_guard():
+            return self._capture_alone(bucket, with_bias)
+
+    def _capture_alone(self, bucket: int, with_bias: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # All rows padding while warming up and capturing: nothing is written to the cache.
         self.slot_mapping[:bucket].fill_(-1)
         self.seq_lens[:bucket].fill_(1)

@@ -47,6 +47,8 @@ class ModelRunner:
         # The host tier's memory and copies (None without one). A block's landmark slot bias moves with it.
         self.block_transfers = (BlockTransfers(cache_block_views(kv_cache) + [self.cache_ops.slot_bias],
                                                host_tier_slots) if host_tier_slots else None)
+        if self.decode_graphs is not None and self.block_transfers is not None:
+            self.decode_graphs.capture_guard = self.block_transfers.paused
 
     def rope_index(self, plan: RopePlan) -> int:
         """The plan's row in the RoPE tables, added the first time the plan is seen."""
@@ -208,13 +210,12 @@ class ModelRunner:
                 for item in step.scheduled]
 
     def move_blocks(self, step: SchedulerOutput) -> None:
-        """The step's host-tier copies: blocks the pool lets go of leave first (the step may
-        write into them), then loads start."""
+        """Queue the step's host-tier copies: blocks the pool lets go of leave before anything
+        written into them (the step, or a load), then loads come back; none is waited for."""
         if self.block_transfers is None:
             return
         # (A slot bias comes back as it left: non-zero only if bias_written was already set.)
-        self.block_transfers.offload(step.offloads)
-        self.block_transfers.load(step.loads)
+        self.block_transfers.move(step.offloads, step.loads)
 
     def execute(self, step: SchedulerOutput, logit_rows: list[int],
                 previous: tuple[torch.Tensor, dict[int, int]] | None = None,
