@@ -10,6 +10,8 @@ the exact numbers an fp8 cache's readers see), so one pass isolates one source:
   fp8-v        values only
   fp8-sink16   both, but the first 16 positions (the attention sink) kept exact
   bf16         both through bf16 (on CPU, the size of the GPU baseline's own rounding)
+  fp8-hadamard both, keys quantized in a Hadamard-rotated basis (as if the cache held H·k and
+               attention used H·q: q·k is unchanged, each key's error spread over all dims)
   real-fp8     the real fp8 cache (checks that the emulation matches it)
 
   python benchmarks/fp8_error_sources.py --lengths 2048 --plans none            # CPU, ~2 min a row
@@ -35,11 +37,25 @@ from ropeway import LLM, EngineConfig, LLMEngine  # noqa: E402
 from ropeway.engine import LoadedModel  # noqa: E402
 from ropeway.kernels.fp8_kv import dequantize_fp8, quantize_fp8  # noqa: E402
 
-VARIANTS = ("exact", "fp8", "fp8-k", "fp8-v", "fp8-sink16", "bf16", "real-fp8")
+VARIANTS = ("exact", "fp8", "fp8-k", "fp8-v", "fp8-sink16", "bf16", "fp8-hadamard", "real-fp8")
 
 
 def through_fp8(x: torch.Tensor) -> torch.Tensor:
     return dequantize_fp8(*quantize_fp8(x), x.dtype)
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal n x n Hadamard matrix (Sylvester; n a power of two)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
+
+
+def through_fp8_rotated(x: torch.Tensor) -> torch.Tensor:
+    h = hadamard(x.shape[-1]).to(x.device, torch.float64)
+    rotated = (x.double() @ h.T).to(x.dtype)
+    return (through_fp8(rotated).double() @ h).to(x.dtype)
 
 
 def through_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -48,18 +64,19 @@ def through_bf16(x: torch.Tensor) -> torch.Tensor:
 
 def rounding_writer(write, variant: str):
     """rotary_write_kv, then the written slots rounded as variant says."""
-    rounds_keys = variant in ("fp8", "fp8-k", "fp8-sink16", "bf16")
-    rounds_values = variant in ("fp8", "fp8-v", "fp8-sink16", "bf16")
+    rounds_keys = variant in ("fp8", "fp8-k", "fp8-sink16", "bf16", "fp8-hadamard")
+    rounds_values = variant in ("fp8", "fp8-v", "fp8-sink16", "bf16", "fp8-hadamard")
     through = through_bf16 if variant == "bf16" else through_fp8
     sink = 16 if variant == "fp8-sink16" else 0
 
     def write_and_round(q, k, v, k_cache, v_cache, slot_mapping, positions, *args, **kwargs):
         write(q, k, v, k_cache, v_cache, slot_mapping, positions, *args, **kwargs)
         slots = slot_mapping[(slot_mapping >= 0) & (positions >= sink)].long()
-        for cache, rounds in ((k_cache, rounds_keys), (v_cache, rounds_values)):
+        for cache, rounds, is_key in ((k_cache, rounds_keys, True), (v_cache, rounds_values, False)):
             if rounds:
                 flat = cache.view(-1, *cache.shape[2:])
-                flat[slots] = through(flat[slots])
+                rotated = is_key and variant == "fp8-hadamard"
+                flat[slots] = (through_fp8_rotated if rotated else through)(flat[slots])
 
     return write_and_round
 
