@@ -176,14 +176,18 @@ ATTENTION_CASES = [
     # (name, sequences, q heads, kv heads, head dim, page size, config)
     ("mixed-gqa3-small-tiles", MIXED, 6, 2, 64, 16, (16, 16, 1, 4, 1)),
     ("decode-gqa4-split", [(70, 1), (5, 1), (131, 1)], 8, 2, 128, 16, (16, 16, 4, 4, 1)),
+    ("decode-gqa4-3-splits", [(70, 1), (5, 1), (131, 1)], 8, 2, 128, 16, (16, 32, 3, 4, 1)),
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# fp16 queries: "f16" (the interpreter's stand-in for the default "f16_ptx") and "q", the
+# queries' own dtype; fp32 queries always take "q".
+@pytest.mark.parametrize("dtype,fp8_widen", [(torch.float32, "f16_ptx"), (torch.float16, "f16_ptx"),
+                                             (torch.float16, "q")])
 @pytest.mark.parametrize("name,sequences,num_q_heads,num_kv_heads,head_dim,page_size,config",
                          ATTENTION_CASES, ids=[case[0] for case in ATTENTION_CASES])
-def test_triton_attention_reads_fp8_like_the_reference(dtype, name, sequences, num_q_heads, num_kv_heads,
-                                                       head_dim, page_size, config):
+def test_triton_attention_reads_fp8_like_the_reference(dtype, fp8_widen, name, sequences, num_q_heads,
+                                                       num_kv_heads, head_dim, page_size, config):
     pytest.importorskip("triton")
     from ropeway.kernels.triton_attention import AttentionConfig, paged_attention_triton
 
@@ -192,7 +196,7 @@ def test_triton_attention_reads_fp8_like_the_reference(dtype, name, sequences, n
     case = paged_case(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype, "cpu", gen)
     fp8, _ = fp8_paged_case(case, num_kv_heads, head_dim)
     out = paged_attention_triton(**fp8, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-                                 config=AttentionConfig(*config))
+                                 config=AttentionConfig(*config, fp8_widen=fp8_widen))
     expected = paged_attention_reference(**dict(fp8, q=fp8["q"].float()))
     tolerance = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
@@ -263,3 +267,20 @@ def test_triton_rerotate_requantizes_like_the_reference():
     reference = dequantize_fp8(k_ref, s_ref, torch.float64)
     assert_within_fp8_rounding(dequantize_fp8(k_tri, s_tri, torch.float64), reference, 2 * s_ref.double())
     assert not torch.equal(k_ref.view(torch.uint8), quantize_fp8(keys)[0].view(torch.uint8))
+
+
+def test_fp8_decode_config_fills_one_wave_of_resident_programs(monkeypatch):
+    """An fp8 decode's split count fits its programs into one wave of FP8_DECODE_PROGRAMS_PER_SM
+    per SM (any count, not only powers of two), with slices of at least 2048 keys."""
+    pytest.importorskip("triton")
+    from ropeway.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "_sm_count", lambda device: 132)
+    q = torch.zeros(1, 32, 128, dtype=torch.float16)
+    resident = triton_attention.FP8_DECODE_PROGRAMS_PER_SM * 132
+    for num_seqs, capacity in ((1, 131072), (8, 131072), (1, 8192)):
+        config = triton_attention.choose_config(q.expand(num_seqs, -1, -1), 8, num_seqs, 1, capacity, fp8=True)
+        programs = num_seqs * 8 * config.num_splits
+        assert programs <= resident and capacity // config.num_splits >= 2048
+        assert programs > resident - num_seqs * 8 or capacity // (config.num_splits + 1) < 2048
+    assert triton_attention.choose_config(q, 8, 1, 1, 131072).num_splits == 128  # bf16 unchanged

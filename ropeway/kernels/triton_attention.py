@@ -15,12 +15,20 @@ Same semantics as attention.paged_attention_reference. The grid is
   independent of the cache's page size.
 - HAS_BIAS (a landmark cache) adds a per-slot logit bias; without it the kernel compiles
   exactly as before.
-- HAS_SCALES (an fp8 cache, fp8_kv.py) reads fp8 keys and values, converts them to the
-  queries' dtype in registers, and applies each key's scale to its column of scores and each
-  value's scale to its column of probabilities: a multiply per score, not per key element.
+- HAS_SCALES (an fp8 cache, fp8_kv.py) reads fp8 keys and values, widens them in registers,
+  and applies each key's scale to its column of scores and each value's scale to its column of
+  probabilities: a multiply per score, not per key element. FP8_WIDEN picks the dots' type:
+  "q", the queries' dtype (fp32 queries always); "f16", fp16 (16-bit queries): every e4m3
+  value is exact in fp16 and sm_89+ widens two per instruction, where bf16 costs three; the
+  queries, pre-multiplied by the softmax scale so they stay far from fp16's limit, carry 3
+  more mantissa bits than bf16; the probabilities times each value's scale over the tile's
+  largest value scale stay within [0, 1] (full fp16 precision), the largest scale multiplied
+  back onto the tile's product. "f16_ptx" widens both by inline PTX and "f16_ptx_v" only the
+  values (triton_fp8.e4m3_to_f16 says why); GPU only (the interpreter takes "f16").
 """
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +36,14 @@ import triton
 import triton.language as tl
 
 from .cudnn_attention import attend_long_chunk, cudnn_prefill_usable
+from .triton_fp8 import e4m3_to_f16
 from .triton_launch import use_pdl, wait_for_previous_kernel
 
 LOG2_E = 1.4426950408889634
+
+
+FP8_WIDENINGS = ("q", "f16", "f16_ptx_v", "f16_ptx")
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,8 @@ class AttentionConfig:
     num_splits: int
     num_warps: int
     num_stages: int
+    fp8_widen: str = "f16_ptx"  # an fp8 cache only: FP8_WIDENINGS (module docstring)
+    max_registers: int | None = None  # per thread (ptxas maxnreg): more programs resident per SM
 
 
 @triton.jit
@@ -61,9 +76,11 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
                     scale_log2e, row_limit, kv_stop, dims, dim_mask, slot_bias_ptr,
                     k_scale_ptr, v_scale_ptr, stride_ksb, stride_kso, stride_ksh, stride_vsb, stride_vso, stride_vsh,
                     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
+                    FP8_WIDEN: tl.constexpr):
     """One online-softmax step over keys kv_start..kv_start+BLOCK_N. MASKED tiles also mask
-    keys at or past kv_stop and keys a row may not see (key > row_limit)."""
+    keys at or past kv_stop and keys a row may not see (key > row_limit). With an fp8 cache
+    widened to fp16, q is already in fp16 and multiplied by scale_log2e."""
     keys = kv_start + tl.arange(0, BLOCK_N)
     if MASKED:
         key_valid = keys < kv_stop
@@ -77,7 +94,10 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
                 + kv_head * stride_kh + dims[None, :], mask=load_mask, other=0.0)
     v = tl.load(v_cache_ptr + block[:, None] * stride_vb + offset * stride_vo
                 + kv_head * stride_vh + dims[None, :], mask=load_mask, other=0.0)
-    scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    if HAS_SCALES and FP8_WIDEN != "q":
+        scores = tl.dot(q, tl.trans(e4m3_to_f16(k, FP8_WIDEN == "f16_ptx")))
+    else:
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
     if HAS_SCALES:
         k_scale_ptrs = k_scale_ptr + block * stride_ksb + (keys % PAGE_SIZE) * stride_kso + kv_head * stride_ksh
         v_scale_ptrs = v_scale_ptr + block * stride_vsb + (keys % PAGE_SIZE) * stride_vso + kv_head * stride_vsh
@@ -109,9 +129,16 @@ def _attend_kv_tile(acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_
     p = tl.exp2(scores - m_shift[:, None])
     alpha = tl.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if HAS_SCALES:
-        p = p * v_scales[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    if HAS_SCALES and FP8_WIDEN != "q":
+        v_top = tl.max(v_scales, 0)
+        v_ref = tl.where(v_top > 0, v_top, 1.0)
+        p = p * (v_scales * (1.0 / v_ref))[None, :]
+        pv = tl.dot(p.to(tl.float16), e4m3_to_f16(v, FP8_WIDEN != "f16"))
+        acc = acc * alpha[:, None] + pv * v_ref
+    else:
+        if HAS_SCALES:
+            p = p * v_scales[None, :]
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -130,7 +157,8 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
         PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, SEQ_OFFSET: tl.constexpr, PDL: tl.constexpr):
+        HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, FP8_WIDEN: tl.constexpr, SEQ_OFFSET: tl.constexpr,
+        PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     # Late tiles of a causal prefill have the most keys: start them first.
     tile = num_tiles - 1 - tl.program_id(0)
@@ -170,6 +198,8 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                 mask=q_mask, other=0.0)
     row_limit = context_len + q_index
+    if HAS_SCALES and FP8_WIDEN != "q":
+        q = (q.to(tl.float32) * scale_log2e).to(tl.float16)
 
     # Keys this tile needs, this program's slice of them, and the prefix of the slice that
     # every row sees (no masks there).
@@ -199,14 +229,14 @@ def _paged_attention_kernel(
             stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
             scale_log2e, row_limit, kv_hi, dims, dim_mask, slot_bias_ptr,
             k_scale_ptr, v_scale_ptr, stride_ksb, stride_kso, stride_ksh, stride_vsb, stride_vso, stride_vsh,
-            PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, HAS_BIAS, HAS_SCALES)
+            PAGE_SIZE, BLOCK_N, False, DOT_PRECISION, HAS_BIAS, HAS_SCALES, FP8_WIDEN)
     for kv_start in range(unmasked_hi, kv_hi, BLOCK_N):
         acc, m_i, l_i = _attend_kv_tile(
             acc, m_i, l_i, q, kv_start, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_head,
             stride_kb, stride_ko, stride_kh, stride_vb, stride_vo, stride_vh,
             scale_log2e, row_limit, kv_hi, dims, dim_mask, slot_bias_ptr,
             k_scale_ptr, v_scale_ptr, stride_ksb, stride_kso, stride_ksh, stride_vsb, stride_vso, stride_vsh,
-            PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, HAS_BIAS, HAS_SCALES)
+            PAGE_SIZE, BLOCK_N, True, DOT_PRECISION, HAS_BIAS, HAS_SCALES, FP8_WIDEN)
 
     # l_i is 0 only for a slice with no key a row may see; its partial weighs 0 in the merge.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -223,15 +253,15 @@ def _paged_attention_kernel(
 @triton.jit
 def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ot, stride_oh,
                          num_q_heads, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    splits = tl.arange(0, NUM_SPLITS)
+    splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
     row = (token * num_q_heads + head) * NUM_SPLITS + splits
-    lse = tl.load(partial_lse_ptr + row)
+    lse = tl.load(partial_lse_ptr + row, mask=splits < NUM_SPLITS, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, 0))
     # Empty slices stored only their -inf log-sum-exp: their partial rows hold stale values.
     part = tl.load(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :],
@@ -241,19 +271,40 @@ def _merge_splits_kernel(partial_out_ptr, partial_lse_ptr, out_ptr, stride_ot, s
              out.to(out_ptr.dtype.element_ty), mask=dim_mask)
 
 
+def _fp8_widening(requested: str, q: torch.Tensor) -> str:
+    """The FP8_WIDEN this launch can take: fp32 queries keep their dtype; the interpreter
+    cannot run inline PTX."""
+    if requested not in FP8_WIDENINGS:
+        raise ValueError(f"fp8_widen {requested!r} is not one of {FP8_WIDENINGS}")
+    if q.dtype == torch.float32:
+        return "q"
+    if requested.startswith("f16_ptx") and (_INTERPRETED or not q.is_cuda):
+        return "f16"
+    return requested
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
 
 
+# fp8 decode (sm_90, Triton 3.6, GQA 4, head dim 128): 128-key tiles, widened by inline PTX
+# and capped at 168 registers, so three programs of 4 warps stay resident per SM (75 KB of
+# shared memory each) with a 34 KB tile in flight each, about the bytes in flight of bf16's
+# three 64-key programs. The old path (bf16 dots, 219 registers, two 17 KB programs per SM)
+# read at 1.45 TB/s against bf16's 3.69. A guess from ptxas's register and shared memory
+# counts; benchmarks/fp8_decode_sweep.py times the alternatives on an H200.
+FP8_DECODE_PROGRAMS_PER_SM = 3
+
+
 def choose_config(q: torch.Tensor, num_kv_heads: int, num_seqs: int, max_query_len: int,
-                  max_seq_len: int) -> AttentionConfig:
-    """Tiles and KV splits from host-side sizes only (no device sync).
+                  max_seq_len: int, fp8: bool = False) -> AttentionConfig:
+    """Tiles and KV splits from host-side sizes only (no device sync); fp8: the cache is fp8.
 
     Decode-only batches use 16-row tiles (a GQA group padded to the smallest tensor-core
     tile) and, unless the tiles alone give every SM three programs, split the keys until the
-    grid covers the GPU about six programs per SM;
+    grid covers the GPU about six programs per SM (fp8: one wave of FP8_DECODE_PROGRAMS_PER_SM);
     batches with prefill chunks use 256x64 tiles and no splits, since their query tiles
     fill it. Tile shapes and pipeline depths were picked by the sweep in
     benchmarks/kernels.py on an H200 (see BENCHMARKS.md)."""
@@ -261,13 +312,19 @@ def choose_config(q: torch.Tensor, num_kv_heads: int, num_seqs: int, max_query_l
     if max_query_len * group <= 16:
         tiles = num_seqs * num_kv_heads
         sms = _sm_count(q.device)
+        block_m = max(16, triton.next_power_of_2(group))
+        if fp8:
+            resident = FP8_DECODE_PROGRAMS_PER_SM * sms
+            num_splits = max(1, min(resident // tiles, max_seq_len // 2048)) if tiles < resident else 1
+            return AttentionConfig(block_m=block_m, block_n=128, num_splits=num_splits, num_warps=4,
+                                   num_stages=2, fp8_widen="f16_ptx", max_registers=168)
         num_splits = 1
         # Each slice keeps at least 1024 keys so the merge stays cheap next to the reads.
         # Tiles alone at 3+ per SM already keep the reads going: a split would only add
         # partial writes and a merge (64 decodes at 1k keys: 80 us split in 2, 67 us whole).
         while tiles < 3 * sms and tiles * num_splits < 6 * sms and num_splits * 2048 <= max_seq_len:
             num_splits *= 2
-        return AttentionConfig(block_m=max(16, triton.next_power_of_2(group)), block_n=64,
+        return AttentionConfig(block_m=block_m, block_n=64,
                                num_splits=num_splits, num_warps=4, num_stages=2)
     return AttentionConfig(block_m=max(256, triton.next_power_of_2(group)), block_n=64,
                            num_splits=1, num_warps=8, num_stages=3)
@@ -343,7 +400,7 @@ def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, s
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if config is None:
-        config = choose_config(q, num_kv_heads, num_seqs, max_query_len, max_seq_len)
+        config = choose_config(q, num_kv_heads, num_seqs, max_query_len, max_seq_len, fp8=k_scale is not None)
         if first_seq > 0 and config.num_splits > 1:
             # Short chunks after the decodes can get decode tiles, but split partials are
             # indexed from token 0: keep the keys in one slice there.
@@ -380,14 +437,15 @@ def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, s
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n,
         PAGE_SIZE=page_size, NUM_SPLITS=config.num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HAS_BIAS=slot_bias is not None,
-        HAS_SCALES=has_scales,
+        HAS_SCALES=has_scales, FP8_WIDEN=_fp8_widening(config.fp8_widen, q) if has_scales else "q",
         SEQ_OFFSET=first_seq > 0, PDL=pdl, num_warps=config.num_warps, num_stages=config.num_stages,
-        launch_pdl=pdl,
+        launch_pdl=pdl, **({} if config.max_registers is None else {"maxnreg": config.max_registers}),
     )
     if config.num_splits > 1:
         # Split launches are decode-only and start at sequence 0 and token 0.
         assert first_seq == 0
         _merge_splits_kernel[(num_tokens, num_q_heads)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1), num_q_heads,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=config.num_splits, PDL=pdl, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=config.num_splits,
+            BLOCK_S=triton.next_power_of_2(config.num_splits), PDL=pdl, num_warps=4,
             launch_pdl=pdl)
