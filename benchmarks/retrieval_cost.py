@@ -52,6 +52,7 @@ class Counter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.phases = ["other"]
+        self.nested: list[float] = []  # seconds spent in phases nested in each open phase
         self.counts = collections.defaultdict(collections.Counter)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -74,11 +75,19 @@ class Counter(TorchDispatchMode):
 
     @contextmanager
     def phase(self, name: str):
+        """Ops in the phase are counted to it, and its host time (waits for the device
+        included, nested phases' excluded, counting's own overhead included) as host_ms."""
         self.phases.append(name)
+        self.nested.append(0.0)
+        started = time.perf_counter()
         try:
             yield
         finally:
+            elapsed = time.perf_counter() - started
+            self.counts[name]["host_ms"] += 1000 * (elapsed - self.nested.pop())
             self.phases.pop()
+            if self.nested:
+                self.nested[-1] += elapsed
 
 
 def instrument(llm: LLM, counter: Counter) -> None:
@@ -97,7 +106,7 @@ def instrument(llm: LLM, counter: Counter) -> None:
     for name, phase in (("archive_evicted", "archive"), ("apply_eviction", "evict"), ("bring_back", "bring_back"),
                         ("query_capture", "capture"), ("keep_queries", "capture")):
         wrap(ops, name, phase)
-    wrap(RecallArchive, "select", "score")
+    wrap(RecallArchive, "choose", "score")
     wrap(llm.engine.runner.model, "forward", "forward")
     wrap(Capture, "add", "capture")
     for name in ("tolist", "item"):
@@ -199,7 +208,9 @@ def main() -> None:
                 counter = Counter()
                 instrument_once(llm, counter)
                 with cuda_syncs(counter), counter:
-                    _, steps = run_prompt(llm, prompt, policy, switched_off)
+                    seconds, steps = run_prompt(llm, prompt, policy, switched_off)
+                in_phases = sum(c["host_ms"] for phase, c in counter.counts.items() if phase != "other")
+                counter.counts["other"]["host_ms"] = 1000 * seconds - in_phases
                 per_step = {phase: {k: round(v / steps, 2) for k, v in sorted(counts.items())}
                             for phase, counts in sorted(counter.counts.items())}
                 per_length.setdefault(mode, {"steps": steps})["per_step"] = per_step
@@ -241,6 +252,10 @@ class _ProxyCounter:
     @property
     def counts(self):
         return self.target.counts
+
+    @property
+    def nested(self):
+        return self.target.nested
 
 
 if __name__ == "__main__":

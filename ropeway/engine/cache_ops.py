@@ -168,7 +168,7 @@ class CacheOps:
         if not (seq.num_computed_tokens < seq.num_prompt_tokens and seq.archive is not None
                 and seq.archive.num_blocks > 0):
             return False
-        return item.samples or seq.archive.choice is not None
+        return item.samples or seq.archive.queries is not None
 
     def query_capture(self, step: SchedulerOutput, chunk_starts) -> Capture | None:
         """A Capture of queries of each retrieving prompt chunk in the step that more of its
@@ -189,22 +189,16 @@ class CacheOps:
         return Capture(rows=rows_t, queries_only=True)
 
     def keep_queries(self, capture: Capture) -> None:
-        """Hand each sequence the queries captured for it, and have them choose its next chunk's
-        blocks now, on the device (read when that chunk recalls)."""
+        """Hand each sequence the queries captured for it, for its next chunk's recall."""
         queries = torch.stack(capture.queries)
         first = 0
         for seq, spread, count in self._capturing:
             if seq.archive is None:
                 seq.archive = RecallArchive()
-            archive = seq.archive
-            archive.baseline_queries = queries[:, first : first + spread]
-            archive.choose_ahead(queries[:, first + spread : first + spread + count], archive.baseline_queries,
-                                 self.recall_region_blocks(seq), self.model.scale, self.model.tp.all_reduce)
+            seq.archive.baseline_queries = queries[:, first : first + spread]
+            seq.archive.queries = queries[:, first + spread : first + spread + count]
             first += spread + count
         self._capturing = []
-
-    def recall_region_blocks(self, seq) -> int:
-        return seq.context_policy.recall_blocks(self.block_size)
 
     def recall(self, item: ScheduledSequence) -> None:
         """Fill the recall region with the archived blocks the chunk's queries score highest,
@@ -222,13 +216,13 @@ class CacheOps:
             captured = Capture(rows=rows, queries_only=True)
             self.clear_written_slots(batch)
             self.model.forward(batch, self.kv_cache, captured)
-            # The baseline: the latest chunk before this one (never the question being scored).
-            choice = archive.choose(torch.stack(captured.queries), archive.baseline_queries, len(region),
-                                    self.model.scale, self.model.tp.all_reduce)
+            queries = torch.stack(captured.queries)
         else:
-            choice = archive.choice
-        archive.choice = None  # a new turn's prompt is scored by its own queries
-        chosen = choice.read(archive)  # the one wait for the device
+            queries = archive.queries
+        archive.queries = None  # a new turn's prompt is scored by its own queries
+        # The baseline: the latest chunk before this one (never the question being scored).
+        chosen = archive.select(queries, archive.baseline_queries, len(region), self.model.scale,
+                                self.model.tp.all_reduce)  # chosen on the device, read once: the one wait
         archive.recalled_tokens = [archive.first_token(index) for index in chosen]
         self.bring_back(seq, archive.runs(chosen), region, first_block)
         self.num_recalls += 1

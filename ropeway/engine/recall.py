@@ -32,11 +32,7 @@ memory by copies queued on the stream (nothing waits for them), scoring takes al
 few batched products (layer groups) over scoring keys kept head-major (the products read them
 in place), the choice is made on the device, and the chosen blocks come back in one copy per
 run of consecutive blocks and one re-rotation. The host reads the choice once, where it must
-(it copies the blocks from host memory): for a chunk scored with the chunk before's queries,
-the choice is made as soon as those queries exist (queued behind that chunk's step) and read
-when the next chunk recalls, by when the device has long made it; so a chunk chooses among
-the blocks evicted before the chunk before it (the last chunk of a prompt, scored with its
-own queries, among all).
+(it copies the blocks from host memory).
 """
 
 import weakref
@@ -90,10 +86,11 @@ class RecallArchive:
         self.num_blocks = 0
         self.num_dropped_blocks = 0  # forgotten by the budget: a choice made before is shifted by them
         self.num_bytes = 0  # host copies and device scoring keys together
-        # The next chunk's choice, made on the device before it is needed (see choose_ahead).
-        self.choice: Choice | None = None
-        # Queries [num_layers, Q, num_heads, head_dim] spread over the last prompt chunk computed:
-        # the baseline of later scores (that chunk's last queries made `choice`).
+
+        # Queries [num_layers, Q, num_heads, head_dim] of the last prompt chunk computed: its
+        # last tokens, to score the archive before the next chunk, and tokens spread over it,
+        # the baseline of later scores.
+        self.queries: torch.Tensor | None = None
         self.baseline_queries: torch.Tensor | None = None
         # Token index of the first token of each block the last recall brought back.
         self.recalled_tokens: list[int] = []
@@ -169,11 +166,6 @@ class RecallArchive:
         """select's choice made on the device, its copy to the host queued: nothing waits."""
         chosen = choose_blocks(self.block_scores(queries, baseline, scale, all_reduce), count)
         return Choice.queue(chosen, self.num_dropped_blocks)
-
-    def choose_ahead(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float,
-                     all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Choose the next chunk's blocks now, among those archived so far (see the module's doc)."""
-        self.choice = self.choose(queries, baseline, count, scale, all_reduce) if self.num_blocks else None
 
     def block_scores(self, queries: torch.Tensor, baseline: torch.Tensor | None, scale: float,
                      all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
