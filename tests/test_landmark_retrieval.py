@@ -257,7 +257,7 @@ def test_block_scores_and_choice_match_plain_attention_math(default_llm, layers_
     baseline = torch.randn(num_layers, 4, num_heads, dim, generator=generator) * 3
     scores = archive.block_scores(queries, baseline, 0.125, lambda x: x)
 
-    keys = archive.scoring_keys.double().view(num_layers, num_blocks, block_size, num_kv_heads, dim)
+    keys = archive.scoring_keys.double().reshape(num_layers, num_blocks, block_size, num_kv_heads, dim)
     expected = torch.zeros(num_blocks, dtype=torch.float64)
 
     def shares(layer: int, q: torch.Tensor) -> torch.Tensor:
@@ -280,3 +280,42 @@ def test_block_scores_and_choice_match_plain_attention_math(default_llm, layers_
     two = archive.select(queries, baseline, 2, 0.125, lambda x: x)
     assert two == ([first, first + 1] if first + 1 < num_blocks else sorted([first, order[1]]))
     assert len(archive.select(queries, baseline, 5, 0.125, lambda x: x)) == 5
+
+
+def greedy_choice(scores: list[float], count: int) -> list[int]:
+    """The choice spelled out: blocks by falling score, each bringing the block after it, the
+    blocks not yet taken taken in that order until count are."""
+    chosen: list[int] = []
+    for block in sorted(range(len(scores)), key=lambda b: -scores[b]):
+        for taken in range(block, min(block + 2, len(scores))):
+            if len(chosen) < count and taken not in chosen:
+                chosen.append(taken)
+    return sorted(chosen)
+
+
+def test_choice_on_the_device_is_the_greedy_choice():
+    assert recall_module.RECALL_FOLLOWING_BLOCKS == 1  # what greedy_choice spells out
+    rng = random.Random(5)
+    for _ in range(300):
+        num_blocks = rng.randint(1, 24)
+        scores = [rng.random() for _ in range(num_blocks)]
+        count = rng.randint(1, num_blocks + 2)
+        chosen = recall_module.choose_blocks(torch.tensor(scores), count)
+        assert chosen.tolist() == greedy_choice(scores, count), (scores, count)
+    assert recall_module.choose_blocks(torch.zeros(0), 4).tolist() == []
+
+
+def test_a_choice_read_after_the_budget_dropped_blocks_skips_them(default_llm):
+    plan = default_llm.engine.default_rope_plan
+    inv_freq, factor = rope_parameters(plan)
+    archive = RecallArchive()
+    kv = torch.randn(2, 2, 2, 16, 3, 64, generator=torch.Generator().manual_seed(1))
+    for chunk in range(3):  # blocks 0-5, two per chunk
+        archive.add(kv, 32 * chunk, 32 * chunk, plan, inv_freq, factor)
+    choice = recall_module.Choice.queue(torch.tensor([1, 2, 5]), archive.num_dropped_blocks)
+    archive.drop_oldest()  # blocks 0 and 1 go; 2-5 become 0-3
+    assert choice.read(archive) == [0, 3]
+    assert [archive.first_token(i) for i in choice.read(archive)] == [32, 80]
+    (run,) = archive.runs([0, 1])  # adjacent in one archived chunk: one copy
+    assert run[0].shape[0] == 2 and run[1] == 32
+    assert len(archive.runs([1, 2])) == 2  # across two chunks

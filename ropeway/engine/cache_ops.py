@@ -181,10 +181,13 @@ class CacheOps:
             seq, n = item.seq, item.num_new_tokens
             if seq.context_policy.retrieve and not item.samples and seq.num_computed_tokens < seq.num_prompt_tokens:
                 count = min(RECALL_QUERY_TOKENS, n)
-                spread = torch.linspace(0, n - 1, min(RECALL_BASELINE_TOKENS, n), device=self.device).long()
-                rows += [int(start) + spread, torch.arange(int(start) + n - count, int(start) + n, device=self.device)]
+                spread = np.linspace(0, n - 1, min(RECALL_BASELINE_TOKENS, n)).astype(np.int64)
+                rows += [start + spread, np.arange(start + n - count, start + n)]
                 self._capturing.append((seq, len(spread), count))
-        return Capture(rows=torch.cat(rows)) if rows else None
+        if not rows:
+            return None
+        (rows_t,) = self.runner.upload_arrays([np.concatenate(rows)], torch.int64)
+        return Capture(rows=rows_t, queries_only=True)
 
     def keep_queries(self, capture: Capture) -> None:
         """Hand each sequence the queries captured for it, for its next chunk's recall."""
@@ -204,10 +207,14 @@ class CacheOps:
         own queries (its K/V writes are redone by the step itself)."""
         seq, size = item.seq, self.block_size
         archive = seq.archive
+        policy = seq.context_policy
+        first_block = policy.sink_blocks(size) + policy.landmark_blocks(size)
+        region = seq.block_table[first_block : first_block + policy.recall_blocks(size)]
         if item.samples:
             batch = self.runner.build_batch(SchedulerOutput(scheduled=[item]), [1])
             n = item.num_new_tokens
-            captured = Capture(rows=torch.arange(max(0, n - RECALL_QUERY_TOKENS), n, device=self.device))
+            (rows,) = self.runner.upload_arrays([np.arange(max(0, n - RECALL_QUERY_TOKENS), n)], torch.int64)
+            captured = Capture(rows=rows, queries_only=True)
             self.clear_written_slots(batch)
             self.model.forward(batch, self.kv_cache, captured)
             queries = torch.stack(captured.queries)
@@ -215,38 +222,42 @@ class CacheOps:
             queries = archive.queries
         archive.queries = None  # a new turn's prompt is scored by its own queries
         self.archive_budget.touch(archive)
-        policy = seq.context_policy
-        first_block = policy.sink_blocks(size) + policy.landmark_blocks(size)
-        region = seq.block_table[first_block : first_block + policy.recall_blocks(size)]
         # The baseline: the latest chunk before this one (never the question being scored).
         chosen = archive.select(queries, archive.baseline_queries, len(region), self.model.scale,
-                                self.model.tp.all_reduce)
+                                self.model.tp.all_reduce)  # chosen on the device, read once: the one wait
         archive.recalled_tokens = [archive.first_token(index) for index in chosen]
-        self.bring_back(seq, [archive.block(index) for index in chosen], region, first_block)
+        self.bring_back(seq, archive.runs(chosen), region, first_block)
         self.num_recalls += 1
         self.num_recalled_blocks += len(chosen)
 
-    def bring_back(self, seq, blocks: list[tuple[torch.Tensor, int, RopePlan]], region: list[int],
+    def bring_back(self, seq, runs: list[tuple[torch.Tensor, int, RopePlan]], region: list[int],
                    first_block: int) -> None:
-        """Copy archived blocks (kv, position when evicted, plan) into the first blocks of the
-        region (table index first_block on) and re-rotate their keys from where they were
-        evicted to their slots, all blocks at once; mask the rest of the region."""
-        size, count = self.block_size, len(blocks)
+        """Copy runs of archived blocks (kv [n, ...] of n blocks adjacent in the stream, the first
+        one's position when evicted, their plan) into the first blocks of the region (table index
+        first_block on) and re-rotate their keys from where they were evicted to their slots, all
+        blocks at once; mask the rest of the region."""
+        size = self.block_size
+        lengths = [len(kv) for kv, _, _ in runs]
+        count = sum(lengths)
         offsets = np.arange(size)
-        old_positions = np.array([position for _, position, _ in blocks], dtype=np.int64)[:, None] + offsets
+        old_positions = np.concatenate([position + np.arange(n * size) for (_, position, _), n in zip(runs, lengths)]
+                                       or [np.zeros(0, dtype=np.int64)])
         new_positions = (first_block + np.arange(count))[:, None] * size + offsets
         destination = np.asarray(region[:count], dtype=np.int64)
-        old_rows = np.repeat([self.runner.rope_index(plan) for _, _, plan in blocks], size)
+        old_rows = np.repeat([self.runner.rope_index(plan) for _, _, plan in runs],
+                             np.asarray(lengths, dtype=np.int64) * size)
         destination_t, empty_t, slots, old_t, new_t, old_rows_t, new_rows_t = self.runner.upload_arrays(
             [destination, np.asarray(region[count:], dtype=np.int64), (destination[:, None] * size + offsets).ravel(),
-             old_positions.ravel(), new_positions.ravel(), old_rows,
+             old_positions, new_positions.ravel(), old_rows,
              np.full(count * size, self.runner.rope_index(seq.rope_plan))], torch.int64)
         self.slot_bias.index_fill_(0, empty_t, float("-inf"))
         if not count:
             return
-        staged = torch.empty((count, *blocks[0][0].shape), dtype=self.kv_cache.dtype, device=self.device)
-        for row, (kv, _, _) in enumerate(blocks):
-            staged[row].copy_(kv, non_blocking=True)  # pinned on CUDA: queued, no wait
+        staged = torch.empty((count, *runs[0][0].shape[1:]), dtype=self.kv_cache.dtype, device=self.device)
+        row = 0
+        for kv, _, _ in runs:  # one copy per run of consecutive blocks
+            staged[row : row + len(kv)].copy_(kv, non_blocking=True)  # pinned on CUDA: queued, no wait
+            row += len(kv)
         self.kv_cache.index_copy_(2, destination_t, staged.movedim(0, 2))  # whole blocks, fp8 scales included
         self.slot_bias.index_fill_(0, destination_t, 0.0)
         old_inv_freq, old_factor = self.runner.rope_rows(old_rows_t)

@@ -29,7 +29,10 @@ How a block is scored, and why (needle ranks measured on natural text, questions
 What a recall costs is kept to a few device operations whatever the model's depth (the time to
 first token of a long prompt pays it before every chunk): evicted blocks go to pinned host
 memory by copies queued on the stream (nothing waits for them), scoring takes all layers in a
-few batched products (layer groups), and the chosen blocks come back in one gather and one re-rotation.
+few batched products (layer groups) over scoring keys kept head-major (the products read them
+in place), the choice is made on the device, and the chosen blocks come back in one copy per
+run of consecutive blocks and one re-rotation. The host reads the choice once, where it must
+(it copies the blocks from host memory).
 """
 
 import weakref
@@ -74,13 +77,16 @@ class RecallArchive:
 
     def __init__(self):
         self.chunks: list[ArchivedBlocks] = []
-        # Keys before RoPE on the device, [num_layers, capacity, num_kv_heads, head_dim] in the
-        # cache dtype, the first num_tokens filled: one tensor (scoring is one pass), grown by
-        # doubling so that appending a chunk does not copy the whole archive.
+        # Keys before RoPE on the device, [num_layers, num_kv_heads, capacity, head_dim] in the
+        # model's dtype, the first num_tokens filled: one tensor (scoring is one pass), head-major
+        # so that the scoring product reads it without a copy, grown by doubling so that
+        # appending a chunk does not copy the whole archive.
         self._scoring_keys: torch.Tensor | None = None
         self.num_tokens = 0
         self.num_blocks = 0
+        self.num_dropped_blocks = 0  # forgotten by the budget: a choice made before is shifted by them
         self.num_bytes = 0  # host copies and device scoring keys together
+
         # Queries [num_layers, Q, num_heads, head_dim] of the last prompt chunk computed: its
         # last tokens, to score the archive before the next chunk, and tokens spread over it,
         # the baseline of later scores.
@@ -92,8 +98,14 @@ class RecallArchive:
 
     @property
     def scoring_keys(self) -> torch.Tensor | None:
-        """[num_layers, archived tokens, num_kv_heads, head_dim]: every archived key before RoPE."""
-        return None if self._scoring_keys is None else self._scoring_keys[:, : self.num_tokens]
+        """[num_layers, archived tokens, num_kv_heads, head_dim]: every archived key before RoPE
+        (a view of the head-major keys)."""
+        return None if self._scoring_keys is None else self._head_major_keys.transpose(1, 2)
+
+    @property
+    def _head_major_keys(self) -> torch.Tensor:
+        """[num_layers, num_kv_heads, archived tokens, head_dim]."""
+        return self._scoring_keys[:, :, : self.num_tokens]
 
     def add(self, kv: torch.Tensor, position: int, first_token: int, plan: RopePlan, inv_freq: torch.Tensor,
             attention_factor: float, keys: torch.Tensor | None = None) -> None:
@@ -111,7 +123,7 @@ class RecallArchive:
         cos, sin = rope_cos_sin(positions, inv_freq.expand(n, -1),
                                 torch.full((n,), 1.0 / attention_factor, device=kv.device))
         unrotated = rotate_by(keys.float(), cos, -sin).to(keys.dtype).view(n, num_layers, num_kv_heads, head_dim)
-        self._append_keys(unrotated.transpose(0, 1))
+        self._append_keys(unrotated.permute(1, 2, 0, 3))
         # Block-major (one copy per recalled block) and pinned on CUDA, so the copy is queued
         # behind the step and recalls copy back without waiting.
         blocks = kv.movedim(2, 0)
@@ -122,22 +134,24 @@ class RecallArchive:
         self.num_bytes += host.nbytes + unrotated.nbytes
 
     def _append_keys(self, keys: torch.Tensor) -> None:
-        num_layers, n, num_kv_heads, head_dim = keys.shape
+        """keys [num_layers, num_kv_heads, n, head_dim] after the archived ones."""
+        num_layers, num_kv_heads, n, head_dim = keys.shape
         needed = self.num_tokens + n
-        if self._scoring_keys is None or needed > self._scoring_keys.shape[1]:
-            grown = keys.new_empty(num_layers, max(needed, 2 * self.num_tokens), num_kv_heads, head_dim)
+        if self._scoring_keys is None or needed > self._scoring_keys.shape[2]:
+            grown = keys.new_empty(num_layers, num_kv_heads, max(needed, 2 * self.num_tokens), head_dim)
             if self.num_tokens:
-                grown[:, : self.num_tokens] = self.scoring_keys
+                grown[:, :, : self.num_tokens] = self._head_major_keys
             self._scoring_keys = grown
-        self._scoring_keys[:, self.num_tokens : needed] = keys
+        self._scoring_keys[:, :, self.num_tokens : needed] = keys
         self.num_tokens = needed
 
     def drop_oldest(self) -> None:
         oldest = self.chunks.pop(0)
         num_tokens = oldest.num_blocks * oldest.block_size
-        self._scoring_keys = self.scoring_keys[:, num_tokens:].clone()
+        self._scoring_keys = self._head_major_keys[:, :, num_tokens:].clone()
         self.num_tokens -= num_tokens
         self.num_blocks -= oldest.num_blocks
+        self.num_dropped_blocks += oldest.num_blocks
         self.num_bytes -= oldest.kv.nbytes + oldest.scoring_bytes
 
     def select(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float,
@@ -145,15 +159,14 @@ class RecallArchive:
         """Indices (oldest first) of at most count archived blocks to bring back for queries
         [num_layers, Q, num_heads, head_dim] (before RoPE, this rank's heads) over baseline
         queries (same layout, or None). all_reduce sums a tensor over tensor-parallel ranks,
-        so every rank chooses the same blocks."""
-        scores = self.block_scores(queries, baseline, scale, all_reduce)
-        chosen: set[int] = set()
-        for block in scores.argsort(descending=True).tolist():
-            if len(chosen) >= count:
-                break
-            span = range(block, min(block + 1 + RECALL_FOLLOWING_BLOCKS, self.num_blocks))
-            chosen.update(list(span)[: count - len(chosen)])
-        return sorted(chosen)
+        so every rank chooses the same blocks. Reads the choice at once (a host sync)."""
+        return self.choose(queries, baseline, count, scale, all_reduce).read(self)
+
+    def choose(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float,
+               all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> "Choice":
+        """select's choice made on the device, its copy to the host queued: nothing waits."""
+        chosen = choose_blocks(self.block_scores(queries, baseline, scale, all_reduce), count)
+        return Choice.queue(chosen, self.num_dropped_blocks)
 
     def block_scores(self, queries: torch.Tensor, baseline: torch.Tensor | None, scale: float,
                      all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -163,8 +176,8 @@ class RecallArchive:
         num_layers, num_queries, num_heads, _ = queries.shape
         if baseline is not None:  # scored in the same products
             queries = torch.cat([queries, baseline], 1)
-        keys = self.scoring_keys
-        per_layer = queries.shape[1] * num_heads * keys.shape[1] * keys.element_size()
+        keys = self._head_major_keys
+        per_layer = queries.shape[1] * num_heads * keys.shape[2] * keys.element_size()
         group = max(1, SCORING_BYTES.get(keys.device.type, SCORING_BYTES["cpu"]) // per_layer)
         score = torch.zeros(self.num_blocks, device=keys.device)
         for first in range(0, num_layers, group):
@@ -181,14 +194,33 @@ class RecallArchive:
     def _shares(self, queries: torch.Tensor, keys: torch.Tensor, scale: float,
                 all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """[layers, Q, num_blocks]: each query's attention over the blocks' best keys, summed
-        over heads, for queries [layers, Q, num_heads, D] and keys [layers, N, Hkv, D]."""
+        over heads, for queries [layers, Q, num_heads, D] and head-major keys [layers, Hkv, N, D]."""
         num_layers, num_queries, num_heads, head_dim = queries.shape
-        num_kv_heads = keys.shape[2]
-        grouped = queries.reshape(num_layers, num_queries, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        logits = torch.einsum("lqkgd,lnkd->lqkgn", grouped.to(keys.dtype), keys)
+        num_kv_heads = keys.shape[1]
+        group = num_heads // num_kv_heads
+        # [layers, Hkv, Q * group, D]: each KV head's queries in one matrix, so the product is one
+        # batched matmul over (layer, KV head) reading the keys where they are.
+        grouped = (queries.to(keys.dtype).view(num_layers, num_queries, num_kv_heads, group, head_dim)
+                   .transpose(1, 2).reshape(num_layers, num_kv_heads, num_queries * group, head_dim))
+        logits = torch.matmul(grouped, keys.transpose(-1, -2))
         # The max is exact in the cache dtype; the softmax runs in fp32.
-        best = logits.view(*logits.shape[:4], self.num_blocks, -1).amax(-1).float() * scale
-        return all_reduce(best.softmax(-1).sum((2, 3)))
+        best = logits.view(num_layers, num_kv_heads, num_queries, group, self.num_blocks, -1).amax(-1)
+        return all_reduce((best.float() * scale).softmax(-1).sum((1, 3)))
+
+    def runs(self, indices: list[int]) -> list[tuple[torch.Tensor, int, RopePlan]]:
+        """The archived blocks indices (ascending) as runs of blocks adjacent in host memory:
+        kv [n, num_layers, 2, ...], the run's first token's position when evicted, its plan."""
+        runs: list[tuple[torch.Tensor, int, RopePlan]] = []
+        last = None
+        for index in indices:
+            chunk, offset = self._locate(index)
+            if last is not None and last[0] is chunk and last[2] == offset:
+                last[2] = offset + 1
+            else:
+                last = [chunk, offset, offset + 1]
+                runs.append(last)
+        return [(chunk.kv[start:stop], chunk.position + start * chunk.block_size, chunk.plan)
+                for chunk, start, stop in runs]
 
     def block(self, index: int) -> tuple[torch.Tensor, int, RopePlan]:
         """Archived block index: kv [num_layers, 2, ...] as the pool holds a block, its first
@@ -207,6 +239,51 @@ class RecallArchive:
                 return chunk, index
             index -= chunk.num_blocks
         raise IndexError(index)
+
+
+def choose_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices (ascending, on the device) of min(count, blocks) blocks for scores [blocks]: the
+    best-scored block with the RECALL_FOLLOWING_BLOCKS after it, then the next best with those
+    after it, ..., blocks not yet taken taken in that order until count are. Made without
+    reading the scores on the host: each block is ranked by the best block that brings it (the
+    best of itself and the blocks just before it), then by its place after that one, and the
+    lowest ranks win."""
+    num_blocks, following = scores.numel(), RECALL_FOLLOWING_BLOCKS
+    if num_blocks == 0:
+        return torch.empty(0, dtype=torch.int64, device=scores.device)
+    order = scores.argsort(descending=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(num_blocks, device=scores.device)
+    # Ranks of each block and the `following` before it (none before the first: ranked last).
+    before = torch.cat([rank.new_full((following,), num_blocks), rank]).unfold(0, following + 1, 1)
+    seed_rank, seed_at = before.min(-1)
+    place = seed_rank * (following + 1) + (following - seed_at)
+    return place.topk(min(count, num_blocks), largest=False).indices.sort().values
+
+
+@dataclass
+class Choice:
+    """Archived blocks chosen on the device, on their way to the host."""
+    indices: torch.Tensor  # on the host (pinned on CUDA): valid once copied
+    copied: torch.cuda.Event | None
+    num_dropped_blocks: int  # the archive's when chosen
+
+    @classmethod
+    def queue(cls, chosen: torch.Tensor, num_dropped_blocks: int) -> "Choice":
+        if not chosen.is_cuda:
+            return cls(chosen, None, num_dropped_blocks)
+        host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
+        host.copy_(chosen, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(host, copied, num_dropped_blocks)
+
+    def read(self, archive: RecallArchive) -> list[int]:
+        """The chosen indices in the archive as it is now (blocks the budget dropped since are gone)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        shift = archive.num_dropped_blocks - self.num_dropped_blocks
+        return [index - shift for index in self.indices.tolist() if index >= shift]
 
 
 class ArchiveBudget:

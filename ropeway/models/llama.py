@@ -43,18 +43,23 @@ class ForwardStopped(Exception):
 @dataclass
 class Capture:
     """Per-layer projections before RoPE that a caller wants from a forward pass: landmark
-    summaries take keys and values, retrieval scoring takes queries. rows picks tokens
-    (None: all)."""
+    summaries take keys and values, retrieval scoring takes queries (queries_only: one gather
+    a layer, for a step of a long prompt pays it in every layer). rows picks tokens (None: all)."""
     rows: torch.Tensor | None = None
+    queries_only: bool = False
     queries: list[torch.Tensor] = field(default_factory=list)
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        rows = slice(None) if self.rows is None else self.rows
-        self.queries.append(q[rows].clone())
-        self.keys.append(k[rows].clone())
-        self.values.append(v[rows].clone())
+        # Copies: RoPE then rotates q and k in place.
+        self.queries.append(self._rows(q))
+        if not self.queries_only:
+            self.keys.append(self._rows(k))
+            self.values.append(self._rows(v))
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clone() if self.rows is None else x.index_select(0, self.rows)
 
 
 class LlamaModel:
