@@ -281,7 +281,8 @@ def test_draw_columns_hold_each_rows_parameters():
     columns = SamplingBatch(rows).draw_columns(vocab, torch.device("cpu"))
     assert columns.temperature[:, 0].tolist() == pytest.approx([0.8, 1.2, 0.5, 1.0, 0.9])
     assert columns.search_top_p.tolist() == pytest.approx([0.9, 1.0, 0.6, 1.0, 1.0])
-    assert columns.has_top_k.tolist() == [False, True, False, False, True] and columns.max_top_k == 5
+    # The candidates taken: the largest k (5) rounded up to a power of two, so batches share a shape.
+    assert columns.has_top_k.tolist() == [False, True, False, False, True] and columns.max_top_k == 8
     assert columns.kth_index[:, 0].tolist() == [0, 4, 0, 0, 2]
     assert columns.top_k_top_p.tolist() == pytest.approx([1.0, 0.7, 1.0, 1.0, 1.0])
     assert columns.min_p.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.0])

@@ -37,6 +37,7 @@ from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .request_state import ChoiceState, RequestState
 from .sampler import PENALTY, RowSettings, SampledTokens, SamplerOutput, SamplingRow, sample
+from .sampler_graphs import SamplerGraphs
 from .sampling_state import PenaltyState
 from .stats import PlanChoice, StatsSnapshot
 from .step_interrupt import StepInterrupt
@@ -200,6 +201,8 @@ class EngineCore:
                                   host_slots)
         self.runner.workers = self.workers
         self.penalty_state = PenaltyState(model_config.vocab_size, self.device)
+        self.sampler_graphs = (SamplerGraphs(self.runner.decode_graphs)
+                               if config.sampler_cuda_graphs and self.runner.decode_graphs is not None else None)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
         self.grammar_tokenizer = GrammarTokenizer(self.tokenizer.tokenizer.to_str(), model_config.vocab_size,
                                                   self.tokenizer.eos_token_ids)
@@ -491,7 +494,7 @@ class EngineCore:
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplingRow]) -> SampledTokens:
         sampled = sample(logits, rows, self.penalty_state, self.eos_token_ids,
-                         self._grammar_mask(seqs, rows, logits.device))
+                         self._grammar_mask(seqs, rows, logits.device), self.sampler_graphs)
         self.penalty_state.record([row.penalty_row for row in rows], sampled.token_ids)
         return sampled
 

@@ -49,6 +49,8 @@ class DecodeGraphs:
         self.logits_indices = index[:largest]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # The whole bucket's logits of the last replay: a sampler graph reads them in place.
+        self.last_logits: torch.Tensor | None = None
 
     def fits(self, batch: ForwardBatch) -> bool:
         """A pure-decode step in which every sequence samples, no larger than the largest bucket."""
@@ -77,6 +79,7 @@ class DecodeGraphs:
             self.seq_lens[n:bucket].fill_(1)
         graph, logits = self.graphs[key]
         graph.replay()
+        self.last_logits = logits
         return logits[:n]
 
     def capture_up_to(self, num_seqs: int) -> int:
