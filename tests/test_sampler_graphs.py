@@ -1,5 +1,7 @@
 """The sampler's CUDA graphs (sampler_graphs.py) against eager sampling: the same seeded tokens
-and logprobs, one graph per (bucket, shape), no host synchronization. Skipped without CUDA."""
+and logprobs, one graph per (bucket, shape), no host synchronization. On CPU, a stand-in for
+capture (replay runs the same ops again into the captured outputs) checks the plumbing: static
+parameter buffer, padding rows, reuse per shape; the GPU tests are skipped."""
 
 from types import SimpleNamespace
 
@@ -10,7 +12,7 @@ from ropeway.engine.sampler import SamplingRow, sample
 from ropeway.engine.sampling_state import PenaltyState
 from ropeway.sampling_params import SamplingParams
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 VOCAB = 128256
 MIXED = [{"temperature": 0.8, "top_p": 0.95}, {"temperature": 0.8, "top_p": 0.95, "logprobs": 5},
@@ -22,6 +24,36 @@ def rows_of(settings: list[dict], count: int, seed: int, step: int) -> list[Samp
             for i in range(count)]
 
 
+def eager_capture(run):
+    """Stands in for a CUDA graph on CPU: a replay runs the ops again and writes the captured outputs."""
+    out = run()
+
+    def replay():
+        for captured, new in zip(out._tensors(), run()._tensors()):
+            if captured is not None:
+                captured.copy_(new)
+    return replay, out
+
+
+def test_replays_on_cpu_read_each_batchs_parameters_through_the_static_buffer():
+    from ropeway.engine.sampler_graphs import SamplerGraphs
+
+    vocab, bucket = 4096, 8
+    static = torch.randn(bucket, vocab, generator=torch.Generator().manual_seed(3)) * 4
+    graphs = SamplerGraphs(SimpleNamespace(last_logits=static), capture=eager_capture)
+    for step, settings in enumerate([MIXED, MIXED[::-1], [{"temperature": 0.9, "top_k": 3}]]):
+        for rows in (bucket, 5):
+            batch = rows_of(settings, rows, seed=10 * step, step=step)
+            eager = sample(static[:rows].clone(), batch).read()
+            graphed = sample(static[:rows], batch, graphs=graphs).read()
+            assert graphed.token_ids == eager.token_ids and graphed.top_token_ids == eager.top_token_ids
+    # One graph per shape: the mixed batches share one (their rows' values change), top-k has its own.
+    assert graphs.replays == 6 and len(graphs.graphs) == 2
+    assert sample(static[1:], rows_of(MIXED, bucket - 1, 0, 0), graphs=graphs) is not None
+    assert graphs.replays == 6  # rows of the logits that do not start the bucket: eager
+
+
+@gpu
 @pytest.mark.parametrize("rows", [64, 50])  # a whole bucket, and a batch padded up to one
 def test_graph_replays_draw_the_eager_tokens(rows):
     from ropeway.engine.sampler_graphs import SamplerGraphs
@@ -48,6 +80,7 @@ def test_graph_replays_draw_the_eager_tokens(rows):
     assert graphs.replays == 3 and len(graphs.graphs) == 1
 
 
+@gpu
 def test_other_logits_and_processed_rows_sample_eagerly():
     from ropeway.engine.sampler_graphs import SamplerGraphs
 
@@ -60,6 +93,7 @@ def test_other_logits_and_processed_rows_sample_eagerly():
     assert graphs.replays == 0 and not graphs.graphs
 
 
+@gpu
 def test_engine_with_sampler_graphs_samples_the_same_tokens(make_llm):
     """Through the engine: decode steps of sampled, mixed and logprob requests replay the sampler's
     graphs and stream the same seeded tokens as the eager sampler."""

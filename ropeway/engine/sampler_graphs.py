@@ -18,30 +18,42 @@ one parameter copy and one launch.
   read by the next step's input gather, before the next replay in stream order.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from .cuda_graphs import DecodeGraphs
 from .sampler import DrawColumns, SampledTokens, SamplerShape, SamplingBatch, pack, sample_on_device, unpack
 
+# Captures a function's device work: returns what replays it, and the outputs a replay rewrites.
+Capture = Callable[[Callable[[], SampledTokens]], tuple[Callable[[], None], SampledTokens]]
+
+
+def cuda_graph_capture(pool) -> Capture:
+    def capture(run):
+        run()  # compiles and loads every kernel for these sizes, outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = run()
+        return graph.replay, out
+    return capture
+
 
 class SamplerGraph:
     """One captured sampler: its static parameter buffer and output tensors."""
 
-    def __init__(self, logits: torch.Tensor, shape: SamplerShape, host: torch.Tensor, layout: list, pool):
+    def __init__(self, logits: torch.Tensor, shape: SamplerShape, host: torch.Tensor, layout: dict, capture: Capture):
         self.params = torch.empty(host.shape, dtype=torch.uint8, device=logits.device)
         self.params.copy_(host)  # the first batch's own columns, for the eager pass
-        columns = DrawColumns.of(shape, dict(zip(layout, unpack(self.params, list(layout.values())))))
-        run = lambda: sample_on_device(logits, logits, columns if shape.drawn else None, shape)  # noqa: E731
-        run()  # compiles and loads every kernel for these sizes, outside the capture
-        torch.cuda.synchronize(logits.device)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.out = run()
+        columns = (DrawColumns.of(shape, dict(zip(layout, unpack(self.params, list(layout.values())))))
+                   if shape.drawn else None)  # (greedy rows with logprobs have no columns)
+        self.replay_graph, self.out = capture(lambda: sample_on_device(logits, logits, columns, shape))
 
     def replay(self, host: torch.Tensor, rows: int) -> SampledTokens:
         if host.numel():
             self.params.copy_(host, non_blocking=True)
-        self.graph.replay()
+        self.replay_graph()
         out = self.out
         result = SampledTokens(*(None if t is None else t[:rows] for t in
                                  (out.token_ids, out.logprobs, out.top_token_ids, out.top_logprobs)))
@@ -50,9 +62,9 @@ class SamplerGraph:
 
 
 class SamplerGraphs:
-    def __init__(self, decode_graphs: DecodeGraphs):
+    def __init__(self, decode_graphs: DecodeGraphs, capture: Capture | None = None):
         self.decode_graphs = decode_graphs
-        self.pool = torch.cuda.graph_pool_handle()
+        self.capture = capture or cuda_graph_capture(torch.cuda.graph_pool_handle())
         self.graphs: dict[tuple[int, SamplerShape], SamplerGraph] = {}
         self.replays = 0
 
@@ -65,10 +77,10 @@ class SamplerGraphs:
             return None
         bucket = static.shape[0]
         shape, columns = batch.plan(static.shape[1], padded_rows=bucket)
-        host, layout = pack(list(columns.values()))
+        host, layout = pack(list(columns.values()), pin=static.is_cuda)
         graph = self.graphs.get((bucket, shape))
         if graph is None:
             graph = self.graphs[(bucket, shape)] = SamplerGraph(static, shape, host, dict(zip(columns, layout)),
-                                                                self.pool)
+                                                                self.capture)
         self.replays += 1
         return graph.replay(host, len(batch))
