@@ -83,16 +83,37 @@ class ReadClock:
         sampler.SampledTokens.read = self._read
 
 
+def runtime_calls(engine: LLMEngine, steps: int, trace: pathlib.Path | None) -> dict:
+    """CUDA runtime and driver calls per pipelined step (launches, copies, synchronizations, host
+    allocations), from torch.profiler over `steps` steps; the Chrome trace to `trace` if given."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(engine.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            engine.step()
+        synchronize(engine.device)
+    if trace is not None:
+        profiler.export_chrome_trace(str(trace))
+    calls = {}
+    for event in profiler.key_averages():
+        if event.key.startswith(("cuda", "cu")) and not event.key.startswith("cudnn"):
+            calls[event.key] = {"per_step": round(event.count / steps, 2),
+                                "host_us_per_step": round(event.cpu_time_total / steps, 1)}
+    return dict(sorted(calls.items(), key=lambda item: -item[1]["host_us_per_step"]))
+
+
 def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, steps: int,
                    context_params: ContextParams | None = None, prompt_seed: int | None = None,
-                   waits: list | None = None) -> tuple[float, float]:
+                   waits: list | None = None, calls: dict | None = None,
+                   trace: pathlib.Path | None = None) -> tuple[float, float]:
     """(median synchronized step, mean pipelined step) in ms; waits: gets the mean read wait of a
-    pipelined step."""
+    pipelined step; calls: filled with runtime_calls over 5 more pipelined steps."""
     vocab = engine.model_config.vocab_size
     generator = torch.Generator().manual_seed(batch if prompt_seed is None else prompt_seed)
     for i in range(batch):
         prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
-        engine.add_request(f"b{batch}-{i}", prompt, SamplingParams(max_tokens=2 * steps + 5, ignore_eos=True, seed=i,
+        engine.add_request(f"b{batch}-{i}", prompt, SamplingParams(max_tokens=2 * steps + 12, ignore_eos=True, seed=i,
                                                                   detokenize=False, **setting), context_params)
     while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
             or engine.scheduler.num_waiting:
@@ -115,6 +136,8 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, s
     pipelined = (time.perf_counter() - started) * 1e3 / steps
     if waits is not None:
         waits.append(reads.seconds * 1e3 / steps)
+    if calls is not None:
+        calls.update(runtime_calls(engine, 5, trace))
     while engine.has_unfinished_requests():  # the last few tokens
         engine.step()
     return statistics.median(times), pipelined
@@ -154,6 +177,9 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=float, default=20)
     parser.add_argument("--sampler-graphs", choices=["off", "on", "both"], default="off",
                         help="sample eagerly, through the sampler's CUDA graphs, or both in turn (CUDA only)")
+    parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
+                        help="also count CUDA runtime calls per pipelined step (torch.profiler, 5 steps) at the "
+                             "largest batch, into the JSON, and write each setting's Chrome trace to DIR")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     batches = [int(b) for b in (args.batches or ("1,8" if args.tiny else "1,64")).split(",")]
@@ -184,8 +210,14 @@ def main() -> None:
     for batch in batches:
         for name, setting, graphed, _ in names:
             engine.core.sampler_graphs = SamplerGraphs(engine.runner.decode_graphs) if graphed else None
-            waits = []
-            step, pipelined = decode_step_ms(engine, batch, context, setting, steps, waits=waits)
+            waits, calls = [], None
+            trace = None
+            if args.profile is not None and batch == max(batches):
+                args.profile.mkdir(parents=True, exist_ok=True)
+                calls = results.setdefault("runtime_calls_per_step", {}).setdefault(name, {})
+                trace = args.profile / f"b{batch}_{name.replace(' ', '_').replace(',', '')}.json"
+            step, pipelined = decode_step_ms(engine, batch, context, setting, steps, waits=waits, calls=calls,
+                                             trace=trace)
             alone, launch = sampler_alone_us(batch, vocab, setting, engine.device, repeats=max(steps, 20),
                                              graphed=graphed)
             results["decode_step_ms"].setdefault(name, {})[batch] = round(step, 3)
