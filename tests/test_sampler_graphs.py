@@ -53,6 +53,22 @@ def test_replays_on_cpu_read_each_batchs_parameters_through_the_static_buffer():
     assert graphs.replays == 6  # rows of the logits that do not start the bucket: eager
 
 
+def test_common_shapes_are_captured_for_every_decode_bucket_ahead_of_use():
+    from ropeway.engine.sampler_graphs import SamplerGraphs
+
+    logits = {bucket: torch.randn(bucket, 1024) for bucket in (4, 8)}
+    captured = {(4, False): (None, logits[4]), (8, False): (None, logits[8]), (8, True): (None, torch.randn(8, 1024))}
+    decode_graphs = SimpleNamespace(last_logits=None, graphs=captured)
+    graphs = SamplerGraphs(decode_graphs, capture=eager_capture)
+    assert graphs.capture_common() == 4 and graphs.capture_common() == 0  # temperature alone, and with top-p
+    decode_graphs.last_logits = logits[8]
+    for settings in ({"temperature": 0.7}, {"temperature": 1.3, "top_p": 0.8}):
+        batch = rows_of([settings], 6, seed=1, step=2)
+        assert sample(logits[8][:6], batch, graphs=graphs).read().token_ids == sample(logits[8][:6].clone(), batch
+                                                                                      ).read().token_ids
+    assert graphs.replays == 2 and len(graphs.graphs) == 4  # both replayed graphs captured ahead
+
+
 @gpu
 @pytest.mark.parametrize("rows", [64, 50])  # a whole bucket, and a batch padded up to one
 def test_graph_replays_draw_the_eager_tokens(rows):

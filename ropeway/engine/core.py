@@ -275,6 +275,10 @@ class EngineCore:
             self.workers.send(CaptureGraphs(self.config.max_num_seqs))
         count = self.runner.decode_graphs.capture_up_to(self.config.max_num_seqs)
         log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - started)
+        if self.sampler_graphs is not None:
+            started = time.perf_counter()
+            count = self.sampler_graphs.capture_common()
+            log.info("captured %d sampler CUDA graphs in %.1f s", count, time.perf_counter() - started)
 
     # ----- requests -----
 

@@ -13,17 +13,25 @@ one parameter copy and one launch.
 - Only batches whose logits are the last decode graph's output and that no row processes
   (penalties, logit_bias, min_tokens, grammar masks: host-dependent work) take a graph; the
   others run eagerly, the same ops on the same columns.
-- A shape's graph is captured on its first use (one eager pass first, which compiles the
-  kernels). All share one memory pool: their outputs alias, and are copied to the host, and
-  read by the next step's input gather, before the next replay in stream order.
+- The shapes of plain sampling (temperature alone, and with top-p) are captured at start-up
+  for every decode bucket captured then (`capture_common`); any other shape on its first use
+  (one eager pass first, which compiles the kernels).
+- All share one memory pool: their outputs alias, and are copied to the host, and read by the
+  next step's input gather, before the next replay in stream order.
 """
 
 from collections.abc import Callable
 
 import torch
 
+from ropeway.sampling_params import SamplingParams
+
 from .cuda_graphs import DecodeGraphs
-from .sampler import DrawColumns, SampledTokens, SamplerShape, SamplingBatch, pack, sample_on_device, unpack
+from .sampler import (DrawColumns, SampledTokens, SamplerShape, SamplingBatch, SamplingRow, pack, sample_on_device,
+                      unpack)
+
+# The settings of plain sampling, whose shapes capture_common captures ahead of serving.
+COMMON_SETTINGS = ({"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9})
 
 # Captures a function's device work: returns what replays it, and the outputs a replay rewrites.
 Capture = Callable[[Callable[[], SampledTokens]], tuple[Callable[[], None], SampledTokens]]
@@ -67,6 +75,23 @@ class SamplerGraphs:
         self.capture = capture or cuda_graph_capture(torch.cuda.graph_pool_handle())
         self.graphs: dict[tuple[int, SamplerShape], SamplerGraph] = {}
         self.replays = 0
+
+    def capture_common(self) -> int:
+        """Capture the common shapes' graphs for every decode bucket already captured (without a
+        landmark cache), so no step of a running server stalls on them. Returns how many."""
+        count = 0
+        for (bucket, with_bias), (_, logits) in sorted(self.decode_graphs.graphs.items()):
+            if with_bias:
+                continue
+            for settings in COMMON_SETTINGS:
+                batch = SamplingBatch([SamplingRow(SamplingParams(**settings), seed=0, step=0)] * bucket)
+                shape, columns = batch.plan(logits.shape[1])
+                if (bucket, shape) not in self.graphs:
+                    host, layout = pack(list(columns.values()), pin=logits.is_cuda)
+                    self.graphs[(bucket, shape)] = SamplerGraph(logits, shape, host, dict(zip(columns, layout)),
+                                                                self.capture)
+                    count += 1
+        return count
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampledTokens | None:
         """The batch's draws by replaying its shape's graph, if `logits` are the rows of the last
