@@ -29,6 +29,9 @@ behind the sampling kernels); `SampledTokens.read()` waits for that copy and giv
 The host's share must not grow with the batch faster than greedy's (issue 16): a request's
 `RowSettings` are worked out once, a step reads its rows into numpy arrays (`SamplingBatch`),
 and the per-row parameters reach the device in one pinned buffer and one copy (`upload`).
+Which device ops run depends only on the batch's `SamplerShape` (`sample_on_device`), so a
+decode step's sampling can replay a CUDA graph of them instead of launching each
+(`sampler_graphs.py`, engine option `sampler_cuda_graphs`).
 """
 
 import functools
