@@ -134,10 +134,11 @@ def count_ops(engine: LLMEngine, steps: int) -> dict:
 
 
 def measure(batch: int, prompt_len: int, warm_steps: int, steps: int, device: str, setting: str,
-            async_scheduling: bool | None, window: int | None, profile: bool, count_steps: int = 0) -> dict:
+            async_scheduling: bool | None, window: int | None, profile: bool, count_steps: int = 0,
+            sampler_graphs: bool = False) -> dict:
     config = EngineConfig(device=device, max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * prompt_len),
                           enable_prefix_caching=False, kv_cache_memory_bytes=256 * 2**20,
-                          async_scheduling=async_scheduling)
+                          async_scheduling=async_scheduling, sampler_cuda_graphs=sampler_graphs)
     torch_device = config.torch_device()
     loaded = load_random_model(TINY, config.torch_dtype(torch_device), torch_device,
                                full_vocab_tokenizer(TINY.vocab_size))
@@ -201,6 +202,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions per batch")
     parser.add_argument("--count-ops", type=int, default=0, metavar="STEPS", nargs="?", const=3,
                         help="also count torch ops and Triton launches per step over STEPS more steps (default 3)")
+    parser.add_argument("--sampler-graphs", action="store_true",
+                        help="replay decode steps' sampling as CUDA graphs (engine option sampler_cuda_graphs; CUDA)")
     parser.add_argument("--label", default="", help="saved in the JSON (e.g. before/after)")
     parser.add_argument("--out", type=Path, default=RESULTS / "host_overhead.json")
     args = parser.parse_args()
@@ -211,7 +214,7 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "1"})
     torch.set_num_threads(1)  # the model's time is not the point; keep it steady
     rows = [measure(int(b), args.prompt_len, args.warm_steps, args.steps, args.device, setting,
-                    args.async_scheduling, args.window, args.profile, args.count_ops)
+                    args.async_scheduling, args.window, args.profile, args.count_ops, args.sampler_graphs)
             for b in args.batches.split(",") for setting in args.settings.split(",")]
     print(f"{'batch':>6} {'setting':>9} {'step ms':>9} {'device ms':>10} {'host ms':>9} {'p10':>7} {'host us/seq':>12}"
           + (f" {'torch ops':>10} {'launches':>9}" if args.count_ops else ""))
@@ -222,7 +225,7 @@ def main() -> None:
     device = EngineConfig(device=args.device).torch_device()
     report = {"label": args.label, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
               else platform.processor() or platform.machine(),
-              "model": TINY.name, "prompt_len": args.prompt_len,
+              "model": TINY.name, "prompt_len": args.prompt_len, "sampler_graphs": args.sampler_graphs,
               "async_scheduling": bool(args.async_scheduling), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
