@@ -10,8 +10,14 @@ timed on random [B, vocab] logits, with the host's share of it: the time until s
 returns (launches and parameter copies; on CUDA the kernels run behind it). Writes a table
 to stdout and JSON to `--out`.
 
+`--sampler-graphs both` runs every setting twice in the same engine, the sampler launched op by
+op ("eager") and replayed as a CUDA graph ("graphs", sampler_graphs.py), so one call compares
+them. "read wait" is the time the pipelined loop spent in reading a step's tokens: near zero, the
+host is the bottleneck; near the step, the GPU is.
+
 GPU (the issue's shape, random weights):
     python benchmarks/sampling.py --random-llama3-8b --out benchmarks/results/sampling_h200.json
+    python benchmarks/sampling.py --random-llama3-8b --sampler-graphs both --out sampling_graphs_h200.json
 CPU smoke run (a tiny random model):
     python benchmarks/sampling.py --tiny
 """
@@ -22,6 +28,7 @@ import pathlib
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -30,7 +37,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from random_model import LLAMA3_8B, build_engine, full_vocab_tokenizer, load_random_model  # noqa: E402
 
 from ropeway import ContextParams, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from ropeway.engine import sampler  # noqa: E402
 from ropeway.engine.sampler import SamplingRow, sample  # noqa: E402
+from ropeway.engine.sampler_graphs import SamplerGraphs  # noqa: E402
 from ropeway.engine.sampling_state import PenaltyState  # noqa: E402
 from ropeway.models import ModelConfig  # noqa: E402
 
@@ -53,14 +62,58 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class ReadClock:
+    """Adds up the time spent in SampledTokens.read (mostly waiting for the GPU's tokens)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._read = sampler.SampledTokens.read
+
+    def __enter__(self):
+        def timed(tokens):
+            started = time.perf_counter()
+            try:
+                return self._read(tokens)
+            finally:
+                self.seconds += time.perf_counter() - started
+        sampler.SampledTokens.read = timed
+        return self
+
+    def __exit__(self, *exc):
+        sampler.SampledTokens.read = self._read
+
+
+def runtime_calls(engine: LLMEngine, steps: int, trace: pathlib.Path | None) -> dict:
+    """CUDA runtime and driver calls per pipelined step (launches, copies, synchronizations, host
+    allocations), from torch.profiler over `steps` steps; the Chrome trace to `trace` if given."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(engine.device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            engine.step()
+        synchronize(engine.device)
+    if trace is not None:
+        profiler.export_chrome_trace(str(trace))
+    calls = {}
+    for event in profiler.key_averages():
+        if event.key.startswith(("cuda", "cu")) and not event.key.startswith("cudnn"):
+            calls[event.key] = {"per_step": round(event.count / steps, 2),
+                                "host_us_per_step": round(event.cpu_time_total / steps, 1)}
+    return dict(sorted(calls.items(), key=lambda item: -item[1]["host_us_per_step"]))
+
+
 def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, steps: int,
-                   context_params: ContextParams | None = None, prompt_seed: int | None = None) -> tuple[float, float]:
-    """(median synchronized step, mean pipelined step) in ms."""
+                   context_params: ContextParams | None = None, prompt_seed: int | None = None,
+                   waits: list | None = None, calls: dict | None = None,
+                   trace: pathlib.Path | None = None) -> tuple[float, float]:
+    """(median synchronized step, mean pipelined step) in ms; waits: gets the mean read wait of a
+    pipelined step; calls: filled with runtime_calls over 5 more pipelined steps."""
     vocab = engine.model_config.vocab_size
     generator = torch.Generator().manual_seed(batch if prompt_seed is None else prompt_seed)
     for i in range(batch):
         prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
-        engine.add_request(f"b{batch}-{i}", prompt, SamplingParams(max_tokens=2 * steps + 5, ignore_eos=True, seed=i,
+        engine.add_request(f"b{batch}-{i}", prompt, SamplingParams(max_tokens=2 * steps + 12, ignore_eos=True, seed=i,
                                                                   detokenize=False, **setting), context_params)
     while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
             or engine.scheduler.num_waiting:
@@ -76,29 +129,36 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, s
         times.append((time.perf_counter() - started) * 1e3)
     synchronize(engine.device)
     started = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    synchronize(engine.device)
+    with ReadClock() as reads:
+        for _ in range(steps):
+            engine.step()
+        synchronize(engine.device)
     pipelined = (time.perf_counter() - started) * 1e3 / steps
+    if waits is not None:
+        waits.append(reads.seconds * 1e3 / steps)
+    if calls is not None:
+        calls.update(runtime_calls(engine, 5, trace))
     while engine.has_unfinished_requests():  # the last few tokens
         engine.step()
     return statistics.median(times), pipelined
 
 
-def sampler_alone_us(batch: int, vocab: int, setting: dict, device: torch.device, repeats: int
-                     ) -> tuple[float, float]:
+def sampler_alone_us(batch: int, vocab: int, setting: dict, device: torch.device, repeats: int,
+                     graphed: bool = False) -> tuple[float, float]:
     """(median us of sample() and reading its tokens, median us until sample() returns): on CUDA
-    the second is the host's own time, launching the sampler's kernels and copying its parameters."""
+    the second is the host's own time, launching the sampler's kernels and copying its parameters.
+    graphed: the logits stand as a decode graph's, and the sampler replays its CUDA graph."""
     logits = torch.randn(batch, vocab, device=device) * 4
     rows = [SamplingRow(SamplingParams(seed=i, **setting), seed=i, step=0) for i in range(batch)]
     state = PenaltyState(vocab, device)
+    graphs = SamplerGraphs(SimpleNamespace(last_logits=logits)) if graphed else None
     for _ in range(3):
-        sample(logits, rows, state).read()
+        sample(logits, rows, state, graphs=graphs).read()
     times, launches = [], []
     for _ in range(repeats):
         synchronize(device)
         started = time.perf_counter()
-        sampled = sample(logits, rows, state)
+        sampled = sample(logits, rows, state, graphs=graphs)
         launched = time.perf_counter()
         sampled.read()
         times.append((time.perf_counter() - started) * 1e6)
@@ -115,6 +175,11 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=None, help="prompt tokens (default 1024; tiny: 64)")
     parser.add_argument("--steps", type=int, default=None, help="timed decode steps (default 50; tiny: 5)")
     parser.add_argument("--kv-gib", type=float, default=20)
+    parser.add_argument("--sampler-graphs", choices=["off", "on", "both"], default="off",
+                        help="sample eagerly, through the sampler's CUDA graphs, or both in turn (CUDA only)")
+    parser.add_argument("--profile", type=pathlib.Path, default=None, metavar="DIR",
+                        help="also count CUDA runtime calls per pipelined step (torch.profiler, 5 steps) at the "
+                             "largest batch, into the JSON, and write each setting's Chrome trace to DIR")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     batches = [int(b) for b in (args.batches or ("1,8" if args.tiny else "1,64")).split(",")]
@@ -133,25 +198,44 @@ def main() -> None:
     vocab = engine.model_config.vocab_size
     results = {"device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
                "model": engine.model_config.name, "vocab": vocab, "context": context, "decode_step_ms": {},
-               "decode_step_pipelined_ms": {}, "sampler_alone_us": {}, "sampler_launch_us": {}}
+               "decode_step_pipelined_ms": {}, "pipelined_read_wait_ms": {}, "sampler_alone_us": {},
+               "sampler_launch_us": {}}
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.sampler_graphs]
+    if True in modes and engine.runner.decode_graphs is None:
+        parser.error("--sampler-graphs needs CUDA (the decode graphs)")
+    names = []  # (row name, setting, graphed, the greedy row it compares with)
+    for graphed in modes:
+        suffix = " [sampler graphs]" if graphed and len(modes) > 1 else ""
+        names += [(name + suffix, setting, graphed, "greedy" + suffix) for name, setting in SETTINGS.items()]
     for batch in batches:
-        for name, setting in SETTINGS.items():
-            step, pipelined = decode_step_ms(engine, batch, context, setting, steps)
-            alone, launch = sampler_alone_us(batch, vocab, setting, engine.device, repeats=max(steps, 20))
+        for name, setting, graphed, _ in names:
+            engine.core.sampler_graphs = SamplerGraphs(engine.runner.decode_graphs) if graphed else None
+            waits, calls = [], None
+            trace = None
+            if args.profile is not None and batch == max(batches):
+                args.profile.mkdir(parents=True, exist_ok=True)
+                calls = results.setdefault("runtime_calls_per_step", {}).setdefault(name, {})
+                trace = args.profile / f"b{batch}_{name.replace(' ', '_').replace(',', '')}.json"
+            step, pipelined = decode_step_ms(engine, batch, context, setting, steps, waits=waits, calls=calls,
+                                             trace=trace)
+            alone, launch = sampler_alone_us(batch, vocab, setting, engine.device, repeats=max(steps, 20),
+                                             graphed=graphed)
             results["decode_step_ms"].setdefault(name, {})[batch] = round(step, 3)
             results["decode_step_pipelined_ms"].setdefault(name, {})[batch] = round(pipelined, 3)
+            results["pipelined_read_wait_ms"].setdefault(name, {})[batch] = round(waits[0], 3)
             results["sampler_alone_us"].setdefault(name, {})[batch] = round(alone, 1)
             results["sampler_launch_us"].setdefault(name, {})[batch] = round(launch, 1)
-    header = " | ".join(f"B={b} step ms (x greedy) | B={b} pipelined ms (x greedy) | B={b} sampler us (launch)"
-                        for b in batches)
+    header = " | ".join(f"B={b} step ms (x greedy) | B={b} pipelined ms (x greedy) | B={b} read wait ms "
+                        f"| B={b} sampler us (launch)" for b in batches)
     print(f"| setting | {header} |")
-    print("| --- |" + " ---: |" * (3 * len(batches)))
-    for name in SETTINGS:
+    print("| --- |" + " ---: |" * (4 * len(batches)))
+    for name, _, _, greedy in names:
         cells = []
         for batch in batches:
             for key in ("decode_step_ms", "decode_step_pipelined_ms"):
                 step = results[key][name][batch]
-                cells.append(f"{step:.2f} ({step / results[key]['greedy'][batch]:.2f}x)")
+                cells.append(f"{step:.2f} ({step / results[key][greedy][batch]:.2f}x)")
+            cells.append(f"{results['pipelined_read_wait_ms'][name][batch]:.2f}")
             cells.append(f"{results['sampler_alone_us'][name][batch]:.0f} "
                          f"({results['sampler_launch_us'][name][batch]:.0f})")
         print(f"| {name} | " + " | ".join(cells) + " |")

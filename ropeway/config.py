@@ -41,6 +41,9 @@ class EngineConfig:
     kv_host_memory_bytes: int | None = None
     # Launch step N+1 before reading step N's tokens (greedy steps); None: on CUDA only.
     async_scheduling: bool | None = None
+    # On CUDA, replay the sampler's device work of a decode step as a CUDA graph (sampler_graphs.py)
+    # instead of launching its ops one by one. Off by default until measured on the H200.
+    sampler_cuda_graphs: bool = False
     # Ranks the model is split over (one GPU each; processes over gloo on CPU).
     tensor_parallel_size: int = 1
 

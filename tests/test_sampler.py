@@ -281,7 +281,8 @@ def test_draw_columns_hold_each_rows_parameters():
     columns = SamplingBatch(rows).draw_columns(vocab, torch.device("cpu"))
     assert columns.temperature[:, 0].tolist() == pytest.approx([0.8, 1.2, 0.5, 1.0, 0.9])
     assert columns.search_top_p.tolist() == pytest.approx([0.9, 1.0, 0.6, 1.0, 1.0])
-    assert columns.has_top_k.tolist() == [False, True, False, False, True] and columns.max_top_k == 5
+    # The candidates taken: the largest k (5) rounded up to a power of two, so batches share a shape.
+    assert columns.has_top_k.tolist() == [False, True, False, False, True] and columns.max_top_k == 8
     assert columns.kth_index[:, 0].tolist() == [0, 4, 0, 0, 2]
     assert columns.top_k_top_p.tolist() == pytest.approx([1.0, 0.7, 1.0, 1.0, 1.0])
     assert columns.min_p.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.0])
@@ -291,3 +292,25 @@ def test_draw_columns_hold_each_rows_parameters():
         assert columns.stream_keys[i].tolist() == stream_keys([r.seed], [r.step])[0].tolist()
     plain = SamplingBatch([row(seed=1, temperature=0.7)]).draw_columns(vocab, torch.device("cpu"))
     assert plain.has_top_k is None and plain.min_p is None and not plain.any_search
+
+
+def test_padded_rows_leave_the_real_rows_draws_unchanged():
+    """What a sampler CUDA graph computes (sampler_graphs.py): the batch's columns padded to the
+    graph's batch size, the device work run on padded logits, the real rows' results kept. They
+    equal the eager sampler's, logprobs included, for a mixed batch of greedy and drawn rows."""
+    from ropeway.engine.sampler import DrawColumns, sample_on_device, upload
+
+    logits = torch.stack([llm_like_logits(seed) for seed in range(5)])
+    rows = [row(seed=21, temperature=0.8, top_p=0.9, logprobs=3), row(seed=22, temperature=0),
+            row(seed=23, temperature=1.1, top_k=7, top_p=0.8), row(seed=24, temperature=0.9, min_p=0.05),
+            row(seed=25, step=3, temperature=0, logprobs=1)]
+    eager = sample(logits, rows).read()
+    padded = torch.cat([logits, torch.randn(3, VOCAB)])  # padding rows hold whatever the graph's buffer held
+    shape, columns = SamplingBatch(rows).plan(VOCAB, padded_rows=8)
+    assert shape.greedy and shape.drawn and shape.search and shape.min_p and shape.top_k == 8
+    assert shape.logprobs == 3 and all(len(column) == 8 for column in columns.values())
+    device_columns = DrawColumns.of(shape, dict(zip(columns, upload(list(columns.values()), padded.device))))
+    graphed = sample_on_device(padded, padded, device_columns, shape).read()
+    assert graphed.token_ids[:5] == eager.token_ids
+    assert graphed.logprobs[:5] == eager.logprobs and graphed.top_token_ids[:5] == eager.top_token_ids
+    assert eager.token_ids[1] == int(logits[1].argmax()) and eager.token_ids[4] == int(logits[4].argmax())

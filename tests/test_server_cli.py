@@ -43,6 +43,14 @@ def test_kv_cache_dtype_flag_reaches_the_engine_config_and_refuses_unknown_dtype
     assert "--kv-cache-dtype: invalid choice: 'int4'" in capsys.readouterr().err
 
 
+def test_sampler_cuda_graphs_flag_reaches_the_engine_config_off_by_default():
+    from ropeway.server.cli import engine_config
+
+    parser = build_parser()
+    assert engine_config(parser.parse_args(["serve"])).sampler_cuda_graphs is False
+    assert engine_config(parser.parse_args(["serve", "--sampler-cuda-graphs"])).sampler_cuda_graphs is True
+
+
 def test_help_never_shows_the_api_key():
     done = subprocess.run([ROPEWAY, "serve", "--help"], capture_output=True, text=True, timeout=60,
                           env={**THIS_TREE, "ROPEWAY_API_KEY": "do-not-print"})

@@ -37,6 +37,7 @@ from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .request_state import ChoiceState, RequestState
 from .sampler import PENALTY, RowSettings, SampledTokens, SamplerOutput, SamplingRow, sample
+from .sampler_graphs import SamplerGraphs
 from .sampling_state import PenaltyState
 from .stats import PlanChoice, StatsSnapshot
 from .step_interrupt import StepInterrupt
@@ -200,6 +201,8 @@ class EngineCore:
                                   host_slots)
         self.runner.workers = self.workers
         self.penalty_state = PenaltyState(model_config.vocab_size, self.device)
+        self.sampler_graphs = (SamplerGraphs(self.runner.decode_graphs)
+                               if config.sampler_cuda_graphs and self.runner.decode_graphs is not None else None)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids)
         self.grammar_tokenizer = GrammarTokenizer(self.tokenizer.tokenizer.to_str(), model_config.vocab_size,
                                                   self.tokenizer.eos_token_ids)
@@ -272,6 +275,10 @@ class EngineCore:
             self.workers.send(CaptureGraphs(self.config.max_num_seqs))
         count = self.runner.decode_graphs.capture_up_to(self.config.max_num_seqs)
         log.info("captured %d decode CUDA graphs in %.1f s", count, time.perf_counter() - started)
+        if self.sampler_graphs is not None:
+            started = time.perf_counter()
+            count = self.sampler_graphs.capture_common()
+            log.info("captured %d sampler CUDA graphs in %.1f s", count, time.perf_counter() - started)
 
     # ----- requests -----
 
@@ -491,7 +498,7 @@ class EngineCore:
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplingRow]) -> SampledTokens:
         sampled = sample(logits, rows, self.penalty_state, self.eos_token_ids,
-                         self._grammar_mask(seqs, rows, logits.device))
+                         self._grammar_mask(seqs, rows, logits.device), self.sampler_graphs)
         self.penalty_state.record([row.penalty_row for row in rows], sampled.token_ids)
         return sampled
 

@@ -52,6 +52,8 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Held around each capture: keeps other threads' CUDA calls (the host tier's copy pump) out of it.
         self.capture_guard = nullcontext
+        # The whole bucket's logits of the last replay: a sampler graph reads them in place.
+        self.last_logits: torch.Tensor | None = None
 
     def fits(self, batch: ForwardBatch) -> bool:
         """A pure-decode step in which every sequence samples, no larger than the largest bucket."""
@@ -80,6 +82,7 @@ class DecodeGraphs:
             self.seq_lens[n:bucket].fill_(1)
         graph, logits = self.graphs[key]
         graph.replay()
+        self.last_logits = logits
         return logits[:n]
 
     def capture_up_to(self, num_seqs: int) -> int:

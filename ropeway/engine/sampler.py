@@ -29,10 +29,14 @@ behind the sampling kernels); `SampledTokens.read()` waits for that copy and giv
 The host's share must not grow with the batch faster than greedy's (issue 16): a request's
 `RowSettings` are worked out once, a step reads its rows into numpy arrays (`SamplingBatch`),
 and the per-row parameters reach the device in one pinned buffer and one copy (`upload`).
+Which device ops run depends only on the batch's `SamplerShape` (`sample_on_device`), so a
+decode step's sampling can replay a CUDA graph of them instead of launching each
+(`sampler_graphs.py`, engine option `sampler_cuda_graphs`).
 """
 
 import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +46,9 @@ from ropeway.sampling_params import SamplingParams
 
 from .random_stream import stream_keys
 from .sampling_state import PenaltyState
+
+if TYPE_CHECKING:
+    from .sampler_graphs import SamplerGraphs
 
 # RowSettings.flags: what a row asks of the sampler.
 GREEDY = 1
@@ -92,6 +99,26 @@ class SamplingRow:
             self.settings = RowSettings(self.params)
 
 
+@dataclass(frozen=True)
+class SamplerShape:
+    """What a step's sampling does on the device, decided on the host: which ops run depends on
+    this alone, their values on the rows' parameter columns (so one CUDA graph per shape and
+    batch size can stand for every batch of that shape, `sampler_graphs.py`)."""
+    logprobs: int = -1         # top logprobs to return per row (-1: none)
+    greedy: bool = False       # some row takes the argmax
+    drawn: bool = False        # some row draws
+    search: bool = False       # some drawn row has a top-p cut to search (no top-k)
+    min_p: bool = False        # some drawn row has a min-p
+    top_k: int = 0             # candidates the top-k filter takes: a power of two >= every row's k (0: none)
+    top_k_top_p: bool = False  # some top-k row also has a top-p
+
+
+# The draw's parameter columns, in the order SamplingBatch.plan lays them out, with the value a
+# padding row takes (a neutral draw whose token is dropped).
+_PADDING = {"stream_keys": 0, "temperature": 1.0, "search_top_p": 1.0, "no_cut": -np.inf, "is_greedy": True,
+            "min_p": 0.0, "has_top_k": False, "kth_index": 0, "top_k_top_p": 1.0}
+
+
 class SamplingBatch:
     """A step's rows as host arrays, each built in one pass over the rows; what the sampler's
     device work needs of them goes up in one pinned buffer and one asynchronous copy."""
@@ -112,56 +139,77 @@ class SamplingBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def subset(self, index: list[int]) -> "SamplingBatch":
-        return SamplingBatch([self.rows[i] for i in index])
+    def plan(self, vocab: int, padded_rows: int | None = None) -> tuple[SamplerShape, dict[str, np.ndarray]]:
+        """The batch's shape and the draw's per-row columns (none if no row draws), in one pass per
+        column; padded_rows: rows to fill up to with padding rows (a graph's batch size). Greedy
+        rows of a mixed batch draw too, neutrally (temperature 1, no filter), and keep their argmax."""
+        rows, flags = self.rows, self.flags
+        greedy = (flags & GREEDY) != 0
+        any_greedy, any_drawn = bool(greedy.any()), not bool(greedy.all())
+        logprobs = max(s.logprobs for s in self.settings) if self.any_flags & LOGPROBS else -1
+        if not any_drawn:
+            return SamplerShape(logprobs=logprobs, greedy=True), {}
+        floats = self.floats
+        top_k = np.fromiter((s.top_k for s in self.settings), np.int64, len(rows))
+        has_top_k = (top_k > 0) & (top_k < vocab) & ~greedy
+        top_p = np.where(greedy, np.float32(1.0), floats[:, TOP_P_COLUMN])
+        searched = (top_p < 1.0) & ~has_top_k
+        min_p = np.where(greedy, np.float32(0.0), floats[:, MIN_P_COLUMN])
+        columns = {
+            "stream_keys": stream_keys(np.fromiter((r.seed for r in rows), np.uint64, len(rows)),
+                                       np.fromiter((r.step for r in rows), np.uint64, len(rows))),
+            "temperature": np.where(greedy, np.float32(1.0), floats[:, TEMPERATURE])[:, None],
+            "search_top_p": np.where(searched, top_p, np.float32(1.0)),
+            # The cut starts at -inf (keep all): uploaded with the rest instead of filled on the device.
+            "no_cut": np.full(len(rows), -np.inf, np.float32),
+        }
+        if any_greedy:
+            columns["is_greedy"] = greedy
+        any_min_p = bool((min_p > 0).any())
+        if any_min_p:
+            columns["min_p"] = min_p
+        candidates = 0
+        if has_top_k.any():
+            # Rounded up, so that batches whose largest k differs a little share a shape.
+            candidates = min(vocab, 1 << int(top_k[has_top_k].max() - 1).bit_length())
+            # Where each row's k-th value sits among the candidates (rows without a top-k read 0).
+            columns["has_top_k"] = has_top_k
+            columns["kth_index"] = np.where(has_top_k, top_k - 1, 0)[:, None]
+            columns["top_k_top_p"] = np.where(has_top_k, top_p, np.float32(1.0))
+        shape = SamplerShape(logprobs=logprobs, greedy=any_greedy, drawn=True, search=bool(searched.any()),
+                             min_p=any_min_p, top_k=candidates,
+                             top_k_top_p=bool(candidates and (has_top_k & (top_p < 1.0)).any()))
+        if padded_rows is not None and padded_rows > len(rows):
+            extra = padded_rows - len(rows)
+            columns = {name: np.concatenate([a, np.full((extra, *a.shape[1:]), _PADDING[name], a.dtype)])
+                       for name, a in columns.items()}
+        return shape, columns
 
     def draw_columns(self, vocab: int, device: torch.device) -> "DrawColumns":
         """The draw's per-row parameters on the device (top-k as large as the vocabulary is none)."""
-        rows, floats = self.rows, self.floats
-        top_k = np.fromiter((s.top_k for s in self.settings), np.int64, len(rows))
-        has_top_k = (top_k > 0) & (top_k < vocab)
-        top_p = floats[:, TOP_P_COLUMN]
-        searched = (top_p < 1.0) & ~has_top_k
-        keys = stream_keys(np.fromiter((r.seed for r in rows), np.uint64, len(rows)),
-                           np.fromiter((r.step for r in rows), np.uint64, len(rows)))
-        # The cut starts at -inf (keep all) for every row: uploaded with the rest instead of filled on the device.
-        arrays = [keys, floats[:, TEMPERATURE, None], np.where(searched, top_p, np.float32(1.0)),
-                  np.full(len(rows), -np.inf, np.float32)]
-        any_min_p = bool(self.any_flags & MIN_P)
-        any_top_k = bool(has_top_k.any())
-        if any_min_p:
-            arrays.append(floats[:, MIN_P_COLUMN])
-        if any_top_k:
-            max_top_k = int(top_k[has_top_k].max())
-            # Where each row's k-th value sits among the batch's max_top_k candidates (rows without a top-k read 0).
-            kth_index = np.where(has_top_k, top_k - 1, 0)[:, None]
-            arrays += [has_top_k, kth_index, np.where(has_top_k, top_p, np.float32(1.0))]
-        uploaded = upload(arrays, device)
-        columns = DrawColumns(stream_keys=uploaded[0], temperature=uploaded[1], search_top_p=uploaded[2],
-                              no_cut=uploaded[3], any_search=bool(searched.any()))
-        if any_min_p:
-            columns.min_p = uploaded[4]
-        if any_top_k:
-            columns.has_top_k, columns.kth_index, columns.top_k_top_p = uploaded[-3:]
-            columns.max_top_k = max_top_k
-            columns.any_top_k_top_p = bool((has_top_k & (top_p < 1.0)).any())
-        return columns
+        shape, columns = self.plan(vocab)
+        return DrawColumns.of(shape, dict(zip(columns, upload(list(columns.values()), device))))
 
 
 @dataclass
 class DrawColumns:
     """The draw's per-row parameters on the device, and what the host knows about them."""
     stream_keys: torch.Tensor         # [R, 2] int64
-    temperature: torch.Tensor         # [R, 1] fp32
+    temperature: torch.Tensor         # [R, 1] fp32 (1 for greedy rows)
     search_top_p: torch.Tensor        # [R] fp32: the top_p the cut search applies (1: none)
     no_cut: torch.Tensor              # [R] fp32, all -inf: the cut before any filter
     any_search: bool
+    is_greedy: torch.Tensor | None = None     # [R] bool, when some rows draw and others not
     min_p: torch.Tensor | None = None         # [R] fp32, when a row has one
     has_top_k: torch.Tensor | None = None     # [R] bool, when a row has a top-k below the vocabulary
     kth_index: torch.Tensor | None = None     # [R, 1] int64: top_k - 1 (0: none)
     top_k_top_p: torch.Tensor | None = None   # [R] fp32: top_p of rows with a top-k (1: none)
     max_top_k: int = 0
     any_top_k_top_p: bool = False
+
+    @classmethod
+    def of(cls, shape: SamplerShape, tensors: dict[str, torch.Tensor]) -> "DrawColumns":
+        return cls(**tensors, any_search=shape.search, max_top_k=shape.top_k, any_top_k_top_p=shape.top_k_top_p)
 
 
 @dataclass
@@ -218,10 +266,16 @@ def has_penalty(params: SamplingParams) -> bool:
     return params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1.0
 
 
+# Flags whose rows change the logits before the draw (on the host's side of the step).
+PROCESSING = PENALTY | LOGIT_BIAS | MIN_TOKENS
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow], penalties: PenaltyState | None = None,
-           eos_token_ids: tuple[int, ...] = (), grammar: GrammarMask | None = None) -> SampledTokens:
+           eos_token_ids: tuple[int, ...] = (), grammar: GrammarMask | None = None,
+           graphs: "SamplerGraphs | None" = None) -> SampledTokens:
     """logits [R, V] fp32. Rows with a penalty need `penalties` (their `penalty_row` set); rows with
-    structured outputs, `grammar`."""
+    structured outputs, `grammar`. graphs: where the logits are a decode graph's output and no row
+    processes them, the device work replays a CUDA graph (sampler_graphs.py) instead of its launches."""
     if grammar is not None:
         logits = grammar.apply(logits)
     batch = SamplingBatch(rows)
@@ -229,23 +283,34 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], penalties: PenaltyStat
         result = SampledTokens(logits.argmax(dim=-1))
         result.queue_host_copy()
         return result
-    want = max(s.logprobs for s in batch.settings) if batch.any_flags & LOGPROBS else -1
-    raw_logprobs = logits.log_softmax(dim=-1) if want >= 0 else None
-    logits = process_logits(logits, batch, penalties, eos_token_ids)
-    if not batch.any_flags & GREEDY:
-        chosen = draw(logits, batch)
-    else:
-        chosen = logits.argmax(dim=-1)
-        drawn_rows = np.flatnonzero((batch.flags & GREEDY) == 0)
-        if drawn_rows.size:
-            index = upload([drawn_rows], logits.device)[0]
-            drawn = draw(logits.index_select(0, index), batch.subset(drawn_rows.tolist()))
-            chosen = chosen.index_copy(0, index, drawn)
-    result = SampledTokens(chosen)
-    if want >= 0:
-        result.logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0]
-        result.top_logprobs, result.top_token_ids = raw_logprobs.topk(want, dim=-1)
+    if graphs is not None and not batch.any_flags & PROCESSING:
+        result = graphs.sample(logits, batch)
+        if result is not None:
+            return result
+    shape, columns = batch.plan(logits.shape[1])
+    processed = process_logits(logits, batch, penalties, eos_token_ids)
+    draw_columns = (DrawColumns.of(shape, dict(zip(columns, upload(list(columns.values()), logits.device))))
+                    if shape.drawn else None)
+    result = sample_on_device(logits, processed, draw_columns, shape)
     result.queue_host_copy()
+    return result
+
+
+def sample_on_device(logits: torch.Tensor, processed: torch.Tensor, columns: DrawColumns | None,
+                     shape: SamplerShape) -> SampledTokens:
+    """The device work of sampling: its ops depend on `shape` alone (a CUDA graph can hold them).
+    Logprobs come from `logits`, tokens from `processed` (logit_bias, min_tokens, penalties applied)."""
+    raw_logprobs = logits.log_softmax(dim=-1) if shape.logprobs >= 0 else None
+    if not shape.drawn:
+        chosen = processed.argmax(dim=-1)
+    else:
+        chosen = draw(processed, columns)
+        if shape.greedy:
+            chosen = torch.where(columns.is_greedy, processed.argmax(dim=-1), chosen)
+    result = SampledTokens(chosen)
+    if raw_logprobs is not None:
+        result.logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0]
+        result.top_logprobs, result.top_token_ids = raw_logprobs.topk(shape.logprobs, dim=-1)
     return result
 
 
@@ -292,9 +357,8 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch, penalties: Penal
     return logits - frequency * counts - presence * (counts > 0)
 
 
-def draw(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def draw(logits: torch.Tensor, columns: DrawColumns) -> torch.Tensor:
     """[R] tokens drawn from the filtered, temperature-scaled distributions of processed logits."""
-    columns = batch.draw_columns(logits.shape[1], logits.device)
     scaled = logits / columns.temperature
     row_max = scaled.amax(dim=-1)
     cut, top_p, search = cuts_before_top_p_search(scaled, row_max, columns)
@@ -340,24 +404,39 @@ def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]
     """Host arrays (int64, float32 or bool) as device tensors of the same shapes. On CUDA they share
     one pinned buffer and one asynchronous copy: the host neither waits for the GPU's queue (as a
     copy from pageable memory would) nor pays a copy per array. On CPU they are used as they are."""
-    arrays = [np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else bool if a.dtype.kind == "b"
-                                   else np.int64) for a in arrays]
     if device.type != "cuda":
-        return [torch.from_numpy(a) for a in arrays]
+        return [torch.from_numpy(a) for a in _typed(arrays)]
+    host, layout = pack(arrays)
+    return unpack(host.to(device, non_blocking=True), layout)
+
+
+def _typed(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.ascontiguousarray(a, dtype=np.float32 if a.dtype.kind == "f" else bool if a.dtype.kind == "b"
+                                 else np.int64) for a in arrays]
+
+
+def pack(arrays: list[np.ndarray], pin: bool = True) -> tuple[torch.Tensor, list[tuple[np.dtype, tuple, int]]]:
+    """The arrays (as int64, float32 or bool) in one uint8 host buffer, pinned if `pin`, each at a
+    16-byte aligned offset; and the layout (dtype, shape, offset) that `unpack` reads back."""
+    arrays = _typed(arrays)
     sizes = [-(-a.nbytes // _ALIGNMENT) * _ALIGNMENT for a in arrays]
-    host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=True)
+    host = torch.empty(sum(sizes), dtype=torch.uint8, pin_memory=pin)
     host_bytes = host.numpy()
-    start = 0
+    layout, start = [], 0
     for a, size in zip(arrays, sizes):
         host_bytes[start : start + a.nbytes] = a.reshape(-1).view(np.uint8)
+        layout.append((a.dtype, a.shape, start))
         start += size
-    on_device = host.to(device, non_blocking=True)
-    # One view of the buffer per dtype, then a slice per array: every view is a dispatch on the host.
-    typed = {dtype: on_device.view(dtype) for dtype in {_TORCH_DTYPES[a.dtype] for a in arrays}}
-    tensors, start = [], 0
-    for a, size in zip(arrays, sizes):
-        first = start // a.itemsize
-        tensor = typed[_TORCH_DTYPES[a.dtype]][first : first + a.size]
-        tensors.append(tensor if a.ndim == 1 else tensor.view(a.shape))
-        start += size
+    return host, layout
+
+
+def unpack(buffer: torch.Tensor, layout: list[tuple[np.dtype, tuple, int]]) -> list[torch.Tensor]:
+    """Views of a packed buffer (on any device): one view per dtype, then a slice per array, since
+    every view is a dispatch on the host."""
+    typed = {dtype: buffer.view(_TORCH_DTYPES[dtype]) for dtype in {dtype for dtype, _, _ in layout}}
+    tensors = []
+    for dtype, shape, start in layout:
+        first = start // dtype.itemsize
+        tensor = typed[dtype][first : first + int(np.prod(shape))]
+        tensors.append(tensor if len(shape) == 1 else tensor.view(shape))
     return tensors

@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="launch each greedy step before reading the previous one's tokens, so the "
                              "host's scheduling and output work overlaps the GPU (default: on on CUDA)")
+    engine.add_argument("--sampler-cuda-graphs", action=argparse.BooleanOptionalAction,
+                        default=defaults.sampler_cuda_graphs,
+                        help="replay a decode step's sampling (temperature, top-p/k, min-p, logprobs) as a CUDA "
+                             "graph behind the forward's, instead of its ~40 launches (default: off)")
     engine.add_argument("--tensor-parallel-size", type=positive_int, default=1,
                         help="split the model over this many GPUs (one worker process each beside the engine "
                              "core; gloo processes on CPU) (default: 1)")
@@ -181,6 +185,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed, rope_scaling=args.rope_scaling,
         context_policy=args.context_policy, session_store_fraction=args.session_store_fraction,
         retrieval_archive_bytes=args.retrieval_archive_memory, async_scheduling=args.async_scheduling,
+        sampler_cuda_graphs=args.sampler_cuda_graphs,
         kv_host_memory_bytes=args.kv_host_memory,
         tensor_parallel_size=args.tensor_parallel_size,
     )
