@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cpu_threads import one_thread
 from .fp8_kv import read_vectors
 
 # What F.scaled_dot_product_attention runs on CPU, called directly because it also returns
@@ -108,10 +109,15 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
         index = (slots // block_size, slots % block_size)
         return read_vectors(k_cache, k_scale, index, q.dtype), read_vectors(v_cache, v_scale, index, q.dtype)
 
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    # Small attentions stay on this thread (cpu_threads.py): the gather too, which index_select
+    # splits over the pool from a few hundred rows.
     for bucket in plan.decode_buckets:
-        _decode(q, gather, bucket, scale, out)
+        with one_thread(bucket.slots.numel() * num_q_heads * head_dim):
+            _decode(q, gather, bucket, scale, out)
     for chunk in plan.chunks:
-        _chunk(q, gather, chunk, scale, out)
+        with one_thread(chunk.num_queries * chunk.slots.numel() * num_q_heads * head_dim):
+            _chunk(q, gather, chunk, scale, out)
     return out
 
 
@@ -123,12 +129,6 @@ def _decode(q, gather, bucket: DecodeBucket, scale, out):
     mask = None if bucket.mask is None else bucket.mask.to(q.dtype)
     o = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scale)
     out.index_copy_(0, bucket.rows, o.reshape(batch, -1, head_dim))
-
-
-def _gather(cache_rows, slots):
-    # index_select, not cache_rows[slots]: on CPU advanced indexing wakes the thread pool even
-    # for a few rows, which on a busy 2-core machine costs milliseconds per call.
-    return cache_rows.index_select(0, slots)
 
 
 def _chunk(q, gather, chunk: Chunk, scale, out):
