@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kernel_cases import paged_case, rope_rows
+from ropeway.kernels import cpu_attention, cpu_threads
 from ropeway.kernels.attention import paged_attention_reference
 from ropeway.kernels.cpu_attention import paged_attention_cpu
 from ropeway.kernels.cpu_rotary_write_kv import plan_cpu_rotary, rotary_write_kv_cpu
@@ -60,6 +61,38 @@ def test_long_prefix_chunk_matches_reference():
     """A 512-query chunk after a 1.5k-token prefix: the merge of prefix and chunk attention."""
     fast, expected = run_both([(2048, 512), (700, 1)], (9, 3, 64), torch.float32, with_bias=False, seed=1)
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_keys_and_values_of_one_pool_are_gathered_together():
+    """K and V caches that are one layer's slices of a pool (kv[0], kv[1]) are gathered in one
+    index_select: the same result as from two separate caches."""
+    gen = torch.Generator().manual_seed(2)
+    sequences = CASES["decodes-then-chunks"]
+    case = paged_case([s for s, _ in sequences], [n for _, n in sequences], 9, 3, 64, 16, torch.float32, "cpu", gen)
+    separate = paged_attention_cpu(**case)
+    pool = torch.stack([case["k_cache"], case["v_cache"]])
+    assert cpu_attention._kv_rows(pool[0], pool[1]) is not None
+    assert cpu_attention._kv_rows(case["k_cache"], case["v_cache"]) is None
+    together = paged_attention_cpu(**{**case, "k_cache": pool[0], "v_cache": pool[1]})
+    assert torch.equal(separate, together)
+
+
+def test_attention_on_one_thread_matches_the_pool(monkeypatch):
+    """Small attentions run on one thread: the pool's result to rounding, and the caller's
+    thread count is back afterwards, also when the block raises."""
+    threads = torch.get_num_threads()
+    sequences = CASES["decodes-then-chunks"]
+    monkeypatch.setattr(cpu_threads, "SINGLE_THREAD_MACS", 1 << 62)
+    alone, _ = run_both(sequences, (9, 3, 64), torch.float32, with_bias=False)
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(cpu_threads, "SINGLE_THREAD_MACS", 0)
+    pooled, _ = run_both(sequences, (9, 3, 64), torch.float32, with_bias=False)
+    torch.testing.assert_close(alone, pooled, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(cpu_threads, "SINGLE_THREAD_MACS", 1 << 62)
+    with pytest.raises(RuntimeError), cpu_threads.one_thread(1):
+        assert torch.get_num_threads() == 1
+        raise RuntimeError
+    assert torch.get_num_threads() == threads
 
 
 

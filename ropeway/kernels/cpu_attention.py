@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .cpu_threads import one_thread
 from .fp8_kv import read_vectors
 
 # What F.scaled_dot_product_attention runs on CPU, called directly because it also returns
@@ -97,22 +98,45 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
 
+    kv_rows = _kv_rows(k_cache, v_cache) if k_scale is None else None
+
     def gather(slots):
         """Keys and values of cache slots [...] -> [..., Hkv, D] each, in q's dtype."""
+        shape = (*slots.shape, *k_cache.shape[2:])
+        flat = slots.reshape(-1)
+        if kv_rows is not None:
+            # Keys and values in one index_select: one pass over the thread pool, not two.
+            both = kv_rows.index_select(0, torch.cat([flat, flat + kv_rows.shape[0] // 2]))
+            return both[: flat.numel()].view(shape).to(q.dtype), both[flat.numel() :].view(shape).to(q.dtype)
         if k_scale is None:
             # index_select, not advanced indexing: on CPU that wakes the thread pool even for a
             # few rows, which on a busy 2-core machine costs milliseconds per call.
-            shape = (*slots.shape, *k_cache.shape[2:])
-            return tuple(cache.view(-1, *cache.shape[2:]).index_select(0, slots.reshape(-1)).view(shape).to(q.dtype)
+            return tuple(cache.view(-1, *cache.shape[2:]).index_select(0, flat).view(shape).to(q.dtype)
                          for cache in (k_cache, v_cache))
         index = (slots // block_size, slots % block_size)
         return read_vectors(k_cache, k_scale, index, q.dtype), read_vectors(v_cache, v_scale, index, q.dtype)
 
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    # Small attentions stay on this thread (cpu_threads.py): the gather too, which index_select
+    # splits over the pool from a few hundred rows.
     for bucket in plan.decode_buckets:
-        _decode(q, gather, bucket, scale, out)
+        with one_thread(bucket.slots.numel() * num_q_heads * head_dim):
+            _decode(q, gather, bucket, scale, out)
     for chunk in plan.chunks:
-        _chunk(q, gather, chunk, scale, out)
+        with one_thread(chunk.num_queries * chunk.slots.numel() * num_q_heads * head_dim):
+            _chunk(q, gather, chunk, scale, out)
     return out
+
+
+def _kv_rows(k_cache, v_cache) -> torch.Tensor | None:
+    """[2 * slots, Hkv * D]: the key rows then the value rows, when the value cache directly
+    follows the key cache in memory (a layer's slice of the KV pool: kv_cache[layer]); else None."""
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape == v_cache.shape
+            and k_cache.untyped_storage().data_ptr() == v_cache.untyped_storage().data_ptr()
+            and v_cache.data_ptr() == k_cache.data_ptr() + k_cache.nbytes):
+        return None
+    row = k_cache.shape[2] * k_cache.shape[3]
+    return k_cache.as_strided((2 * k_cache.numel() // row, row), (row, 1))
 
 
 def _decode(q, gather, bucket: DecodeBucket, scale, out):
@@ -123,12 +147,6 @@ def _decode(q, gather, bucket: DecodeBucket, scale, out):
     mask = None if bucket.mask is None else bucket.mask.to(q.dtype)
     o = F.scaled_dot_product_attention(queries, k, v, attn_mask=mask, scale=scale)
     out.index_copy_(0, bucket.rows, o.reshape(batch, -1, head_dim))
-
-
-def _gather(cache_rows, slots):
-    # index_select, not cache_rows[slots]: on CPU advanced indexing wakes the thread pool even
-    # for a few rows, which on a busy 2-core machine costs milliseconds per call.
-    return cache_rows.index_select(0, slots)
 
 
 def _chunk(q, gather, chunk: Chunk, scale, out):
