@@ -12,7 +12,7 @@ from ropeway.kernels.attention import paged_attention_reference
 from ropeway.kernels.fp8_kv import dequantize_fp8, quantize_fp8
 from ropeway.kernels.rerotate import rerotate_keys_reference
 from ropeway.kernels.rotary_write_kv import rotary_write_kv_reference
-from test_fp8_kv_cache import RELATIVE_STEP, SUBNORMAL_STEP, assert_within_fp8_rounding, fp8_paged_case, fp8_pool
+from test_fp8_kv_cache import RELATIVE_STEP, SUBNORMAL_STEP, fp8_paged_case, fp8_pool
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -24,6 +24,13 @@ def relative_error(out, ref):
     assert not torch.isnan(out).any()
     return ((out - ref).norm() / ref.norm()).item()
 
+
+
+def assert_within_one_fp8_step(out, ref, scales):
+    """Two roundings to e4m3 of inputs a last bit apart: a value near a rounding boundary can land
+    one whole fp8 step (twice the rounding's half step) from the other."""
+    one_step = ref.abs() * 2 * RELATIVE_STEP + scales[..., None] * SUBNORMAL_STEP
+    assert bool(((out - ref).abs() <= one_step * 1.0001).all())
 
 @pytest.mark.parametrize("sequences", [
     [(4000, 1), (70, 1), (131, 1)],                # decodes: split keys
@@ -63,10 +70,8 @@ def test_fp8_rotary_write_on_cuda_stores_the_references_values():
         caches.append((dequantize_fp8(k8[0], ks[0], torch.float64), dequantize_fp8(v8[0], vs[0], torch.float64),
                        ks[0]))
     (k_ref, v_ref, s_ref), (k_out, v_out, _) = caches
-    # Rotations in bf16 may differ by an ulp, and GPU division by a last bit, so a key near a
-    # rounding boundary can land one whole fp8 step (twice the rounding's half step) away.
-    one_step = k_ref.abs() * 2 * RELATIVE_STEP + 2 * s_ref.double()[..., None] * SUBNORMAL_STEP
-    assert bool(((k_out - k_ref).abs() <= one_step * 1.0001).all())
+    # Rotations in bf16 may differ by an ulp, and GPU division by a last bit.
+    assert_within_one_fp8_step(k_out, k_ref, 2 * s_ref.double())
     assert torch.equal(v_out, v_ref)
 
 
@@ -85,7 +90,7 @@ def test_fp8_rerotate_on_cuda_within_one_rounding_of_the_reference():
         rerotate(k8, slots, old_positions, new_positions, old_inv_freq, new_inv_freq, old_factors, new_factors, ks)
         results.append((dequantize_fp8(k8, ks, torch.float64), ks))
     (ref, s_ref), (out, _) = results
-    assert_within_fp8_rounding(out, ref, 2 * s_ref.double())
+    assert_within_one_fp8_step(out, ref, 2 * s_ref.double())
 
 
 PROMPTS = [

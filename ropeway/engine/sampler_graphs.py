@@ -76,7 +76,7 @@ class SamplerGraphs:
     def __init__(self, decode_graphs: DecodeGraphs, capture: Capture | None = None):
         self.decode_graphs = decode_graphs
         self.capture = capture or cuda_graph_capture(torch.cuda.graph_pool_handle(),
-                                                     lambda: decode_graphs.capture_guard())
+                                                     lambda: getattr(decode_graphs, "capture_guard", nullcontext)())
         self.graphs: dict[tuple[int, SamplerShape], SamplerGraph] = {}
         self.replays = 0
 
