@@ -281,8 +281,7 @@ def test_draw_columns_hold_each_rows_parameters():
     columns = SamplingBatch(rows).draw_columns(vocab, torch.device("cpu"))
     assert columns.temperature[:, 0].tolist() == pytest.approx([0.8, 1.2, 0.5, 1.0, 0.9])
     assert columns.search_top_p.tolist() == pytest.approx([0.9, 1.0, 0.6, 1.0, 1.0])
-    # The candidates taken: the largest k (5) rounded up to a power of two, so batches share a shape.
-    assert columns.has_top_k.tolist() == [False, True, False, False, True] and columns.max_top_k == 8
+    assert columns.has_top_k.tolist() == [False, True, False, False, True] and columns.max_top_k == 5
     assert columns.kth_index[:, 0].tolist() == [0, 4, 0, 0, 2]
     assert columns.top_k_top_p.tolist() == pytest.approx([1.0, 0.7, 1.0, 1.0, 1.0])
     assert columns.min_p.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.0])
@@ -298,7 +297,7 @@ def test_padded_rows_leave_the_real_rows_draws_unchanged():
     """What a sampler CUDA graph computes (sampler_graphs.py): the batch's columns padded to the
     graph's batch size, the device work run on padded logits, the real rows' results kept. They
     equal the eager sampler's, logprobs included, for a mixed batch of greedy and drawn rows."""
-    from ropeway.engine.sampler import DrawColumns, sample_on_device, upload
+    from ropeway.engine.sampler import DrawColumns, sample_on_device
 
     logits = torch.stack([llm_like_logits(seed) for seed in range(5)])
     rows = [row(seed=21, temperature=0.8, top_p=0.9, logprobs=3), row(seed=22, temperature=0),
@@ -306,10 +305,10 @@ def test_padded_rows_leave_the_real_rows_draws_unchanged():
             row(seed=25, step=3, temperature=0, logprobs=1)]
     eager = sample(logits, rows).read()
     padded = torch.cat([logits, torch.randn(3, VOCAB)])  # padding rows hold whatever the graph's buffer held
-    shape, columns = SamplingBatch(rows).plan(VOCAB, padded_rows=8)
+    shape, columns = SamplingBatch(rows).plan(VOCAB, padded_rows=8, for_graph=True)
     assert shape.greedy and shape.drawn and shape.search and shape.min_p and shape.top_k == 8
     assert shape.logprobs == 3 and all(len(column) == 8 for column in columns.values())
-    device_columns = DrawColumns.of(shape, dict(zip(columns, upload(list(columns.values()), padded.device))))
+    device_columns = DrawColumns.uploaded(shape, columns, padded.device)
     graphed = sample_on_device(padded, padded, device_columns, shape).read()
     assert graphed.token_ids[:5] == eager.token_ids
     assert graphed.logprobs[:5] == eager.logprobs and graphed.top_token_ids[:5] == eager.top_token_ids

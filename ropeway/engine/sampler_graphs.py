@@ -89,7 +89,7 @@ class SamplerGraphs:
                 continue
             for settings in COMMON_SETTINGS:
                 batch = SamplingBatch([SamplingRow(SamplingParams(**settings), seed=0, step=0)] * bucket)
-                shape, columns = batch.plan(logits.shape[1])
+                shape, columns = batch.plan(logits.shape[1], for_graph=True)
                 if (bucket, shape) not in self.graphs:
                     host, layout = pack(list(columns.values()), pin=logits.is_cuda)
                     self.graphs[(bucket, shape)] = SamplerGraph(logits, shape, host, dict(zip(columns, layout)),
@@ -105,7 +105,7 @@ class SamplerGraphs:
                 or logits.shape[0] > static.shape[0] or logits.shape[0] != len(batch)):
             return None
         bucket = static.shape[0]
-        shape, columns = batch.plan(static.shape[1], padded_rows=bucket)
+        shape, columns = batch.plan(static.shape[1], padded_rows=bucket, for_graph=True)
         host, layout = pack(list(columns.values()), pin=static.is_cuda)
         graph = self.graphs.get((bucket, shape))
         if graph is None:
