@@ -305,17 +305,15 @@ def test_choice_on_the_device_is_the_greedy_choice():
     assert recall_module.choose_blocks(torch.zeros(0), 4).tolist() == []
 
 
-def test_a_choice_read_after_the_budget_dropped_blocks_skips_them(default_llm):
+def test_recalled_blocks_adjacent_in_host_memory_come_back_in_one_copy(default_llm):
     plan = default_llm.engine.default_rope_plan
     inv_freq, factor = rope_parameters(plan)
     archive = RecallArchive()
     kv = torch.randn(2, 2, 2, 16, 3, 64, generator=torch.Generator().manual_seed(1))
     for chunk in range(3):  # blocks 0-5, two per chunk
         archive.add(kv, 32 * chunk, 32 * chunk, plan, inv_freq, factor)
-    choice = recall_module.Choice.queue(torch.tensor([1, 2, 5]), archive.num_dropped_blocks)
     archive.drop_oldest()  # blocks 0 and 1 go; 2-5 become 0-3
-    assert choice.read(archive) == [0, 3]
-    assert [archive.first_token(i) for i in choice.read(archive)] == [32, 80]
+    assert [archive.first_token(i) for i in (0, 3)] == [32, 80]
     (run,) = archive.runs([0, 1])  # adjacent in one archived chunk: one copy
     assert run[0].shape[0] == 2 and run[1] == 32
     assert len(archive.runs([1, 2])) == 2  # across two chunks

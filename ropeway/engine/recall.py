@@ -84,7 +84,6 @@ class RecallArchive:
         self._scoring_keys: torch.Tensor | None = None
         self.num_tokens = 0
         self.num_blocks = 0
-        self.num_dropped_blocks = 0  # forgotten by the budget: a choice made before is shifted by them
         self.num_bytes = 0  # host copies and device scoring keys together
 
         # Queries [num_layers, Q, num_heads, head_dim] of the last prompt chunk computed: its
@@ -151,7 +150,6 @@ class RecallArchive:
         self._scoring_keys = self._head_major_keys[:, :, num_tokens:].clone()
         self.num_tokens -= num_tokens
         self.num_blocks -= oldest.num_blocks
-        self.num_dropped_blocks += oldest.num_blocks
         self.num_bytes -= oldest.kv.nbytes + oldest.scoring_bytes
 
     def select(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float,
@@ -159,14 +157,9 @@ class RecallArchive:
         """Indices (oldest first) of at most count archived blocks to bring back for queries
         [num_layers, Q, num_heads, head_dim] (before RoPE, this rank's heads) over baseline
         queries (same layout, or None). all_reduce sums a tensor over tensor-parallel ranks,
-        so every rank chooses the same blocks. Reads the choice at once (a host sync)."""
-        return self.choose(queries, baseline, count, scale, all_reduce).read(self)
-
-    def choose(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float,
-               all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> "Choice":
-        """select's choice made on the device, its copy to the host queued: nothing waits."""
-        chosen = choose_blocks(self.block_scores(queries, baseline, scale, all_reduce), count)
-        return Choice.queue(chosen, self.num_dropped_blocks)
+        so every rank chooses the same blocks. The choice is made on the device and read once (the
+        recall's one host sync: it copies the blocks from host memory)."""
+        return choose_blocks(self.block_scores(queries, baseline, scale, all_reduce), count).tolist()
 
     def block_scores(self, queries: torch.Tensor, baseline: torch.Tensor | None, scale: float,
                      all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -259,31 +252,6 @@ def choose_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
     seed_rank, seed_at = before.min(-1)
     place = seed_rank * (following + 1) + (following - seed_at)
     return place.topk(min(count, num_blocks), largest=False).indices.sort().values
-
-
-@dataclass
-class Choice:
-    """Archived blocks chosen on the device, on their way to the host."""
-    indices: torch.Tensor  # on the host (pinned on CUDA): valid once copied
-    copied: torch.cuda.Event | None
-    num_dropped_blocks: int  # the archive's when chosen
-
-    @classmethod
-    def queue(cls, chosen: torch.Tensor, num_dropped_blocks: int) -> "Choice":
-        if not chosen.is_cuda:
-            return cls(chosen, None, num_dropped_blocks)
-        host = torch.empty(chosen.shape, dtype=chosen.dtype, pin_memory=True)
-        host.copy_(chosen, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record()
-        return cls(host, copied, num_dropped_blocks)
-
-    def read(self, archive: RecallArchive) -> list[int]:
-        """The chosen indices in the archive as it is now (blocks the budget dropped since are gone)."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        shift = archive.num_dropped_blocks - self.num_dropped_blocks
-        return [index - shift for index in self.indices.tolist() if index >= shift]
 
 
 class ArchiveBudget:
