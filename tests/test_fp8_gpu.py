@@ -75,7 +75,11 @@ def test_fp8_rotary_write_on_cuda_stores_the_references_values():
     assert torch.equal(v_out, v_ref)
 
 
-def test_fp8_rerotate_on_cuda_within_one_rounding_of_the_reference():
+def test_fp8_rerotate_on_cuda_is_as_close_to_the_exact_rotation_as_the_reference():
+    """Kernel and reference round the fp32 angle difference (positions up to 100k) differently by
+    an ulp, a few thousandths of a radian, which moves a near-zero element by many subnormal
+    steps: element-wise agreement within one fp8 step cannot hold. What must hold is that each
+    lands as close to the exact rotation of the same fp8 keys as the other does."""
     layers, blocks, page, heads, dim = 32, 40, 16, 8, 128
     keys = torch.randn(layers, blocks, page, heads, dim, device="cuda")
     slots = torch.randperm(blocks * page, device="cuda")[:500]
@@ -83,14 +87,19 @@ def test_fp8_rerotate_on_cuda_within_one_rounding_of_the_reference():
     new_positions = old_positions - torch.randint(0, 30000, (500,), device="cuda")
     old_inv_freq, old_factors = rope_rows(500, dim, "cuda")
     new_inv_freq, new_factors = rope_rows(500, dim, "cuda")
-    results = []
+    k8_in, ks_in = quantize_fp8(keys)
+    exact = dequantize_fp8(k8_in, ks_in, torch.float64)
+    rerotate_keys_reference(exact, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
+                            old_factors.double(), new_factors.double())
+    errors = []
     for rerotate in (rerotate_keys_reference, rerotate_keys):
         _, (k8, ks, _, _) = fp8_pool(layers, blocks, page, heads, dim, "cuda")
-        k8[:], ks[:] = quantize_fp8(keys)
+        k8[:], ks[:] = k8_in, ks_in
         rerotate(k8, slots, old_positions, new_positions, old_inv_freq, new_inv_freq, old_factors, new_factors, ks)
-        results.append((dequantize_fp8(k8, ks, torch.float64), ks))
-    (ref, s_ref), (out, _) = results
-    assert_within_one_fp8_step(out, ref, 2 * s_ref.double())
+        errors.append(relative_error(dequantize_fp8(k8, ks, torch.float64), exact))
+    reference_error, kernel_error = errors
+    assert 0 < reference_error < 0.05  # e4m3's rounding, a few percent
+    assert kernel_error <= 1.05 * reference_error
 
 
 PROMPTS = [
