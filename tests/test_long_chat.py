@@ -1,6 +1,8 @@
-"""A 50-turn chat through the openai client against a real server with a sink_window cache:
-the history outgrows the model's 8k context several times, every turn is answered, turns
-continue from the retained session, and time to first token does not grow with history."""
+"""A 30-turn chat through the openai client against a real server with a sink_window cache:
+the history outgrows the model's 8k context by half again, every turn is answered, turns
+continue from the retained session, and time to first token does not grow with history.
+(Prefilling the history is most of the test's time on a CPU: 30 turns, not 50, keep the suite
+short while the cache still evicts a dozen windows' worth.)"""
 
 import statistics
 import time
@@ -12,9 +14,9 @@ from server_harness import MODEL_NAME, RunningServer
 
 from ropeway.engine import AsyncLLM
 
-pytestmark = pytest.mark.slow  # a fifty-turn chat
+pytestmark = pytest.mark.slow  # a thirty-turn chat
 
-TURNS = 50
+TURNS = 30
 POLICY = {"type": "sink_window", "sinks": 4, "window": 1024}
 
 
@@ -38,7 +40,7 @@ def user_messages(count: int) -> list[str]:
     return [f"Summarise this passage in one sentence:\n{text[i * size:(i + 1) * size]}" for i in range(count)]
 
 
-def test_fifty_turn_chat_outgrows_the_context_and_keeps_answering(chat_server):
+def test_thirty_turn_chat_outgrows_the_context_and_keeps_answering(chat_server):
     server, llm = chat_server
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
     messages = [{"role": "system", "content": "You are a concise assistant."}]
@@ -60,7 +62,7 @@ def test_fifty_turn_chat_outgrows_the_context_and_keeps_answering(chat_server):
         messages.append({"role": "assistant", "content": reply})
 
     history_tokens = len(llm.tokenizer.encode_chat(messages))
-    assert history_tokens > 2.5 * 8192  # the model's trained context, overflowed several times
+    assert history_tokens > 1.5 * 8192  # the model's trained context, overflowed
 
     metrics = httpx.get(f"{server.url}/metrics").text
     hits = sum(float(line.split()[-1]) for line in metrics.splitlines()
