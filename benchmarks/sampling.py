@@ -37,6 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from random_model import LLAMA3_8B, build_engine, full_vocab_tokenizer, load_random_model  # noqa: E402
 
 from ropeway import ContextParams, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
+from ropeway.arith import cdiv  # noqa: E402
 from ropeway.engine import sampler  # noqa: E402
 from ropeway.engine.sampler import SamplingRow, sample  # noqa: E402
 from ropeway.engine.sampler_graphs import SamplerGraphs  # noqa: E402
@@ -108,13 +109,20 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, s
                    waits: list | None = None, calls: dict | None = None,
                    trace: pathlib.Path | None = None) -> tuple[float, float]:
     """(median synchronized step, mean pipelined step) in ms; waits: gets the mean read wait of a
-    pipelined step; calls: filled with runtime_calls over 5 more pipelined steps."""
+    pipelined step; calls: filled with runtime_calls over 5 more pipelined steps.
+
+    Every timed step runs all `batch` sequences: prompts go in over several chunked steps, and the
+    first ones admitted decode meanwhile, so max_tokens leaves room for those steps too (else the
+    early sequences finish mid-measurement and the batch shrinks); what is left is aborted."""
     vocab = engine.model_config.vocab_size
     generator = torch.Generator().manual_seed(batch if prompt_seed is None else prompt_seed)
-    for i in range(batch):
+    prefill_steps = cdiv(batch * context, engine.core.config.max_num_batched_tokens) + batch
+    request_ids = [f"b{batch}-{i}" for i in range(batch)]
+    for i, request_id in enumerate(request_ids):
         prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
-        engine.add_request(f"b{batch}-{i}", prompt, SamplingParams(max_tokens=2 * steps + 12, ignore_eos=True, seed=i,
-                                                                  detokenize=False, **setting), context_params)
+        params = SamplingParams(max_tokens=prefill_steps + 2 * steps + 32, ignore_eos=True, seed=i, detokenize=False,
+                                **setting)
+        engine.add_request(request_id, prompt, params, context_params)
     while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
             or engine.scheduler.num_waiting:
         engine.step()
@@ -138,8 +146,10 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, s
         waits.append(reads.seconds * 1e3 / steps)
     if calls is not None:
         calls.update(runtime_calls(engine, 5, trace))
-    while engine.has_unfinished_requests():  # the last few tokens
-        engine.step()
+    if len(engine.scheduler.running) != batch:
+        raise RuntimeError(f"{len(engine.scheduler.running)} of {batch} sequences ran to the end of the timing")
+    for request_id in request_ids:
+        engine.abort_request(request_id)
     return statistics.median(times), pipelined
 
 
