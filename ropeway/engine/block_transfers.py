@@ -10,9 +10,10 @@ then: its host rows start as zeros too, so every copy skipped would have copied 
 
 A step's copies become a FIFO of chunks (CopyChunk) of at most CHUNK_BYTES. On CUDA a pump thread
 (copy_pump.py) issues them, offloads on one copy stream and loads on another (PCIe moves both
-ways at once), never more than QUEUE_DEPTH chunks ahead on either: a copy engine serves copies
-in the order they reach it, so a step's own small host copies (its inputs, its sampled tokens)
-wait behind at most that much, never behind a whole 32k-token chat. Nothing here waits for a
+ways at once), never more than QUEUE_DEPTH chunks ahead on either: if a copy engine serves copies
+in the order they reach it (benchmarks/copy_contention.py measures whether it does), a step's own
+small host copies (its inputs, its sampled tokens) wait behind at most that much, never behind a
+whole 32k-token chat. Nothing here waits for a
 copy on the step's stream, and the step loop never waits for one either: the scheduler keeps a
 loading sequence out of every batch until finished() sees its last chunk done.
 
