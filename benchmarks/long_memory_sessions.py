@@ -27,13 +27,16 @@ asynchronous scheduling a step also waits for the previous step's GPU work, so o
 prefill chunk is long for that reason alone) is set against it: decode_step_excess reports the
 excess while blocks move (p50, p99, max, steps over 2 ms) and the worst steps with where their
 time went (step_attribution.py: scheduling, the host tier's calls, the wait for the previous
-step, the copy pump's time awake, and on CUDA the GPU time of the forward, of the step's input
-uploads and of its tokens' copy back). copy_streams gives, per host hit, each copy stream's
-time copying against its span (idle time: the stream waited for the other direction or for the
-pump). The same file runs on trees before the host tier's counters: those fields are None.
+step, the copy pump's time awake, garbage collection, and on CUDA the GPU time of the forward,
+of the step's input uploads and of its tokens' copy back). Start-up objects are frozen out of the
+collector's reach, as the server's engine core process does. copy_streams gives, per host hit,
+each copy stream's time copying against its span (idle time: the stream waited for the other
+direction or for the pump). The same file runs on trees before the host tier's counters: those
+fields are None.
 """
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -174,6 +177,10 @@ def run(args) -> dict:
                           max_num_batched_tokens=args.max_num_batched_tokens)
     engine = build_engine(config, args.random_llama3_8b)
     engine.capture_decode_graphs()
+    # As the server's engine core process does: start-up objects frozen, so the collector's full
+    # passes do not walk them (they stalled steps there; here they would count as the tier's stalls).
+    gc.collect()
+    gc.freeze()
     pool_tokens = engine.pool.num_tokens
     if args.chats * args.history_tokens <= pool_tokens:
         print(f"warning: {args.chats} chats of {args.history_tokens} tokens fit in the pool ({pool_tokens} tokens): "
@@ -280,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = run(args)
+    gc.unfreeze()  # (what run() froze may go at exit)
     for kind, seconds in result["median"].items():
         print(f"{kind:>10}: median time to first token {seconds * 1000:9.1f} ms over "
               f"{len(result['time_to_first_token_seconds'][kind])} turns")

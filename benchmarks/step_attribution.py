@@ -6,6 +6,7 @@ one record per step:
   call: move, gathered_wait, finished, wait_for_a_load), reading the previous step's results
   (resolve: with asynchronous scheduling the wait for the previous step's GPU work), and the rest;
 - the copy pump thread's time awake during the step (it shares the GIL with the step loop);
+- the garbage collector's passes during the step (gc.callbacks; any thread's);
 - on CUDA, GPU time read from events once the run is over: the step's forward (execute), its
   input uploads (host-to-device copies: they queue behind the host tier's on a busy copy
   engine) and its sampled tokens' copy back.
@@ -13,6 +14,7 @@ Counters a tree lacks (the host tier's, before they existed) are reported as Non
 benchmark runs on older code.
 """
 
+import gc
 import time
 
 import torch
@@ -31,6 +33,18 @@ class StepAttribution:
         self._wrap(core.runner, "execute", "execute_s", gpu_key="execute")
         self._wrap(core.runner, "upload_arrays", None, gpu_key="h2d")
         self._wrap_token_copies()
+        self._gc_began: float | None = None
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_began = time.perf_counter()
+        elif self._gc_began is not None:
+            record = self._current
+            if record is not None:
+                record["gc_s"] += time.perf_counter() - self._gc_began
+                record["gc_passes"].append(info.get("generation"))
+            self._gc_began = None
 
     def _wrap(self, owner, name: str, host_key: str | None, gpu_key: str | None = None) -> None:
         inner = getattr(owner, name)
@@ -87,7 +101,8 @@ class StepAttribution:
 
     def begin(self) -> None:
         tier, awake = self._tier_counters()
-        self._current = {"resolve_s": 0.0, "schedule_s": 0.0, "execute_s": 0.0, "events": {},
+        self._current = {"resolve_s": 0.0, "schedule_s": 0.0, "execute_s": 0.0, "gc_s": 0.0, "gc_passes": [],
+                         "events": {},
                          "_tier": tier, "_awake": awake, "_began": time.perf_counter()}
 
     def end(self, **fields) -> dict:
@@ -131,6 +146,7 @@ def attribution_row(record: dict, baseline_s: float, previous: dict | None) -> d
         "schedule_ms": ms(record["schedule_s"]), "resolve_ms": ms(record["resolve_s"]),
         "tier_ms": {name: ms(seconds) for name, seconds in tier.items()} if tier is not None else None,
         "pump_awake_ms": ms(record["pump_awake_s"]), "other_host_ms": ms(record["other_host_s"]),
+        "gc_ms": ms(record["gc_s"]), "gc_generations": record["gc_passes"] or None,
         "execute_host_ms": ms(record["execute_s"]),
         "gpu_execute_ms": record["gpu_execute_ms"], "gpu_h2d_ms": record["gpu_h2d_ms"],
         "gpu_d2h_ms": record["gpu_d2h_ms"],

@@ -196,6 +196,20 @@ def test_a_load_into_the_blocks_its_step_offloads_gets_them_out_first_chunk_by_c
         assert transfers.pump.gathered_bytes == 0 and transfers.pump.error is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_host_buffers_are_pinned_at_exactly_their_size_and_copy_both_ways():
+    from ropeway.engine.pinned_memory import pinned_empty
+
+    host = pinned_empty((3, 1_000_003), torch.uint8)  # not a power of two: torch's pinned allocator would round up
+    assert host.is_pinned() and host.untyped_storage().nbytes() == 3 * 1_000_003
+    assert not pinned_empty((4, 5), torch.float32, zeroed=True).any()
+    host.copy_(torch.randint(0, 255, host.shape, dtype=torch.uint8))
+    device = host.to("cuda", non_blocking=True)
+    back = pinned_empty(host.shape, torch.uint8)
+    back.copy_(device, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(back, host)
+
 @pytest.mark.parametrize("threaded", [False, True])
 def test_random_moves_leave_pool_and_host_as_copying_one_block_at_a_time_would(threaded):
     """Many steps of random offloads (to one slot or several, of blocks a load overwrites or not)

@@ -21,8 +21,8 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, zeroed: bool = Fals
     cudart = torch.cuda.cudart()
     error = int(cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0))
     if error != 0:
-        raise RuntimeError(f"pinning {nbytes} bytes of host memory for the KV host tier failed (cudaError {error}); "
-                           "lower --kv-host-memory or raise the locked-memory limit (ulimit -l)")
+        raise RuntimeError(f"pinning {nbytes} bytes of host memory for the KV host tier failed (cudaError {error}): "
+                           "lower --kv-host-memory")
     # Unpinned when the tensor goes, before its memory returns to the allocator.
     weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())
     return tensor
