@@ -196,6 +196,105 @@ def test_a_load_into_the_blocks_its_step_offloads_gets_them_out_first_chunk_by_c
         assert transfers.pump.gathered_bytes == 0 and transfers.pump.error is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_host_buffers_are_pinned_at_exactly_their_size_and_copy_both_ways():
+    from ropeway.engine.pinned_memory import pinned_empty
+
+    host = pinned_empty((3, 1_000_003), torch.uint8)  # not a power of two: torch's pinned allocator would round up
+    assert host.is_pinned() and host.untyped_storage().nbytes() == 3 * 1_000_003
+    assert not pinned_empty((4, 5), torch.float32, zeroed=True).any()
+    host.copy_(torch.randint(0, 255, host.shape, dtype=torch.uint8))
+    device = host.to("cuda", non_blocking=True)
+    back = pinned_empty(host.shape, torch.uint8)
+    back.copy_(device, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(back, host)
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_random_moves_leave_pool_and_host_as_copying_one_block_at_a_time_would(threaded):
+    """Many steps of random offloads (to one slot or several, of blocks a load overwrites or not)
+    and loads (several per step, some empty), in chunks of two blocks, against a plain model: each
+    step's offloads take the blocks as they were before the step, then its loads fill their blocks."""
+    rng = torch.Generator().manual_seed(1)
+    num_blocks, num_slots = 24, 40
+    kv = torch.randn(2, 2, num_blocks, 2, 3, generator=rng)  # layers, K/V, blocks, tokens, dim
+    views = [kv.movedim(2, 0)]
+    transfers = BlockTransfers(views, num_slots=num_slots, chunk_bytes=2 * 2 * 2 * 2 * 3 * 4, threaded=threaded)
+    assert transfers.blocks_per_chunk == 2
+    pool = {block: views[0][block].clone() for block in range(num_blocks)}
+    host: dict[int, torch.Tensor] = {}
+    for _ in range(12):
+        perm = torch.randperm(num_blocks, generator=rng).tolist()
+        filled = [slot for slot in torch.randperm(num_slots, generator=rng).tolist() if slot in host]
+        load_sizes = [min(len(filled), n) for n in (torch.randint(0, 6, (2,), generator=rng).tolist())]
+        loads, destinations = [], iter(perm)
+        read = iter(filled)
+        for size in load_sizes:
+            pairs = [(slot, next(destinations)) for slot, _ in zip(read, range(size))]
+            loads.append(BlockLoad(seq=None, copies=pairs))
+        loaded = [block for load in loads for _, block in load.copies]
+        read_slots = {slot for load in loads for slot, _ in load.copies}
+        others = [block for block in perm if block not in loaded][:4]
+        free_slots = iter(slot for slot in torch.randperm(num_slots, generator=rng).tolist() if slot not in read_slots)
+        offloads = [(block, next(free_slots)) for block in loaded[::2] + others]
+        offloads += [(offloads[0][0], next(free_slots))] if offloads else []  # one block to a second slot
+        before = dict(pool)
+        transfers.move(offloads, loads)
+        for block in others:  # the step writes the blocks it reused at once: their offload took them before
+            views[0][block] = torch.randn(views[0][block].shape, generator=rng)
+            pool[block] = views[0][block].clone()
+        for block, slot in offloads:
+            host[slot] = before[block]
+        for load in loads:
+            for slot, block in load.copies:
+                pool[block] = host[slot]
+        while transfers.loads:
+            transfers.wait_for_a_load()
+        if threaded:
+            transfers.pump.wait_until(lambda: not transfers.pump.busy)
+        for block, expected in pool.items():
+            assert torch.equal(views[0][block], expected), block
+        for slot, expected in host.items():
+            assert torch.equal(transfers.host[0][slot], expected), slot
+
+
+def test_a_tensor_zero_until_written_is_copied_only_once_marked_and_comes_back_as_it_left():
+    kv = torch.randn(6, 4)
+    bias = torch.zeros(6, 2)
+    transfers = BlockTransfers([kv], num_slots=4, threaded=False, zero_until_written=[bias])
+    assert transfers.bytes_per_slot == 4 * 4 + 2 * 4
+    transfers.offload([(0, 0)])  # every bias is zero: no copy is needed, and none is made
+    bias[1] = 5.0  # (against the contract, to see that the copy is skipped)
+    transfers.offload([(1, 1)])
+    assert not transfers.host[1].any()
+    transfers.mark_written()
+    transfers.offload([(1, 2)])
+    assert torch.equal(transfers.host[1][2], bias[1])
+    bias[:] = 7.0
+    transfers.load([BlockLoad(seq=None, copies=[(0, 3), (2, 4)])])
+    assert torch.equal(kv[3], transfers.host[0][0]) and not bias[3].any()  # block 0 left with a zero bias
+    assert torch.equal(bias[4], torch.full((2,), 5.0))
+
+
+def test_the_step_loop_does_not_cut_a_long_loads_chunks():
+    """A 32k-token chat (2048 blocks) and the 2048 blocks it overwrites: move() hands the pump one
+    lazy sequence of chunks, cut only as they are issued, and a few chunks of the gathered blocks."""
+    kv = torch.zeros(4096, 4)
+    transfers = BlockTransfers([kv], num_slots=8192, chunk_bytes=15 * 16, threaded=False)
+    submitted = []
+    transfers._queue = submitted.append
+    blocks = list(range(100, 2148))
+    load = BlockLoad(seq=None, copies=[(4000 + i, block) for i, block in enumerate(blocks)])
+    others = [(block, 7000 + i) for i, block in enumerate(range(3000, 3040))]
+    transfers.move([(block, 2000 + i) for i, block in enumerate(blocks)] + others, [load])
+    gathered, lazy = submitted
+    assert len(gathered) == 3 and all(chunk.gathered is not None for chunk in gathered)  # 40 blocks, 15 a chunk
+    assert not isinstance(lazy, list)
+    chunks = list(lazy)
+    assert len(chunks) == 2 * 137 and [chunk.offload for chunk in chunks[:4]] == [True, False, True, False]
+    assert chunks[0].slots.tolist() == list(range(2000, 2015)) and chunks[1].slots.tolist() == list(range(4000, 4015))
+    assert chunks[-1].ends_load and chunks[1].starts_load and transfers.step_loop_seconds["move"] > 0
+
 def _greedy(llm, prompts, context=None):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1)
     return [llm.generate([p], params, context=context)[0] for p in prompts]
@@ -323,7 +422,6 @@ class _CountingTransfers:
     def issue(self, chunk):
         chunk.done = _Done()
         self.issued.append(chunk)
-        chunk.issued.set()
 
 
 def _settles_at(transfers, count):

@@ -3,16 +3,23 @@
 A block is whatever the pool holds for it in every cache tensor (keys and values, and any other
 per-block tensor: the landmark slot bias, a quantized cache's scales), copied as raw elements of
 each tensor's own dtype. The host side holds one buffer per cache tensor, one row per slot: a
-block's bytes for all layers are one run there (pinned on CUDA, so copies are asynchronous), and
-consecutive slots are one run too.
+block's bytes for all layers are one run there (pinned on CUDA at exactly its size, so copies are
+asynchronous), and consecutive slots are one run too. A tensor that holds zeros until its owner
+first writes one (the landmark slot bias: only landmark caches write it) is not copied before
+then: its host rows start as zeros too, so every copy skipped would have copied zeros.
 
 A step's copies become a FIFO of chunks (CopyChunk) of at most CHUNK_BYTES. On CUDA a pump thread
 (copy_pump.py) issues them, offloads on one copy stream and loads on another (PCIe moves both
-ways at once), never more than QUEUE_DEPTH chunks ahead on either: a copy engine serves copies
-in the order they reach it, so a step's own small host copies (its inputs, its sampled tokens)
-wait behind at most that much, never behind a whole 32k-token chat. Nothing here waits for a
+ways at once), never more than QUEUE_DEPTH chunks ahead on either: if a copy engine serves copies
+in the order they reach it (benchmarks/copy_contention.py measures whether it does), a step's own
+small host copies (its inputs, its sampled tokens) wait behind at most that much, never behind a
+whole 32k-token chat. Nothing here waits for a
 copy on the step's stream, and the step loop never waits for one either: the scheduler keeps a
 loading sequence out of every batch until finished() sees its last chunk done.
+
+The step loop's share of a move is kept to a few array operations, whatever its size: the
+chunks of a load are cut by the pump thread as it issues them (a 32k-token chat is hundreds of
+chunks: made up front, they took milliseconds of the step that started the load).
 
 Ordering, all on the GPU:
 - offload (pool -> host) of a block that this step loads into: gathered chunk by chunk on the
@@ -29,17 +36,20 @@ Ordering, all on the GPU:
 On CPU every chunk is copied when the call returns.
 """
 
-import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import nullcontext
+from itertools import chain
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ropeway.scheduler import BlockLoad
 
 from .copy_pump import CopyPump
+from .pinned_memory import pinned_empty
 
 # One chunk of copying: ~0.6 ms at the ~50 GB/s of pinned PCIe copies on the H200.
 CHUNK_BYTES = 32 << 20
@@ -49,31 +59,45 @@ QUEUE_DEPTH = 2
 # offload waits (a safety valve on device memory; a step reuses far fewer blocks than this).
 MAX_GATHERED_BYTES = 1 << 30
 
+_NO_SLOTS = np.zeros(0, dtype=np.int64)
+
 
 @dataclass(eq=False)
+class LoadProgress:
+    """Where one load's copies are: its last chunk issued yet, and the events around them."""
+    load: BlockLoad
+    issued: bool = False                   # its last chunk is queued (on CPU: copied)
+    started: torch.cuda.Event | None = None  # timing event before its first chunk's copies
+    done: torch.cuda.Event | None = None     # after its last chunk's (None on CPU)
+    copy_seconds: list[float] = field(default_factory=lambda: [0.0, 0.0])  # on CPU: first copy began, last ended
+
+
+@dataclass(eq=False, slots=True)
 class CopyChunk:
-    """A chunk of copies on one copy stream: `slots` paired with `blocks` (pool blocks to gather
-    from or scatter into) or with rows of `gathered` (blocks the step's stream gathered)."""
+    """A chunk of copies on one copy stream: host `slots` paired with the pool blocks `index` (to
+    gather from or scatter into) or with rows of `gathered` (blocks the step's stream gathered)."""
     offload: bool
-    slots: list[int]
-    blocks: list[int] | None = None
+    slots: list[int] | np.ndarray
     index: torch.Tensor | None = None  # the blocks on the device (uploaded with the step's, on its stream)
     gathered: list[torch.Tensor] | None = None
+    tensors: int | None = None         # how many of the cache tensors it copies (None: all)
     after: torch.cuda.Event | None = None  # the step's stream, when the chunk was made
-    ends: BlockLoad | None = None          # the load whose last chunk this is
-    starts_load: bool = False              # the first chunk of a load: timed from here
-    started: torch.cuda.Event | None = None
-    copy_seconds: tuple[float, float] = (0.0, 0.0)  # on CPU: when the copies began and ended
-    done: torch.cuda.Event | None = None   # set once issued (None on CPU)
-    issued: threading.Event = field(default_factory=threading.Event)
+    load: LoadProgress | None = None   # the load it copies for
+    starts_load: bool = False
+    ends_load: bool = False
+    done: torch.cuda.Event | None = None  # set once issued (None on CPU)
 
     @property
     def gathered_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.gathered) if self.gathered else 0
 
 
-def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
-    """(first index, first slot, length) of each run of consecutive slots."""
+def slot_runs(slots) -> list[tuple[int, int, int]]:
+    """(first index, first slot, length) of each run of consecutive slots. (Plain Python: for a
+    chunk's few dozen slots numpy's calls cost the pump several times more of the GIL.)"""
+    slots = slots.tolist() if isinstance(slots, np.ndarray) else list(slots)
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):  # the usual case: one run
+        return [(0, slots[0], len(slots))]
     runs: list[tuple[int, int, int]] = []
     for index, slot in enumerate(slots):
         if runs and runs[-1][1] + runs[-1][2] == slot:
@@ -84,36 +108,74 @@ def slot_runs(slots: list[int]) -> list[tuple[int, int, int]]:
     return runs
 
 
-def chunked(items: list, size: int) -> list[list]:
-    return [items[start : start + size] for start in range(0, len(items), size)]
+def _pairs_array(pairs: list[tuple[int, int]]) -> np.ndarray:
+    """[n, 2] int64 (np.fromiter over the flattened pairs: about twice as fast as np.asarray of tuples)."""
+    return np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=2 * len(pairs)).reshape(-1, 2)
+
+
+def positions_in(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For each value, its index in targets (whose entries are distinct), or -1."""
+    if not len(targets) or not len(values):
+        return np.full(len(values), -1, dtype=np.int64)
+    order = np.argsort(targets, kind="stable")
+    at = np.minimum(np.searchsorted(targets[order], values), len(targets) - 1)
+    return np.where(targets[order][at] == values, order[at], -1)
 
 
 class BlockTransfers:
     def __init__(self, cache_tensors: list[torch.Tensor], num_slots: int, chunk_bytes: int | None = None,
-                 queue_depth: int | None = None, threaded: bool | None = None):
+                 queue_depth: int | None = None, threaded: bool | None = None,
+                 zero_until_written: list[torch.Tensor] = ()):
         """cache_tensors: every per-block tensor of the pool, as views with the block axis first.
-        threaded: issue chunks from the pump thread (default: on CUDA; on CPU for tests only, since
-        nothing orders a CPU copy after the step's writes but the caller)."""
-        self.cache_tensors = cache_tensors
-        self.device = cache_tensors[0].device
+        zero_until_written: more such tensors, all zeros until mark_written(); copied from then on.
+        threaded: issue chunks from the pump thread (default and required on CUDA; on CPU for tests
+        only, since nothing orders a CPU copy after the step's writes but the caller)."""
+        self.cache_tensors = list(cache_tensors) + list(zero_until_written)
+        self.always_copied = len(cache_tensors)
+        self.copied = self.always_copied  # how many of cache_tensors a move copies now
+        self.device = self.cache_tensors[0].device
         self.on_cuda = self.device.type == "cuda"
-        self.host = [torch.empty((num_slots, *t.shape[1:]), dtype=t.dtype, pin_memory=self.on_cuda)
-                     for t in cache_tensors]
-        self.bytes_per_slot = sum(t[0].numel() * t.element_size() for t in cache_tensors)
+        self.host = [self._host_buffer((num_slots, *t.shape[1:]), t.dtype, zeroed=index >= self.always_copied)
+                     for index, t in enumerate(self.cache_tensors)]
+        self.bytes_per_slot = sum(t[0].numel() * t.element_size() for t in self.cache_tensors)
         chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         self.blocks_per_chunk = max(1, min(chunk_bytes // self.bytes_per_slot, num_slots))
-        self.staging: dict[bool, list[torch.Tensor]] = {}  # see _staging
+        # A chunk's worth of every cache tensor on the device, one per direction, made now (not by
+        # the pump mid-serving): chunks on one stream use it in stream order.
+        self.staging = {offload: [torch.empty((self.blocks_per_chunk, *t.shape[1:]), dtype=t.dtype, device=self.device)
+                                  for t in self.cache_tensors] for offload in (True, False)}
         self.streams = {offload: torch.cuda.Stream(self.device) for offload in (True, False)} if self.on_cuda else {}
         self.last_offload_done: torch.cuda.Event | None = None  # of the last offload chunk issued
+        # The step-stream event each copy stream last waited for, and the offload chunk the load
+        # stream last waited for: the chunks after the first of a move need not wait again.
+        self._waited_step: dict[bool, torch.cuda.Event | None] = {True: None, False: None}
+        self._waited_offload: torch.cuda.Event | None = None
+        self._current_stream: torch.cuda.Stream | None = None  # the pump thread's, as it last set it
         threaded = self.on_cuda if threaded is None else threaded
+        if self.on_cuda and not threaded:
+            raise ValueError("on CUDA the host tier's copies are issued by its pump thread")
         self.pump = CopyPump(self, QUEUE_DEPTH if queue_depth is None else queue_depth) if threaded else None
-        self.loads: deque[tuple[BlockLoad, CopyChunk, CopyChunk]] = deque()  # (load, its first chunk, its last)
+        self.loads: deque[LoadProgress] = deque()  # in flight, in order
         self.offloaded_bytes = 0  # totals since start-up
         self.loaded_bytes = 0
         # (bytes, seconds from the load's first copy to its last) of each load finished, for benchmarks.
         self.load_timings: list[tuple[int, float]] = []
+        # Seconds the step loop spent in this class's calls, by call (waits included), for benchmarks.
+        self.step_loop_seconds = {"move": 0.0, "gathered_wait": 0.0, "finished": 0.0, "wait_for_a_load": 0.0}
+        # When a list (benchmarks set one): (offload?, bytes, start event, end event) of every chunk issued.
+        self.chunk_events: list[tuple[bool, int, torch.cuda.Event, torch.cuda.Event]] | None = None
+
+    def _host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype, zeroed: bool) -> torch.Tensor:
+        if self.on_cuda:
+            return pinned_empty(shape, dtype, zeroed)
+        return torch.zeros(shape, dtype=dtype) if zeroed else torch.empty(shape, dtype=dtype)
 
     # ----- the step loop's side -----
+
+    def mark_written(self) -> None:
+        """The zero-until-written tensors may hold other values from now on: moves copy them too.
+        (Call it before the move of the step that would copy a written value, not after.)"""
+        self.copied = len(self.cache_tensors)
 
     def move(self, offloads: list[tuple[int, int]], loads: list[BlockLoad]) -> None:
         """Queue a step's copies: offloads are (pool block, host slot) pairs the pool lets go of
@@ -121,51 +183,33 @@ class BlockTransfers:
         and finished() reports each once done."""
         if not offloads and not loads:
             return
-        self.offloaded_bytes += len(offloads) * self.bytes_per_slot
-        self.loaded_bytes += sum(len(load.copies) for load in loads) * self.bytes_per_slot
-        loaded_blocks = {block for load in loads for _, block in load.copies}
-        slots_of_loaded: dict[int, list[int]] = {}
-        others = []
-        for block, slot in offloads:
-            if block in loaded_blocks:
-                slots_of_loaded.setdefault(block, []).append(slot)
-            else:
-                others.append((block, slot))
-        chunks = self._gather_now(others)
-        paired = []
-        for load in loads:
-            load_chunks = []
-            for copies in chunked(load.copies, self.blocks_per_chunk):
-                blocks = [block for _, block in copies]
-                for pairs in chunked([(block, slot) for block in blocks for slot in slots_of_loaded.get(block, [])],
-                                     self.blocks_per_chunk):
-                    paired.append(CopyChunk(True, [s for _, s in pairs], blocks=[b for b, _ in pairs]))
-                load_chunks.append(CopyChunk(False, [slot for slot, _ in copies], blocks=blocks))
-                paired.append(load_chunks[-1])
-            if not load_chunks:  # nothing to copy: done once what came before is
-                load_chunks.append(CopyChunk(False, [], blocks=[]))
-                paired.append(load_chunks[-1])
-            load_chunks[0].starts_load = True
-            load_chunks[-1].ends = load
-            self.loads.append((load, load_chunks[0], load_chunks[-1]))
-        if paired:
+        began = time.perf_counter()
+        waited = self.step_loop_seconds["gathered_wait"]
+        pairs = _pairs_array(offloads)  # (block, slot)
+        copies = [_pairs_array(load.copies) for load in loads]  # (slot, block)
+        self.offloaded_bytes += len(pairs) * self.bytes_per_slot
+        self.loaded_bytes += sum(len(c) for c in copies) * self.bytes_per_slot
+        loaded_blocks = np.concatenate([c[:, 1] for c in copies]) if copies else _NO_SLOTS
+        position = positions_in(pairs[:, 0], loaded_blocks)  # in the loads' order; -1: a block no load writes
+        chunks = self._gather_now(pairs[position < 0])
+        if loads:
+            # The blocks a load writes leave first, in the load's order, so chunk k of the load
+            # follows the offload chunk that gathers its blocks.
+            paired_mask = position >= 0
+            order = np.argsort(position[paired_mask], kind="stable")
+            paired, paired_position = pairs[paired_mask][order], position[paired_mask][order]
             # Every chunk's blocks in one upload on the step's stream (an upload on a copy stream
             # would queue behind the other direction's chunks).
-            index = self._index([block for chunk in paired for block in chunk.blocks])
-            after = None
-            if self.on_cuda:
-                after = torch.cuda.Event()
-                after.record()  # the blocks' earlier writers and the upload
-            start = 0
-            for chunk in paired:
-                chunk.index, chunk.after = index[start : start + len(chunk.blocks)], after
-                start += len(chunk.blocks)
-            chunks += paired
-        if self.pump is not None:
-            self.pump.submit(chunks)
+            index = self._index(np.concatenate([paired[:, 0], loaded_blocks]))
+            after = self._record_step_stream()
+            progress = [LoadProgress(load) for load in loads]
+            self.loads.extend(progress)
+            self._queue(chunks)
+            self._queue(self._load_chunks(copies, progress, paired, paired_position, index, after, self.copied))
         else:
-            for chunk in chunks:
-                self.issue(chunk)
+            self._queue(chunks)
+        self.step_loop_seconds["move"] += (time.perf_counter() - began
+                                           - (self.step_loop_seconds["gathered_wait"] - waited))
 
     def offload(self, copies: list[tuple[int, int]]) -> None:
         self.move(copies, [])
@@ -175,26 +219,29 @@ class BlockTransfers:
 
     def finished(self) -> list[BlockLoad]:
         """The loads whose blocks are in the pool now (polled, never waited for; loads end in order)."""
+        began = time.perf_counter()
         if self.pump is not None:
             self.pump.raise_if_failed()
         done = []
-        while self.loads and self._is_done(self.loads[0][2]):
-            load, first, last = self.loads.popleft()
-            seconds = (first.started.elapsed_time(last.done) / 1000 if first.started is not None
-                       else last.copy_seconds[1] - first.copy_seconds[0])
-            self.load_timings.append((len(load.copies) * self.bytes_per_slot, seconds))
-            done.append(load)
+        while self.loads and self._is_done(self.loads[0]):
+            progress = self.loads.popleft()
+            seconds = (progress.started.elapsed_time(progress.done) / 1000 if progress.started is not None
+                       else progress.copy_seconds[1] - progress.copy_seconds[0])
+            self.load_timings.append((len(progress.load.copies) * self.bytes_per_slot, seconds))
+            done.append(progress.load)
+        self.step_loop_seconds["finished"] += time.perf_counter() - began
         return done
 
     def wait_for_a_load(self) -> list[BlockLoad]:
         """Wait until the oldest load in flight is done (when nothing else can run meanwhile)."""
+        began = time.perf_counter()
         if self.loads:
-            last = self.loads[0][2]
-            while not last.issued.wait(0.1):
-                if self.pump is not None:
-                    self.pump.raise_if_failed()
-            if last.done is not None:
-                last.done.synchronize()
+            progress = self.loads[0]
+            if self.pump is not None:
+                self.pump.wait_until(lambda: progress.issued)
+            if progress.done is not None:
+                progress.done.synchronize()
+        self.step_loop_seconds["wait_for_a_load"] += time.perf_counter() - began
         return self.finished()
 
     def paused(self):
@@ -206,29 +253,82 @@ class BlockTransfers:
         """Whether copies are queued or in flight."""
         return bool(self.loads) or (self.pump is not None and self.pump.busy)
 
-    def _is_done(self, chunk: CopyChunk) -> bool:
-        return chunk.issued.is_set() and (chunk.done is None or chunk.done.query())
+    @staticmethod
+    def _is_done(progress: LoadProgress) -> bool:
+        return progress.issued and (progress.done is None or progress.done.query())
 
-    def _gather_now(self, offloads: list[tuple[int, int]]) -> list[CopyChunk]:
+    def _queue(self, chunks) -> None:
+        if self.pump is not None:
+            self.pump.submit(chunks)
+        else:
+            for chunk in chunks:
+                self.issue(chunk)
+
+    def _record_step_stream(self) -> torch.cuda.Event | None:
+        if not self.on_cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _gather_now(self, offloads: np.ndarray) -> list[CopyChunk]:
         """Gather blocks on the step's stream (before the step writes to them); chunks to copy them to the host."""
-        if not offloads:
+        if not len(offloads):
             return []
         if self.pump is not None:
+            began = time.perf_counter()
             self.pump.wait_for_gathered_bytes(MAX_GATHERED_BYTES)
-        blocks = self._index([block for block, _ in offloads])
-        gathered = [tensor.index_select(0, blocks) for tensor in self.cache_tensors]
-        after = None
-        if self.on_cuda:
-            after = torch.cuda.Event()
-            after.record()
-        return [CopyChunk(True, [slot for _, slot in offloads[start : start + self.blocks_per_chunk]],
-                          gathered=[g[start : start + self.blocks_per_chunk] for g in gathered], after=after)
-                for start in range(0, len(offloads), self.blocks_per_chunk)]
+            self.step_loop_seconds["gathered_wait"] += time.perf_counter() - began
+        blocks = self._index(offloads[:, 0])
+        gathered = [self._gather(tensor, blocks) for tensor in self.cache_tensors[: self.copied]]
+        after = self._record_step_stream()
+        size = self.blocks_per_chunk
+        return [CopyChunk(True, offloads[start : start + size, 1], gathered=[g[start : start + size] for g in gathered],
+                          tensors=self.copied, after=after)
+                for start in range(0, len(offloads), size)]
 
-    def _index(self, values: list[int]) -> torch.Tensor:
+    def _load_chunks(self, copies: list[np.ndarray], progress: list[LoadProgress], paired: np.ndarray,
+                     paired_position: np.ndarray, index: torch.Tensor, after, tensors: int) -> Iterator[CopyChunk]:
+        """The chunks of the step's loads, each after the offload chunk(s) of the blocks it writes
+        (cut lazily, by whoever issues them). index: the paired blocks, then the loaded ones."""
+        size = self.blocks_per_chunk
+        first_loaded = len(paired)  # row of index where the loaded blocks begin
+        start = 0  # position of the load's first copy among all loads'
+        for load_copies, load in zip(copies, progress):
+            end = start + len(load_copies)
+            if start == end:  # nothing to copy: done once what came before is
+                yield CopyChunk(False, _NO_SLOTS, tensors=tensors, after=after, load=load, starts_load=True,
+                                ends_load=True)
+            firsts = list(range(start, end, size))
+            # Rows of `paired` before each chunk of the load and after its last (one numpy call a load).
+            cuts = np.searchsorted(paired_position, firsts + [end]).tolist()
+            for chunk_index, first in enumerate(firsts):
+                last = min(first + size, end)
+                low, high = cuts[chunk_index], cuts[chunk_index + 1]
+                for row in range(low, high, size):
+                    stop = min(row + size, high)
+                    yield CopyChunk(True, paired[row:stop, 1], index=index[row:stop], tensors=tensors, after=after)
+                yield CopyChunk(False, load_copies[first - start : last - start, 0],
+                                index=index[first_loaded + first : first_loaded + last], tensors=tensors,
+                                after=after, load=load, starts_load=first == start, ends_load=last == end)
+            start = end
+
+    def _gather(self, tensor: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """tensor's rows `index` (into out if given). On CPU by copies of runs of rows: torch's
+        index_select walks a strided pool view element by element there (a 25 MB gather took
+        400 ms on the 2-core test box, its run copies 12 ms)."""
+        if self.on_cuda:
+            return torch.index_select(tensor, 0, index, out=out) if out is not None else tensor.index_select(0, index)
+        if out is None:
+            out = torch.empty((len(index), *tensor.shape[1:]), dtype=tensor.dtype)
+        for first, row, length in slot_runs(index.tolist()):
+            out[first : first + length].copy_(tensor[row : row + length])
+        return out
+
+    def _index(self, values: np.ndarray) -> torch.Tensor:
         """Block indices on the device, queued on the current stream without synchronizing it (a
         plain copy from pageable memory would wait for the work in flight)."""
-        index = torch.tensor(values, dtype=torch.int64)
+        index = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
         if not self.on_cuda:
             return index
         return index.pin_memory().to(self.device, non_blocking=True)
@@ -238,55 +338,76 @@ class BlockTransfers:
     def issue(self, chunk: CopyChunk) -> None:
         """Queue one chunk's copies on its copy stream (on CPU: copy it)."""
         stream = self.streams.get(chunk.offload)
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            if stream is not None:
-                if chunk.after is not None:
-                    stream.wait_event(chunk.after)
-                if not chunk.offload and self.last_offload_done is not None:
-                    stream.wait_event(self.last_offload_done)
-                if chunk.starts_load:
-                    chunk.started = torch.cuda.Event(enable_timing=True)
-                    chunk.started.record(stream)
-            began = time.perf_counter()
-            if chunk.offload:
-                self._copy_out(chunk)
-            else:
-                self._copy_in(chunk)
-            chunk.copy_seconds = (began, time.perf_counter())
-            if stream is not None:
-                done = torch.cuda.Event(enable_timing=chunk.ends is not None)
-                done.record(stream)
-                chunk.done = done
-                if chunk.offload:
-                    self.last_offload_done = done
-        chunk.issued.set()
+        if stream is None:
+            self._issue_on_cpu(chunk)
+            return
+        if stream is not self._current_stream:  # the pump thread's current stream: set once per switch
+            torch.cuda.set_stream(stream)
+            self._current_stream = stream
+        if chunk.after is not None and chunk.after is not self._waited_step[chunk.offload]:
+            stream.wait_event(chunk.after)
+            self._waited_step[chunk.offload] = chunk.after
+        if not chunk.offload and self.last_offload_done is not self._waited_offload:
+            stream.wait_event(self.last_offload_done)
+            self._waited_offload = self.last_offload_done
+        timed = self.chunk_events is not None
+        started = None
+        if chunk.starts_load or timed:
+            started = torch.cuda.Event(enable_timing=True)
+            started.record(stream)
+            if chunk.starts_load:
+                chunk.load.started = started
+        if chunk.offload:
+            self._copy_out(chunk)
+        else:
+            self._copy_in(chunk)
+        done = torch.cuda.Event(enable_timing=chunk.ends_load or timed)
+        done.record(stream)
+        chunk.done = done
+        if chunk.offload:
+            self.last_offload_done = done
+        if timed:
+            self.chunk_events.append((chunk.offload, len(chunk.slots) * self.bytes_per_slot, started, done))
+        if chunk.ends_load:
+            chunk.load.done = done
+            chunk.load.issued = True
+
+    def _issue_on_cpu(self, chunk: CopyChunk) -> None:
+        began = time.perf_counter()
+        if chunk.offload:
+            self._copy_out(chunk)
+        else:
+            self._copy_in(chunk)
+        if chunk.starts_load:
+            chunk.load.copy_seconds[0] = began
+        if chunk.ends_load:
+            chunk.load.copy_seconds[1] = time.perf_counter()
+            chunk.load.issued = True
 
     def _copy_out(self, chunk: CopyChunk) -> None:
+        count = len(chunk.slots)
+        tensors = len(self.cache_tensors) if chunk.tensors is None else chunk.tensors
         staging = chunk.gathered
         if staging is None:
-            count = len(chunk.blocks)
-            staging = [torch.index_select(tensor, 0, chunk.index, out=stage[:count])
-                       for tensor, stage in zip(self.cache_tensors, self._staging(True))]
+            staging = [self._gather(tensor, chunk.index, _rows(stage, count))
+                       for tensor, stage in zip(self.cache_tensors[:tensors], self.staging[True])]
         for first, slot, length in slot_runs(chunk.slots):
-            for stage, host in zip(staging, self.host):
-                host[slot : slot + length].copy_(stage[first : first + length], non_blocking=self.on_cuda)
+            for stage, host in zip(staging[:tensors], self.host):
+                host[slot : slot + length].copy_(_rows(stage, length, first), non_blocking=self.on_cuda)
 
     def _copy_in(self, chunk: CopyChunk) -> None:
         count = len(chunk.slots)
         if not count:
             return
-        staging = [stage[:count] for stage in self._staging(False)]
+        tensors = len(self.cache_tensors) if chunk.tensors is None else chunk.tensors
+        staging = [_rows(stage, count) for stage in self.staging[False][:tensors]]
         for first, slot, length in slot_runs(chunk.slots):
             for stage, host in zip(staging, self.host):
-                stage[first : first + length].copy_(host[slot : slot + length], non_blocking=self.on_cuda)
+                _rows(stage, length, first).copy_(host[slot : slot + length], non_blocking=self.on_cuda)
         for tensor, stage in zip(self.cache_tensors, staging):
             tensor.index_copy_(0, chunk.index, stage)
 
-    def _staging(self, offload: bool) -> list[torch.Tensor]:
-        """A chunk's worth of every cache tensor on the device, one per direction (made by the
-        first chunk that needs it, on its stream): chunks on one stream use it in stream order."""
-        if offload not in self.staging:
-            self.staging[offload] = [torch.empty((self.blocks_per_chunk, *t.shape[1:]), dtype=t.dtype,
-                                                 device=self.device) for t in self.cache_tensors]
-        return self.staging[offload]
 
+def _rows(tensor: torch.Tensor, count: int, first: int = 0) -> torch.Tensor:
+    """tensor[first : first + count], without a slicing call when that is all of it."""
+    return tensor if first == 0 and count == tensor.shape[0] else tensor[first : first + count]

@@ -250,6 +250,7 @@ class CacheOps:
             [destination, np.asarray(region[count:], dtype=np.int64), (destination[:, None] * size + offsets).ravel(),
              old_positions, new_positions.ravel(), old_rows,
              np.full(count * size, self.runner.rope_index(seq.rope_plan))], torch.int64)
+        self.bias_written = True  # (a region is open already; said here as well, where the bias is written)
         self.slot_bias.index_fill_(0, empty_t, float("-inf"))
         if not count:
             return

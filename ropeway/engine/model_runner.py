@@ -44,9 +44,11 @@ class ModelRunner:
         # Pure-decode steps replay CUDA graphs on the GPU; None runs every step eagerly.
         self.decode_graphs = (DecodeGraphs(model, kv_cache, block_size, self.cache_ops.slot_bias)
                               if self.device.type == "cuda" else None)
-        # The host tier's memory and copies (None without one). A block's landmark slot bias moves with it.
-        self.block_transfers = (BlockTransfers(cache_block_views(kv_cache) + [self.cache_ops.slot_bias],
-                                               host_tier_slots) if host_tier_slots else None)
+        # The host tier's memory and copies (None without one). A block's landmark slot bias moves
+        # with it, once any is written (until then every bias, in the pool and on the host, is 0).
+        self.block_transfers = (BlockTransfers(cache_block_views(kv_cache), host_tier_slots,
+                                               zero_until_written=[self.cache_ops.slot_bias])
+                                if host_tier_slots else None)
         if self.decode_graphs is not None and self.block_transfers is not None:
             self.decode_graphs.capture_guard = self.block_transfers.paused
 
@@ -214,7 +216,8 @@ class ModelRunner:
         written into them (the step, or a load), then loads come back; none is waited for."""
         if self.block_transfers is None:
             return
-        # (A slot bias comes back as it left: non-zero only if bias_written was already set.)
+        if self.cache_ops.bias_written:  # (set by an earlier step: this step's writes come after its copies)
+            self.block_transfers.mark_written()
         self.block_transfers.move(step.offloads, step.loads)
 
     def execute(self, step: SchedulerOutput, logit_rows: list[int],

@@ -318,13 +318,7 @@ class Scheduler:
         host = self.block_manager.host_tier
         if host is None:
             return []
-        slots = []
-        for block_hash in self.block_manager.prefix_hashes(seq)[num_cached:]:
-            slot = host.find_block(block_hash)
-            if slot is None:
-                break
-            slots.append(slot)
-        return slots
+        return host.find_run(self.block_manager.prefix_hashes(seq)[num_cached:])
 
     def _make_room(self, blocks_needed) -> bool:
         """Release retained sessions until blocks_needed() blocks are free."""
@@ -343,7 +337,7 @@ class Scheduler:
             return False
         self.waiting.popleft()
         bm.take_cached(seq, cached)
-        blocks = [bm.take_free_block() for _ in slots]
+        blocks = bm.take_free_blocks(len(slots))
         seq.block_table += blocks
         seq.num_computed_tokens = len(seq.block_table) * bm.block_size
         bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
@@ -361,7 +355,7 @@ class Scheduler:
         self.waiting.popleft()
         self.sessions.hits += 1
         match.session.restore_into(seq)
-        seq.block_table = [bm.take_free_block() for _ in slots]
+        seq.block_table = bm.take_free_blocks(len(slots))
         host.pin(slots)
         host.free(slots)  # the session leaves the host tier: its slots return once read
         self._start_load(seq, list(zip(slots, seq.block_table)), out)
