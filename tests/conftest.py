@@ -16,12 +16,21 @@ import pytest  # noqa: E402
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def engine_pool_options() -> dict:
+    """On a GPU an engine's pool defaults to 90% of free memory, which a second engine in the same
+    process would not find (the first one's memory stays in torch's cache): tests' engines take
+    the CPU's default pool there too, unless they ask for a size."""
+    from ropeway.engine.kv_pool import DEFAULT_CPU_KV_BYTES
+
+    return {"kv_cache_memory_bytes": DEFAULT_CPU_KV_BYTES} if torch.cuda.is_available() else {}
+
+
 @pytest.fixture(scope="session")
 def default_llm():
-    """The built-in default model on our engine, fp32 on CPU, loaded once per session."""
+    """The built-in default model on our engine, fp32 (on the GPU if there is one), loaded once per session."""
     from ropeway import LLM
 
-    return LLM(dtype="float32")
+    return LLM(dtype="float32", **engine_pool_options())
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +54,8 @@ def make_llm(default_llm):
     loaded = LoadedModel(default_llm.engine.model, default_llm.tokenizer, 0.0)
 
     def make(**options) -> LLM:
-        return LLM(engine=LLMEngine(EngineConfig(dtype="float32", **options), loaded=loaded))
+        config = EngineConfig(dtype="float32", **{**engine_pool_options(), **options})
+        return LLM(engine=LLMEngine(config, loaded=loaded))
 
     return make
 
