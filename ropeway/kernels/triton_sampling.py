@@ -92,23 +92,14 @@ def _top_p_pass_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, top_p_ptr, boun
         row_max = tl.load(row_max_ptr + row)
         base = scaled_ptr + row.to(tl.int64) * stride
         offsets = tl.arange(0, BLOCK)
-        # Every threshold lies in [low, high): a token at or above high counts in all of them, one
-        # below low in none, so only tokens inside the interval need the per-threshold compare.
-        # After the first passes few are, and most tiles skip that work.
         mass = tl.zeros((BLOCK, BINS), tl.float32)
-        above_high = tl.zeros((BLOCK,), tl.float32)
         start = chunk_index * chunk
         for tile in range(start, tl.minimum(start + chunk, vocab), BLOCK):
             x = tl.load(base + tile + offsets, mask=tile + offsets < vocab, other=float("-inf"))
-            key = _ordered_key(x)
-            weight = tl.exp(x - row_max)
-            above_high += tl.where(key >= high, weight, 0.0)
-            inside = (key >= low) & (key < high)
-            if tl.max(inside.to(tl.int32), 0) > 0:
-                counted = inside[:, None] & (key[:, None] >= thresholds[None, :])
-                mass += tl.where(counted, weight[:, None], 0.0)
+            above = _ordered_key(x)[:, None] >= thresholds[None, :]
+            mass += tl.where(above, tl.exp(x - row_max)[:, None], 0.0)
         partial = partial_ptr + ((pass_index * num_rows + row) * num_chunks + chunk_index) * BINS
-        tl.store(partial + tl.arange(0, BINS), tl.sum(mass, 0) + tl.sum(above_high, 0))
+        tl.store(partial + tl.arange(0, BINS), tl.sum(mass, 0))
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_chunks"])
