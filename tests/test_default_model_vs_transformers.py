@@ -108,3 +108,30 @@ def test_prompt_logprobs_under_chunked_prefill_match_transformers(make_llm, hf_d
         reference = hf_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
     expected = reference[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert torch.allclose(torch.tensor(out.prompt_logprobs[1:]), expected, atol=1e-3)
+
+
+def test_decodes_after_long_prompts_match_transformers(make_llm, hf_default, monkeypatch):
+    """Decodes at contexts long enough that attention reads their keys in place (runs of cache
+    slots, cpu_attention.LongDecode), in one batch with a prefix-cache hit: transformers'
+    greedy tokens."""
+    from ropeway.kernels import cpu_attention
+
+    in_place = []
+    long_decode = cpu_attention._long_decode
+    monkeypatch.setattr(cpu_attention, "_long_decode",
+                        lambda *args: in_place.append(1) or long_decode(*args))
+    hf_model, _ = hf_default
+    llm = make_llm(enable_prefix_caching=True)
+    inventory = " ".join(f"Shelf {i} holds {3 * i + 1} jars of {fruit} jam."
+                         for i, fruit in zip(range(60), ["plum", "fig", "cherry", "quince"] * 15))
+    first = llm.tokenizer.encode(inventory + " The shelf with the most jars is shelf")
+    llm.generate([first], SamplingParams(temperature=0, max_tokens=1))  # its prefix, cached
+    prompts = [llm.tokenizer.encode(inventory + " The fig jam stands on shelves"),
+               llm.tokenizer.encode("Recipe notes. " + inventory[: len(inventory) // 2] + " Next,")]
+    assert min(len(ids) for ids in prompts) > cpu_attention.MIN_RUN_SLOTS
+    hits = llm.engine.block_manager.prefix_hits
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
+    assert llm.engine.block_manager.prefix_hits > hits
+    assert in_place
+    for ids, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, ids, 24)

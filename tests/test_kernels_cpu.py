@@ -27,11 +27,11 @@ CASES = {
 HEADS = [(9, 3, 64), (4, 4, 32)]  # (q heads, kv heads, head dim): the default model's GQA, and MHA
 
 
-def run_both(sequences, heads, dtype, with_bias, seed=0):
+def run_both(sequences, heads, dtype, with_bias, seed=0, tables=None):
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [s for s, _ in sequences]
     query_lens = [n for _, n in sequences]
-    case = paged_case(seq_lens, query_lens, *heads, 16, dtype, "cpu", gen)
+    case = paged_case(seq_lens, query_lens, *heads, 16, dtype, "cpu", gen, tables)
     slot_bias = None
     if with_bias:
         # Landmark caches: a logit bias per slot, and whole pages of empty (-inf) slots.
@@ -61,6 +61,87 @@ def test_long_prefix_chunk_matches_reference():
     """A 512-query chunk after a 1.5k-token prefix: the merge of prefix and chunk attention."""
     fast, expected = run_both([(2048, 512), (700, 1)], (9, 3, 64), torch.float32, with_bias=False, seed=1)
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_key_runs_cover_exactly_a_sequences_keys():
+    """Runs of consecutive slots from block tables in any order: the last block's unused
+    slots cut a hole wherever that block lies in its run."""
+    table = torch.tensor
+    assert cpu_attention.key_runs(table([10, 11, 12, 99]), 40, 16) == [(160, 40)]
+    # Descending blocks: the last (block 10) is first in slot order, with 8 of its 16 slots used.
+    assert cpu_attention.key_runs(table([12, 11, 10]), 40, 16) == [(160, 8), (176, 32)]
+    assert cpu_attention.key_runs(table([11, 12, 10]), 48, 16) == [(160, 48)]
+    assert cpu_attention.key_runs(table([5, 6, 20, 21]), 64, 16) == [(80, 32), (320, 32)]
+    assert cpu_attention.key_runs(table([7]), 1, 16) == [(112, 1)]
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        seq_len = int(torch.randint(1, 400, (1,), generator=gen))
+        count = -(-seq_len // 16)
+        # Shuffled runs of consecutive blocks, as a pool that reuses freed sequences hands out.
+        blocks = torch.cat([chunk.flip(0) + 100 * i if i % 2 else chunk + 100 * i
+                            for i, chunk in enumerate(torch.arange(count).split(5))])
+        positions = torch.arange(seq_len)
+        expected = sorted((blocks[positions // 16] * 16 + positions % 16).tolist())
+        runs = cpu_attention.key_runs(blocks, seq_len, 16)
+        assert sorted(slot for start, length in runs for slot in range(start, start + length)) == expected
+        assert all(a + la < b for (a, la), (b, _) in zip(runs, runs[1:]))  # in slot order, maximal
+
+
+# Decodes at long contexts whose blocks lie in runs: (seq_len, block table).
+LONG_DECODES = {
+    # one ascending run: a whole 512-slot piece and what is left of it
+    "ascending": (630, list(range(3, 43))),
+    # a pool's freed blocks come back tail first: descending, the partial last block lowest
+    "descending": (1000, list(range(200, 137, -1))),
+    # two long runs, in reverse order, with blocks scattered between them (gathered)
+    "runs-and-scattered": (635, list(range(300, 320)) + [50, 90, 70] + list(range(100, 117))),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "slot-bias"])
+@pytest.mark.parametrize("heads", HEADS, ids=["gqa3", "mha"])
+def test_long_decodes_read_in_place_match_reference(heads, with_bias, dtype):
+    """Long decodes read from their runs of slots (views, pieces merged by log-sum-exp) in one
+    step with a short decode and a chunk: the reference's output."""
+    sequences = [(seq_len, 1) for seq_len, _ in LONG_DECODES.values()] + [(70, 1), (300, 45)]
+    tables = [table for _, table in LONG_DECODES.values()] + [list(range(400, 405)), list(range(500, 519))]
+    case = paged_case([s for s, _ in sequences], [n for _, n in sequences], *heads, 16, dtype, "cpu",
+                      torch.Generator(), tables)
+    plan = cpu_attention.plan_cpu_attention(case["block_tables"], case["seq_lens"], case["query_start_loc"], 16)
+    assert [decode.row for decode in plan.long_decodes] == [0, 1, 2]
+    # Descending, the partial last block's 8 keys are a short run of their own.
+    assert [decode.rest is not None for decode in plan.long_decodes] == [False, True, True]
+    fast, expected = run_both(sequences, heads, dtype, with_bias, tables=tables)
+    assert not fast.isnan().any()
+    torch.testing.assert_close(fast.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_a_long_decodes_piece_with_every_key_masked_weighs_nothing():
+    """A landmark cache's empty slots (-inf bias) may fill a whole piece of a run: its output,
+    whatever the kernel leaves there, must not reach the result."""
+    seq_len, table = LONG_DECODES["ascending"]
+    case = paged_case([seq_len], [1], 9, 3, 64, 16, torch.float32, "cpu", torch.Generator().manual_seed(3), [table])
+    bias = torch.zeros(case["k_cache"].shape[:2])
+    bias[35:43] = float("-inf")  # the run's last piece, slots 560-677, and the first block's keys
+    bias[3, :5] = float("-inf")
+    plan = cpu_attention.plan_cpu_attention(case["block_tables"], case["seq_lens"], case["query_start_loc"], 16, bias)
+    assert [(run.start, run.pieces, run.length) for run in plan.long_decodes[0].runs] == [(48, 1, 512), (560, 1, 118)]
+    fast = paged_attention_cpu(**case, slot_bias=bias, plan=plan)
+    torch.testing.assert_close(fast, paged_attention_reference(**case, slot_bias=bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hidden", ["prefix", "first-own-keys"])
+def test_a_chunk_whose_prefix_or_own_keys_are_all_masked_matches_reference(hidden):
+    """A chunk after a prefix whose every key is masked sees only its own keys; queries whose
+    own keys so far are all masked see only the prefix."""
+    case = paged_case([300], [45], 9, 3, 64, 16, torch.float32, "cpu", torch.Generator().manual_seed(4))
+    table = case["block_tables"][0].long()
+    positions = torch.arange(255) if hidden == "prefix" else torch.arange(255, 262)
+    bias = torch.zeros(case["k_cache"].shape[:2])
+    bias.view(-1)[table[positions // 16] * 16 + positions % 16] = float("-inf")
+    fast = paged_attention_cpu(**case, slot_bias=bias)
+    torch.testing.assert_close(fast, paged_attention_reference(**case, slot_bias=bias), atol=1e-5, rtol=1e-5)
 
 
 def test_keys_and_values_of_one_pool_are_gathered_together():
