@@ -1,14 +1,16 @@
-"""One layer's decode attention on CPU: keys read in place (runs of slots) against gathered.
+"""One layer's decode attention on CPU at long contexts: in pieces (cpu_long_decode.py) against one gather.
 
   python benchmarks/cpu_decode_attention.py                         # 1k-16k, batch 1 and 4, 2 threads
   python benchmarks/cpu_decode_attention.py --contexts 4096 --threads 1
 
 The default model's attention shape (9 query heads, 3 KV heads, head_dim 64, 16-slot blocks,
 fp32). Each sequence's blocks are laid out as a pool hands them out: `ascending` (a fresh
-pool), `descending` (blocks a freed sequence returned, tail first) or `scattered` (every other
-block: nothing to read in place, the gather path whatever the setting). `gathered` forces the
-gather path by raising cpu_attention.MIN_RUN_SLOTS past any run. The two take turns; each
-figure is the median of --repeats timings of --calls calls.
+pool: the pieces read the cache in place), `descending` (a freed sequence's blocks, which come
+back tail first) or `scattered` (every other block); in those two the pieces gather whole
+blocks. `one gather` is the path for short decodes (each sequence's keys gathered slot by slot
+into one tensor, one SDPA call per length bucket), forced by raising
+cpu_attention.LONG_DECODE_KEYS. The two take turns; each figure is the median of --repeats
+timings of --calls calls.
 """
 
 import argparse
@@ -59,21 +61,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    in_place_min = cpu_attention.MIN_RUN_SLOTS
+    long_decode_keys = cpu_attention.LONG_DECODE_KEYS
     print(f"threads {args.threads}; ms per layer call")
-    print("| context | batch | layout | in place ms | gathered ms | gathered / in place |")
+    print("| context | batch | layout | pieces ms | one gather ms | one gather / pieces |")
     print("|---:|---:|---|---:|---:|---:|")
     for context in args.contexts:
         for batch in args.batches:
             for kind in args.layouts:
                 inputs = case(context, batch, kind)
-                times = {"in place": [], "gathered": []}
+                times = {"pieces": [], "one gather": []}
                 for repeat in range(args.repeats):
-                    for name in (("in place", "gathered") if repeat % 2 == 0 else ("gathered", "in place")):
-                        cpu_attention.MIN_RUN_SLOTS = in_place_min if name == "in place" else 1 << 62
+                    for name in (("pieces", "one gather") if repeat % 2 == 0 else ("one gather", "pieces")):
+                        cpu_attention.LONG_DECODE_KEYS = long_decode_keys if name == "pieces" else 1 << 62
                         times[name].append(time_calls(*inputs, args.calls))
-                cpu_attention.MIN_RUN_SLOTS = in_place_min
-                ours, theirs = (statistics.median(times[name]) for name in ("in place", "gathered"))
+                cpu_attention.LONG_DECODE_KEYS = long_decode_keys
+                ours, theirs = (statistics.median(times[name]) for name in ("pieces", "one gather"))
                 print(f"| {context} | {batch} | {kind} | {ours:.3f} | {theirs:.3f} | {theirs / ours:.2f}x |",
                       flush=True)
 

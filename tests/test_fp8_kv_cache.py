@@ -83,7 +83,7 @@ def test_a_block_carries_its_scales_when_copied_as_bytes():
 MIXED = [(37, 37), (50, 13), (29, 1), (32, 1), (20, 0)]
 # Decodes at long contexts whose blocks lie in runs (read in place from a plain cache), and a
 # chunk: (sequences, block tables).
-LONG_DECODES = ([(630, 1), (400, 1), (37, 37)], [list(range(3, 43)), list(range(120, 95, -1)), [200, 201, 202]])
+LONG_DECODES = ([(1100, 1), (1200, 1), (37, 37)], [list(range(3, 72)), list(range(200, 125, -1)), [300, 301, 302]])
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

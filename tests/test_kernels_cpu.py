@@ -63,70 +63,98 @@ def test_long_prefix_chunk_matches_reference():
     torch.testing.assert_close(fast, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_key_runs_cover_exactly_a_sequences_keys():
-    """Runs of consecutive slots from block tables in any order: the last block's unused
-    slots cut a hole wherever that block lies in its run."""
-    table = torch.tensor
-    assert cpu_attention.key_runs(table([10, 11, 12, 99]), 40, 16) == [(160, 40)]
-    # Descending blocks: the last (block 10) is first in slot order, with 8 of its 16 slots used.
-    assert cpu_attention.key_runs(table([12, 11, 10]), 40, 16) == [(160, 8), (176, 32)]
-    assert cpu_attention.key_runs(table([11, 12, 10]), 48, 16) == [(160, 48)]
-    assert cpu_attention.key_runs(table([5, 6, 20, 21]), 64, 16) == [(80, 32), (320, 32)]
-    assert cpu_attention.key_runs(table([7]), 1, 16) == [(112, 1)]
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(20):
-        seq_len = int(torch.randint(1, 400, (1,), generator=gen))
-        count = -(-seq_len // 16)
-        # Shuffled runs of consecutive blocks, as a pool that reuses freed sequences hands out.
-        blocks = torch.cat([chunk.flip(0) + 100 * i if i % 2 else chunk + 100 * i
-                            for i, chunk in enumerate(torch.arange(count).split(5))])
-        positions = torch.arange(seq_len)
-        expected = sorted((blocks[positions // 16] * 16 + positions % 16).tolist())
-        runs = cpu_attention.key_runs(blocks, seq_len, 16)
-        assert sorted(slot for start, length in runs for slot in range(start, start + length)) == expected
-        assert all(a + la < b for (a, la), (b, _) in zip(runs, runs[1:]))  # in slot order, maximal
-
-
-# Decodes at long contexts whose blocks lie in runs: (seq_len, block table).
+# Decodes at long contexts, with their blocks laid out as a pool hands them out:
+# (seq_len, block table, how each call's keys are read: view, blocks or slots).
 LONG_DECODES = {
-    # one ascending run: a whole 512-slot piece and what is left of it
-    "ascending": (630, list(range(3, 43))),
-    # a pool's freed blocks come back tail first: descending, the partial last block lowest
-    "descending": (1000, list(range(200, 137, -1))),
-    # two long runs, in reverse order, with blocks scattered between them (gathered)
-    "runs-and-scattered": (635, list(range(300, 320)) + [50, 90, 70] + list(range(100, 117))),
+    # a fresh pool: one ascending run; two calls of four and one 512-key pieces, then 40 keys
+    "ascending": (2600, list(range(3, 166)), ["view", "view", "view"]),
+    # a freed sequence's blocks come back tail first: descending, gathered (whole blocks, then
+    # the last 476 keys by slot)
+    "descending": (1500, list(range(299, 205, -1)), ["blocks", "slots"]),
+    # two prefill chunks, each one ascending run of 128 blocks, the second below the first
+    "chunks": (4100, list(range(500, 628)) + list(range(300, 428)) + [700], ["view", "view", "view"]),
+    # every other block
+    "scattered": (1100, list(range(1000, 1138, 2)), ["blocks", "slots"]),
 }
+
+
+def how_calls_read(decode):
+    return ["view" if call.start is not None else "blocks" if call.blocks is not None else "slots"
+            for call in decode.calls]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "slot-bias"])
 @pytest.mark.parametrize("heads", HEADS, ids=["gqa3", "mha"])
-def test_long_decodes_read_in_place_match_reference(heads, with_bias, dtype):
-    """Long decodes read from their runs of slots (views, pieces merged by log-sum-exp) in one
-    step with a short decode and a chunk: the reference's output."""
-    sequences = [(seq_len, 1) for seq_len, _ in LONG_DECODES.values()] + [(70, 1), (300, 45)]
-    tables = [table for _, table in LONG_DECODES.values()] + [list(range(400, 405)), list(range(500, 519))]
+def test_long_decodes_match_reference(heads, with_bias, dtype):
+    """Decodes at long contexts, read in place or gathered in pieces merged by log-sum-exp, in
+    one step with a short decode and a chunk: the reference's output."""
+    sequences = [(seq_len, 1) for seq_len, _, _ in LONG_DECODES.values()] + [(70, 1), (300, 45)]
+    tables = [table for _, table, _ in LONG_DECODES.values()] + [list(range(1200, 1205)), list(range(1300, 1319))]
     case = paged_case([s for s, _ in sequences], [n for _, n in sequences], *heads, 16, dtype, "cpu",
                       torch.Generator(), tables)
     plan = cpu_attention.plan_cpu_attention(case["block_tables"], case["seq_lens"], case["query_start_loc"], 16)
-    assert [decode.row for decode in plan.long_decodes] == [0, 1, 2]
-    # Descending, the partial last block's 8 keys are a short run of their own.
-    assert [decode.rest is not None for decode in plan.long_decodes] == [False, True, True]
+    assert [decode.row for decode in plan.long_decodes] == [0, 1, 2, 3]
+    assert [how_calls_read(decode) for decode in plan.long_decodes] == [how for _, _, how in LONG_DECODES.values()]
     fast, expected = run_both(sequences, heads, dtype, with_bias, tables=tables)
     assert not fast.isnan().any()
     torch.testing.assert_close(fast.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
+def one_sequence(seq_len, table, keys, values, query, slot_bias=None):
+    """A cache holding one sequence's keys and values at the blocks of table (NaN elsewhere),
+    its attention output for one query by paged_attention_cpu."""
+    cache_shape = (max(table) + 2, 16, *keys.shape[1:])
+    k_cache, v_cache = torch.full(cache_shape, float("nan")), torch.full(cache_shape, float("nan"))
+    blocks = torch.tensor(table)
+    positions = torch.arange(seq_len)
+    slots = blocks[positions // 16] * 16 + positions % 16
+    k_cache.view(-1, *keys.shape[1:])[slots] = keys
+    v_cache.view(-1, *keys.shape[1:])[slots] = values
+    bias = None
+    if slot_bias is not None:
+        bias = torch.zeros(cache_shape[:2])
+        bias.view(-1)[slots] = slot_bias
+    return paged_attention_cpu(query[None], k_cache, v_cache, blocks.int()[None], torch.tensor([seq_len]),
+                               torch.tensor([0, 1]), 0.125, slot_bias=bias)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "slot-bias"])
+def test_long_decode_gives_the_same_bits_wherever_its_blocks_lie(threads, with_bias):
+    """One sequence's keys in blocks laid out four ways (read in place, as whole blocks, by slot):
+    bit-identical outputs, as a prefix taken back from the host tier into other blocks needs."""
+    gen = torch.Generator().manual_seed(6)
+    seq_len = 4100
+    keys, values = torch.randn(2, seq_len, 3, 64, generator=gen)
+    query = torch.randn(9, 64, generator=gen)
+    bias = torch.rand(seq_len, generator=gen) if with_bias else None
+    count = -(-seq_len // 16)
+    layouts = [list(range(count)), list(range(2 * count, count - 1, -1))[:count],
+               list(range(600, 728)) + list(range(300, 428)) + [900], list(range(0, 2 * count, 2))]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outputs = [one_sequence(seq_len, table, keys, values, query, bias) for table in layouts]
+    finally:
+        torch.set_num_threads(saved)
+    assert not outputs[0].isnan().any()
+    for other in outputs[1:]:
+        assert torch.equal(other, outputs[0])
+
+
 def test_a_long_decodes_piece_with_every_key_masked_weighs_nothing():
-    """A landmark cache's empty slots (-inf bias) may fill a whole piece of a run: its output,
-    whatever the kernel leaves there, must not reach the result."""
-    seq_len, table = LONG_DECODES["ascending"]
+    """A landmark cache's empty slots (-inf bias) may fill a whole piece: its output and
+    log-sum-exp, whatever the kernel leaves there, must not reach the result."""
+    seq_len, table, _ = LONG_DECODES["ascending"]
     case = paged_case([seq_len], [1], 9, 3, 64, 16, torch.float32, "cpu", torch.Generator().manual_seed(3), [table])
     bias = torch.zeros(case["k_cache"].shape[:2])
-    bias[35:43] = float("-inf")  # the run's last piece, slots 560-677, and the first block's keys
-    bias[3, :5] = float("-inf")
+    bias[table[32] : table[64]] = float("-inf")  # the second piece of the first call
+    bias[table[128] : table[160]] = float("-inf")  # the second call, a single piece
+    bias[table[0], :5] = float("-inf")
     plan = cpu_attention.plan_cpu_attention(case["block_tables"], case["seq_lens"], case["query_start_loc"], 16, bias)
-    assert [(run.start, run.pieces, run.length) for run in plan.long_decodes[0].runs] == [(48, 1, 512), (560, 1, 118)]
+    masked = [None if call.masked is None else call.masked.flatten().tolist() for call in plan.long_decodes[0].calls]
+    assert masked == [[False, True, False, False], [True], None]
     fast = paged_attention_cpu(**case, slot_bias=bias, plan=plan)
     torch.testing.assert_close(fast, paged_attention_reference(**case, slot_bias=bias), atol=1e-5, rtol=1e-5)
 

@@ -5,12 +5,8 @@ down its slowest (math) path. Here:
 - decodes at short contexts run batched, with no Python per sequence: their keys are gathered
   into [B, Hkv, L, D] per length bucket (powers of two of the block count, so padding at most
   doubles the work), one SDPA call per bucket with a key-length mask;
-- a decode at a long context reads its keys where they lie. One query sees every key of its
-  sequence, in any order, so its keys are the runs of consecutive cache slots its blocks
-  cover, whatever their order in the block table. A long run is read as a view of the cache
-  (no copy: gathering it cost more than attending to it), cut into equal pieces that are the
-  batch of one call (flash decoding: the pool's threads share one sequence); short runs are
-  gathered into one more piece; the pieces merge by their log-sum-exps;
+- a decode at a long context (LONG_DECODE_KEYS) reads its keys in place where they lie in
+  runs of cache slots, in pieces merged by log-sum-exp (cpu_long_decode.py);
 - a prefill chunk with no cached prefix is plain causal SDPA, no mask;
 - a chunk after a cached prefix attends to the prefix (no mask) and to itself (causal) in two
   calls of torch's CPU flash kernel, merged by their log-sum-exps: no [chunk, prefix] mask.
@@ -28,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .cpu_long_decode import LONG_DECODE_KEYS, KeyCall, LongDecode, long_decode_attention, plan_long_decode
 from .cpu_threads import one_thread
 from .fp8_kv import read_vectors
 
@@ -41,24 +38,6 @@ class DecodeBucket:
     rows: torch.Tensor              # [B] each sequence's query row in q
     slots: torch.Tensor             # [B, L] cache slots of its keys; padding repeats a real slot
     mask: torch.Tensor | None       # [B, 1, 1, L] fp32: 0 or slot bias on keys, -inf on padding
-
-
-@dataclass
-class KeyRun:
-    start: int                      # first cache slot
-    pieces: int                     # the run is pieces x length slots, one call's batch
-    length: int
-    mask: torch.Tensor | None       # [pieces, 1, 1, length] fp32 slot bias
-    masked: torch.Tensor | None     # [pieces, 1, 1] bool: pieces whose every key is masked
-
-
-@dataclass
-class LongDecode:
-    row: int                        # the sequence's query row in q
-    runs: list[KeyRun]              # its keys that lie in long runs of consecutive slots
-    rest: torch.Tensor | None       # [R] slots of its other keys, gathered
-    rest_mask: torch.Tensor | None  # [1, 1, 1, R] fp32 slot bias of those
-    num_keys: int
 
 
 @dataclass
@@ -79,75 +58,6 @@ class CpuAttentionPlan:
     long_decodes: list[LongDecode] = field(default_factory=list)
 
 
-# A run of consecutive slots at least this long is read in place; shorter ones are gathered.
-# Gathering costs about 0.3 us per key and layer on one core (index_select of K and V rows),
-# one more attention call about 20-40 us: below a few hundred keys the gather is cheaper.
-MIN_RUN_SLOTS = 256
-# Slots of one piece of a long run: small enough that a 4k context gives the pool a few
-# pieces per KV head to share, large enough that each is mostly arithmetic.
-PIECE_SLOTS = 512
-
-
-def key_runs(blocks: torch.Tensor, seq_len: int, block_size: int) -> list[tuple[int, int]]:
-    """(first slot, slots) of each run of consecutive cache slots that holds keys of a sequence
-    of seq_len keys whose block table starts with blocks. Together the runs hold exactly its
-    keys; in slot order, which is the keys' order only where its blocks ascend."""
-    count = -(-seq_len // block_size)
-    ids = blocks[:count].long()
-    ordered = ids.sort().values
-    # Where the next block is not the one after: the end of a run of blocks.
-    ends = ((ordered[1:] - ordered[:-1]) != 1).nonzero().flatten().tolist()
-    firsts = ordered[[0] + [end + 1 for end in ends]].tolist()
-    lasts = ordered[ends + [count - 1]].tolist()
-    # The last block's slots past seq_len hold no key of this sequence: a hole in its run.
-    used = seq_len - (count - 1) * block_size
-    last = int(ids[-1])
-    hole = (last * block_size + used, (last + 1) * block_size)
-    runs = []
-    for first, final in zip(firsts, lasts):
-        start, end = first * block_size, (final + 1) * block_size
-        if used < block_size and first <= last <= final:
-            runs += [(start, hole[0] - start), (hole[1], end - hole[1])]
-        else:
-            runs.append((start, end - start))
-    return [(start, length) for start, length in runs if length > 0]
-
-
-def plan_long_decode(row: int, blocks: torch.Tensor, seq_len: int, block_size: int,
-                     slot_bias: torch.Tensor | None) -> LongDecode | None:
-    """How a decode reads its keys in place; None where none of its runs is long enough."""
-    runs = key_runs(blocks, seq_len, block_size)
-    if not any(length >= MIN_RUN_SLOTS for _, length in runs):
-        return None
-    bias = None if slot_bias is None else slot_bias.view(-1)
-    in_place, gathered = [], []
-    for start, length in runs:
-        if length < MIN_RUN_SLOTS:
-            gathered.append(torch.arange(start, start + length))
-            continue
-        # Whole pieces, then what is left of the run as a piece of its own.
-        pieces, left = divmod(length, PIECE_SLOTS)
-        for first, count, size in ((start, pieces, PIECE_SLOTS), (start + pieces * PIECE_SLOTS, 1, left)):
-            if count and size:
-                mask = None if bias is None else bias[first : first + count * size].view(count, 1, 1, size)
-                in_place.append(KeyRun(first, count, size, mask, _masked_rows(mask)))
-    rest = torch.cat(gathered) if gathered else None
-    rest_mask = None if bias is None or rest is None else bias[rest].view(1, 1, 1, -1)
-    if rest_mask is not None and _masked_rows(rest_mask) is not None:
-        rest = rest_mask = None  # nothing there to see
-    return LongDecode(row, in_place, rest, rest_mask, seq_len)
-
-
-def _masked_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Which rows of an additive mask [..., keys] hide every key (bool [...]); None if none
-    does. torch's CPU flash kernel gives such a row output 0 and log-sum-exp 0, not -inf, so a
-    merge must be told they weigh nothing."""
-    if mask is None:
-        return None
-    masked = mask.isneginf().all(-1)
-    return masked if bool(masked.any()) else None
-
-
 def plan_cpu_attention(block_tables, seq_lens, query_start_loc, block_size, slot_bias=None) -> CpuAttentionPlan:
     """The layer-independent part of paged_attention_cpu for one batch."""
     starts = query_start_loc.long()
@@ -155,17 +65,11 @@ def plan_cpu_attention(block_tables, seq_lens, query_start_loc, block_size, slot
     seq_lens = seq_lens.long()
     decodes = (num_queries == 1).nonzero().flatten()
     long_decodes = []
-    if decodes.numel() and int(seq_lens[decodes].max()) >= MIN_RUN_SLOTS:
-        short = []
-        for s, seq_len in zip(decodes.tolist(), seq_lens[decodes].tolist()):
-            plan = None
-            if seq_len >= MIN_RUN_SLOTS:
-                plan = plan_long_decode(int(starts[s]), block_tables[s], seq_len, block_size, slot_bias)
-            if plan is None:
-                short.append(s)
-            else:
-                long_decodes.append(plan)
-        decodes = torch.tensor(short, dtype=torch.int64)
+    if decodes.numel() and int(seq_lens[decodes].max()) >= LONG_DECODE_KEYS:
+        long = seq_lens[decodes] >= LONG_DECODE_KEYS
+        for s, seq_len in zip(decodes[long].tolist(), seq_lens[decodes[long]].tolist()):
+            long_decodes.append(plan_long_decode(int(starts[s]), block_tables[s], seq_len, block_size, slot_bias))
+        decodes = decodes[~long]
     buckets = []
     if decodes.numel():
         lens = seq_lens[decodes]
@@ -214,6 +118,7 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
     block_size = k_cache.shape[1]
 
     kv_rows = _kv_rows(k_cache, v_cache) if k_scale is None else None
+    kv_blocks = None if kv_rows is None else kv_rows.view(-1, block_size * kv_rows.shape[1])
 
     def gather(slots):
         """Keys and values of cache slots [...] -> [..., Hkv, D] each, in q's dtype."""
@@ -231,15 +136,19 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
         index = (slots // block_size, slots % block_size)
         return read_vectors(k_cache, k_scale, index, q.dtype), read_vectors(v_cache, v_scale, index, q.dtype)
 
-    def read_run(run: KeyRun):
-        """A run's keys and values, [pieces, Hkv, length, D] each: views of the cache, or
-        dequantized copies from an fp8 one."""
-        if k_scale is None and k_cache.is_contiguous() and v_cache.is_contiguous():
-            slots = slice(run.start, run.start + run.pieces * run.length)
-            k, v = (cache.view(-1, *cache.shape[2:])[slots].to(q.dtype) for cache in (k_cache, v_cache))
-        else:
-            k, v = gather(torch.arange(run.start, run.start + run.pieces * run.length))
-        return tuple(x.view(run.pieces, run.length, *x.shape[1:]).transpose(1, 2) for x in (k, v))
+    def read(call: KeyCall):
+        """A long decode call's keys and values, [keys, Hkv, D] each, in logical order: views of
+        the cache where they lie in one run of slots, else gathered."""
+        keys = call.pieces * call.length
+        if call.start is None:
+            if call.blocks is None or kv_blocks is None:
+                return gather(call.slots)
+            both = kv_blocks.index_select(0, torch.cat([call.blocks, call.blocks + kv_blocks.shape[0] // 2]))
+            return tuple(x.view(keys, *k_cache.shape[2:]).to(q.dtype) for x in both.chunk(2))
+        if k_scale is not None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return gather(torch.arange(call.start, call.start + keys))
+        return tuple(cache.view(-1, *cache.shape[2:])[call.start : call.start + keys].to(q.dtype)
+                     for cache in (k_cache, v_cache))
 
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     # Small attentions stay on this thread (cpu_threads.py): the gather too, which index_select
@@ -249,7 +158,7 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
             _decode(q, gather, bucket, scale, out)
     for decode in plan.long_decodes:
         with one_thread(decode.num_keys * num_q_heads * head_dim):
-            _long_decode(q, read_run, gather, decode, scale, out)
+            long_decode_attention(q, read, decode, scale, out)
     for chunk in plan.chunks:
         with one_thread(chunk.num_queries * chunk.slots.numel() * num_q_heads * head_dim):
             _chunk(q, gather, chunk, scale, out)
@@ -277,34 +186,6 @@ def _decode(q, gather, bucket: DecodeBucket, scale, out):
     out.index_copy_(0, bucket.rows, o.reshape(batch, -1, head_dim))
 
 
-def _long_decode(q, read_run, gather, decode: LongDecode, scale, out):
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    outputs, lses = [], []
-
-    def attend(k, v, mask, masked):
-        """One call over pieces [P, Hkv, L, D] of keys: the query's output and log-sum-exp per piece."""
-        pieces, num_kv_heads = k.shape[0], k.shape[1]
-        # Each KV head's query group stacked into its query rows, the same for every piece.
-        queries = q[decode.row].view(1, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-        # A run's short last piece alone is not worth waking the pool for.
-        with one_thread(pieces * k.shape[2] * num_q_heads * head_dim):
-            o, lse = _flash_attention_cpu(queries.expand(pieces, -1, -1, -1), k, v,
-                                          attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
-        outputs.append(o)
-        lses.append(lse if masked is None else lse.masked_fill(masked, float("-inf")))
-
-    for run in decode.runs:
-        attend(*read_run(run), run.mask, run.masked)
-    if decode.rest is not None:
-        k, v = (x.transpose(0, 1)[None] for x in gather(decode.rest))
-        attend(k, v, decode.rest_mask, None)
-    o, lse = torch.cat(outputs), torch.cat(lses)
-    # The softmax over all keys: each piece's output weighed by its share of exp(lse).
-    weights = torch.softmax(lse, dim=0)[..., None]
-    merged = (o.float() * weights).sum(0)
-    out[decode.row] = merged.view(num_q_heads, head_dim).to(q.dtype)
-
-
 def _chunk(q, gather, chunk: Chunk, scale, out):
     k, v = (x.transpose(0, 1)[None] for x in gather(chunk.slots))  # [1, Hkv, L, D]
     num_kv_heads, head_dim = k.shape[1], k.shape[3]
@@ -327,7 +208,8 @@ def _chunk(q, gather, chunk: Chunk, scale, out):
         mask = torch.where(causal, bias[prefix:][None, :], float("-inf"))
         o_own, lse_own = _flash_attention_cpu(queries, own_k, own_v, attn_mask=mask, scale=scale)
         if chunk.masked_rows is not None:
-            lse_own = lse_own.masked_fill(chunk.masked_rows, float("-inf"))  # see _masked_rows
+            # torch's CPU flash kernel gives a row whose keys are all masked log-sum-exp 0, not -inf.
+            lse_own = lse_own.masked_fill(chunk.masked_rows, float("-inf"))
     if prefix == 0 or chunk.prefix_masked:
         out[start : start + n] = o_own[0].transpose(0, 1)
         return
