@@ -15,11 +15,14 @@ def rope_rows(num_rows: int, head_dim: int, device, generator=None):
 
 
 def paged_case(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype,
-               device, generator=None):
+               device, generator=None, tables=None):
     """A paged cache holding each sequence's keys and values in shuffled, non-contiguous
-    blocks; every slot that no sequence owns is NaN, so reading one shows up."""
+    blocks (or in tables[s], a list of block ids per sequence, where given); every slot that
+    no sequence owns is NaN, so reading one shows up."""
     blocks_per_seq = [math.ceil(n / page_size) for n in seq_lens]
     num_blocks = 2 * sum(blocks_per_seq) + 3
+    if tables is not None:
+        num_blocks = max(max(table) for table in tables) + 3
     order = torch.randperm(num_blocks, generator=generator)
     max_blocks = max(blocks_per_seq) + 2
     block_tables = torch.randint(0, num_blocks, (len(seq_lens), max_blocks), generator=generator,
@@ -31,6 +34,8 @@ def paged_case(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page_s
     for s, (seq_len, count) in enumerate(zip(seq_lens, blocks_per_seq)):
         blocks = order[used:used + 2 * count:2]
         used += 2 * count
+        if tables is not None:
+            blocks = torch.tensor(tables[s][:count])
         block_tables[s, :count] = blocks.to(torch.int32)
         positions = torch.arange(seq_len)
         slots = blocks[positions // page_size] * page_size + positions % page_size

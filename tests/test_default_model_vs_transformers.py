@@ -108,3 +108,32 @@ def test_prompt_logprobs_under_chunked_prefill_match_transformers(make_llm, hf_d
         reference = hf_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
     expected = reference[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     assert torch.allclose(torch.tensor(out.prompt_logprobs[1:]), expected, atol=1e-3)
+
+
+def test_decodes_after_long_prompts_match_transformers(make_llm, hf_default, monkeypatch):
+    """Decodes at contexts long enough for attention in pieces read in place (cpu_long_decode.py),
+    in one batch with a prefix-cache hit: transformers' greedy tokens."""
+    from ropeway.kernels import cpu_attention, cpu_long_decode
+
+    long_decodes = []
+    attention = cpu_attention.long_decode_attention
+    monkeypatch.setattr(cpu_attention, "long_decode_attention",
+                        lambda *args: long_decodes.append(args[2]) or attention(*args))
+    hf_model, _ = hf_default
+    llm = make_llm(enable_prefix_caching=True)
+    inventory = " ".join(f"Shelf {i} holds {3 * i + 1} jars of {fruit} jam."
+                         for i, fruit in zip(range(100), ["plum", "fig", "cherry", "quince"] * 25))
+    first = llm.tokenizer.encode(inventory + " The shelf with the most jars is shelf")
+    llm.generate([first], SamplingParams(temperature=0, max_tokens=1))  # its prefix, cached
+    prompts = [llm.tokenizer.encode(inventory + " The fig jam stands on shelves"),
+               llm.tokenizer.encode("Recipe notes. " + inventory[: len(inventory) * 3 // 4] + " Next,")]
+    assert min(len(ids) for ids in prompts) > cpu_long_decode.LONG_DECODE_KEYS
+    hits = llm.engine.block_manager.prefix_hits
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
+    assert llm.engine.block_manager.prefix_hits > hits
+    # Both sequences' first pieces were read in place: the cached prefix's blocks and the
+    # other prompt's fresh ones each lie in one run.
+    assert {decode.row for decode in long_decodes} == {0, 1}
+    assert all(decode.calls[0].start is not None for decode in long_decodes)
+    for ids, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, ids, 24)

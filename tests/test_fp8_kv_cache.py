@@ -7,7 +7,7 @@ import torch
 
 from kernel_cases import paged_case, rope_rows
 from ropeway.kernels.attention import paged_attention_reference
-from ropeway.kernels.cpu_attention import paged_attention_cpu
+from ropeway.kernels.cpu_attention import paged_attention_cpu, plan_cpu_attention
 from ropeway.kernels.fp8_kv import (FP8, allocate_fp8_cache, cache_views, dequantize_fp8, fp8_block_bytes,
                                     quantize_fp8)
 from ropeway.kernels.kv_cache import write_kv_reference
@@ -81,14 +81,23 @@ def test_a_block_carries_its_scales_when_copied_as_bytes():
 
 
 MIXED = [(37, 37), (50, 13), (29, 1), (32, 1), (20, 0)]
+# Decodes at long contexts whose blocks lie in runs (read in place from a plain cache), and a
+# chunk: (sequences, block tables).
+LONG_DECODES = ([(1100, 1), (1200, 1), (37, 37)], [list(range(3, 72)), list(range(200, 125, -1)), [300, 301, 302]])
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_attention_on_fp8_cache_is_attention_on_its_dequantized_values(with_bias):
+@pytest.mark.parametrize("layout", ["mixed", "long-decodes"])
+def test_attention_on_fp8_cache_is_attention_on_its_dequantized_values(layout, with_bias):
     """The reference and the CPU fast path read an fp8 cache as its fp8 numbers times their
     scales: the same output as attending to those values stored in fp32."""
     gen = torch.Generator().manual_seed(2)
-    case = paged_case([s for s, _ in MIXED], [n for _, n in MIXED], 6, 2, 64, 16, torch.float32, "cpu", gen)
+    sequences, tables = (MIXED, None) if layout == "mixed" else LONG_DECODES
+    case = paged_case([s for s, _ in sequences], [n for _, n in sequences], 6, 2, 64, 16, torch.float32, "cpu", gen,
+                      tables)
+    if tables is not None:
+        plan = plan_cpu_attention(case["block_tables"], case["seq_lens"], case["query_start_loc"], 16)
+        assert len(plan.long_decodes) == 2
     if with_bias:
         bias = torch.randn(case["k_cache"].shape[:2], generator=gen)
         bias[0, :3] = float("-inf")

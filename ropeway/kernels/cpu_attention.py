@@ -2,9 +2,11 @@
 
 The reference gives every sequence an explicit [queries, keys] mask, which sends torch's SDPA
 down its slowest (math) path. Here:
-- decodes run batched, with no Python per sequence: their keys are gathered into
-  [B, Hkv, L, D] per length bucket (powers of two of the block count, so padding at most
+- decodes at short contexts run batched, with no Python per sequence: their keys are gathered
+  into [B, Hkv, L, D] per length bucket (powers of two of the block count, so padding at most
   doubles the work), one SDPA call per bucket with a key-length mask;
+- a decode at a long context (LONG_DECODE_KEYS) reads its keys in place where they lie in
+  runs of cache slots, in pieces merged by log-sum-exp (cpu_long_decode.py);
 - a prefill chunk with no cached prefix is plain causal SDPA, no mask;
 - a chunk after a cached prefix attends to the prefix (no mask) and to itself (causal) in two
   calls of torch's CPU flash kernel, merged by their log-sum-exps: no [chunk, prefix] mask.
@@ -17,11 +19,12 @@ the masks) is worked out once per step in a CpuAttentionPlan; each layer then on
 its keys and values and attends.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .cpu_long_decode import LONG_DECODE_KEYS, KeyCall, LongDecode, long_decode_attention, plan_long_decode
 from .cpu_threads import one_thread
 from .fp8_kv import read_vectors
 
@@ -44,12 +47,15 @@ class Chunk:
     prefix: int                     # cached tokens before the chunk
     slots: torch.Tensor             # [prefix + num_queries] cache slots
     bias: torch.Tensor | None       # [prefix + num_queries] fp32 slot bias
+    prefix_masked: bool = False     # every key of the prefix masked
+    masked_rows: torch.Tensor | None = None  # [num_queries] bool: queries whose own keys are all masked
 
 
 @dataclass
 class CpuAttentionPlan:
     decode_buckets: list[DecodeBucket]
     chunks: list[Chunk]
+    long_decodes: list[LongDecode] = field(default_factory=list)
 
 
 def plan_cpu_attention(block_tables, seq_lens, query_start_loc, block_size, slot_bias=None) -> CpuAttentionPlan:
@@ -58,6 +64,12 @@ def plan_cpu_attention(block_tables, seq_lens, query_start_loc, block_size, slot
     num_queries = starts[1:] - starts[:-1]
     seq_lens = seq_lens.long()
     decodes = (num_queries == 1).nonzero().flatten()
+    long_decodes = []
+    if decodes.numel() and int(seq_lens[decodes].max()) >= LONG_DECODE_KEYS:
+        long = seq_lens[decodes] >= LONG_DECODE_KEYS
+        for s, seq_len in zip(decodes[long].tolist(), seq_lens[decodes[long]].tolist()):
+            long_decodes.append(plan_long_decode(int(starts[s]), block_tables[s], seq_len, block_size, slot_bias))
+        decodes = decodes[~long]
     buckets = []
     if decodes.numel():
         lens = seq_lens[decodes]
@@ -85,8 +97,15 @@ def plan_cpu_attention(block_tables, seq_lens, query_start_loc, block_size, slot
         positions = torch.arange(seq_len)
         slots = block_tables[s].long()[positions // block_size] * block_size + positions % block_size
         bias = None if slot_bias is None else slot_bias.view(-1)[slots]
-        chunks.append(Chunk(int(starts[s]), n, seq_len - n, slots, bias))
-    return CpuAttentionPlan(buckets, chunks)
+        chunk = Chunk(int(starts[s]), n, seq_len - n, slots, bias)
+        if bias is not None:
+            hidden = bias.isneginf()
+            chunk.prefix_masked = bool(hidden[: chunk.prefix].all())
+            # A query sees its own keys up to itself: all masked while its prefix of them is.
+            rows = hidden[chunk.prefix :].cumprod(0).bool()
+            chunk.masked_rows = rows if bool(rows.any()) else None
+        chunks.append(chunk)
+    return CpuAttentionPlan(buckets, chunks, long_decodes)
 
 
 def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, slot_bias=None,
@@ -99,6 +118,7 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
     block_size = k_cache.shape[1]
 
     kv_rows = _kv_rows(k_cache, v_cache) if k_scale is None else None
+    kv_blocks = None if kv_rows is None else kv_rows.view(-1, block_size * kv_rows.shape[1])
 
     def gather(slots):
         """Keys and values of cache slots [...] -> [..., Hkv, D] each, in q's dtype."""
@@ -116,12 +136,29 @@ def paged_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, query_start
         index = (slots // block_size, slots % block_size)
         return read_vectors(k_cache, k_scale, index, q.dtype), read_vectors(v_cache, v_scale, index, q.dtype)
 
+    def read(call: KeyCall):
+        """A long decode call's keys and values, [keys, Hkv, D] each, in logical order: views of
+        the cache where they lie in one run of slots, else gathered."""
+        keys = call.pieces * call.length
+        if call.start is None:
+            if call.blocks is None or kv_blocks is None:
+                return gather(call.slots)
+            both = kv_blocks.index_select(0, torch.cat([call.blocks, call.blocks + kv_blocks.shape[0] // 2]))
+            return tuple(x.view(keys, *k_cache.shape[2:]).to(q.dtype) for x in both.chunk(2))
+        if k_scale is not None or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return gather(torch.arange(call.start, call.start + keys))
+        return tuple(cache.view(-1, *cache.shape[2:])[call.start : call.start + keys].to(q.dtype)
+                     for cache in (k_cache, v_cache))
+
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     # Small attentions stay on this thread (cpu_threads.py): the gather too, which index_select
     # splits over the pool from a few hundred rows.
     for bucket in plan.decode_buckets:
         with one_thread(bucket.slots.numel() * num_q_heads * head_dim):
             _decode(q, gather, bucket, scale, out)
+    for decode in plan.long_decodes:
+        with one_thread(decode.num_keys * num_q_heads * head_dim):
+            long_decode_attention(q, read, decode, scale, out)
     for chunk in plan.chunks:
         with one_thread(chunk.num_queries * chunk.slots.numel() * num_q_heads * head_dim):
             _chunk(q, gather, chunk, scale, out)
@@ -170,7 +207,10 @@ def _chunk(q, gather, chunk: Chunk, scale, out):
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         mask = torch.where(causal, bias[prefix:][None, :], float("-inf"))
         o_own, lse_own = _flash_attention_cpu(queries, own_k, own_v, attn_mask=mask, scale=scale)
-    if prefix == 0:
+        if chunk.masked_rows is not None:
+            # torch's CPU flash kernel gives a row whose keys are all masked log-sum-exp 0, not -inf.
+            lse_own = lse_own.masked_fill(chunk.masked_rows, float("-inf"))
+    if prefix == 0 or chunk.prefix_masked:
         out[start : start + n] = o_own[0].transpose(0, 1)
         return
     # Every query sees the whole prefix: each KV head's group stacked into its query rows.
@@ -180,8 +220,7 @@ def _chunk(q, gather, chunk: Chunk, scale, out):
                                                 attn_mask=prefix_mask, scale=scale)
     o_prefix = o_prefix.reshape(1, num_q_heads, n, head_dim)
     lse_prefix = lse_prefix.reshape(1, num_q_heads, n)
-    # softmax over the union of keys = the two partial results weighed by their exp(lse);
-    # a prefix entirely masked (lse -inf) weighs nothing, whatever its output holds.
+    # softmax over the union of keys = the two partial results weighed by their exp(lse).
     weight_prefix = torch.sigmoid(lse_prefix - lse_own)[..., None]
-    merged = torch.lerp(o_own.float(), o_prefix.float().nan_to_num(), weight_prefix)
+    merged = torch.lerp(o_own.float(), o_prefix.float(), weight_prefix)
     out[start : start + n] = merged[0].transpose(0, 1).to(q.dtype)

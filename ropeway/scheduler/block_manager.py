@@ -124,7 +124,10 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Grow seq's block table to hold num_computed + num_new tokens."""
-        seq.block_table += self.take_free_blocks(self.blocks_to_grow(seq, num_new_tokens))
+        # In ascending order: the pool hands a freed sequence's blocks back tail first, and a
+        # prefill chunk whose blocks ascend is one run of cache slots, which CPU attention
+        # reads in place (kernels/cpu_long_decode.py).
+        seq.block_table += sorted(self.take_free_blocks(self.blocks_to_grow(seq, num_new_tokens)))
 
     def take_free_block(self) -> int:
         """The least recently freed block, now held once. If it was in the prefix cache, it leaves
