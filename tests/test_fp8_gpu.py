@@ -12,6 +12,7 @@ from ropeway.kernels.attention import paged_attention_reference
 from ropeway.kernels.fp8_kv import dequantize_fp8, quantize_fp8
 from ropeway.kernels.rerotate import rerotate_keys_reference
 from ropeway.kernels.rotary_write_kv import rotary_write_kv_reference
+from test_fp8_engine import assert_parts_only_at_a_near_tie
 from test_fp8_kv_cache import RELATIVE_STEP, SUBNORMAL_STEP, fp8_paged_case, fp8_pool
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -111,15 +112,16 @@ PROMPTS = [
 
 def test_engine_fp8_cache_on_cuda_starts_as_the_bf16_cache_does():
     """Decode steps replay CUDA graphs over the fp8 pool; a 5k-token prompt in 4k chunks goes to
-    cuDNN on dequantized pages. Greedy starts alike; prompt logprobs stay close."""
+    cuDNN on dequantized pages. Greedy follows the bf16 cache's until a near tie (bf16 rounds
+    the activations too, so ties come sooner than in fp32 on CPU); prompt logprobs stay close."""
     config = EngineConfig(dtype="bfloat16", device="cuda", kv_cache_memory_bytes=1 << 30,
                           max_num_batched_tokens=4096)
     bf16 = LLM(engine=LLMEngine(config))
     loaded = LoadedModel(bf16.engine.model, bf16.tokenizer, 0.0)
     fp8 = LLM(engine=LLMEngine(EngineConfig(**{**config.__dict__, "kv_cache_dtype": "fp8"}), loaded=loaded))
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
     for a, b in zip(fp8.generate(PROMPTS, params), bf16.generate(PROMPTS, params)):
-        assert a.outputs[0].token_ids[:8] == b.outputs[0].token_ids[:8]
+        assert_parts_only_at_a_near_tie(a.outputs[0], b.outputs[0])
     import pydoc_data.topics
 
     text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:60])
