@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ropeway.kernels import filtered_draw, mask_by_bitmask
+from ropeway.request_bounds import MAX_TOP_LOGPROBS
 from ropeway.sampling_params import SamplingParams
 
 from .random_stream import stream_keys
@@ -145,12 +146,17 @@ class SamplingBatch:
         column; padded_rows: rows to fill up to with padding rows (a graph's batch size). Greedy
         rows of a mixed batch draw too, neutrally (temperature 1, no filter), and keep their argmax.
         for_graph: top-k takes a power of two of candidates, so that batches whose largest k differs
-        a little share a graph; eager sampling takes exactly the largest k (twice the candidates
-        doubled the top-k sampler's time at B=64 on the H200)."""
+        a little share a graph, and logprobs the most a request may ask for; eager sampling takes
+        exactly the largest k (twice the candidates doubled the top-k sampler's time at B=64 on the
+        H200)."""
         rows, flags = self.rows, self.flags
         greedy = (flags & GREEDY) != 0
         any_greedy, any_drawn = bool(greedy.any()), not bool(greedy.all())
         logprobs = max(s.logprobs for s in self.settings) if self.any_flags & LOGPROBS else -1
+        if for_graph and logprobs >= 0:
+            # Every request's count shares one graph: the top 20 cost a top 5's time, and each row
+            # keeps its own k (output_processor.py).
+            logprobs = MAX_TOP_LOGPROBS
         if not any_drawn:
             return SamplerShape(logprobs=logprobs, greedy=True), {}
         floats = self.floats

@@ -13,9 +13,9 @@ one parameter copy and one launch.
 - Only batches whose logits are the last decode graph's output and that no row processes
   (penalties, logit_bias, min_tokens, grammar masks: host-dependent work) take a graph; the
   others run eagerly, the same ops on the same columns.
-- The shapes of plain sampling (temperature alone, and with top-p) are captured at start-up
-  for every decode bucket captured then (`capture_common`); any other shape on its first use
-  (one eager pass first, which compiles the kernels).
+- The shapes of plain sampling (temperature alone, and with top-p; each with logprobs or
+  without) are captured at start-up for every decode bucket captured then (`capture_common`);
+  any other shape on its first use (one eager pass first, which compiles the kernels).
 - All share one memory pool: their outputs alias, and are copied to the host, and read by the
   next step's input gather, before the next replay in stream order.
 """
@@ -31,8 +31,12 @@ from .cuda_graphs import DecodeGraphs
 from .sampler import (DrawColumns, SampledTokens, SamplerShape, SamplingBatch, SamplingRow, pack, sample_on_device,
                       unpack)
 
-# The settings of plain sampling, whose shapes capture_common captures ahead of serving.
-COMMON_SETTINGS = ({"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9})
+# The settings of plain sampling, whose shapes capture_common captures ahead of serving: with and
+# without logprobs, since chat traffic at 256 streams nearly always has a row that asks for them
+# (one shape for any count: SamplingBatch.plan), and a shape captured on its first use stalls the
+# batch once per decode bucket.
+COMMON_SETTINGS = tuple({**settings, **extra} for settings in ({"temperature": 1.0}, {"temperature": 1.0, "top_p": 0.9})
+                        for extra in ({}, {"logprobs": 0}))
 
 # Captures a function's device work: returns what replays it, and the outputs a replay rewrites.
 Capture = Callable[[Callable[[], SampledTokens]], tuple[Callable[[], None], SampledTokens]]
