@@ -30,6 +30,7 @@ def prompts(default_llm):
     return prompts_of_mixed_lengths(default_llm.tokenizer)
 
 
+@pytest.mark.slow
 def test_greedy_batch_with_chunked_prefill_matches_synchronous(make_llm, prompts):
     options = dict(max_num_batched_tokens=48, prefill_chunk_size=16, max_num_seqs=8)
     expected, none_in_flight = run(make_llm(async_scheduling=False, **options), prompts, [GREEDY] * len(prompts))
@@ -43,6 +44,7 @@ def test_greedy_batch_with_chunked_prefill_matches_synchronous(make_llm, prompts
     assert engine.stats_totals.generation_tokens == 24 * len(prompts)
 
 
+@pytest.mark.slow
 def test_stops_mid_flight_drop_the_extra_token(make_llm, prompts, default_llm):
     """Stop strings, stop tokens and EOS are seen only when a token is read, a step after it
     was computed: the extra step's token must not leak into the output."""
@@ -69,6 +71,7 @@ def test_stops_mid_flight_drop_the_extra_token(make_llm, prompts, default_llm):
     assert engine.block_manager.num_free_blocks == engine.pool.num_blocks - engine.scheduler.sessions.num_blocks
 
 
+@pytest.mark.slow
 def test_every_kind_of_request_pipelines_and_matches_synchronous(make_llm, prompts):
     """Seeded sampling with filters, penalties, logprobs, prompt logprobs and a bounded cache: every
     step leaves its results in flight, and each request gets what the synchronous engine gives."""
@@ -101,6 +104,7 @@ def test_every_kind_of_request_pipelines_and_matches_synchronous(make_llm, promp
     assert not llm.engine.penalty_state._rows  # every penalty row given back
 
 
+@pytest.mark.slow
 def test_pool_pressure_preemption_matches_synchronous(make_llm, default_llm, prompts):
     options = dict(kv_cache_memory_bytes=24 * default_llm.engine.pool.bytes_per_block,
                    max_num_batched_tokens=64, prefill_chunk_size=32, max_num_seqs=8)
@@ -112,6 +116,7 @@ def test_pool_pressure_preemption_matches_synchronous(make_llm, default_llm, pro
     assert llm.engine.block_manager.num_free_blocks == llm.engine.pool.num_blocks
 
 
+@pytest.mark.slow
 def test_abort_while_a_step_is_in_flight_frees_blocks_and_leaks_nothing(make_llm, prompts):
     llm = make_llm(async_scheduling=True)
     engine = llm.engine
@@ -137,6 +142,7 @@ def test_abort_while_a_step_is_in_flight_frees_blocks_and_leaks_nothing(make_llm
     assert engine.block_manager.num_free_blocks == engine.pool.num_blocks - engine.scheduler.sessions.num_blocks
 
 
+@pytest.mark.slow
 def test_a_lone_chunked_prompt_with_prompt_logprobs_pipelines(make_llm, prompts):
     """Steps that sample nothing (a prompt's first chunks) are in flight too, and leave no
     tokens for the next step to take."""

@@ -196,6 +196,7 @@ def test_stop_mid_stream_aborts_the_request(page, server):
     assert stopped["stopped"] is True and len(stopped["content"]) > 20
 
 
+@pytest.mark.slow
 def test_sink_window_conversation_evicts_then_continues_from_the_retained_session(page):
     configure(page, temperature="0", max_tokens="24", policy__type="sink_window", policy__sinks="4",
               policy__window="64")

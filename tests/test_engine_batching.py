@@ -70,6 +70,7 @@ def test_long_prompt_never_stalls_decodes_for_more_than_one_chunk(make_llm, alon
         assert by_request.get("short") == 1, "a running decode was left out of a prefill step"
 
 
+@pytest.mark.slow
 def test_pool_pressure_preempts_and_still_matches(make_llm, default_llm, alone_outputs):
     prompts, expected = alone_outputs
     llm = make_llm(kv_cache_memory_bytes=24 * default_llm.engine.pool.bytes_per_block,

@@ -65,6 +65,7 @@ def stream_in_background(client) -> tuple[threading.Thread, list]:
     return thread, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["admit", "schedule", "sample", "report"])
 def test_a_fault_at_one_stage_fails_only_its_request(stage, client, server, engine, survivor_text):
     fault_injection.arm(stage, MARKER)

@@ -86,6 +86,7 @@ def assert_parts_only_at_a_near_tie(fp8, reference) -> None:
         assert gap < NEAR_TIE, f"greedy parts at token {part}, where the reference prefers its token by {gap:.2f} nats"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", POLICIES)
 def test_every_context_policy_runs_on_an_fp8_cache_close_to_fp32(make_llm, default_llm, name):
     """Evictions re-rotate fp8 keys, landmarks are written quantized, retrieval archives and

@@ -339,6 +339,7 @@ def _probe(engine, prompt):
     return seq
 
 
+@pytest.mark.slow
 def test_a_session_moved_to_the_host_continues_as_one_kept_in_the_pool(make_llm):
     tokenizer = make_llm(kv_host_memory_bytes=0).tokenizer
     history = long_text_ids(tokenizer, 200)
@@ -362,6 +363,7 @@ def test_a_session_moved_to_the_host_continues_as_one_kept_in_the_pool(make_llm)
     assert_same_logprobs(moved, kept, llm.engine.device)
 
 
+@pytest.mark.slow
 def test_chats_through_the_server_continue_from_sessions_the_host_tier_kept(make_llm):
     """Two chats take turns against a session store that holds one session: each turn pushes the
     other chat's session to the host tier, and its next turn brings it back."""

@@ -25,6 +25,7 @@ def test_bad_landmark_counts_name_the_field(bad):
     assert error.value.param == "context_policy.landmarks"
 
 
+@pytest.mark.slow
 def test_long_landmark_stream_keeps_blocks_constant_and_fills_its_slots_as_a_ring(make_llm):
     llm = make_llm(prefill_chunk_size=32, max_num_batched_tokens=64)
     engine = llm.engine

@@ -55,6 +55,7 @@ def passkey_prompt(tokenizer, rng: random.Random) -> tuple[list[int], str]:
     return tokenizer.encode(text), key
 
 
+@pytest.mark.slow
 def test_retrieval_finds_a_passkey_long_evicted_that_landmarks_alone_lose(make_llm):
     llm = make_llm(max_num_batched_tokens=512)
     rng = random.Random(7)
@@ -195,6 +196,7 @@ QUESTIONS = {  # the end of each prompt: a question and the answer's first words
 }
 
 
+@pytest.mark.slow
 def test_retrieval_brings_back_the_needle_in_natural_text_whatever_the_question(make_llm):
     """Python's documentation with one sentence about soup at a third of it, far outside the
     window; three questions of 10 to 60 tokens, one repeating the needle's own words. Retrieval

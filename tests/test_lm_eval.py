@@ -116,6 +116,7 @@ def server(make_llm):
         yield running
 
 
+@pytest.mark.slow
 def test_lm_eval_local_completions_reports_the_engines_own_accuracy(server, default_llm, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

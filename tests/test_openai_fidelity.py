@@ -130,6 +130,7 @@ def transformers_prompt_logprobs(hf_default, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)[:-1]
 
 
+@pytest.mark.slow
 def test_echo_with_logprobs_and_no_completion_scores_the_prompt_as_transformers_does(client, http, hf_default):
     ids = tokenize(http, PROMPT)
     result = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=3)

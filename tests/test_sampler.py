@@ -98,6 +98,7 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_each_setting_draws_its_filtered_distribution(setting):
     # Top-p without top-k searches its cut in 32 passes over the row: fewer draws keep it quick.

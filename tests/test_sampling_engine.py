@@ -64,6 +64,7 @@ def test_penalties_match_transformers(default_llm, hf_default):
     assert ours[0].outputs[0].token_ids[: len(expected)] == expected
 
 
+@pytest.mark.slow
 def test_penalty_counts_survive_preemption(make_llm, default_llm):
     """Sequences preempted and recomputed draw what they draw undisturbed."""
     prompts = [f"Tell me a story about a {animal}." for animal in ("cat", "dog", "fox")]
@@ -79,6 +80,7 @@ def test_penalty_counts_survive_preemption(make_llm, default_llm):
     assert len(tight.engine.penalty_state) == 0  # every row released
 
 
+@pytest.mark.slow
 def test_seeded_top_p_draws_follow_transformers_distribution(make_llm, hf_default):
     """The issue's check, smaller (500 draws, not 3,000, to stay quick on CPU): temperature 0.8
     and top_p 0.9 over seeds, against transformers' own warpers on transformers' logits."""

@@ -237,6 +237,7 @@ def test_chat_logprobs(client):
     assert content[0].bytes == list(content[0].token.encode())
 
 
+@pytest.mark.slow
 def test_32_concurrent_chat_streams_each_equal_their_own_output_alone(server, reference):
     _, chat = reference
     conversations = [[{"role": "user", "content": f"Give me one fact about the number {i}."}] for i in range(32)]
@@ -266,6 +267,7 @@ def test_request_rope_scaling_is_passed_to_the_engine_and_validated(client, http
     assert_openai_error(bad, 400, "rope_scaling.rope_type")
 
 
+@pytest.mark.slow
 def test_request_context_policy_streams_past_the_context_limit_and_is_validated(client, http):
     too_long = "The river ran past the old mill and on into the valley. " * 160  # > MAX_MODEL_LEN tokens
     refused = http.post("/v1/completions", json={"prompt": too_long, "max_tokens": 4})
@@ -283,6 +285,7 @@ def test_request_context_policy_streams_past_the_context_limit_and_is_validated(
     assert_openai_error(bad, 400, "context_policy.window")
 
 
+@pytest.mark.slow
 def test_request_retrieving_landmark_policy_recalls_and_shows_in_metrics(client, http):
     too_long = "The river ran past the old mill and on into the valley. " * 160
     before = scrape(http)

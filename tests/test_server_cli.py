@@ -95,6 +95,7 @@ def test_help_shows_every_default():
     assert "retained chat sessions (sink_window) (default: 0.25)" in help_text
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_load_exits_with_a_message_not_a_traceback(tmp_path):
     missing = tmp_path / "nothing.gguf"
     done = subprocess.run([ROPEWAY, "serve", "--model", str(missing)], capture_output=True, text=True, timeout=60,

@@ -91,6 +91,7 @@ def test_unconstrained_request_in_a_mixed_batch_keeps_its_greedy_tokens(make_llm
         assert_valid(output.outputs[0].text, schema)
 
 
+@pytest.mark.slow
 def test_preempted_constrained_requests_replay_their_grammar(make_llm, default_llm):
     """In a pool too small for all of them, constrained sequences are preempted, recomputed, and
     still produce what they produce undisturbed (greedy), each valid; every matcher released."""
@@ -134,6 +135,7 @@ def client(server):
     return openai_client(server)
 
 
+@pytest.mark.slow
 def test_schema_suite_through_the_server_all_valid(server):
     """The 52 schemas of tests/data at once (the engine batches them): greedy and sampled,
     streamed and not, chat with response_format; every output parses and validates."""

@@ -30,6 +30,7 @@ def tiny_weights():
     return random_llama_weights(TINY, seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size,local_heads", [(2, (4, 1)), (4, (2, 1))])
 def test_tiny_llama_tensor_parallel_matches_world_size_1(tmp_path, tiny_weights, world_size, local_heads):
     logits, generated = reference_run(TINY, tiny_weights, TINY_PROMPTS, first_chunk=13)
@@ -45,6 +46,7 @@ def test_tiny_llama_tensor_parallel_matches_world_size_1(tmp_path, tiny_weights,
     assert ranks[0]["weight_elements"] < 1.3 * weight_elements(LlamaModel(TINY, tiny_weights, CPU)) / world_size
 
 
+@pytest.mark.slow
 def test_default_model_tensor_parallel_3_matches_world_size_1(tmp_path):
     config, weights, tokenizer = load_model_files(None, torch.float32)
     assert (config.num_heads, config.num_kv_heads, config.tie_word_embeddings) == (9, 3, True)
