@@ -116,7 +116,9 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, s
     early sequences finish mid-measurement and the batch shrinks); what is left is aborted."""
     vocab = engine.model_config.vocab_size
     generator = torch.Generator().manual_seed(batch if prompt_seed is None else prompt_seed)
-    prefill_steps = cdiv(batch * context, engine.core.config.max_num_batched_tokens) + batch
+    # Once some sequences decode, a step takes at most the scheduler's cap of prompt tokens.
+    per_step = engine.core.scheduler.config.max_prefill_tokens_with_decodes
+    prefill_steps = cdiv(batch * context, per_step) + batch
     request_ids = [f"b{batch}-{i}" for i in range(batch)]
     for i, request_id in enumerate(request_ids):
         prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()

@@ -447,7 +447,8 @@ def test_long_chunk_split_pads_and_merges_to_paged_attention(context_len, num_qu
 def test_filtered_draw_matches_reference_across_chunks():
     """The top-p cut search and the race, each row split over several programs: the same
     tokens as the torch reference, with ties, -inf entries, rows without a top-p, a row whose
-    kept set is one token, and chunks of several tiles."""
+    kept set is one token, and chunks of several tiles; rows settled by the first race and rows
+    that need the search."""
     from ropeway.engine.random_stream import stream_keys
     from ropeway.kernels.sampling import filtered_draw_reference, top_p_cut_reference
     from ropeway.kernels.triton_sampling import filtered_draw_triton
@@ -472,6 +473,10 @@ def test_filtered_draw_matches_reference_across_chunks():
     assert torch.equal(filtered_draw_triton(scaled, cut, top_p, row_max, keys, search=False, chunk=512,
                                             block=256), no_search)
     assert not torch.equal(expected, no_search)
+    # Both ways to a top-p row's token are taken: the unfiltered race's winner inside the top-p
+    # set (it stands), and outside it (the search runs).
+    inside = scaled[torch.arange(rows), no_search] >= searched_cut
+    assert inside[top_p < 1].any() and not inside[top_p < 1].all()
     # The race over several tiles of a chunk (the default chunks of a large batch).
     assert torch.equal(filtered_draw_triton(scaled[:2], cut[:2], top_p[:2], row_max[:2], keys[:2], search=False,
                                             chunk=512, block=64), no_search[:2])

@@ -10,6 +10,14 @@ logits keeps the whole GPU busy instead of one SM (the old kernel's 2.6 ms at ba
   shrink 2^32 keys to one. The draw's programs make the last pick.
 - The draw: each program runs the exponential race over its chunk and writes its best key
   and token; the row's winner is the first chunk holding the largest key.
+- Most rows need no search. The race is run over the unfiltered kept set first: where its
+  winner lies inside the top-p set, it is also the winner of the race over that set (the same
+  uniforms, a subset holding the winner). One pass sums the mass strictly above the winner,
+  which decides it (sampling.py: a token stays while the mass above it is below top_p of the
+  kept mass). A row's first winner fails with probability at most 1 - top_p, so the search
+  passes and the second race run for a few rows; the others' programs return at once. A row
+  whose mass above falls within SETTLE_MARGIN of the bound takes the search too, so rounding
+  in the sums never decides a token the search would not.
 """
 
 import torch
@@ -24,6 +32,9 @@ SEARCH_PASSES = 8
 # of the next pass adds up stay a few hundred numbers.
 PROGRAMS = 1024
 MIN_CHUNK = 1024
+# A first winner settles its row only with the mass above it below top_p - SETTLE_MARGIN of the
+# kept mass: fp32 sums of 128k terms in two orders differ by ~1e-5 of the total at worst.
+SETTLE_MARGIN = 1e-4
 
 
 @triton.jit
@@ -72,13 +83,13 @@ def _narrowed(bounds_ptr, partial_ptr, row, num_rows, previous, top_p, num_chunk
 # 16) would compile new variants while a server ramps up (the stride and vocabulary stay
 # specialized: they are fixed per model and let loads vectorize).
 @triton.jit(do_not_specialize=["pass_index", "num_rows", "num_chunks"])
-def _top_p_pass_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, top_p_ptr, bounds_ptr, partial_ptr, pass_index,
-                       num_rows, vocab, chunk, num_chunks, BLOCK: tl.constexpr, BINS: tl.constexpr,
+def _top_p_pass_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, top_p_ptr, settled_ptr, bounds_ptr, partial_ptr,
+                       pass_index, num_rows, vocab, chunk, num_chunks, BLOCK: tl.constexpr, BINS: tl.constexpr,
                        CHUNKS: tl.constexpr):
     row = tl.program_id(0)
     chunk_index = tl.program_id(1)
     top_p = tl.load(top_p_ptr + row)
-    if top_p < 1.0:
+    if (top_p < 1.0) & (tl.load(settled_ptr + row) == 0):
         if pass_index == 0:
             low = _ordered_key(tl.load(cut_ptr + row))
             high = _ordered_key(tl.load(row_max_ptr + row)) + 1
@@ -103,38 +114,66 @@ def _top_p_pass_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, top_p_ptr, boun
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_chunks"])
-def _race_kernel(scaled_ptr, stride, cut_ptr, top_p_ptr, stream_keys_ptr, bounds_ptr, partial_ptr, best_key_ptr,
-                 best_token_ptr, num_rows, vocab, chunk, num_chunks, SEARCH: tl.constexpr, PASSES: tl.constexpr,
-                 BLOCK: tl.constexpr, BINS: tl.constexpr, CHUNKS: tl.constexpr):
+def _race_kernel(scaled_ptr, stride, cut_ptr, top_p_ptr, settled_ptr, stream_keys_ptr, bounds_ptr, partial_ptr,
+                 best_key_ptr, best_token_ptr, num_rows, vocab, chunk, num_chunks, SEARCH: tl.constexpr,
+                 PASSES: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, CHUNKS: tl.constexpr):
+    row = tl.program_id(0)
+    chunk_index = tl.program_id(1)
+    active = True
+    if SEARCH:
+        active = tl.load(settled_ptr + row) == 0  # else the first race's winner stands
+    if active:
+        cut = tl.load(cut_ptr + row)
+        if SEARCH:
+            top_p = tl.load(top_p_ptr + row)
+            if top_p < 1.0:
+                low, high = _narrowed(bounds_ptr, partial_ptr, row, num_rows, PASSES - 1, top_p, num_chunks,
+                                      BINS, CHUNKS)
+                bits = tl.where(low >= 0, low, low ^ 0x7FFFFFFF).to(tl.int32)
+                cut = tl.maximum(cut, bits.to(tl.float32, bitcast=True))
+        first = tl.load(stream_keys_ptr + row * 2)
+        second = tl.load(stream_keys_ptr + row * 2 + 1)
+        base = scaled_ptr + row.to(tl.int64) * stride
+        offsets = tl.arange(0, BLOCK)
+        best = tl.full((), float("-inf"), tl.float64)
+        best_token = tl.full((), 0, tl.int64)
+        start = chunk_index * chunk
+        for tile in range(start, tl.minimum(start + chunk, vocab), BLOCK):
+            tokens = (tile + offsets).to(tl.int64)
+            x = tl.load(base + tokens, mask=tokens < vocab, other=float("-inf"))
+            uniform = (_mix32(_mix32(tokens ^ first) ^ second).to(tl.float64) + 0.5) / 4294967296.0
+            keys = tl.where(x >= cut, x.to(tl.float64) - tl.log(-tl.log(uniform)), float("-inf"))
+            tile_best = tl.max(keys, 0)
+            tile_token = tile + tl.argmax(keys, 0)
+            better = tile_best > best  # strictly: the earlier tile wins a tie
+            best_token = tl.where(better, tile_token, best_token)
+            best = tl.where(better, tile_best, best)
+        tl.store(best_key_ptr + row * num_chunks + chunk_index, best)
+        tl.store(best_token_ptr + row * num_chunks + chunk_index, best_token)
+
+
+@triton.jit(do_not_specialize=["num_chunks"])
+def _mass_above_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, pivot_ptr, kept_ptr, above_ptr, vocab, chunk,
+                       num_chunks, BLOCK: tl.constexpr):
+    """Per (row, chunk): the kept mass (x >= cut) and the part of it strictly above the pivot
+    (the first race's winning value), both as exp(x - row max)."""
     row = tl.program_id(0)
     chunk_index = tl.program_id(1)
     cut = tl.load(cut_ptr + row)
-    if SEARCH:
-        top_p = tl.load(top_p_ptr + row)
-        if top_p < 1.0:
-            low, high = _narrowed(bounds_ptr, partial_ptr, row, num_rows, PASSES - 1, top_p, num_chunks,
-                                  BINS, CHUNKS)
-            bits = tl.where(low >= 0, low, low ^ 0x7FFFFFFF).to(tl.int32)
-            cut = tl.maximum(cut, bits.to(tl.float32, bitcast=True))
-    first = tl.load(stream_keys_ptr + row * 2)
-    second = tl.load(stream_keys_ptr + row * 2 + 1)
+    row_max = tl.load(row_max_ptr + row)
+    pivot = tl.load(pivot_ptr + row)
     base = scaled_ptr + row.to(tl.int64) * stride
     offsets = tl.arange(0, BLOCK)
-    best = tl.full((), float("-inf"), tl.float64)
-    best_token = tl.full((), 0, tl.int64)
+    kept = tl.zeros((BLOCK,), tl.float32)
+    above = tl.zeros((BLOCK,), tl.float32)
     start = chunk_index * chunk
     for tile in range(start, tl.minimum(start + chunk, vocab), BLOCK):
-        tokens = (tile + offsets).to(tl.int64)
-        x = tl.load(base + tokens, mask=tokens < vocab, other=float("-inf"))
-        uniform = (_mix32(_mix32(tokens ^ first) ^ second).to(tl.float64) + 0.5) / 4294967296.0
-        keys = tl.where(x >= cut, x.to(tl.float64) - tl.log(-tl.log(uniform)), float("-inf"))
-        tile_best = tl.max(keys, 0)
-        tile_token = tile + tl.argmax(keys, 0)
-        better = tile_best > best  # strictly: the earlier tile wins a tie
-        best_token = tl.where(better, tile_token, best_token)
-        best = tl.where(better, tile_best, best)
-    tl.store(best_key_ptr + row * num_chunks + chunk_index, best)
-    tl.store(best_token_ptr + row * num_chunks + chunk_index, best_token)
+        x = tl.load(base + tile + offsets, mask=tile + offsets < vocab, other=float("-inf"))
+        mass = tl.where(x >= cut, tl.exp(x - row_max), 0.0)
+        kept += mass
+        above += tl.where(x > pivot, mass, 0.0)
+    tl.store(kept_ptr + row * num_chunks + chunk_index, tl.sum(kept, 0))
+    tl.store(above_ptr + row * num_chunks + chunk_index, tl.sum(above, 0))
 
 
 def default_chunk(rows: int, vocab: int) -> int:
@@ -173,17 +212,33 @@ def filtered_draw_triton(scaled, cut, top_p, row_max, stream_keys, search: bool,
     num_chunks = triton.cdiv(vocab, chunk)
     grid = (rows, num_chunks)
     shape = {"BINS": BINS, "CHUNKS": triton.next_power_of_2(num_chunks)}
-    bounds = torch.empty(SEARCH_PASSES, rows, 2, dtype=torch.int64, device=scaled.device) if search else None
-    partial = (torch.empty(SEARCH_PASSES, rows, num_chunks, BINS, dtype=torch.float32, device=scaled.device)
-               if search else None)
-    if search:
-        for pass_index in range(SEARCH_PASSES):
-            _top_p_pass_kernel[grid](scaled, scaled.stride(0), cut, row_max, top_p, bounds, partial, pass_index,
-                                     rows, vocab, chunk, num_chunks, BLOCK=block, **shape)
-    best_key = torch.empty(rows, num_chunks, dtype=torch.float64, device=scaled.device)
-    best_token = torch.empty(rows, num_chunks, dtype=torch.int64, device=scaled.device)
-    _race_kernel[grid](scaled, scaled.stride(0), cut, top_p, stream_keys, bounds if search else best_token,
-                       partial if search else best_key, best_key, best_token, rows, vocab, chunk, num_chunks,
-                       SEARCH=search, PASSES=SEARCH_PASSES, BLOCK=min(chunk, 4 * block), **shape)
-    # torch.argmax gives the first of equal maxima: the earliest chunk, so the lowest token.
-    return best_token.gather(1, best_key.argmax(dim=1, keepdim=True))[:, 0]
+    race_block = min(chunk, 4 * block)
+
+    def race(search: bool, settled=None, bounds=None, partial=None) -> torch.Tensor:
+        best_key = torch.empty(rows, num_chunks, dtype=torch.float64, device=scaled.device)
+        best_token = torch.empty(rows, num_chunks, dtype=torch.int64, device=scaled.device)
+        unused = best_token  # pointers a variant never reads
+        _race_kernel[grid](scaled, scaled.stride(0), cut, top_p, unused if settled is None else settled, stream_keys,
+                           unused if bounds is None else bounds, best_key if partial is None else partial,
+                           best_key, best_token, rows, vocab, chunk, num_chunks, SEARCH=search,
+                           PASSES=SEARCH_PASSES, BLOCK=race_block, **shape)
+        # torch.argmax gives the first of equal maxima: the earliest chunk, so the lowest token.
+        return best_token.gather(1, best_key.argmax(dim=1, keepdim=True))[:, 0]
+
+    first = race(False)
+    if not search:
+        return first
+    kept = torch.empty(rows, num_chunks, dtype=torch.float32, device=scaled.device)
+    above = torch.empty_like(kept)
+    pivot = scaled.gather(1, first[:, None])[:, 0]
+    _mass_above_kernel[grid](scaled, scaled.stride(0), cut, row_max, pivot, kept, above, vocab, chunk, num_chunks,
+                             BLOCK=block)
+    settled = (top_p >= 1.0) | (above.sum(dim=1) < (top_p - SETTLE_MARGIN) * kept.sum(dim=1))
+    settled = settled.to(torch.int8)
+    bounds = torch.empty(SEARCH_PASSES, rows, 2, dtype=torch.int64, device=scaled.device)
+    partial = torch.empty(SEARCH_PASSES, rows, num_chunks, BINS, dtype=torch.float32, device=scaled.device)
+    for pass_index in range(SEARCH_PASSES):
+        _top_p_pass_kernel[grid](scaled, scaled.stride(0), cut, row_max, top_p, settled, bounds, partial, pass_index,
+                                 rows, vocab, chunk, num_chunks, BLOCK=block, **shape)
+    second = race(True, settled, bounds, partial)
+    return torch.where(settled.bool(), first, second)
