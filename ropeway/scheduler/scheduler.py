@@ -12,6 +12,7 @@ They come back a bounded slice per step (host_admission.py), so that no step's s
 stalls the running streams.
 """
 
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -160,6 +161,8 @@ class Scheduler:
         for seq in seqs:
             if seq.rope_plan is None:
                 seq.rope_plan = self.planner.plan(seq.planned_length, seq.rope_scaling)
+            if seq.context_policy.bounded and self.sessions.max_blocks:
+                seq.prompt_bytes = array("q", seq.prompt_token_ids).tobytes()
         self.new_plans.append(seqs[0].rope_plan)
         first, rest = seqs[0], seqs[1:]
         self.waiting.append(first)

@@ -30,7 +30,10 @@ def history_keys(token_ids: list[int], seq: Sequence, lengths) -> dict[int, byte
     digest = hashlib.blake2b(digest_size=16)
     digest.update(repr((seq.context_policy, seq.rope_plan)).encode())
     lengths = sorted(lengths)
-    data = memoryview(array("q", token_ids[: lengths[-1]] if lengths else []).tobytes())
+    if lengths and 8 * lengths[-1] <= len(seq.prompt_bytes) and token_ids is seq.token_ids:
+        data = memoryview(seq.prompt_bytes)
+    else:
+        data = memoryview(array("q", token_ids[: lengths[-1]] if lengths else []).tobytes())
     keys, done = {}, 0
     for n in lengths:
         digest.update(data[8 * done : 8 * n])
