@@ -2,6 +2,7 @@
 back. The scheduler alone first (no model), then the real default model in fp32 on CPU: a request
 whose blocks went to the host and back gives exactly what one whose blocks stayed in the pool gives."""
 
+import dataclasses
 import threading
 import time
 
@@ -12,7 +13,8 @@ from bounded_streams import long_text_ids
 from ropeway import ContextParams, SamplingParams
 from ropeway.engine.block_transfers import BlockTransfers, CopyChunk, slot_runs
 from ropeway.engine.copy_pump import CopyPump
-from ropeway.scheduler import BlockLoad, BlockManager, HostTier, RopePlan, Scheduler, SchedulerConfig, Sequence
+from ropeway.scheduler import (BlockLoad, BlockManager, ContextPolicy, HostTier, RopePlan, Scheduler, SchedulerConfig,
+                               Sequence)
 
 PLAN = RopePlan("default", 10000.0, 64, 2048)
 WINDOW = {"type": "sink_window", "sinks": 4, "window": 128}
@@ -66,7 +68,7 @@ def test_reused_prefix_blocks_go_to_the_host_and_a_hit_waits_outside_the_batch_f
     plan = scheduler.schedule()
     assert again not in [item.seq for item in plan.scheduled]  # not before the engine says the blocks are back
     scheduler.update_after_step(plan)
-    scheduler.loads_finished([scheduler.loading[again.seq_id]])
+    scheduler.loads_finished(list(scheduler.loading[again.seq_id].in_flight))
     plan = scheduler.schedule()
     item = next(item for item in plan.scheduled if item.seq is again)
     assert item.num_new_tokens == 3  # only what the host did not hold
@@ -111,6 +113,150 @@ def test_blocks_brought_back_give_way_to_an_older_request_that_would_not_fit_oth
     plan = scheduler.schedule()
     assert [item.seq for item in plan.scheduled] == [older]
     assert late.block_table == [] and late in scheduler.waiting  # recomputed (or reloaded) later
+
+
+def _prefix_on_host(host_blocks_per_step, num_blocks=12):
+    """A scheduler whose host tier holds the 5 blocks of a 20-token prompt, and a decoding sequence."""
+    host = HostTier(32)
+    bm = BlockManager(num_blocks, 4, host_tier=host)
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=48, prefill_chunk_size=48,
+                             host_blocks_per_step=host_blocks_per_step)
+    scheduler = Scheduler(config, bm)
+    first = _seq(0, range(100, 120))
+    scheduler.add([first])
+    _run_to_end(scheduler, first)
+    filler = _seq(1, range(500, 500 + 4 * num_blocks - 4))  # with its tokens, every block of the pool
+    scheduler.add([filler])
+    _run_to_end(scheduler, filler)
+    assert not bm.find_cached_prefix(_seq(-1, range(100, 121))) and host.find_block(first.block_hashes[4]) is not None
+    decoding = _seq(2, [1, 2, 3], max_new=20)
+    scheduler.add([decoding])
+    _decode(scheduler, scheduler.schedule())
+    return scheduler, decoding
+
+
+def _decode(scheduler, plan):
+    """Book a step; each sequence that sampled gets a token."""
+    scheduler.update_after_step(plan)
+    for item in plan.scheduled:
+        if item.samples:
+            item.seq.token_ids.append(7)
+
+
+def test_a_hit_comes_back_a_slice_per_step_while_others_decode_and_is_admitted_once_all_are_back():
+    scheduler, decoding = _prefix_on_host(host_blocks_per_step=2)
+    bm, host = scheduler.block_manager, scheduler.block_manager.host_tier
+    again = _seq(3, list(range(100, 120)) + [1, 2, 3])
+    scheduler.add([again])
+    slices = []
+    for _ in range(3):
+        plan = scheduler.schedule()
+        assert [item.seq for item in plan.scheduled] == [decoding]  # the hit waits outside the batch
+        slices += [len(load.copies) for load in plan.loads]
+        _decode(scheduler, plan)
+    assert slices == [2, 2, 1] and host.hits == 1 and len(again.block_table) == 5
+    loads = list(scheduler.loading[again.seq_id].in_flight)
+    scheduler.loads_finished(loads[:2])
+    plan = scheduler.schedule()
+    assert again not in [item.seq for item in plan.scheduled] and not plan.loads  # its last slice is not back
+    _decode(scheduler, plan)
+    assert bm.find_cached_prefix(_seq(-1, range(100, 120))) == again.block_table[:4]  # back slices are findable
+    scheduler.loads_finished(loads[2:])
+    assert not scheduler.loading and not host.pins
+    plan = scheduler.schedule()
+    item = next(item for item in plan.scheduled if item.seq is again)
+    assert item.num_new_tokens == 3 and again.num_cached_prompt_tokens == 20  # only what the host did not hold
+    assert bm.prefix_hits == 20
+
+
+def test_a_step_without_decodes_brings_a_whole_hit_back_at_once():
+    scheduler, decoding = _prefix_on_host(host_blocks_per_step=2)
+    scheduler.finish(decoding)
+    again = _seq(3, list(range(100, 120)) + [1])
+    scheduler.add([again])
+    assert [len(load.copies) for load in scheduler.schedule().loads] == [5]
+
+
+@pytest.mark.parametrize("after_slices", [1, 3])
+def test_a_hit_aborted_mid_admission_gives_back_every_block_and_slot(after_slices):
+    scheduler, decoding = _prefix_on_host(host_blocks_per_step=2)
+    bm, host = scheduler.block_manager, scheduler.block_manager.host_tier
+    again = _seq(3, list(range(100, 120)) + [1])
+    scheduler.add([again])
+    loads = []
+    for _ in range(after_slices):
+        plan = scheduler.schedule()
+        loads += plan.loads
+        _decode(scheduler, plan)
+    scheduler.loads_finished(loads[:1])
+    scheduler.finish(again)
+    assert not scheduler.schedule().loads  # no slice after the abort
+    scheduler.loads_finished(loads[1:])
+    scheduler.finish(decoding)
+    assert bm.num_free_blocks == bm.num_blocks and bm.reserved == 0
+    assert not host.pins and not host.dropped_while_pinned and scheduler.num_waiting == 0 and not scheduler.loading
+    assert host.num_used_slots == len(host.entries)  # every slot not in an entry is free
+
+
+def _session_on_host(host_blocks_per_step):
+    """A scheduler whose host tier holds the retained session of a 40-token window stream, and a
+    decoding sequence."""
+    host = HostTier(32)
+    bm = BlockManager(16, 4, host_tier=host)
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, prefill_chunk_size=64,
+                             host_blocks_per_step=host_blocks_per_step)
+    scheduler = Scheduler(config, bm, session_store_blocks=16)
+    policy = ContextPolicy(type="sink_window", sinks=4, window=64)
+    chat = _seq(0, range(100, 140))
+    chat.context_policy = policy
+    scheduler.add([chat])
+    while not chat.is_finished:
+        plan = scheduler.schedule()
+        _decode(scheduler, plan)
+        if chat.num_tokens >= chat.max_total_tokens:
+            scheduler.finish(chat, retain=True)
+    assert scheduler.sessions.release_oldest() and host.session_lengths() == {41}
+    decoding = _seq(1, [1, 2, 3], max_new=20)
+    scheduler.add([decoding])
+    _decode(scheduler, scheduler.schedule())
+    again = _seq(2, chat.token_ids + [1, 2])
+    again.context_policy = policy
+    scheduler.add([again])
+    return scheduler, decoding, again
+
+
+def test_a_session_comes_back_a_slice_per_step_into_blocks_reserved_for_it():
+    scheduler, decoding, again = _session_on_host(host_blocks_per_step=4)
+    bm, host = scheduler.block_manager, scheduler.block_manager.host_tier
+    plan = scheduler.schedule()
+    assert [len(load.copies) for load in plan.loads] == [4] and bm.reserved == 7  # 11 blocks, 4 taken
+    assert bm.num_free_blocks == bm.num_blocks - 1 - 11  # the decoding sequence's block, the session's
+    loads = plan.loads
+    _decode(scheduler, plan)
+    for _ in range(2):
+        plan = scheduler.schedule()
+        loads += plan.loads
+        _decode(scheduler, plan)
+    assert [len(load.copies) for load in loads] == [4, 4, 3] and bm.reserved == 0
+    scheduler.loads_finished(loads)
+    plan = scheduler.schedule()
+    item = next(item for item in plan.scheduled if item.seq is again)
+    assert item.num_new_tokens == 3 and again.num_cached_prompt_tokens == 41 and scheduler.sessions.hits == 1
+    assert not host.pins and host.num_used_slots == len(host.entries) and not host.session_lengths()
+
+
+def test_a_session_aborted_mid_admission_gives_back_its_reservation_blocks_and_slots():
+    scheduler, decoding, again = _session_on_host(host_blocks_per_step=4)
+    bm, host = scheduler.block_manager, scheduler.block_manager.host_tier
+    plan = scheduler.schedule()
+    _decode(scheduler, plan)
+    scheduler.finish(again)
+    assert bm.reserved == 0 and not scheduler.schedule().loads
+    scheduler.loads_finished(plan.loads)
+    scheduler.finish(decoding)
+    assert bm.num_free_blocks == bm.num_blocks and not scheduler.loading and scheduler.num_waiting == 0
+    assert not host.pins and not host.dropped_while_pinned
+    assert host.num_used_slots == len(host.entries) and not host.session_lengths()  # prefix blocks alone remain
 
 
 def test_lru_drops_the_oldest_entries_but_never_reuses_a_slot_a_load_still_reads():
@@ -322,6 +468,43 @@ def test_prefix_blocks_back_from_the_host_give_what_blocks_kept_in_the_pool_give
     assert from_host.num_cached_tokens == on_gpu.num_cached_tokens
     assert from_host.outputs[0].token_ids == on_gpu.outputs[0].token_ids
     assert_same_logprobs(from_host, on_gpu, engine.device)
+
+
+def test_a_prefix_brought_back_in_slices_while_a_stream_decodes_gives_what_blocks_kept_in_the_pool_give(make_llm):
+    text = long_text_ids(make_llm(kv_host_memory_bytes=0).tokenizer, 920)
+    first, other = text[:300], text[300:920]
+    again = first + text[:5]
+
+    def beside_a_stream(llm):
+        """again's output, sent while another stream decodes (and outlasts it, so that every step
+        batches the same two sequences in both engines), and the sizes of the step's loads."""
+        engine = llm.engine
+        engine.add_request("stream", text[:8], SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))
+        engine.step()
+        engine.add_request("again", again, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1))
+        finished, slices = {}, []
+        while engine.has_unfinished_requests():
+            finished.update((output.request_id, output) for output in engine.step() if output.finished)
+            slices += [len(load.copies) for load in engine.scheduler.last_plan.loads]
+        assert list(finished) == ["again", "stream"]
+        return finished["again"], slices
+
+    kept = make_llm(kv_host_memory_bytes=0)
+    _greedy(kept, [first])
+    on_gpu, no_loads = beside_a_stream(kept)
+    assert on_gpu.num_cached_tokens == 288 and not no_loads
+
+    block_bytes = 30 * 2 * 16 * 3 * 64 * 4
+    tight = make_llm(kv_cache_memory_bytes=40 * block_bytes, kv_host_memory_bytes=64 * block_bytes)
+    scheduler = tight.engine.scheduler
+    scheduler.config = dataclasses.replace(scheduler.config, host_blocks_per_step=4)
+    _greedy(tight, [first, other])
+    from_host, slices = beside_a_stream(tight)
+    assert slices == [4, 4, 4, 4, 2] and tight.engine.stats().kv_host_tier_hits == 1
+    assert from_host.num_cached_tokens == on_gpu.num_cached_tokens
+    assert from_host.outputs[0].token_ids == on_gpu.outputs[0].token_ids
+    assert_same_logprobs(from_host, on_gpu, tight.engine.device)
+    assert not scheduler.loading and not tight.engine.host_tier.pins and scheduler.block_manager.reserved == 0
 
 
 def assert_same_logprobs(output, expected, device):

@@ -1,9 +1,10 @@
 from .block_manager import BlockManager
 from .context_policy import POLICY_TYPES, ContextPolicy
+from .host_admission import BlockLoad
 from .host_tier import HostTier
 from .rope_plan import RopePlan, RopePlanner, bucket_length
 from .rope_scaling import ROPE_TYPES, RopeScaling
-from .scheduler import (BlockLoad, Eviction, Landmark, RopeGrowth, ScheduledSequence, Scheduler, SchedulerConfig,
+from .scheduler import (Eviction, Landmark, RopeGrowth, ScheduledSequence, Scheduler, SchedulerConfig,
                         SchedulerOutput)
 from .sequence import Sequence, SequenceStatus
 

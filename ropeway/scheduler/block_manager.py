@@ -16,14 +16,6 @@ from .sequence import Sequence
 from ropeway.arith import cdiv
 
 
-def block_hash(parent: bytes, tokens: list[int], plan_key: bytes) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(parent)
-    digest.update(plan_key)
-    digest.update(array("q", tokens).tobytes())
-    return digest.digest()
-
-
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  host_tier: HostTier | None = None):
@@ -40,10 +32,14 @@ class BlockManager:
         self.host_tier = host_tier
         # (pool block, host slot) copies owed before the next step writes to the pool.
         self.offloads: list[tuple[int, int]] = []
+        # Free blocks promised to sessions coming back from the host tier a slice per step: nobody
+        # else may take them, so a session taken back always finds room for its last slice.
+        self.reserved = 0
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_blocks)
+        """Free blocks anyone may take (the reserved ones aside)."""
+        return len(self.free_blocks) - self.reserved
 
     @property
     def num_used_blocks(self) -> int:
@@ -55,47 +51,72 @@ class BlockManager:
     # ----- prefix cache -----
 
     def full_block_hashes(self, seq: Sequence, num_tokens: int) -> list[bytes]:
-        """Chained hashes of the full blocks among the first num_tokens tokens of seq,
-        extended incrementally: full blocks never change."""
-        hashes = seq.block_hashes
-        key = seq.rope_plan.cache_key
-        for start in range(len(hashes) * self.block_size, num_tokens - self.block_size + 1, self.block_size):
+        """Chained hashes of (at least) the full blocks among the first num_tokens tokens of seq: seq's
+        own list, extended incrementally (full blocks never change), so callers slice it."""
+        hashes, size = seq.block_hashes, self.block_size
+        end = num_tokens // size
+        if end > len(hashes):
+            key = seq.rope_plan.cache_key
+            # One conversion of the tokens for all the new blocks, one blake2b call per block.
+            data = array("q", seq.token_ids[len(hashes) * size : end * size]).tobytes()
+            width = 8 * size
             parent = hashes[-1] if hashes else b""
-            hashes.append(block_hash(parent, seq.token_ids[start : start + self.block_size], key))
-        return hashes[: num_tokens // self.block_size]
+            for offset in range(0, len(data), width):
+                parent = hashlib.blake2b(parent + key + data[offset : offset + width], digest_size=16).digest()
+                hashes.append(parent)
+        return hashes
 
-    def prefix_hashes(self, seq: Sequence) -> list[bytes]:
-        """Hashes of the blocks of seq that a cache may hold. At least one token is left to
-        compute, since its logits are what the step is for. A request for prompt logprobs
-        computes its whole prompt; a bounded cache reuses no more than it holds before its
-        first eviction (where streaming and full attention still agree)."""
+    def prefix_block_limit(self, seq: Sequence) -> int:
+        """How many leading blocks of seq a cache may hold. At least one token is left to compute,
+        since its logits are what the step is for. A request for prompt logprobs computes its
+        whole prompt; a bounded cache reuses no more than it holds before its first eviction
+        (where streaming and full attention still agree)."""
         if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
-            return []
+            return 0
         limit = seq.num_tokens - 1
         if seq.context_policy.bounded:
             limit = min(limit, seq.context_policy.max_cache_tokens(self.block_size))
-        return self.full_block_hashes(seq, limit)
+        return limit // self.block_size
+
+    def prefix_hashes(self, seq: Sequence, first: int = 0, count: int | None = None) -> list[bytes]:
+        """Hashes of the blocks first.. first+count-1 of seq (fewer past prefix_block_limit), hashing
+        no further than that: a lookup that stops at its first miss never hashes a whole prompt."""
+        limit = self.prefix_block_limit(seq)
+        end = limit if count is None else min(limit, first + count)
+        if end <= first:
+            return []
+        return self.full_block_hashes(seq, end * self.block_size)[first:end]
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks of the pool holding the longest cached prefix of seq."""
-        hits = []
-        for h in self.prefix_hashes(seq):
-            block = self.block_of_hash.get(h)
-            if block is None:
-                break
-            hits.append(block)
-        return hits
+        """Blocks of the pool holding the longest cached prefix of seq. Hashed in doubling batches:
+        a cold prompt hashes a few blocks, a hit of n blocks at most about 2n."""
+        block_of_hash = self.block_of_hash
+        hits: list[int] = []
+        batch = 16
+        while True:
+            hashes = self.prefix_hashes(seq, len(hits), batch)
+            for h in hashes:
+                block = block_of_hash.get(h)
+                if block is None:
+                    return hits
+                hits.append(block)
+            if len(hashes) < batch:
+                return hits
+            batch *= 2
 
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_queries += num_tokens
         self.prefix_hits += num_hit_tokens
 
-    def register_full_blocks(self, seq: Sequence) -> None:
-        """Make seq's blocks that are full of computed tokens findable by later requests."""
+    def register_full_blocks(self, seq: Sequence, first: int = 0, end: int | None = None) -> None:
+        """Make seq's blocks that are full of computed tokens findable by later requests (those of
+        its table's indices first..end-1 only: a slice of blocks back from the host tier)."""
         if not self.enable_prefix_caching or seq.num_evicted_tokens:
             return  # after an eviction, blocks no longer line up with token indices
-        hashes = self.full_block_hashes(seq, seq.num_computed_tokens)
-        for block, h in zip(seq.block_table, hashes):
+        num_full = seq.num_computed_tokens // self.block_size
+        end = num_full if end is None else min(end, num_full)
+        hashes = self.full_block_hashes(seq, end * self.block_size)
+        for block, h in zip(seq.block_table[first:end], hashes[first:end]):
             if self.hash_of_block[block] is None and h not in self.block_of_hash:
                 self.hash_of_block[block] = h
                 self.block_of_hash[h] = block
@@ -109,9 +130,13 @@ class BlockManager:
     def can_admit(self, cached: list[int], num_new_tokens: int) -> bool:
         """Whether a waiting sequence fits: its cached prefix blocks (taken out of the free
         list if nobody holds them) plus fresh blocks for num_new_tokens after that prefix."""
-        revived = sum(1 for b in cached if self.ref_counts[b] == 0)
         fresh = self.blocks_needed(len(cached) * self.block_size + num_new_tokens) - len(cached)
-        return fresh + revived <= len(self.free_blocks)
+        return fresh + self.num_revived(cached) <= self.num_free_blocks
+
+    def num_revived(self, cached: list[int]) -> int:
+        """Of these cached blocks, those that nobody holds: taking them takes them out of the free list."""
+        ref_counts = self.ref_counts
+        return sum(1 for b in cached if ref_counts[b] == 0)
 
     def take_cached(self, seq: Sequence, cached: list[int]) -> None:
         """Give seq the cached prefix blocks (shared, no copies)."""
@@ -134,8 +159,11 @@ class BlockManager:
         for the host tier (when there is one) instead of being lost."""
         return self.take_free_blocks(1)[0]
 
-    def take_free_blocks(self, count: int) -> list[int]:
-        """take_free_block, count times, in a few loops: a host hit takes thousands (in the step's time)."""
+    def take_free_blocks(self, count: int, reserved: bool = False) -> list[int]:
+        """take_free_block, count times, in a few loops (a host hit's slice takes hundreds in the
+        step's time); reserved: blocks reserve() promised, now taken."""
+        if reserved:
+            self.reserved -= count
         free_blocks, hash_of_block = self.free_blocks, self.hash_of_block
         blocks = [free_blocks.popitem(last=False)[0] for _ in range(count)]
         hashed = [block for block in blocks if hash_of_block[block] is not None]
@@ -147,6 +175,13 @@ class BlockManager:
         for block in blocks:
             self.ref_counts[block] = 1
         return blocks
+
+    def reserve(self, count: int) -> None:
+        """Promise count free blocks (the caller saw them free) to later take_free_blocks(reserved=True)."""
+        self.reserved += count
+
+    def release_reservation(self, count: int) -> None:
+        self.reserved -= count
 
     def take_offloads(self) -> list[tuple[int, int]]:
         offloads, self.offloads = self.offloads, []

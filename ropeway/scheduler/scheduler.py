@@ -8,14 +8,18 @@ queue to be recomputed (often mostly from the prefix cache). Admission is strict
 first-come first-served, so nobody starves, with one exception: a sequence whose cached blocks
 must first come back from the host tier steps out of the queue while they are copied (other
 sequences keep running and being admitted) and rejoins it in arrival order once they are back.
+They come back a bounded slice per step (host_admission.py), so that no step's scheduling
+stalls the running streams.
 """
 
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
 from ropeway import fault_injection
 
 from .block_manager import BlockManager
+from .host_admission import BlockLoad, HostAdmission
 from .rope_plan import RopePlan, RopePlanner
 from .sequence import Sequence, SequenceStatus
 from .session_store import SessionMatch, SessionStore
@@ -31,10 +35,18 @@ class SchedulerConfig:
     # step's time grows with its prompt tokens and every running stream waits for it, so this bounds
     # the inter-token latency while prompts queue; steps without decodes still use the whole budget.
     max_prefill_tokens_with_decodes: int | None = None
+    # Blocks brought back from the host tier in a step that carries decodes, at most (a step without
+    # decodes brings back all it can). Each block costs 1-3 us of the step's Python (hashing, lookups,
+    # taking it and its slot, offloading the block it replaces), so 128 keep a step's share well under
+    # a millisecond (benchmarks/scheduler_admission.py); 128 blocks of Llama-3-8B KV are 256 MiB, at
+    # 8 ms a decode step ~33 GB/s, about what the H200's loads achieve (BENCHMARKS.md, issue 20).
+    host_blocks_per_step: int = 128
 
     def __post_init__(self):
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_chunk_size < 1:
-            raise ValueError("max_num_seqs, max_num_batched_tokens and prefill_chunk_size must be >= 1")
+        if (self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_chunk_size < 1
+                or self.host_blocks_per_step < 1):
+            raise ValueError("max_num_seqs, max_num_batched_tokens, prefill_chunk_size and host_blocks_per_step "
+                             "must be >= 1")
         if self.max_prefill_tokens_with_decodes is not None and self.max_prefill_tokens_with_decodes < 1:
             raise ValueError("max_prefill_tokens_with_decodes must be >= 1")
 
@@ -95,14 +107,6 @@ class Landmark:
 
 
 @dataclass
-class BlockLoad:
-    """Blocks of seq's cache coming back from the host tier: (host slot, pool block) copies.
-    seq waits outside the queues until the engine reports them done."""
-    seq: Sequence
-    copies: list[tuple[int, int]]
-
-
-@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
@@ -145,7 +149,8 @@ class Scheduler:
         # find it in the prefix cache instead of computing it again.
         self.held_siblings: dict[int, list[Sequence]] = {}
         # Sequences whose blocks are coming back from the host tier, by seq_id.
-        self.loading: dict[int, BlockLoad] = {}
+        self.loading: dict[int, HostAdmission] = {}
+        self._host_blocks_left: int | None = None  # this step's slice budget (None: unbounded)
         self.num_preemptions = 0
         self.last_plan: SchedulerOutput | None = None  # for step-level measurements
 
@@ -156,6 +161,8 @@ class Scheduler:
         for seq in seqs:
             if seq.rope_plan is None:
                 seq.rope_plan = self.planner.plan(seq.planned_length, seq.rope_scaling)
+            if seq.context_policy.bounded and self.sessions.max_blocks:
+                seq.prompt_bytes = array("q", seq.prompt_token_ids).tobytes()
         self.new_plans.append(seqs[0].rope_plan)
         first, rest = seqs[0], seqs[1:]
         self.waiting.append(first)
@@ -177,8 +184,12 @@ class Scheduler:
             if seq in group:
                 group.remove(seq)
         seq.status = SequenceStatus.FINISHED
-        if seq.seq_id in self.loading:
-            return  # its blocks are being written: freed once the load is done
+        admission = self.loading.get(seq.seq_id)
+        if admission is not None:
+            admission.cancel()
+            if admission.done:
+                self._end_admission(admission)
+            return  # otherwise its blocks are being written: freed once the loads are done
         if not (retain and seq.context_policy.bounded and self.sessions.retain(seq)):
             evicted = seq.num_evicted_tokens
             self.block_manager.free(seq)
@@ -193,17 +204,23 @@ class Scheduler:
         return len(self.waiting) + len(self.loading) + sum(len(g) for g in self.held_siblings.values())
 
     def loads_finished(self, loads: list[BlockLoad]) -> None:
-        """The engine has these loads' blocks in the pool: their sequences rejoin the queue."""
-        host = self.block_manager.host_tier
+        """The engine has these loads' blocks in the pool: a sequence whose last slice is back
+        rejoins the queue."""
         for load in loads:
-            host.unpin([slot for slot, _ in load.copies])
-            seq = load.seq
-            del self.loading[seq.seq_id]
-            if seq.status is SequenceStatus.FINISHED:  # aborted meanwhile
-                self.block_manager.free(seq)
-            else:
-                self.block_manager.register_full_blocks(seq)  # findable in the pool now
-                self._requeue(seq)
+            admission = self.loading[load.seq.seq_id]
+            admission.load_finished(load)
+            if admission.done:
+                self._end_admission(admission)
+
+    def _end_admission(self, admission: HostAdmission) -> None:
+        seq = admission.seq
+        del self.loading[seq.seq_id]
+        if seq.status is SequenceStatus.FINISHED:  # aborted or failed meanwhile
+            self.block_manager.free(seq)
+            return
+        if admission.session_slots is None:
+            self.block_manager.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
+        self._requeue(seq)
 
     def _free_caches_queued_behind(self, head: Sequence) -> bool:
         """Give the pool back the blocks of sequences queued behind head that hold some (brought
@@ -223,6 +240,7 @@ class Scheduler:
         cap = self.config.max_prefill_tokens_with_decodes
         decodes = any(seq.status is SequenceStatus.RUNNING and seq.num_uncomputed_tokens == 1 for seq in self.running)
         prefill_budget = min(budget, cap) if cap is not None and decodes else budget
+        self._host_blocks_left = self.config.host_blocks_per_step if decodes else None
 
         for seq in list(self.running):
             if budget <= 0:
@@ -261,6 +279,8 @@ class Scheduler:
             except Exception as error:  # a fault tied to one sequence fails it alone
                 budget += self._fail(seq, error, out)
 
+        if not out.preempted:  # (the pool is over-committed: prefix hits wait; sessions have their blocks)
+            self._continue_host_admissions(out)
         # A step that had to preempt admits nobody: the pool is already over-committed.
         while (self.waiting and min(budget, prefill_budget) > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
@@ -276,9 +296,10 @@ class Scheduler:
                 restored = bool(seq.block_table)  # a retained session's cache, now this sequence's
                 self._grow_plan_before_admission(seq)
                 cached = [] if restored else bm.find_cached_prefix(seq)
-                on_host = [] if restored else self._host_prefix(seq, len(cached))
+                # (One block looked up even with no slice budget left: a hit then waits for the next step.)
+                on_host = [] if restored else self._host_prefix(seq, len(cached), max(1, self._host_slice()))
                 if on_host:
-                    if not self._bring_back_prefix(seq, cached, on_host, out):
+                    if not self._host_slice() or not self._bring_back_prefix(seq, cached, on_host, out):
                         break
                     continue
                 n = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * bm.block_size,
@@ -313,12 +334,17 @@ class Scheduler:
 
     # ----- the host tier -----
 
-    def _host_prefix(self, seq: Sequence, num_cached: int) -> list[int]:
-        """Host slots of the blocks that continue seq's cached prefix in the host tier."""
+    def _host_slice(self) -> int:
+        """Blocks a slice may bring back from the host tier in what is left of this step."""
+        left = self._host_blocks_left
+        return self.block_manager.num_blocks if left is None else left
+
+    def _host_prefix(self, seq: Sequence, num_cached: int, max_blocks: int) -> list[int]:
+        """Host slots of the blocks that continue seq's cached prefix in the host tier (at most max_blocks)."""
         host = self.block_manager.host_tier
         if host is None:
             return []
-        return host.find_run(self.block_manager.prefix_hashes(seq)[num_cached:])
+        return host.find_run(self.block_manager.prefix_hashes(seq, num_cached, max_blocks))
 
     def _make_room(self, blocks_needed) -> bool:
         """Release retained sessions until blocks_needed() blocks are free."""
@@ -328,11 +354,11 @@ class Scheduler:
         return True
 
     def _bring_back_prefix(self, seq: Sequence, cached: list[int], slots: list[int], out: SchedulerOutput) -> bool:
-        """Take seq's cached prefix from the pool and fresh blocks for the part the host tier
-        holds, and start loading that part; False (nothing taken) if the pool has no room."""
+        """Take seq's cached prefix from the pool and fresh blocks for the first slice of the part
+        the host tier holds, and start loading that slice; False (nothing taken) if the pool has no room."""
         bm, host = self.block_manager, self.block_manager.host_tier
         host.pin(slots)  # releasing sessions to the host tier must not reuse them
-        if not self._make_room(lambda: sum(1 for b in cached if bm.ref_counts[b] == 0) + len(slots)):
+        if not self._make_room(lambda: bm.num_revived(cached) + len(slots)):
             host.unpin(slots)
             return False
         self.waiting.popleft()
@@ -340,32 +366,54 @@ class Scheduler:
         blocks = bm.take_free_blocks(len(slots))
         seq.block_table += blocks
         seq.num_computed_tokens = len(seq.block_table) * bm.block_size
-        bm.record_prefix_lookup(seq.num_tokens, seq.num_computed_tokens)
-        self._start_load(seq, list(zip(slots, blocks)), out)
+        admission = HostAdmission(seq, bm)
+        admission.looking = len(slots) == self._host_slice()  # the host tier may hold more of the prompt
+        self._start_admission(admission, admission.start(slots, blocks), out)
         return True
 
     def _bring_back_session(self, seq: Sequence, match: SessionMatch, out: SchedulerOutput) -> bool:
-        """Start loading a session the host tier holds into fresh blocks; False (the session
-        put back) if the pool has no room."""
+        """Reserve blocks for a session the host tier holds and start loading its first slice;
+        False (the session put back) if the pool has no room or the step no slice budget left."""
         bm, host = self.block_manager, self.block_manager.host_tier
         slots = match.host.slots  # out of the host tier's LRU order: releasing sessions cannot drop them
-        if not self._make_room(lambda: len(slots)):
+        if not self._host_slice() or not self._make_room(lambda: len(slots)):
             host.put_back_session(match.key, match.host)
             return False
         self.waiting.popleft()
         self.sessions.hits += 1
         match.session.restore_into(seq)
-        seq.block_table = bm.take_free_blocks(len(slots))
-        host.pin(slots)
-        host.free(slots)  # the session leaves the host tier: its slots return once read
-        self._start_load(seq, list(zip(slots, seq.block_table)), out)
+        seq.block_table = []
+        bm.reserve(len(slots))
+        admission = HostAdmission(seq, bm, session_slots=list(slots))
+        self._start_admission(admission, admission.next_slice(self._host_slice(), self._room_for), out)
         return True
 
-    def _start_load(self, seq: Sequence, copies: list[tuple[int, int]], out: SchedulerOutput) -> None:
-        load = BlockLoad(seq, copies)
-        self.loading[seq.seq_id] = load
-        out.loads.append(load)
+    def _start_admission(self, admission: HostAdmission, load: BlockLoad, out: SchedulerOutput) -> None:
+        self.loading[admission.seq.seq_id] = admission
         self.block_manager.host_tier.hits += 1
+        self._issued(load, out)
+
+    def _continue_host_admissions(self, out: SchedulerOutput) -> None:
+        """Next slices of the hits coming back, oldest first, within the step's budget."""
+        for admission in list(self.loading.values()):
+            if admission.issuing and admission.seq.status is not SequenceStatus.FINISHED:
+                try:
+                    load = admission.next_slice(self._host_slice(), self._room_for)
+                except Exception as error:  # a fault tied to one sequence fails it alone
+                    self._fail(admission.seq, error, out)
+                    continue
+                if load is not None:
+                    self._issued(load, out)
+            if admission.done:  # a prefix hit whose run ended with its earlier slices back
+                self._end_admission(admission)
+
+    def _room_for(self, num_blocks: int) -> bool:
+        return self._make_room(lambda: num_blocks)
+
+    def _issued(self, load: BlockLoad, out: SchedulerOutput) -> None:
+        out.loads.append(load)
+        if self._host_blocks_left is not None:
+            self._host_blocks_left -= len(load.copies)
 
     def _fail(self, seq: Sequence, error: Exception, out: SchedulerOutput) -> int:
         """Take a sequence whose scheduling raised out of the queues and of this step's plan and
@@ -379,8 +427,14 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self._release_siblings(seq)
-        self.block_manager.free(seq)
         out.failed.append((seq, error))
+        admission = self.loading.get(seq.seq_id)
+        if admission is not None:  # its blocks are freed once the loads in flight are done
+            admission.cancel()
+            if admission.done:
+                self._end_admission(admission)
+        else:
+            self.block_manager.free(seq)
         return refund
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
