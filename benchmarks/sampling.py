@@ -1,13 +1,14 @@
 """Decode step time with sampling against greedy, and the sampler alone (issue 16).
 
 For each sampling setting (greedy; temperature 0.8 + top_p 0.95; temperature 0.8 + top_k 50;
-greedy with top-5 logprobs) and each batch size, B requests with `--context`-token random
-prompts are prefilled, then decode steps are timed two ways: `--steps` steps one by one, the
-GPU synchronized around each (median; the host's work adds to the GPU's), and `--steps`
-steps in a row, synchronized only at the ends (mean; with asynchronous scheduling the host
-prepares a step while the GPU runs the one before, as when serving). The sampler alone is
-timed on random [B, vocab] logits, with the host's share of it: the time until sample()
-returns (launches and parameter copies; on CUDA the kernels run behind it). Writes a table
+greedy with top-5 logprobs; serving.py's chat mix, with every tenth row asking for logprobs) and
+each batch size, B requests with `--context`-token random prompts are prefilled, then decode
+steps are timed two ways: `--steps` steps one by one, the GPU synchronized around each (median;
+the host's work adds to the GPU's), and `--steps` steps in a row, synchronized only at the ends
+(mean; with asynchronous scheduling the host prepares a step while the GPU runs the one before,
+as when serving). The sampler alone is timed on random [B, vocab] logits, with the host's share
+of it: the time until sample() returns (launches and parameter copies; on CUDA the kernels run
+behind it). Writes a table
 to stdout and JSON to `--out`.
 
 `--sampler-graphs both` runs every setting twice in the same engine, the sampler launched op by
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from random_model import LLAMA3_8B, build_engine, full_vocab_tokenizer, load_random_model  # noqa: E402
+from serving import sampling_fields  # noqa: E402
 
 from ropeway import ContextParams, EngineConfig, LLMEngine, SamplingParams  # noqa: E402
 from ropeway.arith import cdiv  # noqa: E402
@@ -49,7 +51,15 @@ SETTINGS = {
     "temperature 0.8, top_p 0.95": {"temperature": 0.8, "top_p": 0.95},
     "temperature 0.8, top_k 50": {"temperature": 0.8, "top_k": 50},
     "greedy, top-5 logprobs": {"temperature": 0.0, "logprobs": 5},
+    # serving.py's --sampling chat, row by row: temperature 0.8, top_p 0.95, every tenth row with
+    # 5 top logprobs.
+    "chat mix": "chat",
 }
+
+
+def row_setting(setting: dict | str, index: int) -> dict:
+    """Row `index`'s sampling fields under a SETTINGS entry (a mix names serving.py's sampling)."""
+    return {"seed": index, **(sampling_fields(setting, index) if isinstance(setting, str) else setting)}
 
 TINY = ModelConfig(
     architecture="llama", vocab_size=8192, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -104,7 +114,7 @@ def runtime_calls(engine: LLMEngine, steps: int, trace: pathlib.Path | None) -> 
     return dict(sorted(calls.items(), key=lambda item: -item[1]["host_us_per_step"]))
 
 
-def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, steps: int,
+def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict | str, steps: int,
                    context_params: ContextParams | None = None, prompt_seed: int | None = None,
                    waits: list | None = None, calls: dict | None = None,
                    trace: pathlib.Path | None = None) -> tuple[float, float]:
@@ -122,8 +132,8 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, s
     request_ids = [f"b{batch}-{i}" for i in range(batch)]
     for i, request_id in enumerate(request_ids):
         prompt = torch.randint(0, vocab, (context,), generator=generator).tolist()
-        params = SamplingParams(max_tokens=prefill_steps + 2 * steps + 32, ignore_eos=True, seed=i, detokenize=False,
-                                **setting)
+        params = SamplingParams(max_tokens=prefill_steps + 2 * steps + 32, ignore_eos=True, detokenize=False,
+                                **row_setting(setting, i))
         engine.add_request(request_id, prompt, params, context_params)
     while any(seq.num_computed_tokens < seq.num_prompt_tokens for seq in engine.scheduler.running) \
             or engine.scheduler.num_waiting:
@@ -155,13 +165,13 @@ def decode_step_ms(engine: LLMEngine, batch: int, context: int, setting: dict, s
     return statistics.median(times), pipelined
 
 
-def sampler_alone_us(batch: int, vocab: int, setting: dict, device: torch.device, repeats: int,
+def sampler_alone_us(batch: int, vocab: int, setting: dict | str, device: torch.device, repeats: int,
                      graphed: bool = False) -> tuple[float, float]:
     """(median us of sample() and reading its tokens, median us until sample() returns): on CUDA
     the second is the host's own time, launching the sampler's kernels and copying its parameters.
     graphed: the logits stand as a decode graph's, and the sampler replays its CUDA graph."""
     logits = torch.randn(batch, vocab, device=device) * 4
-    rows = [SamplingRow(SamplingParams(seed=i, **setting), seed=i, step=0) for i in range(batch)]
+    rows = [SamplingRow(SamplingParams(**row_setting(setting, i)), seed=i, step=0) for i in range(batch)]
     state = PenaltyState(vocab, device)
     graphs = SamplerGraphs(SimpleNamespace(last_logits=logits)) if graphed else None
     for _ in range(3):

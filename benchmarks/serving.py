@@ -199,6 +199,27 @@ def start_server(args, port: int) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
+def process_tree_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the process `pid` and each of its descendants, by
+    command name (Linux /proc; empty elsewhere): which of the server's processes (API server, engine
+    core, workers) runs out of CPU first."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    seconds: dict[str, float] = {}
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        name, fields = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        key = f"{name}[{current}]"
+        seconds[key] = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return seconds
+
+
 def wait_ready(base_url: str, server: subprocess.Popen, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -253,7 +274,12 @@ def main() -> None:
         modes = ["greedy", "chat"] if args.sampling == "both" else [args.sampling]
         for name in args.scenarios.split(","):
             for mode in modes:
+                cpu_before = process_tree_cpu(server.pid)
                 result = asyncio.run(run_scenario(base_url, model, SCENARIOS[name], args.vocab, args.seed, mode))
+                cpu_after = process_tree_cpu(server.pid)
+                # Near wall_s for a process: that process is the bottleneck.
+                result["server_cpu_s"] = {key: round(cpu_after[key] - cpu_before.get(key, 0.0), 2)
+                                          for key in cpu_after}
                 report["scenarios"].append(result)
                 print(json.dumps(result), flush=True)
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import SCENARIOS, percentile, scenario_requests  # noqa: E402
+from serving import SCENARIOS, percentile, sampling_fields, scenario_requests  # noqa: E402
 
 
 class StepTrace:
@@ -75,7 +75,7 @@ def print_summary(summary: dict) -> None:
               f"{row['prefill_tokens']:>12} {row['decodes']:>8}")
 
 
-def run_offline(engine, requests: list[tuple[list[int], int]], concurrency: int) -> dict:
+def run_offline(engine, requests: list[tuple[list[int], int]], concurrency: int, sampling: str = "greedy") -> dict:
     from ropeway import SamplingParams
 
     trace = StepTrace(engine)
@@ -86,7 +86,7 @@ def run_offline(engine, requests: list[tuple[list[int], int]], concurrency: int)
         while pending and len(engine.requests) < concurrency:
             index, (prompt, max_tokens) = pending.pop()
             engine.add_request(f"trace-{index}", prompt, SamplingParams(
-                temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False))
+                max_tokens=max_tokens, ignore_eos=True, detokenize=False, **sampling_fields(sampling, index)))
             sent[f"trace-{index}"] = time.perf_counter()
         outputs = engine.step()
         now = time.perf_counter()
@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--kv-gib", type=float, default=None, help="KV pool size in GiB (default: as the server)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab", type=int, default=128000)
+    parser.add_argument("--sampling", choices=["greedy", "chat", "both"], default="greedy",
+                        help="the requests' sampling, as serving.py's (both: greedy, then chat, on one engine)")
     parser.add_argument("--out", default="results/step_trace.json")
     args = parser.parse_args()
 
@@ -129,15 +131,18 @@ def main() -> None:
     vocab = min(args.vocab, engine.model_config.vocab_size)
     # Warm-up, as serving.py's: kernels compiled for the shapes of short mixed steps.
     run_offline(engine, scenario_requests(SCENARIOS["short-8"], vocab, args.seed + 1), 8)
-    result = run_offline(engine, scenario_requests(scenario, vocab, args.seed), scenario.concurrency)
-    result = {"command": " ".join(sys.argv), "scenario": scenario.name, **result}
-    print(f"{scenario.name}: {result['output_tok_s']:.0f} output tok/s over {result['wall_s']:.1f} s; "
-          f"TTFT p50 {result['ttft_p50_ms']:.0f} ms p99 {result['ttft_p99_ms']:.0f} ms; "
-          f"ITL p50 {result['itl_p50_ms']:.1f} ms p99 {result['itl_p99_ms']:.1f} ms")
-    print_summary(result["steps_by_kind"])
+    results = {}
+    for sampling in ["greedy", "chat"] if args.sampling == "both" else [args.sampling]:
+        result = run_offline(engine, scenario_requests(scenario, vocab, args.seed), scenario.concurrency, sampling)
+        results[sampling] = result = {"command": " ".join(sys.argv), "scenario": scenario.name,
+                                      "sampling": sampling, **result}
+        print(f"{scenario.name}, {sampling}: {result['output_tok_s']:.0f} output tok/s over {result['wall_s']:.1f} s; "
+              f"TTFT p50 {result['ttft_p50_ms']:.0f} ms p99 {result['ttft_p99_ms']:.0f} ms; "
+              f"ITL p50 {result['itl_p50_ms']:.1f} ms p99 {result['itl_p99_ms']:.1f} ms")
+        print_summary(result["steps_by_kind"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result))
+    out.write_text(json.dumps(results[args.sampling] if args.sampling != "both" else results))
     print(f"wrote {out}")
 
 

@@ -15,6 +15,7 @@ def alone_outputs(make_llm):
     return prompts, [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
 
 
+@pytest.mark.slow
 def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_outputs, monkeypatch):
     prompts, expected = alone_outputs
     # Chunks of 16 count as long here (cuDNN's on CUDA), shorter ones not.

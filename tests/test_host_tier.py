@@ -446,6 +446,7 @@ def _greedy(llm, prompts, context=None):
     return [llm.generate([p], params, context=context)[0] for p in prompts]
 
 
+@pytest.mark.slow
 def test_prefix_blocks_back_from_the_host_give_what_blocks_kept_in_the_pool_give(make_llm):
     text = long_text_ids(make_llm(kv_host_memory_bytes=0).tokenizer, 920)
     first, other = text[:300], text[300:920]
@@ -470,6 +471,7 @@ def test_prefix_blocks_back_from_the_host_give_what_blocks_kept_in_the_pool_give
     assert_same_logprobs(from_host, on_gpu, engine.device)
 
 
+@pytest.mark.slow
 def test_a_prefix_brought_back_in_slices_while_a_stream_decodes_gives_what_blocks_kept_in_the_pool_give(make_llm):
     text = long_text_ids(make_llm(kv_host_memory_bytes=0).tokenizer, 920)
     first, other = text[:300], text[300:920]

@@ -63,6 +63,7 @@ def first_tokens(engine, requests, count: int) -> dict[str, list[int]]:
     return tokens
 
 
+@pytest.mark.slow
 def test_a_batch_mixing_plans_gives_each_request_its_output_alone(make_llm):
     llm = make_llm(max_model_len=20000)
     engine = llm.engine
