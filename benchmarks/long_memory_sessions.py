@@ -172,7 +172,7 @@ def run(args) -> dict:
         block_transfers.QUEUE_DEPTH = args.copy_queue_depth
 
     config = EngineConfig(model=args.model, dtype=args.dtype, kv_cache_memory_bytes=args.kv_cache_memory,
-                          kv_host_memory_bytes=args.kv_host_memory,
+                          kv_host_memory_bytes=args.kv_host_memory, kv_host_blocks_per_step=args.host_blocks_per_step,
                           max_model_len=args.history_tokens + 4 * NEW_TURN_TOKENS,
                           max_num_batched_tokens=args.max_num_batched_tokens)
     engine = build_engine(config, args.random_llama3_8b)
@@ -235,7 +235,8 @@ def run(args) -> dict:
     result = {
         "config": {"model": args.model or "default", "dtype": str(engine.dtype), "device": str(engine.device),
                    "chats": args.chats, "history_tokens": args.history_tokens, "pool_tokens": pool_tokens,
-                   "kv_host_memory": args.kv_host_memory, "decoders": args.decoders,
+                   "kv_host_memory": args.kv_host_memory, "host_blocks_per_step": args.host_blocks_per_step,
+                   "decoders": args.decoders,
                    "copy_chunk_bytes": block_transfers.CHUNK_BYTES, "copy_queue_depth": block_transfers.QUEUE_DEPTH,
                    "baseline_steps": args.baseline_steps, "switch_interval_s": sys.getswitchinterval()},
         "time_to_first_token_seconds": turns,
@@ -271,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "the default model)")
     parser.add_argument("--kv-host-memory", type=memory_size, default=memory_size("256MiB"))
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--host-blocks-per-step", type=int, default=128,
+                        help="blocks a host-tier hit brings back per step while others decode (engine option)")
     parser.add_argument("--decoders", type=int, default=0,
                         help="background streams decoding all along: their decode-only steps while blocks move "
                              "show what the copies cost other requests")

@@ -39,6 +39,8 @@ class EngineConfig:
     # Host memory for KV blocks the pool lets go of (prefix cache, sessions); 0: none.
     # None: DEFAULT_CUDA_KV_HOST_BYTES on CUDA, 0 on CPU (there the pool is host memory already).
     kv_host_memory_bytes: int | None = None
+    # Blocks brought back from the host tier in a step that carries decodes, at most (SchedulerConfig's).
+    kv_host_blocks_per_step: int = 128
     # Launch step N+1 before reading step N's tokens (greedy steps); None: on CUDA only.
     async_scheduling: bool | None = None
     # On CUDA, replay the sampler's device work of a decode step as a CUDA graph (sampler_graphs.py)
@@ -62,6 +64,8 @@ class EngineConfig:
             raise ValueError("tensor_parallel_size must be at least 1")
         if self.kv_host_memory_bytes is not None and self.kv_host_memory_bytes < 0:
             raise ValueError("kv_host_memory_bytes must be >= 0")
+        if self.kv_host_blocks_per_step < 1:
+            raise ValueError("kv_host_blocks_per_step must be >= 1")
         if self.kv_host_memory_bytes and self.tensor_parallel_size > 1:
             raise ValueError("--kv-host-memory is not supported with --tensor-parallel-size > 1 (give 0)")
         if self.max_num_batched_tokens < self.max_num_seqs:

@@ -284,6 +284,18 @@ def test_the_flag_sets_the_host_tier_and_tensor_parallelism_refuses_one():
         EngineConfig(tensor_parallel_size=2, kv_host_memory_bytes=1 << 30)
 
 
+def test_the_per_step_slice_of_a_host_hit_reaches_the_scheduler(make_llm):
+    from ropeway import EngineConfig
+    from ropeway.server.cli import build_parser, engine_config
+
+    config = engine_config(build_parser().parse_args(["serve", "--kv-host-blocks-per-step", "256"]))
+    assert config.kv_host_blocks_per_step == 256
+    with pytest.raises(ValueError, match="kv_host_blocks_per_step"):
+        EngineConfig(kv_host_blocks_per_step=0)
+    llm = make_llm(kv_host_memory_bytes=8 << 20, kv_host_blocks_per_step=7)
+    assert llm.engine.core.scheduler.config.host_blocks_per_step == 7
+
+
 def test_slot_runs_cover_each_contiguous_stretch_once():
     assert slot_runs([4, 5, 6, 0, 2, 3]) == [(0, 4, 3), (3, 0, 1), (4, 2, 2)]
 

@@ -193,7 +193,7 @@ class EngineCore:
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget,
                             prefill_chunk_size=min(config.prefill_chunk_size or budget, budget),
                             max_prefill_tokens_with_decodes=config.max_prefill_tokens_with_decodes
-                            or max(budget // 2, 1)),
+                            or max(budget // 2, 1), host_blocks_per_step=config.kv_host_blocks_per_step),
             self.block_manager, self.planner,
             session_store_blocks=int(self.pool.num_blocks * config.session_store_fraction),
         )

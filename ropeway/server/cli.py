@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="host memory (pinned on CUDA) for KV blocks the pool lets go of, prefix-cache blocks "
                              "and retained sessions, LRU; a later hit copies them back instead of recomputing them; "
                              "0 disables (default: 4GiB on CUDA, 0 on CPU; not with --tensor-parallel-size > 1)")
+    engine.add_argument("--kv-host-blocks-per-step", type=int, default=defaults.kv_host_blocks_per_step,
+                        help="KV blocks a host-tier hit brings back per step while other requests decode: more moves a "
+                             "hit faster, fewer keeps each step's share of the work smaller "
+                             f"(default: {defaults.kv_host_blocks_per_step})")
     engine.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
                         help=f"(default: {defaults.gpu_memory_utilization})")
     engine.add_argument("--kv-cache-dtype", default=defaults.kv_cache_dtype, choices=list(KV_CACHE_DTYPES),
@@ -186,7 +190,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         context_policy=args.context_policy, session_store_fraction=args.session_store_fraction,
         retrieval_archive_bytes=args.retrieval_archive_memory, async_scheduling=args.async_scheduling,
         sampler_cuda_graphs=args.sampler_cuda_graphs,
-        kv_host_memory_bytes=args.kv_host_memory,
+        kv_host_memory_bytes=args.kv_host_memory, kv_host_blocks_per_step=args.kv_host_blocks_per_step,
         tensor_parallel_size=args.tensor_parallel_size,
     )
 
