@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "the default model)")
     parser.add_argument("--kv-host-memory", type=memory_size, default=memory_size("256MiB"))
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--host-blocks-per-step", type=int, default=128,
+    parser.add_argument("--host-blocks-per-step", type=int, default=EngineConfig.kv_host_blocks_per_step,
                         help="blocks a host-tier hit brings back per step while others decode (engine option)")
     parser.add_argument("--decoders", type=int, default=0,
                         help="background streams decoding all along: their decode-only steps while blocks move "

@@ -40,7 +40,7 @@ class EngineConfig:
     # None: DEFAULT_CUDA_KV_HOST_BYTES on CUDA, 0 on CPU (there the pool is host memory already).
     kv_host_memory_bytes: int | None = None
     # Blocks brought back from the host tier in a step that carries decodes, at most (SchedulerConfig's).
-    kv_host_blocks_per_step: int = 128
+    kv_host_blocks_per_step: int = 512
     # Launch step N+1 before reading step N's tokens (greedy steps); None: on CUDA only.
     async_scheduling: bool | None = None
     # On CUDA, replay the sampler's device work of a decode step as a CUDA graph (sampler_graphs.py)
