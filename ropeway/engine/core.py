@@ -130,6 +130,7 @@ def load_model(config: EngineConfig, tp: TensorParallel | None = None) -> Loaded
     device = rank_device(config, tp.rank if tp else 0)
     model_config, weights, tokenizer = load_model_files(config.model, config.torch_dtype(device))
     model = LlamaModel(model_config, weights, device, tp)
+    model.pack_linear_weights_for_cpu()
     return LoadedModel(model, tokenizer, time.perf_counter() - started)
 
 

@@ -157,6 +157,7 @@ def run_worker(rank: int, world_size: int, init_method: str, config_bytes: bytes
     tp = init_process_group(device, init_method, rank, world_size)
     model_config, weights, _ = load_model_files(config.model, config.torch_dtype(device))
     model = LlamaModel(model_config, weights, device, tp)
+    model.pack_linear_weights_for_cpu()
     del weights
     socket = zmq.Context().socket(zmq.PULL)
     socket.connect(address)

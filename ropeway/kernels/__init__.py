@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_attention import paged_attention_cpu, plan_cpu_attention
+from .cpu_linear import linear_packed, pack_linear_weight
 from .cpu_rotary_write_kv import plan_cpu_rotary, rotary_write_kv_cpu
 from .kv_cache import write_kv_reference
 from .rerotate import rerotate_keys_reference
@@ -146,7 +147,9 @@ def _takes_gemv(x, weight, bias=None) -> bool:
 
 
 def linear(x, weight, bias=None):
-    """x @ weight.T + bias, as F.linear."""
+    """x @ weight.T + bias, as F.linear; weight may be packed for the CPU (cpu_linear.py)."""
+    if weight.is_mkldnn:
+        return linear_packed(x, weight, bias)
     if _takes_gemv(x, weight, bias):
         from .triton_gemv import gemv_triton
         return gemv_triton(x, weight, bias)
@@ -158,7 +161,7 @@ def linear_silu_mul(x, gate_up_weight):
     if _takes_gemv(x, gate_up_weight) and gate_up_weight.shape[0] % 2 == 0:
         from .triton_gemv import gemv_triton
         return gemv_triton(x, gate_up_weight, silu_mul=True)
-    return silu_mul(F.linear(x, gate_up_weight))
+    return silu_mul(linear(x, gate_up_weight))
 
 
 def silu_mul(gate_up):
@@ -184,7 +187,7 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_rotary_write_kv", "plan_attention", "paged_attention",
            "is_long_chunk",
            "warm_up_long_chunk_attention", "warm_up_sampling", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
-           "filtered_draw", "mask_by_bitmask"]
+           "filtered_draw", "mask_by_bitmask", "linear", "linear_silu_mul", "pack_linear_weight"]
 
 
 def warm_up_sampling(vocab: int, max_rows: int, device: torch.device) -> None:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ropeway.kernels import (add_rms_norm, linear, linear_silu_mul, paged_attention, plan_attention,
-                             plan_rotary_write_kv, rms_norm, rotary_write_kv)
+from ropeway.kernels import (add_rms_norm, linear, linear_silu_mul, pack_linear_weight, paged_attention,
+                             plan_attention, plan_rotary_write_kv, rms_norm, rotary_write_kv)
 from ropeway.kernels.fp8_kv import cache_views
 
 from .config import ModelConfig
@@ -131,6 +131,15 @@ class LlamaModel:
                                           piece(p + "mlp.up_proj.weight", ffn)]),
                 down_weight=take(p + "mlp.down_proj.weight", everything, ffn),
             ))
+
+    def pack_linear_weights_for_cpu(self) -> None:
+        """Every linear layer's weight in oneDNN's layout (kernels/cpu_linear.py: about twice MKL's
+        speed for a CPU decode step); a no-op elsewhere, or if already done. A tied LM head gets a
+        packed copy of its own, the embedding staying as it is."""
+        for layer in self.layers:
+            for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"):
+                setattr(layer, name, pack_linear_weight(getattr(layer, name)))
+        self.lm_head = pack_linear_weight(self.lm_head)
 
     @property
     def kv_elements_per_token(self) -> int:
