@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from kernel_cases import paged_case, rope_rows  # noqa: E402
 from ropeway.kernels.attention import paged_attention_reference  # noqa: E402
@@ -25,6 +26,7 @@ from ropeway.kernels.triton_rerotate import rerotate_keys_triton  # noqa: E402
 from ropeway.kernels.triton_rotary import apply_rotary_triton  # noqa: E402
 from ropeway.kernels.triton_rotary_write_kv import rotary_write_kv_triton  # noqa: E402
 from ropeway.kernels.triton_silu_mul import silu_mul_triton  # noqa: E402
+from ropeway.kernels.triton_sampling import _mix32  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 # bf16 only for the elementwise kernels (the interpreter's bf16 tl.dot is broken, see
@@ -480,3 +482,86 @@ def test_filtered_draw_matches_reference_across_chunks():
     # The race over several tiles of a chunk (the default chunks of a large batch).
     assert torch.equal(filtered_draw_triton(scaled[:2], cut[:2], top_p[:2], row_max[:2], keys[:2], search=False,
                                             chunk=512, block=64), no_search[:2])
+
+
+def _draw_case(rows, vocab, top_p, seed, step=4):
+    from ropeway.engine.random_stream import stream_keys
+
+    generator = torch.Generator().manual_seed(seed)
+    scaled = torch.randn(rows, vocab, generator=generator) * 1.5
+    cut = torch.full((rows,), float("-inf"))
+    top_p = torch.as_tensor(top_p, dtype=torch.float32)
+    keys = torch.from_numpy(stream_keys(list(range(100, 100 + rows)), [step] * rows))
+    return scaled, cut, top_p, scaled.amax(dim=-1), keys
+
+
+def _unsettled(scaled, cut, top_p, row_max, keys):
+    """Rows whose unfiltered race winner lies outside the top-p set: those the search must redo."""
+    from ropeway.kernels.sampling import filtered_draw_reference, top_p_cut_reference
+
+    no_search = filtered_draw_reference(scaled, cut, top_p, row_max, keys, search=False)
+    searched_cut = top_p_cut_reference(scaled, cut, top_p, row_max)
+    return scaled[torch.arange(scaled.shape[0]), no_search] < searched_cut
+
+
+@pytest.mark.parametrize("chunk, search_chunk, programs", [
+    (2048, 256, 7),    # one first-race chunk per row; items split unevenly, programs crossing rows
+    (512, 512, 64),    # more programs than items: some take none
+    (256, 1024, 2),    # many first-race chunks; two programs walk every item
+])
+def test_filtered_draw_compacts_the_few_unsettled_rows(chunk, search_chunk, programs):
+    """Most rows settled by the first race (or without a top-p), a few searched: the search passes
+    and second race run on the unsettled rows' work items only, with bounds and partial sums
+    indexed by row, and every token is the reference's."""
+    from ropeway.kernels.sampling import filtered_draw_reference
+    from ropeway.kernels.triton_sampling import filtered_draw_triton
+
+    rows, vocab = 10, 1800
+    case = _draw_case(rows, vocab, [0.95, 1.0, 0.9, 0.95, 1.0, 0.5, 0.95, 0.3, 1.0, 0.8], seed=1)
+    unsettled = _unsettled(*case)
+    assert 0 < int(unsettled.sum()) < int((case[2] < 1).sum())
+    expected = filtered_draw_reference(*case, search=True)
+    drawn = filtered_draw_triton(*case, search=True, chunk=chunk, block=64, search_chunk=search_chunk,
+                                 programs=programs)
+    assert torch.equal(drawn, expected)
+    # The searched rows' tokens changed: the second race's result reaches the output.
+    no_search = filtered_draw_reference(*case, search=False)
+    assert not torch.equal(expected[unsettled], no_search[unsettled])
+
+
+def test_filtered_draw_when_every_row_is_unsettled():
+    """Every row's first winner outside its small top-p set: all rows' work items are shared out,
+    several rows to a program, and the tokens are the reference's."""
+    from ropeway.kernels.sampling import filtered_draw_reference
+    from ropeway.kernels.triton_sampling import filtered_draw_triton
+
+    rows, vocab = 6, 1000
+    case = _draw_case(rows, vocab, [0.05] * rows, seed=2)
+    assert _unsettled(*case).all()
+    expected = filtered_draw_reference(*case, search=True)
+    for programs in (3, 1):
+        drawn = filtered_draw_triton(*case, search=True, chunk=512, block=64, search_chunk=256, programs=programs)
+        assert torch.equal(drawn, expected)
+
+
+@triton.jit
+def _hash_kernel(keys_ptr, out_ptr, start, BLOCK: tl.constexpr):
+    tokens = start + tl.arange(0, BLOCK)
+    first = tl.load(keys_ptr).to(tl.uint32)
+    second = tl.load(keys_ptr + 1).to(tl.uint32)
+    out = _mix32(_mix32(tokens.to(tl.uint32) ^ first) ^ second)
+    tl.store(out_ptr + tl.arange(0, BLOCK), out.to(tl.int64))
+
+
+def test_race_hash_matches_the_reference_bits_on_high_keys():
+    """The kernel's uint32 hash against the reference's int64 one, on keys with the top bit set and
+    tokens past 2^16 (the products' wrapping is where they could differ)."""
+    from ropeway.kernels.sampling import token_bits
+
+    keys = torch.tensor([0xFFFFFFFF, 0x80000001], dtype=torch.int64)
+    out = torch.empty(64, dtype=torch.int64)
+    _hash_kernel[(1,)](keys, out, 128200, BLOCK=64)
+    tokens = torch.arange(128200, 128264)
+    expected = token_bits(tokens, keys[0], keys[1])
+    assert torch.equal(out, expected)
+    assert (expected >= 1 << 31).any()  # the top bit comes through unsigned
