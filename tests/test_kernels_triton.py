@@ -565,3 +565,24 @@ def test_race_hash_matches_the_reference_bits_on_high_keys():
     expected = token_bits(tokens, keys[0], keys[1])
     assert torch.equal(out, expected)
     assert (expected >= 1 << 31).any()  # the top bit comes through unsigned
+
+
+@pytest.mark.parametrize("chunk, block", [(256, 64), (1024, 1024)])
+def test_log_softmax_parts_give_log_softmax(chunk, block):
+    """(x - row max) - log_sum equals log_softmax to fp32 rounding, on a strided view (rows of a
+    wider buffer), with -inf entries, a chunk of only -inf, and the maximum in a late chunk."""
+    from ropeway.kernels.triton_sampling import log_softmax_parts_triton
+
+    generator = torch.Generator().manual_seed(7)
+    buffer = torch.randn(5, 1100, generator=generator) * 4
+    logits = buffer[:, :1000]
+    logits[1, :300] = float("-inf")   # grammar-masked tokens, a whole first chunk at chunk 256
+    logits[2, 900] = 40.0             # the maximum far from the first chunk
+    logits[3] = logits[3] * 0.01      # a flat row: the sum is large
+    row_max, log_sum = log_softmax_parts_triton(logits, chunk=chunk, block=block)
+    assert torch.equal(row_max, logits.amax(-1))
+    expected = logits.log_softmax(-1)
+    got = (logits - row_max[:, None]) - log_sum[:, None]
+    finite = expected.isfinite()
+    assert torch.equal(finite, got.isfinite())
+    torch.testing.assert_close(got[finite], expected[finite], rtol=0, atol=4e-6)

@@ -226,15 +226,39 @@ def _mass_above_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, pivot_ptr, kept
     tl.store(above_ptr + row * num_chunks + chunk_index, tl.sum(above, 0))
 
 
+@triton.jit(do_not_specialize=["num_chunks"])
+def _log_sum_exp_kernel(logits_ptr, stride, max_ptr, sum_ptr, vocab, chunk, num_chunks, BLOCK: tl.constexpr):
+    """Per (row, chunk): the chunk's maximum and its sum of exp(x - that maximum), in one read
+    (each lane keeps a running maximum and rescales its sum when it rises)."""
+    row = tl.program_id(0)
+    chunk_index = tl.program_id(1)
+    base = logits_ptr + row.to(tl.int64) * stride
+    offsets = tl.arange(0, BLOCK)
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK,), tl.float32)
+    start = chunk_index * chunk
+    for tile in range(start, tl.minimum(start + chunk, vocab), BLOCK):
+        x = tl.load(base + tile + offsets, mask=tile + offsets < vocab, other=float("-inf"))
+        new_top = tl.maximum(top, x)
+        # A lane that has seen only -inf keeps a zero sum (exp(-inf - -inf) would be nan).
+        total = tl.where(new_top == float("-inf"), 0.0, total * tl.exp(top - new_top) + tl.exp(x - new_top))
+        top = new_top
+    chunk_max = tl.max(top, 0)
+    scale = tl.where(top == float("-inf"), 0.0, tl.exp(top - chunk_max))
+    tl.store(max_ptr + row * num_chunks + chunk_index, chunk_max)
+    tl.store(sum_ptr + row * num_chunks + chunk_index, tl.sum(total * scale, 0))
+
+
 def default_chunk(rows: int, vocab: int) -> int:
     """Tokens of a row per program: about PROGRAMS programs in all, MIN_CHUNK at least."""
     return max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(vocab, max(1, PROGRAMS // rows))))
 
 
 def warm_up_filtered_draw(vocab: int, max_rows: int, device: torch.device) -> None:
-    """Compile every kernel variant a batch of 1..max_rows rows can launch (the first race and the
-    mass above its winner: one per chunk size; the search's kernels: one, its chunk fixed per
-    vocabulary) before serving, so a ramping batch never waits on Triton."""
+    """Compile every kernel variant a batch of 1..max_rows rows can launch (the first race, the
+    mass above its winner and the logprobs' log-sum-exp: one per chunk size; the search's
+    kernels: one, their chunk fixed per vocabulary) before serving, so a ramping batch never
+    waits on Triton."""
     rows_per_chunk = {default_chunk(rows, vocab): rows for rows in range(1, max_rows + 1)}
     for rows in rows_per_chunk.values():
         scaled = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
@@ -243,6 +267,29 @@ def warm_up_filtered_draw(vocab: int, max_rows: int, device: torch.device) -> No
         for search in (False, True):
             filtered_draw_triton(scaled, cut, torch.full((rows,), 0.9, device=device), torch.zeros(rows, device=device),
                                  keys, search)
+        log_softmax_parts_triton(scaled)
+
+
+def log_softmax_parts_triton(logits: torch.Tensor, chunk: int | None = None, block: int = 1024
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R] row maxima and [R] logs of sum(exp(x - max)): logits.log_softmax(-1) is
+    (logits - max) - log_sum. One read of the logits, each row split like the first race, where
+    log_softmax writes all [R, V] and a top-k reads them again (torch.logsumexp writes two
+    [R, V] temporaries)."""
+    rows, vocab = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    block = min(block, triton.next_power_of_2(vocab))
+    chunk = _clamped(default_chunk(rows, vocab) if chunk is None else chunk, block, vocab)
+    num_chunks = triton.cdiv(vocab, chunk)
+    maxima = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
+    sums = torch.empty_like(maxima)
+    if rows:
+        _log_sum_exp_kernel[(rows, num_chunks)](logits, logits.stride(0), maxima, sums, vocab, chunk, num_chunks,
+                                                BLOCK=block)
+    row_max = maxima.amax(dim=1)
+    # Chunks of only -inf have a zero sum: exp(-inf) scales them to nothing.
+    return row_max, (sums * (maxima - row_max[:, None]).exp()).sum(dim=1).log()
 
 
 def _clamped(chunk: int, block: int, vocab: int) -> int:
