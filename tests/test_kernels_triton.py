@@ -586,3 +586,37 @@ def test_log_softmax_parts_give_log_softmax(chunk, block):
     finite = expected.isfinite()
     assert torch.equal(finite, got.isfinite())
     torch.testing.assert_close(got[finite], expected[finite], rtol=0, atol=4e-6)
+
+
+def test_race_skips_tiles_without_changing_the_winner():
+    """The race skips tiles whose bound (largest kept value minus ln(-ln u) of the largest kept hash)
+    can't reach the chunk's best or the row's floor: peaked rows (the floor skips nearly every tile),
+    flat rows (the running best does), large offsets (the margin scales with the row maximum),
+    a small kept set, and the winner in the last tile of its chunk; the reference's tokens in all."""
+    from ropeway.engine.random_stream import stream_keys
+    from ropeway.kernels.sampling import filtered_draw_reference
+    from ropeway.kernels.triton_sampling import filtered_draw_triton
+
+    generator = torch.Generator().manual_seed(11)
+    rows, vocab = 8, 1536
+    scaled = torch.randn(rows, vocab, generator=generator)
+    scaled[0] *= 20.0                   # peaked: a few tokens within 23 of the maximum
+    scaled[1] *= 0.01                   # flat: every token near the maximum
+    scaled[2] = scaled[2] * 3 - 1.0e4   # far from zero
+    scaled[3] = scaled[3] * 3 + 5.0e3
+    scaled[4, 1535] = 40.0              # the winner in the last tile, after tiles far below it
+    scaled[5, :1400] = float("-inf")    # only the last tiles keep anything
+    scaled[6] *= 8.0
+    row_max = scaled.amax(dim=-1)
+    cut = torch.full((rows,), float("-inf"))
+    cut[6] = row_max[6] - 6.0           # a small kept set (min-p)
+    cut[7] = row_max[7]                 # the maximum alone
+    top_p = torch.tensor([0.9, 0.9, 0.7, 1.0, 0.5, 0.95, 0.8, 0.9])
+    keys = torch.from_numpy(stream_keys(list(range(rows)), [2] * rows))
+    for search in (False, True):
+        expected = filtered_draw_reference(scaled, cut, top_p, row_max, keys, search=search)
+        for chunk in (256, 2048):
+            drawn = filtered_draw_triton(scaled, cut, top_p, row_max, keys, search=search, chunk=chunk, block=16,
+                                         search_chunk=128, programs=5)
+            assert torch.equal(drawn, expected), (search, chunk)
+    assert expected[4].item() == 1535 and expected[7].item() == int(scaled[7].argmax())

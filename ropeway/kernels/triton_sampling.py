@@ -26,7 +26,9 @@ instead of one SM (the old kernel's 2.6 ms at batch 1):
   rows' large chunks to walk alone (as long as a full pass at batch 256). Bounds and partial
   sums are indexed by the row itself, so any program can take any item.
 - The race hashes in uint32 (the reference's int64 products keep only their low 32 bits, which
-  wrapping 32-bit multiplies give exactly); its keys stay fp64 (sampling.py says why).
+  wrapping 32-bit multiplies give exactly); its keys stay fp64 (sampling.py says why), but a
+  tile that can't hold the winner (a bound from its largest value and largest hash) skips
+  their per-token logs (_race_chunk).
 """
 
 import torch
@@ -89,21 +91,45 @@ def _narrowed(bounds_ptr, partial_ptr, row, num_rows, previous, needed, num_chun
 
 
 @triton.jit
-def _race_chunk(base, first, second, cut, start, end, BLOCK: tl.constexpr):
-    """The race over tokens [start, end) of a row: its largest key (fp64) and the first token holding it."""
+def _log_log(bits):
+    """ln(-ln u) of the uniform u hashed to `bits` (fp64): a token's key is its value minus this.
+    Decreasing in bits (u rises with them), so the most bits give the largest key offset."""
+    uniform = (bits.to(tl.float64) + 0.5) * (1.0 / 4294967296.0)  # a power of two: exactly the reference's division
+    return tl.log(-tl.log(uniform))
+
+
+@triton.jit
+def _race_chunk(base, first, second, cut, row_max, start, end, BLOCK: tl.constexpr):
+    """The race over tokens [start, end) of a row: its largest key (fp64) and the first token holding
+    it, or a smaller key where no token of the chunk can win the row's race.
+
+    Most tiles can't hold the winner: no kept token's key exceeds the tile's largest kept value
+    minus _log_log of its largest kept hash, and when that bound is below the chunk's best so far
+    (a tie goes to the earlier token anyway) or below the lowest key the row's largest value can
+    get (the winner's key is at least that), the tile skips the per-token fp64 logs, the race's
+    main cost. The bound uses the same fp64 operations as the keys; the margin covers any rounding
+    that could break their monotonicity (a few ulps of keys within ~23 of the row's largest value,
+    where the margin is 1e-9 of that)."""
     offsets = tl.arange(0, BLOCK)
     best = tl.full((), float("-inf"), tl.float64)
     best_token = tl.full((), 0, tl.int32)
+    row_max = row_max.to(tl.float64)
+    margin = 1e-9 * (32.0 + tl.minimum(tl.abs(tl.where(row_max > float("-inf"), row_max, 0.0)), 1e30))
+    floor = row_max - _log_log(tl.full((), 0, tl.uint32)) - margin  # -inf for a row with nothing kept
     for tile in range(start, end, BLOCK):
         tokens = tile + offsets
         x = tl.load(base + tokens, mask=tokens < end, other=float("-inf"))
-        uniform = (_mix32(_mix32(tokens.to(tl.uint32) ^ first) ^ second).to(tl.float64) + 0.5) / 4294967296.0
-        keys = tl.where(x >= cut, x.to(tl.float64) - tl.log(-tl.log(uniform)), float("-inf"))
-        tile_best = tl.max(keys, 0)
-        tile_token = tile + tl.argmax(keys, 0)
-        better = tile_best > best  # strictly: the earlier tile wins a tie
-        best_token = tl.where(better, tile_token, best_token)
-        best = tl.where(better, tile_best, best)
+        bits = _mix32(_mix32(tokens.to(tl.uint32) ^ first) ^ second)
+        kept = x >= cut
+        top = tl.max(tl.where(kept, x, float("-inf")), 0)
+        bound = top.to(tl.float64) - _log_log(tl.max(tl.where(kept, bits, 0), 0))
+        if bound + margin >= tl.maximum(best, floor):
+            keys = tl.where(kept, x.to(tl.float64) - _log_log(bits), float("-inf"))
+            tile_best = tl.max(keys, 0)
+            tile_token = tile + tl.argmax(keys, 0)
+            better = tile_best > best  # strictly: the earlier tile wins a tie
+            best_token = tl.where(better, tile_token, best_token)
+            best = tl.where(better, tile_best, best)
     return best, best_token
 
 
@@ -118,8 +144,8 @@ def _work_items(count_ptr, num_chunks, programs):
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
-def _race_kernel(scaled_ptr, stride, cut_ptr, stream_keys_ptr, best_key_ptr, best_token_ptr, vocab, chunk,
-                 num_chunks, BLOCK: tl.constexpr):
+def _race_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, stream_keys_ptr, best_key_ptr, best_token_ptr, vocab,
+                 chunk, num_chunks, BLOCK: tl.constexpr):
     """The unfiltered race: one program per (row, chunk)."""
     row = tl.program_id(0)
     chunk_index = tl.program_id(1)
@@ -127,7 +153,7 @@ def _race_kernel(scaled_ptr, stride, cut_ptr, stream_keys_ptr, best_key_ptr, bes
     second = tl.load(stream_keys_ptr + row * 2 + 1).to(tl.uint32)
     start = chunk_index * chunk
     best, best_token = _race_chunk(scaled_ptr + row.to(tl.int64) * stride, first, second, tl.load(cut_ptr + row),
-                                   start, tl.minimum(start + chunk, vocab), BLOCK)
+                                   tl.load(row_max_ptr + row), start, tl.minimum(start + chunk, vocab), BLOCK)
     tl.store(best_key_ptr + row * num_chunks + chunk_index, best)
     tl.store(best_token_ptr + row * num_chunks + chunk_index, best_token.to(tl.int64))
 
@@ -175,13 +201,14 @@ def _top_p_pass_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, needed_ptr, ord
 
 
 @triton.jit(do_not_specialize=["num_rows", "num_chunks", "programs"])
-def _search_race_kernel(scaled_ptr, stride, cut_ptr, needed_ptr, order_ptr, count_ptr, stream_keys_ptr, bounds_ptr,
-                        partial_ptr, best_key_ptr, best_token_ptr, num_rows, vocab, chunk, num_chunks, programs,
-                        PASSES: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, CHUNKS: tl.constexpr):
+def _search_race_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, needed_ptr, order_ptr, count_ptr, stream_keys_ptr,
+                        bounds_ptr, partial_ptr, best_key_ptr, best_token_ptr, num_rows, vocab, chunk, num_chunks,
+                        programs, PASSES: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr, CHUNKS: tl.constexpr):
     """The race over the top-p set of the unsettled rows, on the search passes' work items."""
     first_item, last_item = _work_items(count_ptr, num_chunks, programs)
     row = tl.full((), -1, tl.int64)
     cut = tl.full((), 0.0, tl.float32)
+    row_max = tl.full((), 0.0, tl.float32)
     first = tl.full((), 0, tl.uint32)
     second = tl.full((), 0, tl.uint32)
     for item in range(first_item, last_item):
@@ -193,10 +220,11 @@ def _search_race_kernel(scaled_ptr, stride, cut_ptr, needed_ptr, order_ptr, coun
                                   num_chunks, BINS, CHUNKS)
             bits = tl.where(low >= 0, low, low ^ 0x7FFFFFFF).to(tl.int32)
             cut = tl.maximum(tl.load(cut_ptr + row), bits.to(tl.float32, bitcast=True))
+            row_max = tl.load(row_max_ptr + row)
             first = tl.load(stream_keys_ptr + row * 2).to(tl.uint32)
             second = tl.load(stream_keys_ptr + row * 2 + 1).to(tl.uint32)
         start = chunk_index * chunk
-        best, best_token = _race_chunk(scaled_ptr + row * stride, first, second, cut, start,
+        best, best_token = _race_chunk(scaled_ptr + row * stride, first, second, cut, row_max, start,
                                        tl.minimum(start + chunk, vocab), BLOCK)
         tl.store(best_key_ptr + row * num_chunks + chunk_index, best)
         tl.store(best_token_ptr + row * num_chunks + chunk_index, best_token.to(tl.int64))
@@ -317,8 +345,8 @@ def filtered_draw_triton(scaled, cut, top_p, row_max, stream_keys, search: bool,
     num_chunks = triton.cdiv(vocab, chunk)
     best_key = torch.empty(rows, num_chunks, dtype=torch.float64, device=scaled.device)
     best_token = torch.empty(rows, num_chunks, dtype=torch.int64, device=scaled.device)
-    _race_kernel[(rows, num_chunks)](scaled, scaled.stride(0), cut, stream_keys, best_key, best_token, vocab, chunk,
-                                     num_chunks, BLOCK=min(chunk, 4 * block))
+    _race_kernel[(rows, num_chunks)](scaled, scaled.stride(0), cut, row_max, stream_keys, best_key, best_token, vocab,
+                                     chunk, num_chunks, BLOCK=min(chunk, 4 * block))
     # torch.argmax gives the first of equal maxima: the earliest chunk, so the lowest token.
     first = best_token.gather(1, best_key.argmax(dim=1, keepdim=True))[:, 0]
     if not search:
@@ -347,8 +375,8 @@ def filtered_draw_triton(scaled, cut, top_p, row_max, stream_keys, search: bool,
     # Settled rows' entries stay unwritten: the first race's winner stands there.
     best_key = torch.empty(rows, search_chunks, dtype=torch.float64, device=scaled.device)
     best_token = torch.empty(rows, search_chunks, dtype=torch.int64, device=scaled.device)
-    _search_race_kernel[grid](scaled, scaled.stride(0), cut, needed, order, count, stream_keys, bounds, partial,
-                              best_key, best_token, rows, vocab, search_chunk, search_chunks, grid[0],
+    _search_race_kernel[grid](scaled, scaled.stride(0), cut, row_max, needed, order, count, stream_keys, bounds,
+                              partial, best_key, best_token, rows, vocab, search_chunk, search_chunks, grid[0],
                               PASSES=SEARCH_PASSES, BLOCK=min(search_chunk, 4 * block), **shape)
     second = best_token.gather(1, best_key.argmax(dim=1, keepdim=True))[:, 0]
     return torch.where(settled, first, second)
