@@ -366,7 +366,7 @@ def test_filtered_draw_warm_up_compiles_every_variant():
     device = torch.device("cuda")
     kernels = (triton_sampling._race_kernel, triton_sampling._mass_above_kernel,
                triton_sampling._top_p_pass_kernel, triton_sampling._search_race_kernel,
-               triton_sampling._log_sum_exp_kernel)
+               triton_sampling._logprob_kernel)
 
     def compiled() -> int:
         return sum(len(kernel.device_caches[torch.cuda.current_device()][0]) for kernel in kernels)
@@ -382,21 +382,22 @@ def test_filtered_draw_warm_up_compiles_every_variant():
             triton_sampling.filtered_draw_triton(scaled, torch.full((rows,), float("-inf"), device=device),
                                                  torch.full((rows,), top_p, device=device), scaled.amax(-1), keys,
                                                  search=top_p < 1.0)
-        triton_sampling.log_softmax_parts_triton(scaled)
+        for k in (0, 1, 5, 20):
+            triton_sampling.logprob_terms_triton(scaled, k)
     torch.cuda.synchronize()
     assert compiled() == warmed
 
 
 @pytest.mark.parametrize("rows", [1, 256])
-def test_log_softmax_parts_at_full_vocabulary(rows):
-    """The logprobs' one-read log-sum-exp against torch's log_softmax on the GPU, to fp32 rounding,
-    at the Llama-3 vocabulary with grammar-masked (-inf) tokens."""
-    from ropeway.kernels import log_softmax_parts
+def test_logprob_terms_at_full_vocabulary(rows):
+    """The logprobs' one-read log-sum-exp and top 20 against torch's log_softmax and topk on the GPU:
+    the same tokens, values to fp32 rounding, at the Llama-3 vocabulary with grammar-masked tokens."""
+    from ropeway.kernels import logprob_terms
 
     logits = (torch.randn(rows, 128256, generator=torch.Generator().manual_seed(rows)) * 6).cuda()
     logits[::3, 5000:90000] = float("-inf")
-    row_max, log_sum = log_softmax_parts(logits)
-    values, ids = logits.topk(20, dim=-1)
+    row_max, log_sum, values, ids = logprob_terms(logits, 20)
     expected_values, expected_ids = logits.log_softmax(-1).topk(20, dim=-1)
     assert torch.equal(ids, expected_ids)
+    assert torch.equal(values, logits.topk(20, dim=-1).values)
     torch.testing.assert_close((values - row_max[:, None]) - log_sum[:, None], expected_values, rtol=0, atol=1e-5)

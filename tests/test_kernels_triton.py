@@ -567,25 +567,38 @@ def test_race_hash_matches_the_reference_bits_on_high_keys():
     assert (expected >= 1 << 31).any()  # the top bit comes through unsigned
 
 
-@pytest.mark.parametrize("chunk, block", [(256, 64), (1024, 1024)])
-def test_log_softmax_parts_give_log_softmax(chunk, block):
-    """(x - row max) - log_sum equals log_softmax to fp32 rounding, on a strided view (rows of a
-    wider buffer), with -inf entries, a chunk of only -inf, and the maximum in a late chunk."""
-    from ropeway.kernels.triton_sampling import log_softmax_parts_triton
+@pytest.mark.parametrize("target_chunk, k", [(256, 20), (128, 5), (1024, 3), (256, 0)])
+def test_logprob_terms_give_log_softmax_and_its_top(target_chunk, k):
+    """(x - row max) - log_sum equals log_softmax to fp32 rounding, and the top k logits and tokens
+    are torch.topk's, on a strided view (rows of a wider buffer), with -inf entries, a chunk of only
+    -inf, the maximum in a late chunk, tied values, and a row with fewer than k finite logits."""
+    from ropeway.kernels.triton_sampling import logprob_terms_triton
 
     generator = torch.Generator().manual_seed(7)
-    buffer = torch.randn(5, 1100, generator=generator) * 4
+    buffer = torch.randn(6, 1100, generator=generator) * 4
     logits = buffer[:, :1000]
-    logits[1, :300] = float("-inf")   # grammar-masked tokens, a whole first chunk at chunk 256
+    logits[1, :300] = float("-inf")   # grammar-masked tokens, whole chunks of them
     logits[2, 900] = 40.0             # the maximum far from the first chunk
     logits[3] = logits[3] * 0.01      # a flat row: the sum is large
-    row_max, log_sum = log_softmax_parts_triton(logits, chunk=chunk, block=block)
+    logits[4, [10, 500, 999]] = 50.0  # a three-way tie at the top, across chunks
+    logits[5, 3:] = float("-inf")     # three tokens allowed
+    row_max, log_sum, top_values, top_ids = logprob_terms_triton(logits, k, target_chunk=target_chunk)
     assert torch.equal(row_max, logits.amax(-1))
     expected = logits.log_softmax(-1)
     got = (logits - row_max[:, None]) - log_sum[:, None]
     finite = expected.isfinite()
     assert torch.equal(finite, got.isfinite())
     torch.testing.assert_close(got[finite], expected[finite], rtol=0, atol=4e-6)
+    values, ids = logits.topk(k, dim=-1)
+    assert top_values.shape == top_ids.shape == (6, k)
+    assert torch.equal(top_values, values)
+    assert torch.equal(logits.gather(1, top_ids), top_values)  # each token holds its value
+    untied = [0, 1, 2, 3]
+    assert torch.equal(top_ids[untied], ids[untied])
+    if k >= 3:
+        assert sorted(top_ids[4, :3].tolist()) == [10, 500, 999]
+        assert top_ids[5, :3].tolist() == ids[5, :3].tolist()
+    assert all(len(set(row)) == k for row in top_ids.tolist())  # distinct tokens, -inf ones too
 
 
 def test_race_skips_tiles_without_changing_the_winner():

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ropeway.kernels import filtered_draw, log_softmax_parts, mask_by_bitmask
+from ropeway.kernels import filtered_draw, logprob_terms, mask_by_bitmask
 from ropeway.request_bounds import MAX_TOP_LOGPROBS
 from ropeway.sampling_params import SamplingParams
 
@@ -323,8 +323,7 @@ def sample_on_device(logits: torch.Tensor, processed: torch.Tensor, columns: Dra
     if shape.logprobs >= 0:
         # log_softmax is (logits - max) - log_sum, and monotonic: the top logits are the top logprobs,
         # and only the few asked for need the subtraction (no [R, V] log_softmax to write and reread).
-        row_max, log_sum = log_softmax_parts(logits)
-        top_logits, result.top_token_ids = logits.topk(shape.logprobs, dim=-1)
+        row_max, log_sum, top_logits, result.top_token_ids = logprob_terms(logits, shape.logprobs)
         result.top_logprobs = (top_logits - row_max[:, None]) - log_sum[:, None]
         result.logprobs = (logits.gather(1, chosen[:, None])[:, 0] - row_max) - log_sum
     return result

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ropeway.request_bounds import MAX_TOP_LOGPROBS
+
 # 16 thresholds per pass: 8 passes pin one of 2^32 keys.
 BINS = 16
 SEARCH_PASSES = 8
@@ -254,27 +256,35 @@ def _mass_above_kernel(scaled_ptr, stride, cut_ptr, row_max_ptr, pivot_ptr, kept
     tl.store(above_ptr + row * num_chunks + chunk_index, tl.sum(above, 0))
 
 
-@triton.jit(do_not_specialize=["num_chunks"])
-def _log_sum_exp_kernel(logits_ptr, stride, max_ptr, sum_ptr, vocab, chunk, num_chunks, BLOCK: tl.constexpr):
-    """Per (row, chunk): the chunk's maximum and its sum of exp(x - that maximum), in one read
-    (each lane keeps a running maximum and rescales its sum when it rises)."""
+# A logprob chunk's candidates pack (ordered key of the value, 2^16 - 1 - offset) into one int64: one
+# max reduction finds the largest value and, among equal ones, the first token.
+OFFSET_BITS = 16
+LOGPROB_CHUNK = 1024
+TAKEN = -(1 << 62)  # below every packed value (ordered keys are int32): an extracted or padding lane
+
+
+@triton.jit(do_not_specialize=["chunk", "num_chunks", "k"])
+def _logprob_kernel(logits_ptr, stride, max_ptr, sum_ptr, top_ptr, vocab, chunk, num_chunks, k,
+                    BLOCK: tl.constexpr, OFFSET_BITS: tl.constexpr, TAKEN: tl.constexpr):
+    """Per (row, chunk), in one read: the chunk's maximum, its sum of exp(x - that maximum), and
+    its k largest values with their tokens (packed), largest first."""
     row = tl.program_id(0)
     chunk_index = tl.program_id(1)
-    base = logits_ptr + row.to(tl.int64) * stride
     offsets = tl.arange(0, BLOCK)
-    top = tl.full((BLOCK,), float("-inf"), tl.float32)
-    total = tl.zeros((BLOCK,), tl.float32)
-    start = chunk_index * chunk
-    for tile in range(start, tl.minimum(start + chunk, vocab), BLOCK):
-        x = tl.load(base + tile + offsets, mask=tile + offsets < vocab, other=float("-inf"))
-        new_top = tl.maximum(top, x)
-        # A lane that has seen only -inf keeps a zero sum (exp(-inf - -inf) would be nan).
-        total = tl.where(new_top == float("-inf"), 0.0, total * tl.exp(top - new_top) + tl.exp(x - new_top))
-        top = new_top
-    chunk_max = tl.max(top, 0)
-    scale = tl.where(top == float("-inf"), 0.0, tl.exp(top - chunk_max))
-    tl.store(max_ptr + row * num_chunks + chunk_index, chunk_max)
-    tl.store(sum_ptr + row * num_chunks + chunk_index, tl.sum(total * scale, 0))
+    tokens = chunk_index * chunk + offsets
+    valid = (offsets < chunk) & (tokens < vocab)
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride + tokens, mask=valid, other=float("-inf"))
+    top = tl.max(x, 0)
+    # A chunk of only -inf has a zero sum (exp(-inf - -inf) would be nan).
+    total = tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - top)), 0)
+    tl.store(max_ptr + row * num_chunks + chunk_index, top)
+    tl.store(sum_ptr + row * num_chunks + chunk_index, total)
+    packed = tl.where(valid, (_ordered_key(x) << OFFSET_BITS) | ((1 << OFFSET_BITS) - 1 - offsets).to(tl.int64), TAKEN)
+    out = top_ptr + (row * num_chunks + chunk_index).to(tl.int64) * k
+    for i in range(k):
+        best = tl.max(packed, 0)
+        tl.store(out + i, best)
+        packed = tl.where(packed == best, TAKEN, packed)
 
 
 def default_chunk(rows: int, vocab: int) -> int:
@@ -283,10 +293,9 @@ def default_chunk(rows: int, vocab: int) -> int:
 
 
 def warm_up_filtered_draw(vocab: int, max_rows: int, device: torch.device) -> None:
-    """Compile every kernel variant a batch of 1..max_rows rows can launch (the first race, the
-    mass above its winner and the logprobs' log-sum-exp: one per chunk size; the search's
-    kernels: one, their chunk fixed per vocabulary) before serving, so a ramping batch never
-    waits on Triton."""
+    """Compile every kernel variant a batch of 1..max_rows rows can launch (the first race and the
+    mass above its winner: one per chunk size; the search's kernels and the logprobs': one, their
+    chunks fixed per vocabulary) before serving, so a ramping batch never waits on Triton."""
     rows_per_chunk = {default_chunk(rows, vocab): rows for rows in range(1, max_rows + 1)}
     for rows in rows_per_chunk.values():
         scaled = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
@@ -295,29 +304,46 @@ def warm_up_filtered_draw(vocab: int, max_rows: int, device: torch.device) -> No
         for search in (False, True):
             filtered_draw_triton(scaled, cut, torch.full((rows,), 0.9, device=device), torch.zeros(rows, device=device),
                                  keys, search)
-        log_softmax_parts_triton(scaled)
+        logprob_terms_triton(scaled, MAX_TOP_LOGPROBS)  # the count is a runtime argument: one variant
 
 
-def log_softmax_parts_triton(logits: torch.Tensor, chunk: int | None = None, block: int = 1024
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R] row maxima and [R] logs of sum(exp(x - max)): logits.log_softmax(-1) is
-    (logits - max) - log_sum. One read of the logits, each row split like the first race, where
-    log_softmax writes all [R, V] and a top-k reads them again (torch.logsumexp writes two
-    [R, V] temporaries)."""
+def logprob_chunking(vocab: int, target: int = LOGPROB_CHUNK) -> tuple[int, int]:
+    """(chunk, chunks) splitting a row into near-equal chunks of about `target` tokens: every
+    chunk then holds more tokens than the top logprobs a request may ask for."""
+    chunks = triton.cdiv(vocab, target)
+    return triton.cdiv(vocab, chunks), chunks
+
+
+def logprob_terms_triton(logits: torch.Tensor, k: int, target_chunk: int = LOGPROB_CHUNK
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[R] row maxima, [R] logs of sum(exp(x - max)) (logits.log_softmax(-1) is (logits - max) - log_sum),
+    and the [R, k] largest logits with their tokens, largest first, as torch.topk gives them (any
+    order among equal values). One read of the logits, where log_softmax writes all [R, V] and
+    torch.topk's radix select reads them several times more: each (row, chunk) program keeps its
+    chunk's k largest, and torch.topk picks among R x chunks x k candidates."""
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    block = min(block, triton.next_power_of_2(vocab))
-    chunk = _clamped(default_chunk(rows, vocab) if chunk is None else chunk, block, vocab)
-    num_chunks = triton.cdiv(vocab, chunk)
+    chunk, num_chunks = logprob_chunking(vocab, target_chunk)
+    # The last chunk is the shortest: at most num_chunks - 1 fewer tokens than the others.
+    assert k <= chunk - num_chunks + 1 and chunk < 1 << OFFSET_BITS, (k, chunk, num_chunks)
     maxima = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     sums = torch.empty_like(maxima)
+    packed = torch.empty(rows, num_chunks * max(k, 1), dtype=torch.int64, device=logits.device)
     if rows:
-        _log_sum_exp_kernel[(rows, num_chunks)](logits, logits.stride(0), maxima, sums, vocab, chunk, num_chunks,
-                                                BLOCK=block)
+        _logprob_kernel[(rows, num_chunks)](logits, logits.stride(0), maxima, sums, packed, vocab, chunk, num_chunks,
+                                            k, BLOCK=triton.next_power_of_2(chunk), OFFSET_BITS=OFFSET_BITS,
+                                            TAKEN=TAKEN)
     row_max = maxima.amax(dim=1)
     # Chunks of only -inf have a zero sum: exp(-inf) scales them to nothing.
-    return row_max, (sums * (maxima - row_max[:, None]).exp()).sum(dim=1).log()
+    log_sum = (sums * (maxima - row_max[:, None]).exp()).sum(dim=1).log()
+    packed = packed[:, : num_chunks * k]
+    keys = packed >> OFFSET_BITS
+    candidates = torch.where(keys >= 0, keys, keys ^ 0x7FFFFFFF).to(torch.int32).view(torch.float32)
+    starts = torch.arange(num_chunks, device=logits.device).repeat_interleave(k) * chunk
+    tokens = starts + ((1 << OFFSET_BITS) - 1 - (packed & ((1 << OFFSET_BITS) - 1)))
+    top_values, picked = candidates.topk(k, dim=-1)
+    return row_max, log_sum, top_values, tokens.gather(1, picked)
 
 
 def _clamped(chunk: int, block: int, vocab: int) -> int:
