@@ -601,6 +601,19 @@ def test_logprob_terms_give_log_softmax_and_its_top(target_chunk, k):
     assert all(len(set(row)) == k for row in top_ids.tolist())  # distinct tokens, -inf ones too
 
 
+def test_logprob_terms_on_a_vocabulary_too_small_for_k_per_chunk():
+    """Chunks shorter than k (a toy vocabulary): the top k come from torch.topk, the log-sum-exp still
+    from the kernel."""
+    from ropeway.kernels.triton_sampling import logprob_terms_triton
+
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(2)) * 3
+    row_max, log_sum, values, ids = logprob_terms_triton(logits, 20, target_chunk=8)
+    expected_values, expected_ids = logits.topk(20, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
+    torch.testing.assert_close((values - row_max[:, None]) - log_sum[:, None],
+                               logits.log_softmax(-1).topk(20, dim=-1).values, rtol=0, atol=4e-6)
+
+
 def test_race_skips_tiles_without_changing_the_winner():
     """The race skips tiles whose bound (largest kept value minus ln(-ln u) of the largest kept hash)
     can't reach the chunk's best or the row's floor: peaked rows (the floor skips nearly every tile),

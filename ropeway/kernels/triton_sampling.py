@@ -1,4 +1,5 @@
-"""Triton top-p cut search and seeded draw (see sampling.py for what they compute).
+"""Triton top-p cut search and seeded draw (see sampling.py for what they compute), and the
+terms of the top logprobs (logprob_terms_triton).
 
 Each row is split into chunks, so a batch-1 row of 128k logits keeps the whole GPU busy
 instead of one SM (the old kernel's 2.6 ms at batch 1):
@@ -304,7 +305,7 @@ def warm_up_filtered_draw(vocab: int, max_rows: int, device: torch.device) -> No
         for search in (False, True):
             filtered_draw_triton(scaled, cut, torch.full((rows,), 0.9, device=device), torch.zeros(rows, device=device),
                                  keys, search)
-        logprob_terms_triton(scaled, MAX_TOP_LOGPROBS)  # the count is a runtime argument: one variant
+        logprob_terms_triton(scaled, min(MAX_TOP_LOGPROBS, vocab))  # k is a runtime argument: one variant
 
 
 def logprob_chunking(vocab: int, target: int = LOGPROB_CHUNK) -> tuple[int, int]:
@@ -325,8 +326,10 @@ def logprob_terms_triton(logits: torch.Tensor, k: int, target_chunk: int = LOGPR
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     chunk, num_chunks = logprob_chunking(vocab, target_chunk)
+    assert chunk < 1 << OFFSET_BITS
     # The last chunk is the shortest: at most num_chunks - 1 fewer tokens than the others.
-    assert k <= chunk - num_chunks + 1 and chunk < 1 << OFFSET_BITS, (k, chunk, num_chunks)
+    if k > chunk - num_chunks + 1:  # only a toy vocabulary: its top k straight from torch
+        return (*logprob_terms_triton(logits, 0, target_chunk)[:2], *logits.topk(k, dim=-1))
     maxima = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     sums = torch.empty_like(maxima)
     packed = torch.empty(rows, num_chunks * max(k, 1), dtype=torch.int64, device=logits.device)
