@@ -265,27 +265,31 @@ TAKEN = -(1 << 62)  # below every packed value (ordered keys are int32): an extr
 
 
 @triton.jit(do_not_specialize=["chunk", "num_chunks", "k"])
-def _logprob_kernel(logits_ptr, stride, max_ptr, sum_ptr, top_ptr, vocab, chunk, num_chunks, k,
+def _logprob_kernel(logits_ptr, stride, max_ptr, sum_ptr, top_value_ptr, top_token_ptr, vocab, chunk, num_chunks, k,
                     BLOCK: tl.constexpr, OFFSET_BITS: tl.constexpr, TAKEN: tl.constexpr):
     """Per (row, chunk), in one read: the chunk's maximum, its sum of exp(x - that maximum), and
-    its k largest values with their tokens (packed), largest first."""
+    its k largest values with their tokens, largest first."""
     row = tl.program_id(0)
     chunk_index = tl.program_id(1)
     offsets = tl.arange(0, BLOCK)
-    tokens = chunk_index * chunk + offsets
-    valid = (offsets < chunk) & (tokens < vocab)
-    x = tl.load(logits_ptr + row.to(tl.int64) * stride + tokens, mask=valid, other=float("-inf"))
+    start = chunk_index * chunk
+    valid = (offsets < chunk) & (start + offsets < vocab)
+    x = tl.load(logits_ptr + row.to(tl.int64) * stride + start + offsets, mask=valid, other=float("-inf"))
     top = tl.max(x, 0)
     # A chunk of only -inf has a zero sum (exp(-inf - -inf) would be nan).
     total = tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - top)), 0)
     tl.store(max_ptr + row * num_chunks + chunk_index, top)
     tl.store(sum_ptr + row * num_chunks + chunk_index, total)
-    packed = tl.where(valid, (_ordered_key(x) << OFFSET_BITS) | ((1 << OFFSET_BITS) - 1 - offsets).to(tl.int64), TAKEN)
-    out = top_ptr + (row * num_chunks + chunk_index).to(tl.int64) * k
+    low_mask: tl.constexpr = (1 << OFFSET_BITS) - 1
+    packed = tl.where(valid, (_ordered_key(x) << OFFSET_BITS) | (low_mask - offsets).to(tl.int64), TAKEN)
+    out = (row * num_chunks + chunk_index).to(tl.int64) * k
     for i in range(k):
         best = tl.max(packed, 0)
-        tl.store(out + i, best)
         packed = tl.where(packed == best, TAKEN, packed)
+        key = best >> OFFSET_BITS  # back to the value: _ordered_key's inverse
+        bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.int32)
+        tl.store(top_value_ptr + out + i, bits.to(tl.float32, bitcast=True))
+        tl.store(top_token_ptr + out + i, start + low_mask - (best & low_mask))
 
 
 def default_chunk(rows: int, vocab: int) -> int:
@@ -332,19 +336,17 @@ def logprob_terms_triton(logits: torch.Tensor, k: int, target_chunk: int = LOGPR
         return (*logprob_terms_triton(logits, 0, target_chunk)[:2], *logits.topk(k, dim=-1))
     maxima = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     sums = torch.empty_like(maxima)
-    packed = torch.empty(rows, num_chunks * max(k, 1), dtype=torch.int64, device=logits.device)
+    # Room for k >= 1 candidates a chunk, so that k = 0 passes no null pointer to the launcher.
+    width = num_chunks * max(k, 1)
+    candidates = torch.empty(rows, width, dtype=torch.float32, device=logits.device)[:, : num_chunks * k]
+    tokens = torch.empty(rows, width, dtype=torch.int64, device=logits.device)[:, : num_chunks * k]
     if rows:
-        _logprob_kernel[(rows, num_chunks)](logits, logits.stride(0), maxima, sums, packed, vocab, chunk, num_chunks,
-                                            k, BLOCK=triton.next_power_of_2(chunk), OFFSET_BITS=OFFSET_BITS,
-                                            TAKEN=TAKEN)
+        _logprob_kernel[(rows, num_chunks)](logits, logits.stride(0), maxima, sums, candidates, tokens, vocab, chunk,
+                                            num_chunks, k, BLOCK=triton.next_power_of_2(chunk),
+                                            OFFSET_BITS=OFFSET_BITS, TAKEN=TAKEN)
     row_max = maxima.amax(dim=1)
     # Chunks of only -inf have a zero sum: exp(-inf) scales them to nothing.
     log_sum = (sums * (maxima - row_max[:, None]).exp()).sum(dim=1).log()
-    packed = packed[:, : num_chunks * k]
-    keys = packed >> OFFSET_BITS
-    candidates = torch.where(keys >= 0, keys, keys ^ 0x7FFFFFFF).to(torch.int32).view(torch.float32)
-    starts = torch.arange(num_chunks, device=logits.device).repeat_interleave(k) * chunk
-    tokens = starts + ((1 << OFFSET_BITS) - 1 - (packed & ((1 << OFFSET_BITS) - 1)))
     top_values, picked = candidates.topk(k, dim=-1)
     return row_max, log_sum, top_values, tokens.gather(1, picked)
 
