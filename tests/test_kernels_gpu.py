@@ -334,10 +334,11 @@ def test_sampler_parameter_upload_is_one_asynchronous_copy_of_aligned_columns():
         assert tensor.cpu().numpy().tolist() == array.tolist()
 
 
-@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("rows", [1, 64, 256])
 def test_filtered_draw_at_full_vocabulary_matches_the_cpu_reference(rows):
-    """The split-row search and race at the Llama-3 vocabulary, with the default chunking
-    (batch 1: 126 chunks of 1k; batch 64: 16 chunks of 8k, 8 race tiles each)."""
+    """The split-row search and race at the Llama-3 vocabulary, with the default chunking of the
+    first race (batch 1: 126 chunks of 1k; batch 64: 16 chunks of 8k, 8 race tiles each; batch
+    256: 4 of 32k) and the search's work items of 1k on the unsettled rows."""
     from ropeway.engine.random_stream import stream_keys
     from ropeway.kernels.sampling import filtered_draw_reference
     from ropeway.kernels.triton_sampling import filtered_draw_triton
@@ -352,3 +353,51 @@ def test_filtered_draw_at_full_vocabulary_matches_the_cpu_reference(rows):
     expected = filtered_draw_reference(scaled, cut, top_p, row_max, keys, search=True)
     drawn = filtered_draw_triton(*(t.cuda() for t in (scaled, cut, top_p, row_max, keys)), search=True)
     assert drawn.cpu().tolist() == expected.tolist()
+
+
+def test_filtered_draw_warm_up_compiles_every_variant():
+    """After warm_up_filtered_draw, batches of any size up to its max, with no row, some rows or
+    every row unsettled, and their logprobs' log-sum-exp, launch no kernel Triton has not
+    compiled yet."""
+    from ropeway.engine.random_stream import stream_keys
+    from ropeway.kernels import triton_sampling
+
+    vocab, max_rows = 128256, 96
+    device = torch.device("cuda")
+    kernels = (triton_sampling._race_kernel, triton_sampling._mass_above_kernel,
+               triton_sampling._top_p_pass_kernel, triton_sampling._search_race_kernel,
+               triton_sampling._logprob_kernel)
+
+    def compiled() -> int:
+        return sum(len(kernel.device_caches[torch.cuda.current_device()][0]) for kernel in kernels)
+
+    triton_sampling.warm_up_filtered_draw(vocab, max_rows, device)
+    warmed = compiled()
+    assert warmed >= len(kernels)
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 5, 16, 17, 33, 64, 96):
+        scaled = (torch.randn(rows, vocab, generator=generator) * 3).cuda()
+        for top_p in (1.0, 0.95, 0.05):
+            keys = torch.from_numpy(stream_keys(list(range(rows)), [rows] * rows)).cuda()
+            triton_sampling.filtered_draw_triton(scaled, torch.full((rows,), float("-inf"), device=device),
+                                                 torch.full((rows,), top_p, device=device), scaled.amax(-1), keys,
+                                                 search=top_p < 1.0)
+        for k in (0, 1, 5, 20):
+            triton_sampling.logprob_terms_triton(scaled, k)
+    torch.cuda.synchronize()
+    assert compiled() == warmed
+
+
+@pytest.mark.parametrize("rows", [1, 256])
+def test_logprob_terms_at_full_vocabulary(rows):
+    """The logprobs' one-read log-sum-exp and top 20 against torch's log_softmax and topk on the GPU:
+    the same tokens, values to fp32 rounding, at the Llama-3 vocabulary with grammar-masked tokens."""
+    from ropeway.kernels import logprob_terms
+
+    logits = (torch.randn(rows, 128256, generator=torch.Generator().manual_seed(rows)) * 6).cuda()
+    logits[::3, 5000:90000] = float("-inf")
+    row_max, log_sum, values, ids = logprob_terms(logits, 20)
+    expected_values, expected_ids = logits.log_softmax(-1).topk(20, dim=-1)
+    assert torch.equal(ids, expected_ids)
+    assert torch.equal(values, logits.topk(20, dim=-1).values)
+    torch.testing.assert_close((values - row_max[:, None]) - log_sum[:, None], expected_values, rtol=0, atol=1e-5)

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from kernel_cases import paged_case, rope_rows  # noqa: E402
 from ropeway.kernels.attention import paged_attention_reference  # noqa: E402
@@ -25,6 +26,7 @@ from ropeway.kernels.triton_rerotate import rerotate_keys_triton  # noqa: E402
 from ropeway.kernels.triton_rotary import apply_rotary_triton  # noqa: E402
 from ropeway.kernels.triton_rotary_write_kv import rotary_write_kv_triton  # noqa: E402
 from ropeway.kernels.triton_silu_mul import silu_mul_triton  # noqa: E402
+from ropeway.kernels.triton_sampling import _mix32  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16]
 # bf16 only for the elementwise kernels (the interpreter's bf16 tl.dot is broken, see
@@ -480,3 +482,167 @@ def test_filtered_draw_matches_reference_across_chunks():
     # The race over several tiles of a chunk (the default chunks of a large batch).
     assert torch.equal(filtered_draw_triton(scaled[:2], cut[:2], top_p[:2], row_max[:2], keys[:2], search=False,
                                             chunk=512, block=64), no_search[:2])
+
+
+def _draw_case(rows, vocab, top_p, seed, step=4):
+    from ropeway.engine.random_stream import stream_keys
+
+    generator = torch.Generator().manual_seed(seed)
+    scaled = torch.randn(rows, vocab, generator=generator) * 1.5
+    cut = torch.full((rows,), float("-inf"))
+    top_p = torch.as_tensor(top_p, dtype=torch.float32)
+    keys = torch.from_numpy(stream_keys(list(range(100, 100 + rows)), [step] * rows))
+    return scaled, cut, top_p, scaled.amax(dim=-1), keys
+
+
+def _unsettled(scaled, cut, top_p, row_max, keys):
+    """Rows whose unfiltered race winner lies outside the top-p set: those the search must redo."""
+    from ropeway.kernels.sampling import filtered_draw_reference, top_p_cut_reference
+
+    no_search = filtered_draw_reference(scaled, cut, top_p, row_max, keys, search=False)
+    searched_cut = top_p_cut_reference(scaled, cut, top_p, row_max)
+    return scaled[torch.arange(scaled.shape[0]), no_search] < searched_cut
+
+
+@pytest.mark.parametrize("chunk, search_chunk, programs", [
+    (2048, 256, 7),    # one first-race chunk per row; items split unevenly, programs crossing rows
+    (512, 512, 64),    # more programs than items: some take none
+    (256, 1024, 2),    # many first-race chunks; two programs walk every item
+])
+def test_filtered_draw_compacts_the_few_unsettled_rows(chunk, search_chunk, programs):
+    """Most rows settled by the first race (or without a top-p), a few searched: the search passes
+    and second race run on the unsettled rows' work items only, with bounds and partial sums
+    indexed by row, and every token is the reference's."""
+    from ropeway.kernels.sampling import filtered_draw_reference
+    from ropeway.kernels.triton_sampling import filtered_draw_triton
+
+    rows, vocab = 10, 1800
+    case = _draw_case(rows, vocab, [0.95, 1.0, 0.9, 0.95, 1.0, 0.5, 0.95, 0.3, 1.0, 0.8], seed=1)
+    unsettled = _unsettled(*case)
+    assert 0 < int(unsettled.sum()) < int((case[2] < 1).sum())
+    expected = filtered_draw_reference(*case, search=True)
+    drawn = filtered_draw_triton(*case, search=True, chunk=chunk, block=64, search_chunk=search_chunk,
+                                 programs=programs)
+    assert torch.equal(drawn, expected)
+    # The searched rows' tokens changed: the second race's result reaches the output.
+    no_search = filtered_draw_reference(*case, search=False)
+    assert not torch.equal(expected[unsettled], no_search[unsettled])
+
+
+def test_filtered_draw_when_every_row_is_unsettled():
+    """Every row's first winner outside its small top-p set: all rows' work items are shared out,
+    several rows to a program, and the tokens are the reference's."""
+    from ropeway.kernels.sampling import filtered_draw_reference
+    from ropeway.kernels.triton_sampling import filtered_draw_triton
+
+    rows, vocab = 6, 1000
+    case = _draw_case(rows, vocab, [0.05] * rows, seed=2)
+    assert _unsettled(*case).all()
+    expected = filtered_draw_reference(*case, search=True)
+    for programs in (3, 1):
+        drawn = filtered_draw_triton(*case, search=True, chunk=512, block=64, search_chunk=256, programs=programs)
+        assert torch.equal(drawn, expected)
+
+
+@triton.jit
+def _hash_kernel(keys_ptr, out_ptr, start, BLOCK: tl.constexpr):
+    tokens = start + tl.arange(0, BLOCK)
+    first = tl.load(keys_ptr).to(tl.uint32)
+    second = tl.load(keys_ptr + 1).to(tl.uint32)
+    out = _mix32(_mix32(tokens.to(tl.uint32) ^ first) ^ second)
+    tl.store(out_ptr + tl.arange(0, BLOCK), out.to(tl.int64))
+
+
+def test_race_hash_matches_the_reference_bits_on_high_keys():
+    """The kernel's uint32 hash against the reference's int64 one, on keys with the top bit set and
+    tokens past 2^16 (the products' wrapping is where they could differ)."""
+    from ropeway.kernels.sampling import token_bits
+
+    keys = torch.tensor([0xFFFFFFFF, 0x80000001], dtype=torch.int64)
+    out = torch.empty(64, dtype=torch.int64)
+    _hash_kernel[(1,)](keys, out, 128200, BLOCK=64)
+    tokens = torch.arange(128200, 128264)
+    expected = token_bits(tokens, keys[0], keys[1])
+    assert torch.equal(out, expected)
+    assert (expected >= 1 << 31).any()  # the top bit comes through unsigned
+
+
+@pytest.mark.parametrize("target_chunk, k", [(256, 20), (128, 5), (1024, 3), (256, 0)])
+def test_logprob_terms_give_log_softmax_and_its_top(target_chunk, k):
+    """(x - row max) - log_sum equals log_softmax to fp32 rounding, and the top k logits and tokens
+    are torch.topk's, on a strided view (rows of a wider buffer), with -inf entries, a chunk of only
+    -inf, the maximum in a late chunk, tied values, and a row with fewer than k finite logits."""
+    from ropeway.kernels.triton_sampling import logprob_terms_triton
+
+    generator = torch.Generator().manual_seed(7)
+    buffer = torch.randn(6, 1100, generator=generator) * 4
+    logits = buffer[:, :1000]
+    logits[1, :300] = float("-inf")   # grammar-masked tokens, whole chunks of them
+    logits[2, 900] = 40.0             # the maximum far from the first chunk
+    logits[3] = logits[3] * 0.01      # a flat row: the sum is large
+    logits[4, [10, 500, 999]] = 50.0  # a three-way tie at the top, across chunks
+    logits[5, 3:] = float("-inf")     # three tokens allowed
+    row_max, log_sum, top_values, top_ids = logprob_terms_triton(logits, k, target_chunk=target_chunk)
+    assert torch.equal(row_max, logits.amax(-1))
+    expected = logits.log_softmax(-1)
+    got = (logits - row_max[:, None]) - log_sum[:, None]
+    finite = expected.isfinite()
+    assert torch.equal(finite, got.isfinite())
+    torch.testing.assert_close(got[finite], expected[finite], rtol=0, atol=4e-6)
+    values, ids = logits.topk(k, dim=-1)
+    assert top_values.shape == top_ids.shape == (6, k)
+    assert torch.equal(top_values, values)
+    assert torch.equal(logits.gather(1, top_ids), top_values)  # each token holds its value
+    untied = [0, 1, 2, 3]
+    assert torch.equal(top_ids[untied], ids[untied])
+    if k >= 3:
+        assert sorted(top_ids[4, :3].tolist()) == [10, 500, 999]
+        assert top_ids[5, :3].tolist() == ids[5, :3].tolist()
+    assert all(len(set(row)) == k for row in top_ids.tolist())  # distinct tokens, -inf ones too
+
+
+def test_logprob_terms_on_a_vocabulary_too_small_for_k_per_chunk():
+    """Chunks shorter than k (a toy vocabulary): the top k come from torch.topk, the log-sum-exp still
+    from the kernel."""
+    from ropeway.kernels.triton_sampling import logprob_terms_triton
+
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(2)) * 3
+    row_max, log_sum, values, ids = logprob_terms_triton(logits, 20, target_chunk=8)
+    expected_values, expected_ids = logits.topk(20, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
+    torch.testing.assert_close((values - row_max[:, None]) - log_sum[:, None],
+                               logits.log_softmax(-1).topk(20, dim=-1).values, rtol=0, atol=4e-6)
+
+
+def test_race_skips_tiles_without_changing_the_winner():
+    """The race skips tiles whose bound (largest kept value minus ln(-ln u) of the largest kept hash)
+    can't reach the chunk's best or the row's floor: peaked rows (the floor skips nearly every tile),
+    flat rows (the running best does), large offsets (the margin scales with the row maximum),
+    a small kept set, and the winner in the last tile of its chunk; the reference's tokens in all."""
+    from ropeway.engine.random_stream import stream_keys
+    from ropeway.kernels.sampling import filtered_draw_reference
+    from ropeway.kernels.triton_sampling import filtered_draw_triton
+
+    generator = torch.Generator().manual_seed(11)
+    rows, vocab = 8, 1536
+    scaled = torch.randn(rows, vocab, generator=generator)
+    scaled[0] *= 20.0                   # peaked: a few tokens within 23 of the maximum
+    scaled[1] *= 0.01                   # flat: every token near the maximum
+    scaled[2] = scaled[2] * 3 - 1.0e4   # far from zero
+    scaled[3] = scaled[3] * 3 + 5.0e3
+    scaled[4, 1535] = 40.0              # the winner in the last tile, after tiles far below it
+    scaled[5, :1400] = float("-inf")    # only the last tiles keep anything
+    scaled[6] *= 8.0
+    row_max = scaled.amax(dim=-1)
+    cut = torch.full((rows,), float("-inf"))
+    cut[6] = row_max[6] - 6.0           # a small kept set (min-p)
+    cut[7] = row_max[7]                 # the maximum alone
+    top_p = torch.tensor([0.9, 0.9, 0.7, 1.0, 0.5, 0.95, 0.8, 0.9])
+    keys = torch.from_numpy(stream_keys(list(range(rows)), [2] * rows))
+    for search in (False, True):
+        expected = filtered_draw_reference(scaled, cut, top_p, row_max, keys, search=search)
+        for chunk in (256, 2048):
+            drawn = filtered_draw_triton(scaled, cut, top_p, row_max, keys, search=search, chunk=chunk, block=16,
+                                         search_chunk=128, programs=5)
+            assert torch.equal(drawn, expected), (search, chunk)
+    assert expected[4].item() == 1535 and expected[7].item() == int(scaled[7].argmax())

@@ -317,3 +317,21 @@ def test_padded_rows_leave_the_real_rows_draws_unchanged():
     assert graphed.logprobs[:5] == eager.logprobs
     assert [ids[:3] for ids in graphed.top_token_ids[:5]] == eager.top_token_ids
     assert eager.token_ids[1] == int(logits[1].argmax()) and eager.token_ids[4] == int(logits[4].argmax())
+
+
+def test_top_logprobs_from_the_top_logits_match_log_softmax():
+    """Logprobs are read off the top logits and the row's log-sum-exp, no [R, V] log_softmax: the
+    same tokens and, to fp32 rounding, the same values, for greedy and drawn rows, with -inf logits."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 3000, generator=generator) * 5
+    logits[2, 100:2000] = float("-inf")
+    rows = [row(temperature=0, logprobs=20), row(seed=1, temperature=0.8, top_p=0.95, logprobs=5),
+            row(seed=2, temperature=1.0, logprobs=0), row(seed=3, temperature=0.7, logprobs=20)]
+    result = sample(logits, rows).read()
+    reference = logits.log_softmax(-1)
+    values, ids = reference.topk(20, dim=-1)
+    assert result.top_token_ids == ids.tolist()
+    torch.testing.assert_close(torch.tensor(result.top_logprobs), values, rtol=0, atol=4e-6)
+    chosen = reference.gather(1, torch.tensor(result.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(result.logprobs), chosen, rtol=0, atol=4e-6)
+    assert result.token_ids[0] == int(logits[0].argmax())

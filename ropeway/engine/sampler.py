@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ropeway.kernels import filtered_draw, mask_by_bitmask
+from ropeway.kernels import filtered_draw, logprob_terms, mask_by_bitmask
 from ropeway.request_bounds import MAX_TOP_LOGPROBS
 from ropeway.sampling_params import SamplingParams
 
@@ -313,7 +313,6 @@ def sample_on_device(logits: torch.Tensor, processed: torch.Tensor, columns: Dra
                      shape: SamplerShape) -> SampledTokens:
     """The device work of sampling: its ops depend on `shape` alone (a CUDA graph can hold them).
     Logprobs come from `logits`, tokens from `processed` (logit_bias, min_tokens, penalties applied)."""
-    raw_logprobs = logits.log_softmax(dim=-1) if shape.logprobs >= 0 else None
     if not shape.drawn:
         chosen = processed.argmax(dim=-1)
     else:
@@ -321,9 +320,12 @@ def sample_on_device(logits: torch.Tensor, processed: torch.Tensor, columns: Dra
         if shape.greedy:
             chosen = torch.where(columns.is_greedy, processed.argmax(dim=-1), chosen)
     result = SampledTokens(chosen)
-    if raw_logprobs is not None:
-        result.logprobs = raw_logprobs.gather(1, chosen[:, None])[:, 0]
-        result.top_logprobs, result.top_token_ids = raw_logprobs.topk(shape.logprobs, dim=-1)
+    if shape.logprobs >= 0:
+        # log_softmax is (logits - max) - log_sum, and monotonic: the top logits are the top logprobs,
+        # and only the few asked for need the subtraction (no [R, V] log_softmax to write and reread).
+        row_max, log_sum, top_logits, result.top_token_ids = logprob_terms(logits, shape.logprobs)
+        result.top_logprobs = (top_logits - row_max[:, None]) - log_sum[:, None]
+        result.logprobs = (logits.gather(1, chosen[:, None])[:, 0] - row_max) - log_sum
     return result
 
 

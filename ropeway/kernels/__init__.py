@@ -187,7 +187,7 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_rotary_write_kv", "plan_attention", "paged_attention",
            "is_long_chunk",
            "warm_up_long_chunk_attention", "warm_up_sampling", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
-           "filtered_draw", "mask_by_bitmask", "linear", "linear_silu_mul", "pack_linear_weight"]
+           "filtered_draw", "logprob_terms", "mask_by_bitmask", "linear", "linear_silu_mul", "pack_linear_weight"]
 
 
 def warm_up_sampling(vocab: int, max_rows: int, device: torch.device) -> None:
@@ -203,3 +203,15 @@ def filtered_draw(scaled, cut, top_p, row_max, stream_keys, search: bool):
         from .triton_sampling import filtered_draw_triton
         return filtered_draw_triton(scaled, cut, top_p, row_max, stream_keys, search)
     return filtered_draw_reference(scaled, cut, top_p, row_max, stream_keys, search)
+
+
+def logprob_terms(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[R] row maxima, [R] logs of sum(exp(logits - max)), and the [R, k] top logits with their
+    tokens: logits.log_softmax(-1) is (logits - max) - log_sum, its own formula, so the top
+    logprobs cost no [R, V] output (on CUDA one read of the logits: triton_sampling.py)."""
+    if logits.is_cuda:
+        from .triton_sampling import logprob_terms_triton
+        return logprob_terms_triton(logits, k)
+    row_max = logits.amax(dim=-1)
+    log_sum = (logits - row_max[:, None]).exp_().sum(dim=-1).log_()
+    return row_max, log_sum, *logits.topk(k, dim=-1)
