@@ -121,8 +121,13 @@ def start_turn(page, text: str) -> None:
 
 
 def send(page, text: str) -> None:
-    """Send a message and wait for the whole reply."""
-    start_turn(page, text)
+    """Send a message and wait for the whole reply. (A short reply can end before the Stop
+    button is ever seen, so this waits for the new reply and the Send button instead.)"""
+    replies = page.locator("#messages .message.assistant")
+    before = replies.count()
+    page.fill("#prompt", text)
+    page.click("#send")
+    expect(replies).to_have_count(before + 1, timeout=REPLY_SECONDS)
     expect(page.locator("#send")).to_be_visible(timeout=REPLY_SECONDS)
 
 
