@@ -10,6 +10,10 @@ if TYPE_CHECKING:
 # --help reads these defaults without loading it.
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_CUDA_KV_HOST_BYTES = 4 << 30
+# Blocks a host-tier hit brings back per step while others decode (SchedulerConfig.host_blocks_per_step
+# says what it trades): on the H200 a 32k-token turn from the host took 274 / 248 / 223 ms at 128 / 256 /
+# 512, with no worse stalls of other streams (BENCHMARKS.md, issue 20).
+DEFAULT_KV_HOST_BLOCKS_PER_STEP = 512
 # auto: the model's dtype; fp8 (fp8_e4m3 is the same): kernels/fp8_kv.py.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
@@ -40,7 +44,7 @@ class EngineConfig:
     # None: DEFAULT_CUDA_KV_HOST_BYTES on CUDA, 0 on CPU (there the pool is host memory already).
     kv_host_memory_bytes: int | None = None
     # Blocks brought back from the host tier in a step that carries decodes, at most (SchedulerConfig's).
-    kv_host_blocks_per_step: int = 512
+    kv_host_blocks_per_step: int = DEFAULT_KV_HOST_BLOCKS_PER_STEP
     # Launch step N+1 before reading step N's tokens (greedy steps); None: on CUDA only.
     async_scheduling: bool | None = None
     # On CUDA, replay the sampler's device work of a decode step as a CUDA graph (sampler_graphs.py)

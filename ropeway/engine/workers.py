@@ -25,7 +25,7 @@ import torch.distributed as dist
 import zmq
 
 from ropeway.config import EngineConfig
-from ropeway.models import LlamaModel, TensorParallel, load_model_files
+from ropeway.models import TensorParallel
 from ropeway.scheduler import RopePlan
 
 from .cache_ops import KeyMove
@@ -148,17 +148,15 @@ class WorkerGroup:
 
 def run_worker(rank: int, world_size: int, init_method: str, config_bytes: bytes, address: str) -> None:
     """A worker process's main: join the group, load this rank's shard, then run what rank 0 sends."""
-    from .model_runner import ModelRunner  # the runner imports this module
+    from .core import load_model  # the core and the runner import this module
+    from .model_runner import ModelRunner
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine core decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = msgspec.msgpack.decode(config_bytes, type=EngineConfig)
     device = rank_device(config, rank)
     tp = init_process_group(device, init_method, rank, world_size)
-    model_config, weights, _ = load_model_files(config.model, config.torch_dtype(device))
-    model = LlamaModel(model_config, weights, device, tp)
-    model.pack_linear_weights_for_cpu()
-    del weights
+    model = load_model(config, tp).model  # this rank's shard, as rank 0 loads its own
     socket = zmq.Context().socket(zmq.PULL)
     socket.connect(address)
     runner = None

@@ -24,6 +24,7 @@ from .rope_plan import RopePlan, RopePlanner
 from .sequence import Sequence, SequenceStatus
 from .session_store import SessionMatch, SessionStore
 from ropeway.arith import round_up
+from ropeway.config import DEFAULT_KV_HOST_BLOCKS_PER_STEP
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,12 @@ class SchedulerConfig:
     # the inter-token latency while prompts queue; steps without decodes still use the whole budget.
     max_prefill_tokens_with_decodes: int | None = None
     # Blocks brought back from the host tier in a step that carries decodes, at most (a step without
-    # decodes brings back all it can). Each block costs 1-3 us of the step's Python on this machine's
-    # CPU (hashing, lookups, taking it and its slot, offloading the block it replaces;
+    # decodes brings back all it can). Each block costs 1-3 us of the step's Python on the development
+    # machine's CPU (hashing, lookups, taking it and its slot, offloading the block it replaces;
     # benchmarks/scheduler_admission.py), less on the H200's host. The slice also caps the load rate:
     # 128 blocks of Llama-3-8B KV are 256 MiB, ~33 GB/s at 8 ms a decode step, under the ~50 GB/s
-    # PCIe carries. On the H200 a 32k-token turn from the host took 274 / 248 / 223 ms at 128 / 256 /
-    # 512 with no worse stalls of other streams (BENCHMARKS.md, issue 20). EngineConfig sets it.
-    host_blocks_per_step: int = 128
+    # PCIe carries; the default's measurements are with it in ropeway/config.py.
+    host_blocks_per_step: int = DEFAULT_KV_HOST_BLOCKS_PER_STEP
 
     def __post_init__(self):
         if (self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.prefill_chunk_size < 1
