@@ -1,6 +1,6 @@
 """Decode attention at short contexts: KV-split counts and key tiles, timed in CUDA graphs (CUDA).
 
-  python benchmarks/decode_split_sweep.py [--out results/decode_split_sweep.json]
+  python benchmarks/decode_split_sweep.py [--shapes 1:1024,32:2176] [--out results/decode_split_sweep.json]
 
 Each row is a decode batch (B sequences of L cached tokens, GQA 32/8, head dim 128, 16-token
 pages in shuffled order) launched as a captured decode graph launches it: max_seq_len is the
@@ -24,10 +24,12 @@ CAPACITY = 131072
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/decode_split_sweep.json")
+    parser.add_argument("--shapes", default="1:1024,32:1024,64:1024,128:1024",
+                        help="comma-separated BATCH:LENGTH decode batches")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
-    for batch, length in ((1, 1024), (32, 1024), (64, 1024), (128, 1024)):
+    for batch, length in (tuple(int(n) for n in shape.split(":")) for shape in args.shapes.split(",")):
         k_cache, v_cache, tables, _, _ = shuffled_cache(batch, length)
         q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         seq_lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)

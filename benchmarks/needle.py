@@ -150,7 +150,7 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
              policy_names: list[str], seed: int) -> dict:
     tokenizer = llm.tokenizer
     rng = random.Random(f"{seed}/{window}/{length}/{depth}")
-    cases = []
+    cases, labels = [], []
     for t in range(trials):
         filler = list(texts)[t % len(texts)]
         needle, answer, questions = NEEDLES[(t // len(texts) + t) % len(NEEDLES)]
@@ -158,6 +158,7 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
         prompt, span, oracle = make_prompt(texts[filler], tokenizer.encode(needle),
                                            tokenizer.encode(questions[kind]), length, window, depth, retrieve, rng)
         cases.append((prompt, span, oracle, answer))
+        labels.append(f"{filler}/{answer}/{kind}")
     params = SamplingParams(temperature=0, max_tokens=16)
     block = llm.engine.config.block_size
     cell = {}
@@ -170,9 +171,17 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
         if item.samples:
             recalled[item.seq.request_id] = list(item.seq.archive.recalled_tokens)
 
+    def correct(outputs) -> list[bool]:
+        return [answer.lower() in out.outputs[0].text.lower() for out, (_, _, _, answer) in zip(outputs, cases)]
+
     def accuracy(outputs) -> float:
-        return sum(answer.lower() in out.outputs[0].text.lower()
-                   for out, (_, _, _, answer) in zip(outputs, cases)) / trials
+        return sum(correct(outputs)) / trials
+
+    def per_trial(outputs, shares=None) -> list[dict]:
+        """Each prompt's case (filler/answer/question kind), answer text, and needle-block share."""
+        return [{"case": label, "text": out.outputs[0].text, "correct": ok,
+                 **({"needle_block_share": shares[i]} if shares else {})}
+                for i, (label, out, ok) in enumerate(zip(labels, outputs, correct(outputs)))]
 
     ops.recall = record
     try:
@@ -189,10 +198,12 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
                     brought = {start // block for start in recalled.get(out.request_id, [])}
                     shares.append(len(needle_blocks & brought) / len(needle_blocks))
                 result["needle_block_recall"] = sum(shares) / trials
+            result["trials"] = per_trial(outputs, shares if policy.get("retrieve") else None)
             cell[name] = result
     finally:
         ops.recall = recall
-    cell["oracle"] = {"accuracy": accuracy(llm.generate([c[2] for c in cases], params))}
+    oracle = llm.generate([c[2] for c in cases], params)
+    cell["oracle"] = {"accuracy": accuracy(oracle), "trials": per_trial(oracle)}
     return cell
 
 
@@ -287,7 +298,8 @@ def plot(results: dict, windows: list[int], lengths: list[int], depths: list[flo
 
     names = list(dict.fromkeys(name for cell in results.values() for name in cell))
     for name in names:
-        measures = list(dict.fromkeys(m for cell in results.values() if name in cell for m in cell[name]))
+        measures = list(dict.fromkeys(m for cell in results.values() if name in cell
+                                      for m in cell[name] if m != "trials"))
         fig, axes = plt.subplots(len(measures), len(windows), squeeze=False,
                                  figsize=(3.2 * len(windows) + 1, 2.6 * len(measures) + 0.6))
         for row, measure in enumerate(measures):
@@ -384,7 +396,12 @@ def main() -> None:
                 results[key] = run_cell(llm, texts, window, length, depth, args.trials, args.retrieve, names,
                                         args.seed)
                 save()  # after every cell: a run cut short keeps what it measured
-                print(key, json.dumps(results[key]), f"{meta['seconds']:.0f} s", flush=True)
+                summary = {name: {m: v for m, v in r.items() if m != "trials"} for name, r in results[key].items()}
+                print(key, json.dumps(summary), f"{meta['seconds']:.0f} s", flush=True)
+                for name, r in results[key].items():
+                    for trial in r["trials"]:
+                        print(f"    {name:>12} {trial['case']:<28} {trial['correct']!s:<5} "
+                              f"{trial.get('needle_block_share', '')!s:<5} {trial['text']!r}", flush=True)
     # The plots show every cell the file holds, earlier calls' (--resume) included.
     keys = [key.split("/") for key in results]
     plot(results, *(sorted({int(k[i]) for k in keys}) for i in (0, 1)), sorted({float(k[2]) for k in keys}), out_dir)

@@ -3,6 +3,8 @@
 Sinks and window are kept in whole blocks: the sink region is the first ceil(sinks /
 block_size) blocks, and the window is evicted from its oldest end an eighth at a time
 (rounded to blocks), so each kept key is re-rotated a bounded number of times (about 8).
+The window is a ceiling: the cache holds at most sinks + region + `window` tokens, and an
+eviction leaves window - one eviction chunk of them.
 landmark adds, from the first eviction on, a region of ceil(landmarks / block_size) blocks
 between sinks and window: one slot per evicted chunk holds that chunk's summary, the
 slots used as a ring once all landmarks are taken. With `retrieve`, a recall region of
@@ -65,11 +67,15 @@ class ContextPolicy:
         return max(chunk, self.region_blocks(block_size) * block_size)
 
     def kept_tokens(self, block_size: int) -> int:
-        """Cache length right after an eviction: sink blocks, region blocks, the window."""
-        return (self.sink_blocks(block_size) + self.region_blocks(block_size)) * block_size + self.window
+        """The least a cache that has filled holds once more: an eviction (of a chunk, when new
+        tokens would pass max_cache_tokens) leaves at least this many, new tokens included."""
+        return self.max_cache_tokens(block_size) - self.eviction_chunk(block_size)
 
     def max_cache_tokens(self, block_size: int) -> int:
-        """The most the cache ever holds: the kept tokens plus one eviction chunk of new ones."""
+        """The most the cache ever holds: sink blocks, region blocks and `window` recent tokens.
+        The window is a ceiling, as in StreamingLLM (positions 0..S+W-1): a query never sees a
+        window token more than `window` back, so the distance from a question to what sits in
+        front of the window (sinks, recalled blocks) is bounded by the window the user chose."""
         return _max_cache_tokens(self, block_size)
 
     @classmethod
@@ -106,4 +112,4 @@ class ContextPolicy:
 # out once per (policy, block size). Bounded, since requests may each bring a policy of their own.
 @functools.lru_cache(maxsize=4096)
 def _max_cache_tokens(policy: ContextPolicy, block_size: int) -> int:
-    return policy.kept_tokens(block_size) + policy.eviction_chunk(block_size)
+    return (policy.sink_blocks(block_size) + policy.region_blocks(block_size)) * block_size + policy.window

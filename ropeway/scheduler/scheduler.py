@@ -441,17 +441,31 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens seq may compute this step. A bounded cache takes what still fits, or else one
-        eviction chunk (so one eviction always makes room)."""
+        eviction chunk, or less where the eviction cannot free a chunk (the one that opens a
+        landmark region keeps the region's blocks; a short window has few whole units)."""
         n = min(seq.num_uncomputed_tokens, self.config.prefill_chunk_size, budget)
         policy = seq.context_policy
         if policy.bounded and n > 1:  # (one token always fits: the chunk is at least a block)
             size = self.block_manager.block_size
             room = policy.max_cache_tokens(size) - seq.num_cached_positions
-            n = min(n, max(room, policy.eviction_chunk(size)))
+            if n > room:
+                opening, evictable = self._evictable(seq)
+                n = min(n, max(room, policy.eviction_chunk(size)), room - opening + evictable)
         return n
 
+    def _evictable(self, seq: Sequence) -> tuple[int, int]:
+        """(tokens the next eviction keeps as the landmark region it opens, the most window
+        tokens it can evict: whole eviction units)."""
+        policy, size = seq.context_policy, self.block_manager.block_size
+        region_blocks = policy.region_blocks(size)
+        opens_region = region_blocks > 0 and seq.num_region_positions == 0
+        evicted_from = policy.sink_blocks(size) + (0 if opens_region else region_blocks)
+        unit = policy.eviction_chunk(size) if policy.landmark_blocks(size) else size
+        window_tokens = seq.num_cached_positions - evicted_from * size
+        return (region_blocks * size if opens_region else 0), window_tokens // unit * unit
+
     def _evict_if_needed(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
-        """Keep a bounded cache within sinks + window + one chunk: drop the oldest window blocks
+        """Keep a bounded cache within sinks + region + window: drop the oldest window blocks
         (whole blocks, a chunk at a time, back to the pool at once) and have the kept window
         keys re-rotated down, so cache positions stay contiguous. A landmark cache with
         landmark slots also has each evicted chunk summarized into its next slot."""
@@ -460,12 +474,14 @@ class Scheduler:
         length = seq.num_cached_positions
         if not policy.bounded or length + num_new_tokens <= policy.max_cache_tokens(size):
             return
-        excess = length + num_new_tokens - policy.kept_tokens(size)
         chunk = policy.eviction_chunk(size)
         sink_blocks, region_blocks = policy.sink_blocks(size), policy.region_blocks(size)
         # The first landmark eviction keeps the chunk's first blocks as the region.
         opens_region = region_blocks > 0 and seq.num_region_positions == 0
         kept_blocks = region_blocks if opens_region else 0
+        # Full: evict a chunk (more if the new tokens need it; the blocks that become the
+        # region free no room).
+        excess = length + num_new_tokens - policy.max_cache_tokens(size) + kept_blocks * size
         evicted_from = sink_blocks + region_blocks - kept_blocks  # table index of the first evicted token
         # Landmark evictions come in whole chunks, one summary each; rounding up to a chunk
         # must not reach past the window's newest token.
