@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from ropeway import LLM, ContextParams, SamplingParams
+from ropeway.engine import cache_ops
 
 SINKS = 4
 REPETITIVE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -340,7 +341,10 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks/results/needle")
     parser.add_argument("--resume", action="store_true", help="keep the cells OUT_DIR/needle.json already holds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recompute-recalled", choices=("on", "off"), default="on",
+                        help="compute the question's recalled blocks afresh in the region (the engine's default: on)")
     args = parser.parse_args()
+    cache_ops.RECOMPUTE_RECALLED = args.recompute_recalled == "on"
 
     cuda = torch.cuda.is_available()
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -367,7 +371,8 @@ def main() -> None:
     meta = {"model": llm.engine.model_config.name, "device": device, "dtype": str(llm.engine.dtype),
             "lengths": lengths, "windows": windows, "depths": depths, "trials": args.trials,
             "retrieve": args.retrieve, "sinks": SINKS, "policies": policy_names,
-            "extra_policies": extra_names, "extra_lengths": sorted(extra_lengths), "command": " ".join(sys.argv)}
+            "extra_policies": extra_names, "extra_lengths": sorted(extra_lengths), "command": " ".join(sys.argv),
+            "recompute_recalled": args.recompute_recalled}
     results = {}
     if args.resume and results_file.exists():
         saved = json.loads(results_file.read_text())

@@ -94,7 +94,9 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
     def recall_and_read(item):
         recall(item)
         seq = item.seq
-        recalled.clear()  # the prompt's last recall is checked
+        if item.samples:
+            return  # the question's recall computes its blocks afresh (the next test)
+        recalled.clear()  # the prompt's last recall before the question is checked
         for slot in range(2):
             block = seq.block_table[2 + slot]
             bias = engine.runner.cache_ops.slot_bias[block].clone()
@@ -135,6 +137,61 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
     torch.testing.assert_close(archive.scoring_keys[:, 3 * 16 : 4 * 16].double(), unrotated, atol=1e-5, rtol=1e-5)
     assert archive.first_token(3) == 16 + 3 * 16  # after the sink block
     assert engine.runner.cache_ops.archive_budget.num_bytes == archive.num_bytes > 0
+
+
+def test_the_questions_recalled_blocks_are_computed_afresh_where_they_sit(make_llm):
+    """At a prompt's last chunk the recalled blocks' keys and values are those a plain prompt of
+    the sink block and the recalled tokens gives at the same positions (not the archived ones,
+    computed deep in the stream's past): what the oracle of benchmarks/needle.py shows the model."""
+    llm = make_llm(prefill_chunk_size=48, max_num_batched_tokens=64)
+    engine, size = llm.engine, 16
+    policy = {"type": "landmark", "sinks": 4, "window": 64, "retrieve": 32}
+    prompt = long_text_ids(llm.tokenizer, 600)
+    seen = {}
+    recall = engine.runner.cache_ops.recall
+
+    def recall_and_read(item):
+        recall(item)
+        if item.samples:
+            seq = item.seq
+            blocks = seq.block_table[1:3]  # after the sink block: the recall region
+            seen.update(tokens=list(seq.archive.recalled_tokens), kv=engine.kv_cache[:, :, blocks].clone(),
+                        archived=[seq.archive.block(i)[0].clone() for i in range(seq.archive.num_blocks)])
+
+    engine.runner.cache_ops.recall = recall_and_read
+    try:
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1),
+                     context=ContextParams(context_policy=policy))
+    finally:
+        engine.runner.cache_ops.recall = recall
+    assert len(seen["tokens"]) == 2
+    ids = prompt[:size] + [t for first in seen["tokens"] for t in prompt[first : first + size]]
+    plain = plain_prefill_kv(engine, ids)  # [layers, 2, 3 blocks, 16, Hkv, D]
+    torch.testing.assert_close(seen["kv"], plain[:, :, 1:3], atol=1e-4, rtol=1e-4)
+    # And not merely the archived values brought back: those were computed in another context.
+    assert not any(torch.allclose(seen["kv"][:, 1, 0], archived[:, 1], atol=1e-3) for archived in seen["archived"])
+
+
+def plain_prefill_kv(engine, ids: list[int]) -> torch.Tensor:
+    """The K/V cache [layers, 2, blocks, block_size, Hkv, D] of one plain prefill of ids at
+    positions 0.. under the model's own RoPE, in a private contiguous cache."""
+    from ropeway.engine.kv_pool import KVPoolShape, allocate_kv_cache
+    from ropeway.models import ForwardBatch
+
+    size, n = engine.config.block_size, len(ids)
+    blocks = cdiv(n, size)
+    cache = allocate_kv_cache(engine.model, KVPoolShape(blocks, size, engine.pool.bytes_per_block), engine.kv_dtype,
+                              engine.device)
+    inv_freq, factor = rope_parameters(engine.planner.plan(n))
+    positions = torch.arange(n)
+    table = torch.zeros(1, 16, dtype=torch.int32)
+    table[0, :blocks] = torch.arange(blocks)
+    engine.model.forward(ForwardBatch(
+        input_ids=torch.tensor(ids), positions=positions, seq_index=torch.zeros(n, dtype=torch.int32),
+        slot_mapping=positions, query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=table, inv_freq=inv_freq[None].float(),
+        attention_factor=torch.tensor([factor]), logits_indices=positions[-1:], max_query_len=n, max_seq_len=n), cache)
+    return cache
 
 
 def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(default_llm):

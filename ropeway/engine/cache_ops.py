@@ -18,10 +18,15 @@ import torch
 from ropeway.kernels import rerotate_keys
 from ropeway.kernels.fp8_kv import cache_views, read_vectors, write_vectors
 from ropeway.models import Capture, ForwardBatch
+from ropeway.models.forward_batch import block_table_width
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
 from .landmarks import chunk_summary, rotate_to
 from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
+
+# The question's recalled blocks are computed afresh in the region (recompute_region). A module
+# switch so benchmarks can measure what it changes.
+RECOMPUTE_RECALLED = True
 
 
 class KeyMove(msgspec.Struct, array_like=True):
@@ -227,8 +232,36 @@ class CacheOps:
                                 self.model.tp.all_reduce)  # chosen on the device, read once: the one wait
         archive.recalled_tokens = [archive.first_token(index) for index in chosen]
         self.bring_back(seq, archive.runs(chosen), region, first_block)
+        if item.samples and RECOMPUTE_RECALLED and not policy.landmarks:
+            self.recompute_region(seq, archive.recalled_tokens, first_block)
         self.num_recalls += 1
         self.num_recalled_blocks += len(chosen)
+
+    def recompute_region(self, seq, first_tokens: list[int], first_block: int) -> None:
+        """Compute the recalled blocks' keys and values afresh where they now sit: their tokens
+        at the region's positions, attending to the sinks (and landmark slots) and to each other."""
+        size = self.block_size
+        tokens = np.fromiter((t for first in first_tokens for t in seq.token_ids[first : first + size]), np.int64)
+        count = tokens.size
+        if not count:
+            return
+        start = first_block * size
+        positions = np.arange(start, start + count)
+        table = np.zeros((1, block_table_width(len(seq.block_table))), dtype=np.int32)
+        table[0, : len(seq.block_table)] = seq.block_table
+        slots = table[0, positions // size].astype(np.int64) * size + positions % size
+        ids_t, positions_t, slots_t = self.runner.upload_arrays([tokens, positions, slots], torch.int64)
+        table_t, seq_index_t, starts_t, lens_t = self.runner.upload_arrays(
+            [table, np.zeros(count, dtype=np.int32), np.asarray([0, count], dtype=np.int32),
+             np.asarray([start + count], dtype=np.int32)], torch.int32)
+        inv_freq, factor = self.runner.rope_row(seq.rope_plan)
+        batch = ForwardBatch(
+            input_ids=ids_t, positions=positions_t, seq_index=seq_index_t, slot_mapping=slots_t,
+            query_start_loc=starts_t, seq_lens=lens_t, block_tables=table_t, inv_freq=inv_freq[None],
+            attention_factor=torch.tensor([factor], dtype=torch.float32, device=self.device),
+            logits_indices=positions_t[:0], max_query_len=count, max_seq_len=start + count,
+            slot_bias=self.slot_bias if self.bias_written else None)
+        self.model.forward(batch, self.kv_cache)
 
     def bring_back(self, seq, runs: list[tuple[torch.Tensor, int, RopePlan]], region: list[int],
                    first_block: int) -> None:

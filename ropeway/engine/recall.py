@@ -6,7 +6,8 @@ every key of the block before RoPE (the scoring keys). Before each chunk of a pr
 computed, queries score every archived block and the best go back into the recall region
 in their original order, re-rotated once to the region's positions. The final chunk of a
 prompt (a question, a new chat turn) is scored with its own last queries (a query pass of
-that chunk alone); earlier chunks with the last queries of the chunk before them, captured
+that chunk alone), and the blocks it brings back are then computed afresh in the region
+(engine/cache_ops.py); earlier chunks with the last queries of the chunk before them, captured
 during that chunk's step.
 
 How a block is scored, and why (needle ranks measured on natural text, questions of 14 to
