@@ -102,7 +102,8 @@ def test_next_turn_continues_from_the_retained_session(make_llm):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     first = llm.generate([history], params, context=context)[0]
     assert store.num_blocks > 0 and store.misses == 1
-    # All but the last sampled token were computed; the cache kept sinks + window + at most one chunk.
+    # All but the last sampled token were computed; the cache kept sinks + at most the window (at
+    # least the window less one eviction chunk).
     policy = ContextPolicy.from_dict(WINDOW)
     in_cache = len(history) + len(first.outputs[0].token_ids) - 1 - first.num_evicted_tokens
     assert policy.kept_tokens(16) <= in_cache <= policy.max_cache_tokens(16)
