@@ -74,14 +74,9 @@ def perplexity(llm: LLM, ids: list[int], scaling: dict | None, chunk: int) -> fl
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         positions = torch.arange(start, end, device=device)
-        batch = ForwardBatch(
-            input_ids=tokens[start:end], positions=positions,
-            seq_index=torch.zeros(end - start, dtype=torch.int32, device=device),
-            slot_mapping=table[positions // block_size].long() * block_size + positions % block_size,
-            query_start_loc=torch.tensor([0, end - start], dtype=torch.int32, device=device),
-            seq_lens=torch.tensor([end], dtype=torch.int32, device=device), block_tables=table[None],
-            inv_freq=inv_freq.to(device)[None], attention_factor=torch.tensor([factor], device=device),
-            logits_indices=torch.arange(end - start, device=device), max_query_len=end - start, max_seq_len=end)
+        batch = ForwardBatch.one_sequence(
+            tokens[start:end], positions, table[positions // block_size].long() * block_size + positions % block_size,
+            table, end, inv_freq.to(device), factor, torch.arange(end - start, device=device))
         logits = engine.model.forward(batch, kv_cache)
         targets = tokens[start + 1 : end + 1]
         logprobs = logits[: len(targets)].log_softmax(-1).gather(1, targets[:, None])

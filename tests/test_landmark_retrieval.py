@@ -184,13 +184,9 @@ def plain_prefill_kv(engine, ids: list[int]) -> torch.Tensor:
                               engine.device)
     inv_freq, factor = rope_parameters(engine.planner.plan(n))
     positions = torch.arange(n)
-    table = torch.zeros(1, 16, dtype=torch.int32)
-    table[0, :blocks] = torch.arange(blocks)
-    engine.model.forward(ForwardBatch(
-        input_ids=torch.tensor(ids), positions=positions, seq_index=torch.zeros(n, dtype=torch.int32),
-        slot_mapping=positions, query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        seq_lens=torch.tensor([n], dtype=torch.int32), block_tables=table, inv_freq=inv_freq[None].float(),
-        attention_factor=torch.tensor([factor]), logits_indices=positions[-1:], max_query_len=n, max_seq_len=n), cache)
+    engine.model.forward(ForwardBatch.one_sequence(torch.tensor(ids), positions, positions,
+                                                   torch.arange(16, dtype=torch.int32), n, inv_freq.float(), factor,
+                                                   positions[-1:]), cache)
     return cache
 
 

@@ -239,7 +239,8 @@ class CacheOps:
 
     def recompute_region(self, seq, first_tokens: list[int], first_block: int) -> None:
         """Compute the recalled blocks' keys and values afresh where they now sit: their tokens
-        at the region's positions, attending to the sinks (and landmark slots) and to each other."""
+        at the region's positions, attending to the sinks and to each other (bring_back has just
+        written the region and its slot bias)."""
         size = self.block_size
         tokens = np.fromiter((t for first in first_tokens for t in seq.token_ids[first : first + size]), np.int64)
         count = tokens.size
@@ -247,20 +248,15 @@ class CacheOps:
             return
         start = first_block * size
         positions = np.arange(start, start + count)
-        table = np.zeros((1, block_table_width(len(seq.block_table))), dtype=np.int32)
-        table[0, : len(seq.block_table)] = seq.block_table
-        slots = table[0, positions // size].astype(np.int64) * size + positions % size
+        table = np.zeros(block_table_width(len(seq.block_table)), dtype=np.int32)
+        table[: len(seq.block_table)] = seq.block_table
+        slots = table[positions // size].astype(np.int64) * size + positions % size
         ids_t, positions_t, slots_t = self.runner.upload_arrays([tokens, positions, slots], torch.int64)
-        table_t, seq_index_t, starts_t, lens_t = self.runner.upload_arrays(
-            [table, np.zeros(count, dtype=np.int32), np.asarray([0, count], dtype=np.int32),
-             np.asarray([start + count], dtype=np.int32)], torch.int32)
+        (table_t,) = self.runner.upload_arrays([table], torch.int32)
         inv_freq, factor = self.runner.rope_row(seq.rope_plan)
-        batch = ForwardBatch(
-            input_ids=ids_t, positions=positions_t, seq_index=seq_index_t, slot_mapping=slots_t,
-            query_start_loc=starts_t, seq_lens=lens_t, block_tables=table_t, inv_freq=inv_freq[None],
-            attention_factor=torch.tensor([factor], dtype=torch.float32, device=self.device),
-            logits_indices=positions_t[:0], max_query_len=count, max_seq_len=start + count,
-            slot_bias=self.slot_bias if self.bias_written else None)
+        # Logits of no token: only the keys and values it writes are wanted.
+        batch = ForwardBatch.one_sequence(ids_t, positions_t, slots_t, table_t, start + count, inv_freq, factor,
+                                          positions_t[:0], slot_bias=self.slot_bias)
         self.model.forward(batch, self.kv_cache)
 
     def bring_back(self, seq, runs: list[tuple[torch.Tensor, int, RopePlan]], region: list[int],

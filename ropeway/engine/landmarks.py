@@ -22,20 +22,9 @@ def chunk_summary(model: LlamaModel, token_ids: list[int], inv_freq: torch.Tenso
     cache = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, model.num_local_kv_heads, cfg.head_dim,
                         dtype=model.dtype, device=device)
     positions = torch.arange(n, device=device)
-    batch = ForwardBatch(
-        input_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
-        positions=positions,
-        seq_index=torch.zeros(n, dtype=torch.int32, device=device),
-        slot_mapping=positions,
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        inv_freq=inv_freq[None],
-        attention_factor=torch.tensor([attention_factor], dtype=torch.float32, device=device),
-        logits_indices=torch.tensor([n - 1], device=device),
-        max_query_len=n,
-        max_seq_len=n,
-    )
+    batch = ForwardBatch.one_sequence(
+        torch.tensor(token_ids, dtype=torch.int64, device=device), positions, positions,
+        torch.arange(num_blocks, dtype=torch.int32, device=device), n, inv_freq, attention_factor, positions[-1:])
     captured = Capture()
     model.forward(batch, cache, captured)
     keys = torch.stack([k.float().mean(0) for k in captured.keys])

@@ -35,3 +35,19 @@ class ForwardBatch:
     long_chunks: tuple[tuple[int, int, int], ...] = ()
     # [num_blocks, block_size] fp32 logit bias per cache slot, when a landmark cache is in the batch.
     slot_bias: torch.Tensor | None = None
+
+    @classmethod
+    def one_sequence(cls, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                     block_table: torch.Tensor, seq_len: int, inv_freq: torch.Tensor, attention_factor: float,
+                     logits_indices: torch.Tensor, slot_bias: torch.Tensor | None = None) -> "ForwardBatch":
+        """A chunk of one sequence run outside the scheduler's steps (a landmark summary, a
+        recomputed recall region, a perplexity pass): input_ids, positions and slot_mapping [T]
+        and block_table [W] int32 on the device; seq_len its cache length after the chunk."""
+        n, device = input_ids.shape[0], input_ids.device
+        return cls(
+            input_ids=input_ids, positions=positions, seq_index=torch.zeros(n, dtype=torch.int32, device=device),
+            slot_mapping=slot_mapping, query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([seq_len], dtype=torch.int32, device=device), block_tables=block_table[None],
+            inv_freq=inv_freq[None], attention_factor=torch.tensor([attention_factor], dtype=torch.float32,
+                                                                   device=device),
+            logits_indices=logits_indices, max_query_len=n, max_seq_len=seq_len, slot_bias=slot_bias)

@@ -66,6 +66,10 @@ class ContextPolicy:
         chunk = max(block_size, self.window // 8 // block_size * block_size)
         return max(chunk, self.region_blocks(block_size) * block_size)
 
+    def eviction_unit(self, block_size: int) -> int:
+        """Evictions take whole units: chunks where each gets a landmark summary, else blocks."""
+        return self.eviction_chunk(block_size) if self.landmark_blocks(block_size) else block_size
+
     def kept_tokens(self, block_size: int) -> int:
         """The least a cache that has filled holds once more: an eviction (of a chunk, when new
         tokens would pass max_cache_tokens) leaves at least this many, new tokens included."""

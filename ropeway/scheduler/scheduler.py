@@ -449,20 +449,21 @@ class Scheduler:
             size = self.block_manager.block_size
             room = policy.max_cache_tokens(size) - seq.num_cached_positions
             if n > room:
-                opening, evictable = self._evictable(seq)
-                n = min(n, max(room, policy.eviction_chunk(size)), room - opening + evictable)
+                kept_blocks, _, evictable = self._eviction_room(seq)
+                n = min(n, max(room, policy.eviction_chunk(size)), room - kept_blocks * size + evictable)
         return n
 
-    def _evictable(self, seq: Sequence) -> tuple[int, int]:
-        """(tokens the next eviction keeps as the landmark region it opens, the most window
-        tokens it can evict: whole eviction units)."""
+    def _eviction_room(self, seq: Sequence) -> tuple[int, int, int]:
+        """What the next eviction of seq may take: (blocks it keeps as the landmark region it
+        opens, 0 once one is open; table index of the first window block; the most window tokens
+        it can evict, in whole eviction units)."""
         policy, size = seq.context_policy, self.block_manager.block_size
         region_blocks = policy.region_blocks(size)
-        opens_region = region_blocks > 0 and seq.num_region_positions == 0
-        evicted_from = policy.sink_blocks(size) + (0 if opens_region else region_blocks)
-        unit = policy.eviction_chunk(size) if policy.landmark_blocks(size) else size
-        window_tokens = seq.num_cached_positions - evicted_from * size
-        return (region_blocks * size if opens_region else 0), window_tokens // unit * unit
+        # The first landmark eviction keeps the chunk's first blocks as the region.
+        kept_blocks = region_blocks if region_blocks and seq.num_region_positions == 0 else 0
+        evicted_from = policy.sink_blocks(size) + region_blocks - kept_blocks
+        unit = policy.eviction_unit(size)
+        return kept_blocks, evicted_from, (seq.num_cached_positions - evicted_from * size) // unit * unit
 
     def _evict_if_needed(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> None:
         """Keep a bounded cache within sinks + region + window: drop the oldest window blocks
@@ -476,17 +477,12 @@ class Scheduler:
             return
         chunk = policy.eviction_chunk(size)
         sink_blocks, region_blocks = policy.sink_blocks(size), policy.region_blocks(size)
-        # The first landmark eviction keeps the chunk's first blocks as the region.
-        opens_region = region_blocks > 0 and seq.num_region_positions == 0
-        kept_blocks = region_blocks if opens_region else 0
-        # Full: evict a chunk (more if the new tokens need it; the blocks that become the
-        # region free no room).
+        kept_blocks, evicted_from, evictable = self._eviction_room(seq)
+        opens_region = kept_blocks > 0
+        # Full: evict a chunk (more if the new tokens need it; the blocks that become the region
+        # free no room), rounded up to whole units but never past the window's newest token.
         excess = length + num_new_tokens - policy.max_cache_tokens(size) + kept_blocks * size
-        evicted_from = sink_blocks + region_blocks - kept_blocks  # table index of the first evicted token
-        # Landmark evictions come in whole chunks, one summary each; rounding up to a chunk
-        # must not reach past the window's newest token.
-        unit = chunk if policy.landmark_blocks(size) else size
-        evict = min(max(chunk, round_up(excess, unit)), (length - evicted_from * size) // unit * unit)
+        evict = min(max(chunk, round_up(excess, policy.eviction_unit(size))), evictable)
         evicted_blocks = seq.block_table[evicted_from : evicted_from + evict // size]
         bm.drop_blocks(seq, sink_blocks + region_blocks, evict // size - kept_blocks)
         if bm.num_shared_blocks(seq, sink_blocks) > bm.num_free_blocks:
