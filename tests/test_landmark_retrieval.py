@@ -338,23 +338,24 @@ def test_block_scores_and_choice_match_plain_attention_math(default_llm, layers_
     first = order[0]
     assert archive.select(queries, baseline, 1, 0.125, lambda x: x) == [first]
     two = archive.select(queries, baseline, 2, 0.125, lambda x: x)
-    assert two == ([first, first + 1] if first + 1 < num_blocks else sorted([first, order[1]]))
+    assert two == ([first, first + 1] if first + 1 < num_blocks else [first - 1, first])  # its neighbour
     assert len(archive.select(queries, baseline, 5, 0.125, lambda x: x)) == 5
 
 
 def greedy_choice(scores: list[float], count: int) -> list[int]:
-    """The choice spelled out: blocks by falling score, each bringing the block after it, the
-    blocks not yet taken taken in that order until count are."""
+    """The choice spelled out: blocks by falling score, each bringing the block after it and then
+    the block before it, the blocks not yet taken taken in that order until count are."""
     chosen: list[int] = []
     for block in sorted(range(len(scores)), key=lambda b: -scores[b]):
-        for taken in range(block, min(block + 2, len(scores))):
-            if len(chosen) < count and taken not in chosen:
+        for taken in (block, block + 1, block - 1):
+            if 0 <= taken < len(scores) and len(chosen) < count and taken not in chosen:
                 chosen.append(taken)
     return sorted(chosen)
 
 
 def test_choice_on_the_device_is_the_greedy_choice():
-    assert recall_module.RECALL_FOLLOWING_BLOCKS == 1  # what greedy_choice spells out
+    # What greedy_choice spells out:
+    assert (recall_module.RECALL_FOLLOWING_BLOCKS, recall_module.RECALL_PRECEDING_BLOCKS) == (1, 1)
     rng = random.Random(5)
     for _ in range(300):
         num_blocks = rng.randint(1, 24)
