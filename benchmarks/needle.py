@@ -189,6 +189,7 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
         for name in policy_names:
             recalled.clear()
             policy = policies(window, retrieve)[name]
+            forgotten = ops.archive_budget.num_forgotten_blocks
             outputs = llm.generate([c[0] for c in cases], params, context=ContextParams(context_policy=policy))
             result = {"accuracy": accuracy(outputs)}
             if policy.get("retrieve"):
@@ -199,6 +200,11 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
                     brought = {start // block for start in recalled.get(out.request_id, [])}
                     shares.append(len(needle_blocks & brought) / len(needle_blocks))
                 result["needle_block_recall"] = sum(shares) / trials
+                # Blocks the archive budget dropped: a needle among them was never recallable.
+                result["archive_forgotten_blocks"] = ops.archive_budget.num_forgotten_blocks - forgotten
+                if result["archive_forgotten_blocks"]:
+                    print(f"warning: {window}/{length}/{depth} {name}: the archive budget forgot "
+                          f"{result['archive_forgotten_blocks']} blocks (raise retrieval_archive_bytes)", flush=True)
             result["trials"] = per_trial(outputs, shares if policy.get("retrieve") else None)
             cell[name] = result
     finally:
@@ -300,7 +306,7 @@ def plot(results: dict, windows: list[int], lengths: list[int], depths: list[flo
     names = list(dict.fromkeys(name for cell in results.values() for name in cell))
     for name in names:
         measures = list(dict.fromkeys(m for cell in results.values() if name in cell
-                                      for m in cell[name] if m != "trials"))
+                                      for m in cell[name] if m in ("accuracy", "needle_block_recall")))
         fig, axes = plt.subplots(len(measures), len(windows), squeeze=False,
                                  figsize=(3.2 * len(windows) + 1, 2.6 * len(measures) + 0.6))
         for row, measure in enumerate(measures):

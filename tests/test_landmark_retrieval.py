@@ -209,6 +209,7 @@ def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(defau
     assert first.block(0)[1] == 16  # the block archived at position 0 went first
     assert first.scoring_keys.shape[1] == first.num_tokens == 2 * 16
     assert budget.num_bytes == 3 * one_chunk
+    assert budget.num_forgotten_blocks == 1  # counted for the metric
 
 
 def test_archive_budget_takes_from_idle_archives_before_the_long_prompt_in_use(default_llm):

@@ -620,6 +620,7 @@ class EngineCore:
             kv_host_offloaded_bytes=transfers.offloaded_bytes if transfers else 0,
             kv_host_loaded_bytes=transfers.loaded_bytes if transfers else 0,
             retrieval_recalls=ops.num_recalls, retrieval_recalled_blocks=ops.num_recalled_blocks,
+            retrieval_archive_forgotten_blocks=ops.archive_budget.num_forgotten_blocks,
             request_failures=totals.request_failures, new_plans=new_plans)
 
     @property

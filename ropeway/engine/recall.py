@@ -149,13 +149,15 @@ class RecallArchive:
         self._scoring_keys[:, :, self.num_tokens : needed] = keys
         self.num_tokens = needed
 
-    def drop_oldest(self) -> None:
+    def drop_oldest(self) -> int:
+        """Forget the oldest archived chunk; returns its number of blocks."""
         oldest = self.chunks.pop(0)
         num_tokens = oldest.num_blocks * oldest.block_size
         self._scoring_keys = self._head_major_keys[:, :, num_tokens:].clone()
         self.num_tokens -= num_tokens
         self.num_blocks -= oldest.num_blocks
         self.num_bytes -= oldest.kv.nbytes + oldest.scoring_bytes
+        return oldest.num_blocks
 
     def select(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float,
                all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
@@ -277,6 +279,9 @@ class ArchiveBudget:
         self.max_bytes = max_bytes
         self.archives: weakref.WeakSet[RecallArchive] = weakref.WeakSet()  # freed with their sequences
         self.step = 0
+        # Archived blocks forgotten to stay within the budget: a stream can no longer recall them
+        # (a metric, and what a benchmark checks before blaming the retriever for a lost needle).
+        self.num_forgotten_blocks = 0
 
     def next_step(self) -> None:
         self.step += 1
@@ -291,7 +296,7 @@ class ArchiveBudget:
             victim = self._victim()
             if victim is None:
                 break
-            victim.drop_oldest()
+            self.num_forgotten_blocks += victim.drop_oldest()
 
     def _victim(self) -> "RecallArchive | None":
         holding = [a for a in self.archives if a.chunks]

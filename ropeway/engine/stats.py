@@ -40,6 +40,7 @@ class StatsSnapshot(msgspec.Struct, omit_defaults=True):
     session_misses: int = 0
     retrieval_recalls: int = 0
     retrieval_recalled_blocks: int = 0
+    retrieval_archive_forgotten_blocks: int = 0
     request_failures: int = 0
     kv_host_tier_hits: int = 0          # requests that brought blocks back from the host tier
     kv_host_offloaded_bytes: int = 0    # pool -> host

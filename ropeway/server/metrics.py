@@ -98,6 +98,9 @@ class ServerMetrics:
                                          "that brought evicted blocks back.")
         self.retrieval_recalled_blocks = counter("retrieval_recalled_blocks",
                                                  "Evicted blocks brought back from host memory into caches.")
+        self.retrieval_archive_forgotten_blocks = counter(
+            "retrieval_archive_forgotten_blocks", "Evicted blocks that retrieving caches could no longer recall: "
+            "dropped from their archives to stay within --retrieval-archive-memory.")
         self.retrieval_archive_bytes = gauge("retrieval_archive_bytes",
                                              "Bytes holding blocks evicted by retrieving landmark caches "
                                              "(host copies, device scoring keys).")
@@ -140,6 +143,7 @@ class ServerMetrics:
             (self.kv_host_loaded_bytes, "kv_host_loaded_bytes"),
             (self.retrieval_recalls, "retrieval_recalls"),
             (self.retrieval_recalled_blocks, "retrieval_recalled_blocks"),
+            (self.retrieval_archive_forgotten_blocks, "retrieval_archive_forgotten_blocks"),
         ]
         self._previous = StatsSnapshot()
 
