@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from ropeway import LLM, ContextParams, SamplingParams
-from ropeway.engine import cache_ops
+from ropeway.engine import cache_ops, recall
 
 SINKS = 4
 REPETITIVE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -347,10 +347,14 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks/results/needle")
     parser.add_argument("--resume", action="store_true", help="keep the cells OUT_DIR/needle.json already holds")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--standout-ratio", type=float, default=None,
+                        help="the experimental choice: blocks scoring this many times the rest get the region "
+                             "as contiguous runs around them (engine/recall.py RECALL_STANDOUT_RATIO; default off)")
     parser.add_argument("--recompute-recalled", choices=("on", "off"), default="on",
                         help="compute the question's recalled blocks afresh in the region (the engine's default: on)")
     args = parser.parse_args()
     cache_ops.RECOMPUTE_RECALLED = args.recompute_recalled == "on"
+    recall.RECALL_STANDOUT_RATIO = args.standout_ratio
 
     cuda = torch.cuda.is_available()
     lengths = [int(n) for n in args.lengths.split(",")]
@@ -378,7 +382,7 @@ def main() -> None:
             "lengths": lengths, "windows": windows, "depths": depths, "trials": args.trials,
             "retrieve": args.retrieve, "sinks": SINKS, "policies": policy_names,
             "extra_policies": extra_names, "extra_lengths": sorted(extra_lengths), "command": " ".join(sys.argv),
-            "recompute_recalled": args.recompute_recalled}
+            "recompute_recalled": args.recompute_recalled, "standout_ratio": args.standout_ratio}
     results = {}
     if args.resume and results_file.exists():
         saved = json.loads(results_file.read_text())

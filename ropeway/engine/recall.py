@@ -43,6 +43,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ropeway.kernels.rotary import rope_cos_sin, rotate_by
@@ -56,6 +57,10 @@ RECALL_BASELINE_TOKENS = 16
 # Blocks brought back after and before each chosen block (the one after first).
 RECALL_FOLLOWING_BLOCKS = 1
 RECALL_PRECEDING_BLOCKS = 1
+# An experiment, off (None) by default: when few blocks (at most the region's) score within this
+# factor of the best one, the region holds contiguous runs around them and nothing else (the other
+# chosen blocks were distractors in the licence-text misses; BENCHMARKS.md, thirteenth session).
+RECALL_STANDOUT_RATIO: float | None = None
 # The most memory the logits of one batched scoring product take; layers are scored in groups
 # that fit. On a GPU scoring is bound by launches: few large products (at 32k archived tokens the
 # default model's 30 layers take ~0.6 GB of bf16 logits). On a CPU about a cache's worth was
@@ -252,6 +257,10 @@ def choose_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
     after, before = RECALL_FOLLOWING_BLOCKS, RECALL_PRECEDING_BLOCKS
     if num_blocks == 0:
         return torch.empty(0, dtype=torch.int64, device=scores.device)
+    if RECALL_STANDOUT_RATIO is not None and num_blocks > count:
+        standout = runs_around_standouts(scores.float().cpu().numpy(), count, RECALL_STANDOUT_RATIO)
+        if standout is not None:
+            return torch.as_tensor(standout, device=scores.device)
     order = scores.argsort(descending=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(num_blocks, device=scores.device)
@@ -262,6 +271,27 @@ def choose_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
     place_among_neighbours = torch.where(distance <= 0, -distance, after + distance)
     place = seed_rank * (after + before + 1) + place_among_neighbours
     return place.topk(min(count, num_blocks), largest=False).indices.sort().values
+
+
+def runs_around_standouts(scores: np.ndarray, count: int, ratio: float) -> list[int] | None:
+    """The experiment's choice (RECALL_STANDOUT_RATIO), or None where more than count blocks
+    score within a factor `ratio` of the best: those blocks, each widened one block at a time on
+    both sides (the best first) until count blocks are taken; ascending."""
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    below = np.flatnonzero(ranked < ranked[0] / ratio)
+    if not below.size or below[0] > count:
+        return None
+    standouts = order[: below[0]].tolist()
+    chosen = set(standouts)
+    distance = 1
+    while len(chosen) < count:
+        for block in standouts:
+            for near in (block + distance, block - distance):
+                if 0 <= near < len(scores) and len(chosen) < count:
+                    chosen.add(near)
+        distance += 1
+    return sorted(chosen)
 
 
 class ArchiveBudget:
