@@ -284,7 +284,7 @@ def runs_around_standouts(scores: np.ndarray, count: int, ratio: float) -> list[
         return None
     standouts = order[: below[0]].tolist()
     chosen = set(standouts)
-    distance = 1
+    distance, count = 1, min(count, len(scores))
     while len(chosen) < count:
         for block in standouts:
             for near in (block + distance, block - distance):
