@@ -18,7 +18,7 @@ import torch
 from ropeway.kernels import rerotate_keys
 from ropeway.kernels.fp8_kv import cache_views, read_vectors, write_vectors
 from ropeway.models import Capture, ForwardBatch
-from ropeway.models.forward_batch import block_table_width
+from ropeway.models.forward_batch import block_table_width, cache_slots
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
 from .landmarks import chunk_summary, rotate_to
@@ -100,8 +100,7 @@ class CacheOps:
         # Slots are worked out on the host and copied without blocking: a pageable copy would
         # wait for the step in flight, stalling the pipelined decode of bounded caches.
         host_positions = np.arange(move.first_position, move.first_position + count)
-        host_slots = (np.asarray(move.block_table, dtype=np.int64)[host_positions // self.block_size]
-                      * self.block_size + host_positions % self.block_size)
+        host_slots = cache_slots(move.block_table, host_positions, self.block_size)
         both = torch.from_numpy(np.stack([host_positions, host_slots]))
         if self.device.type == "cuda":
             both = both.pin_memory().to(self.device, non_blocking=True)
@@ -242,15 +241,15 @@ class CacheOps:
         at the region's positions, attending to the sinks and to each other (bring_back has just
         written the region and its slot bias)."""
         size = self.block_size
-        tokens = np.fromiter((t for first in first_tokens for t in seq.token_ids[first : first + size]), np.int64)
-        count = tokens.size
-        if not count:
+        if not first_tokens:
             return
+        tokens = np.concatenate([seq.token_ids[first : first + size] for first in first_tokens]).astype(np.int64)
+        count = tokens.size
         start = first_block * size
         positions = np.arange(start, start + count)
         table = np.zeros(block_table_width(len(seq.block_table)), dtype=np.int32)
         table[: len(seq.block_table)] = seq.block_table
-        slots = table[positions // size].astype(np.int64) * size + positions % size
+        slots = cache_slots(table, positions, size)
         ids_t, positions_t, slots_t = self.runner.upload_arrays([tokens, positions, slots], torch.int64)
         (table_t,) = self.runner.upload_arrays([table], torch.int32)
         inv_freq, factor = self.runner.rope_row(seq.rope_plan)

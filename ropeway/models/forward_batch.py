@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from ropeway.arith import round_up
 
@@ -11,6 +12,12 @@ def block_table_width(num_blocks: int) -> int:
     attention kernel on its row stride being divisible by 16, so a width that changed with
     the batch recompiled it mid-serving (and the padding keeps the row loads vectorized)."""
     return round_up(num_blocks, 16)
+
+
+def cache_slots(block_table, positions: np.ndarray, block_size: int) -> np.ndarray:
+    """Slot (block * block_size + offset, int64) of each cache position of one sequence whose
+    block table is block_table."""
+    return np.asarray(block_table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
 
 
 @dataclass
