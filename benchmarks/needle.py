@@ -219,7 +219,7 @@ def retrieval_switched_off(llm: LLM):
     """Retrieving caches evict on the same schedule, but nothing is archived, scored or recalled."""
     ops = llm.engine.runner.cache_ops
     archive, capture = ops.archive_evicted, ops.query_capture
-    ops.archive_evicted, ops.query_capture = (lambda eviction: None), (lambda step, starts: None)
+    ops.archive_evicted, ops.query_capture = (lambda eviction: None), (lambda step, starts, num_tokens: None)
     try:
         yield
     finally:

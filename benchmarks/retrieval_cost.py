@@ -37,7 +37,7 @@ import needle  # noqa: E402
 
 from ropeway import LLM, ContextParams, SamplingParams  # noqa: E402
 from ropeway.engine.recall import RecallArchive  # noqa: E402
-from ropeway.models import Capture  # noqa: E402
+from ropeway.models import QueryCapture  # noqa: E402
 
 # Operations whose output shape depends on the data: the host must wait for the device.
 DATA_DEPENDENT = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive", "_local_scalar_dense",
@@ -109,7 +109,7 @@ def instrument(llm: LLM, counter: Counter) -> None:
     # (select on code from before the choice moved to the device: the same comparison runs there.)
     wrap(RecallArchive, "choose" if hasattr(RecallArchive, "choose") else "select", "score")
     wrap(llm.engine.runner.model, "forward", "forward")
-    wrap(Capture, "add", "capture")
+    wrap(QueryCapture, "queries", "capture")
     for name in ("tolist", "item"):
         original = getattr(torch.Tensor, name)
 

@@ -82,6 +82,41 @@ def test_rerotate_bf16_by_fp32_angle_difference():
     assert relative_error(k_cache, expected) < BF16_ROUNDING
 
 
+def test_block_max_logits_bf16_within_a_rounding_of_the_reference():
+    """Retrieval's block scores: the kernel's best logits are the reference's (a bf16 product's
+    rounding apart: the two sum the dot products in different orders), at the default model's
+    head layout over 1,000 blocks."""
+    from ropeway.kernels import block_max_logits
+    from ropeway.kernels.block_max_logits import block_max_logits_reference
+    queries = torch.randn(30, 32, 9, 64, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(30, 3, 1100 * 16, 64, device="cuda", dtype=torch.bfloat16)[:, :, : 1000 * 16]
+    expected = block_max_logits_reference(queries, keys, 16, 0.125)
+    actual = block_max_logits(queries, keys, 16, 0.125)
+    # One bf16 ulp of logits of ~8 (2**-7 relative) at most, and nearly all equal.
+    assert ((actual - expected).abs() <= expected.abs() * 2 ** -7 + 1e-6).all()
+    assert (actual == expected).float().mean() > 0.95
+
+
+def test_rotary_write_kv_capture_bf16_is_exact():
+    num_tokens, num_q_heads, num_kv_heads, head_dim = 300, 9, 3, 64
+    q = torch.randn(num_tokens, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(num_tokens, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q_before = q.clone()
+    k_cache = torch.zeros(32, 16, num_kv_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(32 * 16, device="cuda")[:num_tokens]
+    inv_freq, factors = rope_rows(1, head_dim, "cuda")
+    capture = torch.zeros(2, 20, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    rows = torch.full((num_tokens,), -1, device="cuda")
+    tokens = torch.randperm(num_tokens, device="cuda")[:20]
+    rows[tokens] = torch.arange(20, device="cuda")
+    rotary_write_kv(q, k, v, k_cache, v_cache, slots, torch.arange(num_tokens, device="cuda"),
+                    torch.zeros(num_tokens, device="cuda", dtype=torch.int32), inv_freq, factors,
+                    capture=capture[1], capture_rows=rows)
+    assert torch.equal(capture[1], q_before[tokens]) and not capture[0].any()
+
+
 ATTENTION_CASES = [
     # (sequences as (seq_len, query_len), q heads, kv heads, head dim, page size)
     ([(1000, 1000), (2100, 300), (517, 1), (4096, 1), (33, 0), (77, 77)], 32, 8, 128, 16),

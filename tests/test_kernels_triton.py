@@ -310,6 +310,60 @@ def test_rotary_write_kv_matches_rotary_then_write(dtype, name, num_tokens, num_
     assert torch.equal(kv[0], kv_before[0])
 
 
+def test_rotary_write_kv_keeps_the_captured_queries_before_rope():
+    """Retrieval's query capture: tokens with a row store their queries before RoPE there (one
+    layer's rows of a [layers, rows, heads, dim] buffer), in the same launch; on CPU the
+    dispatcher does the same."""
+    from ropeway.kernels import rotary_write_kv
+    gen = torch.Generator().manual_seed(11)
+    num_tokens, num_q_heads, num_kv_heads, head_dim, page_size = 10, 9, 3, 64, 16
+    for implementation in (rotary_write_kv_triton, rotary_write_kv):
+        qkv, q, k, v = fused_qkv_views(num_tokens, num_q_heads, num_kv_heads, head_dim, torch.float32, gen)
+        q_before = q.clone()
+        inv_freq, factors = rope_rows(2, head_dim, "cpu", gen)
+        seq_index = (torch.arange(num_tokens) >= 4).to(torch.int32)
+        positions = torch.randint(0, 5000, (num_tokens,), generator=gen)
+        kv = torch.zeros(2, 3, page_size, num_kv_heads, head_dim)
+        slot_mapping = torch.randperm(3 * page_size, generator=gen)[:num_tokens]
+        buffer = torch.full((2, 4, num_q_heads, head_dim), 7.0)
+        capture_rows = torch.full((num_tokens,), -1, dtype=torch.int64)
+        capture_rows[[0, 5, 9]] = torch.tensor([2, 0, 1])
+        implementation(q, k, v, kv[0], kv[1], slot_mapping, positions, seq_index, inv_freq, factors,
+                       capture=buffer[1], capture_rows=capture_rows)
+        assert torch.equal(buffer[1, :3], q_before[[5, 9, 0]])
+        assert (buffer[1, 3] == 7.0).all() and (buffer[0] == 7.0).all()
+        assert not torch.allclose(q, q_before)  # q itself was still rotated
+
+
+BLOCK_MAX_LOGITS_CASES = [
+    # (name, layers, rows, q heads, kv heads, dim, blocks, block size)
+    ("gqa3-d64", 2, 5, 9, 3, 64, 11, 16),        # 15 rows per KV head: one 16-row tile
+    ("gqa3-many-rows", 1, 24, 9, 3, 64, 9, 16),  # 72 rows per KV head: two tiles
+    ("mha-d96-page8", 2, 4, 4, 4, 96, 21, 8),    # head dim 96 masked in a 128 tile
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,layers,rows,num_heads,num_kv_heads,head_dim,blocks,block_size", BLOCK_MAX_LOGITS_CASES,
+                         ids=[case[0] for case in BLOCK_MAX_LOGITS_CASES])
+def test_block_max_logits_matches_reference(dtype, name, layers, rows, num_heads, num_kv_heads, head_dim, blocks,
+                                            block_size):
+    from ropeway.kernels.block_max_logits import block_max_logits_reference
+    from ropeway.kernels.triton_block_max_logits import block_max_logits_triton
+    gen = torch.Generator().manual_seed(5)
+    # Queries as a slice of a wider capture, keys the filled part of a grown archive.
+    queries = torch.randn(layers, rows + 3, num_heads, head_dim, generator=gen).to(dtype)[:, 2 : 2 + rows]
+    keys = torch.randn(layers, num_kv_heads, (blocks + 5) * block_size, head_dim, generator=gen).to(dtype)
+    keys = keys[:, :, : blocks * block_size]
+    expected = block_max_logits_reference(queries, keys, block_size, 0.125)
+    actual = block_max_logits_triton(queries, keys, block_size, 0.125)
+    assert actual.shape == (layers, num_kv_heads, rows, num_heads // num_kv_heads, blocks)
+    assert_close(actual, expected, dtype)
+    # The max is each block's own: the best key of block 3 of layer 0, head 0, row 0 decides it.
+    plain = (queries[0, 0, 0].double() @ keys[0, 0, 3 * block_size : 4 * block_size].double().T).max() * 0.125
+    assert abs(actual[0, 0, 0, 0, 3].item() - plain.item()) < TOLERANCE[dtype] * 8
+
+
 def test_rotary_write_kv_with_only_padding_writes_nothing():
     gen = torch.Generator().manual_seed(8)
     _, q, k, v = fused_qkv_views(4, 4, 2, 64, torch.float32, gen)

@@ -17,7 +17,7 @@ import torch
 
 from ropeway.kernels import rerotate_keys
 from ropeway.kernels.fp8_kv import cache_views, read_vectors, write_vectors
-from ropeway.models import Capture, ForwardBatch
+from ropeway.models import ForwardBatch, QueryCapture
 from ropeway.models.forward_batch import block_table_width, cache_slots
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
@@ -175,11 +175,11 @@ class CacheOps:
             return False
         return item.samples or seq.archive.queries is not None
 
-    def query_capture(self, step: SchedulerOutput, chunk_starts) -> Capture | None:
-        """A Capture of queries of each retrieving prompt chunk in the step that more of its
+    def query_capture(self, step: SchedulerOutput, chunk_starts, num_tokens: int) -> QueryCapture | None:
+        """A QueryCapture of queries of each retrieving prompt chunk in the step that more of its
         prompt follows: some spread over the chunk (the baseline), then its last ones (None
         when there is none: decode steps capture nothing). chunk_starts: each scheduled
-        sequence's first row in the batch."""
+        sequence's first row in the batch of num_tokens tokens."""
         rows, self._capturing = [], []
         for item, start in zip(step.scheduled, chunk_starts):
             seq, n = item.seq, item.num_new_tokens
@@ -190,12 +190,20 @@ class CacheOps:
                 self._capturing.append((seq, len(spread), count))
         if not rows:
             return None
-        (rows_t,) = self.runner.upload_arrays([np.concatenate(rows)], torch.int64)
-        return Capture(rows=rows_t, queries_only=True)
+        return self._capture_rows(np.concatenate(rows), num_tokens)
 
-    def keep_queries(self, capture: Capture) -> None:
+    def _capture_rows(self, rows: np.ndarray, num_tokens: int) -> QueryCapture:
+        """A QueryCapture of the batch rows `rows` (in order, repeats allowed) of a batch of
+        num_tokens tokens."""
+        kept, order = np.unique(rows, return_inverse=True)
+        token_rows = np.full(num_tokens, -1, dtype=np.int64)
+        token_rows[kept] = np.arange(kept.size)
+        token_rows_t, order_t = self.runner.upload_arrays([token_rows, order], torch.int64)
+        return QueryCapture(token_rows_t, kept.size, order_t)
+
+    def keep_queries(self, capture: QueryCapture) -> None:
         """Hand each sequence the queries captured for it, for its next chunk's recall."""
-        queries = torch.stack(capture.queries)
+        queries = capture.queries()
         first = 0
         for seq, spread, count in self._capturing:
             if seq.archive is None:
@@ -217,11 +225,10 @@ class CacheOps:
         if item.samples:
             batch = self.runner.build_batch(SchedulerOutput(scheduled=[item]), [1])
             n = item.num_new_tokens
-            (rows,) = self.runner.upload_arrays([np.arange(max(0, n - RECALL_QUERY_TOKENS), n)], torch.int64)
-            captured = Capture(rows=rows, queries_only=True)
+            captured = self._capture_rows(np.arange(max(0, n - RECALL_QUERY_TOKENS), n), n)
             self.clear_written_slots(batch)
             self.model.forward(batch, self.kv_cache, captured)
-            queries = torch.stack(captured.queries)
+            queries = captured.queries()
         else:
             queries = archive.queries
         archive.queries = None  # a new turn's prompt is scored by its own queries

@@ -32,13 +32,16 @@ How a block is scored, and why (needle ranks measured on natural text, questions
 
 What a recall costs is kept to a few device operations whatever the model's depth (the time to
 first token of a long prompt pays it before every chunk): evicted blocks go to pinned host
-memory by copies queued on the stream (nothing waits for them), scoring takes all layers in a
-few batched products (layer groups) over scoring keys kept head-major (the products read them
-in place), the choice is made on the device, and the chosen blocks come back in one copy per
-run of consecutive blocks and one re-rotation. The host reads the choice once, where it must
-(it copies the blocks from host memory).
+memory by copies queued on the stream (nothing waits for them) and their scoring keys are
+rotated back in one re-rotation launch; the queries are kept by the rotary kernel as it runs
+(models/llama.py, QueryCapture); on a GPU one kernel scores every layer (its blocks' best logits,
+kernels/block_max_logits.py) over scoring keys kept head-major (read in place); the choice is
+made on the device, and the chosen blocks come back in one copy per run of consecutive blocks
+and one re-rotation. The host reads the choice once, where it must (it copies the blocks from
+host memory).
 """
 
+import bisect
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ropeway.kernels.rotary import rope_cos_sin, rotate_by
+from ropeway.kernels import block_max_logits, rerotate_keys
 from ropeway.scheduler import RopePlan
 
 # Queries of a chunk's last tokens score the archive: enough to cover the end of a question
@@ -61,11 +64,12 @@ RECALL_PRECEDING_BLOCKS = 1
 # factor of the best one, the region holds contiguous runs around them and nothing else (the other
 # chosen blocks were distractors in the licence-text misses; BENCHMARKS.md, thirteenth session).
 RECALL_STANDOUT_RATIO: float | None = None
-# The most memory the logits of one batched scoring product take; layers are scored in groups
-# that fit. On a GPU scoring is bound by launches: few large products (at 32k archived tokens the
-# default model's 30 layers take ~0.6 GB of bf16 logits). On a CPU about a cache's worth was
-# fastest (measured: 8 MiB groups 0.7 s, one product 1.6 s, the old per-layer loop 1.2-1.6 s).
-SCORING_BYTES = {"cuda": 256 << 20, "cpu": 8 << 20}
+# The most memory one scoring product's output takes; layers are scored in groups that fit. On a
+# GPU the kernel keeps only each block's best logits (fp32: at 128k archived tokens the default
+# model's 30 layers take ~0.3 GB), and scoring is bound by launches: one group. On a CPU the
+# product holds every logit, and about a cache's worth was fastest (measured: 8 MiB groups 0.7 s,
+# one product 1.6 s, a per-layer loop 1.2-1.6 s).
+SCORING_BYTES = {"cuda": 512 << 20, "cpu": 8 << 20}
 
 
 @dataclass
@@ -87,6 +91,7 @@ class RecallArchive:
 
     def __init__(self):
         self.chunks: list[ArchivedBlocks] = []
+        self._chunk_ends: list[int] | None = None  # cumulative block counts of the chunks (made when needed)
         # Keys before RoPE on the device, [num_layers, num_kv_heads, capacity, head_dim] in the
         # model's dtype, the first num_tokens filled: one tensor (scoring is one pass), head-major
         # so that the scoring product reads it without a copy, grown by doubling so that
@@ -126,21 +131,33 @@ class RecallArchive:
             keys = kv[:, 0]
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = keys.shape
         n = num_blocks * block_size
-        keys = keys.reshape(num_layers, n, num_kv_heads, head_dim).transpose(0, 1).reshape(n, -1, head_dim)
-        # Rotate back by each key's angle (and undo YaRN's scale): fp32, for scoring only.
+        first = self.num_tokens
+        self._append_keys(keys.reshape(num_layers, n, num_kv_heads, head_dim).transpose(1, 2))
+        # Rotated back by each key's angle (and YaRN's scale undone), in place, for scoring only:
+        # a re-rotation to angle 0 (a zero inv_freq) of the keys just appended, in one launch.
+        slots = torch.arange(first, first + n, device=kv.device)
         positions = torch.arange(position, position + n, device=kv.device)
-        cos, sin = rope_cos_sin(positions, inv_freq.expand(n, -1),
-                                torch.full((n,), 1.0 / attention_factor, device=kv.device))
-        unrotated = rotate_by(keys.float(), cos, -sin).to(keys.dtype).view(n, num_layers, num_kv_heads, head_dim)
-        self._append_keys(unrotated.permute(1, 2, 0, 3))
+        factors = inv_freq.new_tensor([attention_factor, 1.0], dtype=torch.float32)
+        rerotate_keys(self._block_view(block_size), slots, positions, positions, inv_freq.expand(n, -1),
+                      torch.zeros_like(inv_freq).expand(n, -1), factors[0].expand(n), factors[1].expand(n))
+        unrotated_bytes = n * num_layers * num_kv_heads * head_dim * keys.element_size()
         # Block-major (one copy per recalled block) and pinned on CUDA, so the copy is queued
         # behind the step and recalls copy back without waiting.
         blocks = kv.movedim(2, 0)
         host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=blocks.is_cuda)
         host.copy_(blocks, non_blocking=True)
-        self.chunks.append(ArchivedBlocks(host, block_size, position, plan, first_token, unrotated.nbytes))
+        self.chunks.append(ArchivedBlocks(host, block_size, position, plan, first_token, unrotated_bytes))
+        self._chunk_ends = None
         self.num_blocks += num_blocks
-        self.num_bytes += host.nbytes + unrotated.nbytes
+        self.num_bytes += host.nbytes + unrotated_bytes
+
+    def _block_view(self, block_size: int) -> torch.Tensor:
+        """The scoring keys seen as a cache of blocks, [num_layers, capacity / block_size, block_size,
+        num_kv_heads, head_dim]: a view, as kernels that address keys by slot take them."""
+        num_layers, num_kv_heads, capacity, head_dim = self._scoring_keys.shape
+        whole = capacity // block_size
+        return (self._scoring_keys[:, :, : whole * block_size].view(num_layers, num_kv_heads, whole, block_size,
+                                                                    head_dim).permute(0, 2, 3, 1, 4))
 
     def _append_keys(self, keys: torch.Tensor) -> None:
         """keys [num_layers, num_kv_heads, n, head_dim] after the archived ones."""
@@ -157,6 +174,7 @@ class RecallArchive:
     def drop_oldest(self) -> int:
         """Forget the oldest archived chunk; returns its number of blocks."""
         oldest = self.chunks.pop(0)
+        self._chunk_ends = None
         num_tokens = oldest.num_blocks * oldest.block_size
         self._scoring_keys = self._head_major_keys[:, :, num_tokens:].clone()
         self.num_tokens -= num_tokens
@@ -182,12 +200,17 @@ class RecallArchive:
         if baseline is not None:  # scored in the same products
             queries = torch.cat([queries, baseline], 1)
         keys = self._head_major_keys
-        per_layer = queries.shape[1] * num_heads * keys.shape[2] * keys.element_size()
-        group = max(1, SCORING_BYTES.get(keys.device.type, SCORING_BYTES["cpu"]) // per_layer)
+        block_size = self.chunks[0].block_size
+        # What a layer's product holds at once: its logits in the reference (CPU), the blocks'
+        # best logits in the kernel (CUDA).
+        per_key = keys.element_size() if keys.device.type == "cpu" else 4 / block_size
+        per_layer = queries.shape[1] * num_heads * keys.shape[2] * per_key
+        group = max(1, int(SCORING_BYTES.get(keys.device.type, SCORING_BYTES["cpu"]) // per_layer))
         score = torch.zeros(self.num_blocks, device=keys.device)
         for first in range(0, num_layers, group):
             layers = slice(first, min(first + group, num_layers))
-            shares = self._shares(queries[layers], keys[layers], scale, all_reduce)
+            best = block_max_logits(queries[layers], keys[layers], block_size, scale)  # [l, Hkv, Q, group, blocks]
+            shares = all_reduce(best.softmax(-1).sum((1, 3)))  # [l, Q, blocks]
             relevance = shares[:, :num_queries].amax(1)
             if baseline is None:
                 score += relevance.sum(0)
@@ -195,22 +218,6 @@ class RecallArchive:
             prior = shares[:, num_queries:].mean(1)
             score += (relevance / (prior + 0.1 * prior.mean(-1, keepdim=True))).sum(0)
         return score / num_layers
-
-    def _shares(self, queries: torch.Tensor, keys: torch.Tensor, scale: float,
-                all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """[layers, Q, num_blocks]: each query's attention over the blocks' best keys, summed
-        over heads, for queries [layers, Q, num_heads, D] and head-major keys [layers, Hkv, N, D]."""
-        num_layers, num_queries, num_heads, head_dim = queries.shape
-        num_kv_heads = keys.shape[1]
-        group = num_heads // num_kv_heads
-        # [layers, Hkv, Q * group, D]: each KV head's queries in one matrix, so the product is one
-        # batched matmul over (layer, KV head) reading the keys where they are.
-        grouped = (queries.to(keys.dtype).view(num_layers, num_queries, num_kv_heads, group, head_dim)
-                   .transpose(1, 2).reshape(num_layers, num_kv_heads, num_queries * group, head_dim))
-        logits = torch.matmul(grouped, keys.transpose(-1, -2))
-        # The max is exact in the cache dtype; the softmax runs in fp32.
-        best = logits.view(num_layers, num_kv_heads, num_queries, group, self.num_blocks, -1).amax(-1)
-        return all_reduce((best.float() * scale).softmax(-1).sum((1, 3)))
 
     def runs(self, indices: list[int]) -> list[tuple[torch.Tensor, int, RopePlan]]:
         """The archived blocks indices (ascending) as runs of blocks adjacent in host memory:
@@ -239,11 +246,14 @@ class RecallArchive:
         return chunk.first_token + offset * chunk.block_size
 
     def _locate(self, index: int) -> tuple[ArchivedBlocks, int]:
-        for chunk in self.chunks:
-            if index < chunk.num_blocks:
-                return chunk, index
-            index -= chunk.num_blocks
-        raise IndexError(index)
+        # A long prompt archives a chunk per step: searched, not walked (a recall locates each
+        # chosen block twice).
+        if self._chunk_ends is None:
+            self._chunk_ends = np.cumsum([chunk.num_blocks for chunk in self.chunks]).tolist()
+        if not 0 <= index < self.num_blocks:
+            raise IndexError(index)
+        at = bisect.bisect_right(self._chunk_ends, index)
+        return self.chunks[at], index - (self._chunk_ends[at - 1] if at else 0)
 
 
 def choose_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:

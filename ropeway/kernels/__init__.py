@@ -12,6 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .block_max_logits import block_max_logits_reference
 from .cpu_attention import paged_attention_cpu, plan_cpu_attention
 from .cpu_linear import linear_packed, pack_linear_weight
 from .cpu_rotary_write_kv import plan_cpu_rotary, rotary_write_kv_cpu
@@ -49,16 +50,22 @@ def plan_rotary_write_kv(positions, seq_index, inv_freq, attention_factor, slot_
 
 
 def rotary_write_kv(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index, inv_freq,
-                    attention_factor, k_scale=None, v_scale=None, plan=None) -> None:
+                    attention_factor, k_scale=None, v_scale=None, plan=None, capture=None,
+                    capture_rows=None) -> None:
     """apply_rotary(q, k, ...) then write_kv(k, v, ...): one launch on CUDA. With k_scale,
-    v_scale the caches are fp8 (fp8_kv.py) and the launch also quantizes. On CPU an fp8 cache
-    takes the reference; otherwise the fast path (cpu_rotary_write_kv.py) with this batch's
-    plan_rotary_write_kv (None: made here)."""
+    v_scale the caches are fp8 (fp8_kv.py) and the launch also quantizes. capture [U, Hq, D]
+    with capture_rows [T] (int64, -1 for none): token t's queries before RoPE are also copied
+    to row capture_rows[t], in the same launch. On CPU an fp8 cache takes the reference;
+    otherwise the fast path (cpu_rotary_write_kv.py) with this batch's plan_rotary_write_kv
+    (None: made here)."""
     if q.is_cuda:
         from .triton_rotary_write_kv import rotary_write_kv_triton
         rotary_write_kv_triton(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index,
-                               inv_freq, attention_factor, k_scale, v_scale)
+                               inv_freq, attention_factor, k_scale, v_scale, capture, capture_rows)
         return
+    if capture is not None:
+        kept = capture_rows >= 0
+        capture[capture_rows[kept]] = q[kept]
     if k_scale is not None:
         rotary_write_kv_reference(q, k, v, k_cache, v_cache, slot_mapping, positions, seq_index,
                                   inv_freq, attention_factor, k_scale, v_scale)
@@ -172,6 +179,14 @@ def silu_mul(gate_up):
     return silu_mul_reference(gate_up)
 
 
+def block_max_logits(queries, keys, block_size, scale):
+    """Each key block's best logit for each query (block_max_logits.py says how and why)."""
+    if keys.is_cuda:
+        from .triton_block_max_logits import block_max_logits_triton
+        return block_max_logits_triton(queries, keys, block_size, scale)
+    return block_max_logits_reference(queries, keys, block_size, scale)
+
+
 def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
                   old_attention_factor, new_attention_factor, k_scale=None) -> None:
     """k_scale: the cache is fp8 (fp8_kv.py); keys are dequantized, rotated, re-quantized."""
@@ -187,6 +202,7 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, ne
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_rotary_write_kv", "plan_attention", "paged_attention",
            "is_long_chunk",
            "warm_up_long_chunk_attention", "warm_up_sampling", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
+           "block_max_logits",
            "filtered_draw", "logprob_terms", "mask_by_bitmask", "linear", "linear_silu_mul", "pack_linear_weight"]
 
 

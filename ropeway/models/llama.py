@@ -42,24 +42,33 @@ class ForwardStopped(Exception):
 
 @dataclass
 class Capture:
-    """Per-layer projections before RoPE that a caller wants from a forward pass: landmark
-    summaries take keys and values, retrieval scoring takes queries (queries_only: one gather
-    a layer, for a step of a long prompt pays it in every layer). rows picks tokens (None: all)."""
-    rows: torch.Tensor | None = None
-    queries_only: bool = False
+    """Per-layer projections before RoPE of every token of a forward pass (landmark summaries
+    take keys and values): copies, for RoPE then rotates q and k in place."""
     queries: list[torch.Tensor] = field(default_factory=list)
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
 
     def add(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        # Copies: RoPE then rotates q and k in place.
-        self.queries.append(self._rows(q))
-        if not self.queries_only:
-            self.keys.append(self._rows(k))
-            self.values.append(self._rows(v))
+        self.queries.append(q.clone())
+        self.keys.append(k.clone())
+        self.values.append(v.clone())
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clone() if self.rows is None else x.index_select(0, self.rows)
+
+@dataclass
+class QueryCapture:
+    """Queries before RoPE of some tokens of a forward pass, every layer (retrieval scores with
+    those of a long prompt's chunks). The rotary kernel stores them in its own launch: a
+    step of a long prompt paid a gather in each layer. token_rows [T] (int64 on the device):
+    token t's row in the buffer, -1 for none; order [R]: the buffer rows wanted, in order
+    (a token may be wanted twice)."""
+    token_rows: torch.Tensor
+    num_rows: int
+    order: torch.Tensor
+    buffer: torch.Tensor | None = None  # [L, num_rows, H, D], filled by the forward pass
+
+    def queries(self) -> torch.Tensor:
+        """[L, R, H, D]: the wanted tokens' queries, in order."""
+        return self.buffer.index_select(1, self.order)
 
 
 class LlamaModel:
@@ -151,12 +160,13 @@ class LlamaModel:
         return self.embed_tokens.dtype
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor, capture: Capture | None = None,
+    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor, capture: Capture | QueryCapture | None = None,
                 keep_going: Callable[[], bool] | None = None) -> torch.Tensor:
         """Logits (fp32) [len(batch.logits_indices), vocab]. kv_cache is
         [num_layers, 2, num_blocks, block_size, num_local_kv_heads, head_dim], or an fp8 pool
         [num_layers, 2, num_blocks, block bytes] (kernels/fp8_kv.py). capture, if given,
-        receives each layer's queries and keys before RoPE, and values, of this rank's heads.
+        receives each layer's queries and keys before RoPE, and values, of this rank's heads
+        (a QueryCapture: queries of some tokens).
         keep_going, if given, is asked before each layer; False raises ForwardStopped (a long
         prompt chunk on CPU runs for seconds, and nobody may want it any more). Under tensor
         parallelism every rank runs the same batch on its own slice of the cache
@@ -174,6 +184,10 @@ class LlamaModel:
         # The CPU's RoPE + KV-write plan (cos/sin, slots) once for all layers; None on CUDA.
         rotary_plan = plan_rotary_write_kv(batch.positions, batch.seq_index, batch.inv_freq, batch.attention_factor,
                                            batch.slot_mapping)
+        query_capture = capture if isinstance(capture, QueryCapture) else None
+        if query_capture is not None:
+            query_capture.buffer = h.new_empty(cfg.num_layers, query_capture.num_rows, self.num_local_heads,
+                                               cfg.head_dim)
         for i, layer in enumerate(self.layers):
             if keep_going is not None and not keep_going():
                 raise ForwardStopped(i, len(self.layers))
@@ -181,13 +195,14 @@ class LlamaModel:
             q = qkv[:, : self.q_size].view(num_tokens, self.num_local_heads, cfg.head_dim)
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_local_kv_heads, cfg.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_local_kv_heads, cfg.head_dim)
-            if capture is not None:
+            if isinstance(capture, Capture):
                 capture.add(q, k, v)
+            kept = (None, None) if query_capture is None else (query_capture.buffer[i], query_capture.token_rows)
             k_cache, k_scale, v_cache, v_scale = caches[i]
             # RoPE on q and k in place, then k and v to their cache slots: one launch on CUDA.
             rotary_write_kv(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions,
                             batch.seq_index, batch.inv_freq, batch.attention_factor, k_scale, v_scale,
-                            rotary_plan)
+                            rotary_plan, *kept)
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
                                    batch.slot_bias, batch.num_decode_seqs, batch.long_chunks, attention_plan,
