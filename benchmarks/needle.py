@@ -347,14 +347,15 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks/results/needle")
     parser.add_argument("--resume", action="store_true", help="keep the cells OUT_DIR/needle.json already holds")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--standout-ratio", type=float, default=None,
-                        help="the experimental choice: blocks scoring this many times the rest get the region "
-                             "as contiguous runs around them (engine/recall.py RECALL_STANDOUT_RATIO; default off)")
+    parser.add_argument("--standout-ratio", type=float, default=recall.RECALL_STANDOUT_RATIO,
+                        help="the standout rule: when few blocks score within this factor of the best, the region "
+                             "holds contiguous runs around them (engine/recall.py RECALL_STANDOUT_RATIO; 0: off; "
+                             "default: the engine's, %(default)s)")
     parser.add_argument("--recompute-recalled", choices=("on", "off"), default="on",
                         help="compute the question's recalled blocks afresh in the region (the engine's default: on)")
     args = parser.parse_args()
     cache_ops.RECOMPUTE_RECALLED = args.recompute_recalled == "on"
-    recall.RECALL_STANDOUT_RATIO = args.standout_ratio
+    recall.RECALL_STANDOUT_RATIO = args.standout_ratio or None
 
     cuda = torch.cuda.is_available()
     lengths = [int(n) for n in args.lengths.split(",")]

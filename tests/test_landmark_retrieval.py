@@ -354,8 +354,9 @@ def greedy_choice(scores: list[float], count: int) -> list[int]:
     return sorted(chosen)
 
 
-def test_choice_on_the_device_is_the_greedy_choice():
-    # What greedy_choice spells out:
+def test_choice_on_the_device_is_the_greedy_choice(monkeypatch):
+    # Where no few blocks stand out (the standout rule's case is the next test's). What greedy_choice spells out:
+    monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", None)
     assert (recall_module.RECALL_FOLLOWING_BLOCKS, recall_module.RECALL_PRECEDING_BLOCKS) == (1, 1)
     rng = random.Random(5)
     for _ in range(300):
@@ -367,7 +368,7 @@ def test_choice_on_the_device_is_the_greedy_choice():
     assert recall_module.choose_blocks(torch.zeros(0), 4).tolist() == []
 
 
-def test_the_standout_experiment_widens_runs_around_blocks_far_above_the_rest(monkeypatch):
+def test_the_standout_rule_widens_runs_around_blocks_far_above_the_rest(monkeypatch):
     scores = torch.tensor([1.0, 1.2, 0.9, 6.0, 5.0, 1.1, 0.8, 1.3, 1.0, 0.7])
     # Only blocks 3 and 4 score within 3x of the best: runs around them, the best (3) widened first: 2, 5, 1.
     assert recall_module.runs_around_standouts(scores.numpy(), 5, 3.0) == [1, 2, 3, 4, 5]
@@ -375,7 +376,7 @@ def test_the_standout_experiment_widens_runs_around_blocks_far_above_the_rest(mo
     monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", 3.0)
     assert recall_module.choose_blocks(scores, 5).tolist() == [1, 2, 3, 4, 5]
     assert recall_module.choose_blocks(scores, 10).tolist() == list(range(10))  # room for all: all
-    monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", None)  # off (the default): the greedy choice
+    monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", None)  # off: the greedy choice
     assert recall_module.choose_blocks(scores, 5).tolist() == greedy_choice(scores.tolist(), 5)
 
 
