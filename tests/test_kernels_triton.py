@@ -96,6 +96,31 @@ def test_rerotate_moves_keys_across_rope_rows_in_every_layer(dtype):
     assert_close(k_cache, expected, dtype)
 
 
+def test_rerotate_on_head_major_keys_with_broadcast_factors():
+    """How retrieval rotates archived keys back: a head-major [layers, heads, tokens, dim] buffer
+    seen as blocks, one attention factor broadcast (stride 0) over the slots, a zero inv_freq as
+    the target. The kernel once read such a factor as if it were whole (garbage on the GPU)."""
+    gen = torch.Generator().manual_seed(4)
+    num_layers, num_kv_heads, capacity, head_dim, page_size = 2, 3, 64, 64, 16
+    keys = torch.randn(num_layers, num_kv_heads, capacity, head_dim, generator=gen)
+    view = keys.view(num_layers, num_kv_heads, capacity // page_size, page_size, head_dim).permute(0, 2, 3, 1, 4)
+    n = 20
+    slots = torch.arange(16, 16 + n)
+    positions = torch.arange(3000, 3000 + n)
+    inv_freq, _ = rope_rows(1, head_dim, "cpu", gen)
+    factors = torch.tensor([1.3, 1.0])
+    args = (slots, positions, positions, inv_freq[0].expand(n, -1), torch.zeros_like(inv_freq[0]).expand(n, -1),
+            factors[0].expand(n), factors[1].expand(n))
+    original, expected = keys.clone(), keys.clone()
+    rerotate_keys_reference(expected.view(view.shape[:1] + (num_kv_heads, capacity // page_size, page_size, head_dim))
+                            .permute(0, 2, 3, 1, 4), *args)
+    rerotate_keys_triton(view, *args)
+    assert_close(keys, expected, torch.float32)
+    # The slots given turned; the others stayed.
+    assert not torch.allclose(keys[:, :, 16 : 16 + n], original[:, :, 16 : 16 + n])
+    assert torch.equal(keys[:, :, :16], original[:, :, :16]) and torch.equal(keys[:, :, 36:], original[:, :, 36:])
+
+
 # (seq_len, query_len) per sequence: a full prefill, a chunk after a cached prefix, decodes
 # with partial and exactly full last blocks, and a sequence with no queries this step.
 MIXED = [(37, 37), (50, 13), (29, 1), (32, 1), (20, 0)]

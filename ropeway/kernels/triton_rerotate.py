@@ -69,6 +69,9 @@ def rerotate_keys_triton(k_cache: torch.Tensor, slots: torch.Tensor, old_positio
     if slots.numel() == 0:
         return
     half = head_dim // 2
+    # The kernel indexes the per-slot vectors densely: a broadcast (stride-0) one is made whole.
+    slots, old_positions, new_positions, old_attention_factor, new_attention_factor = (
+        x.contiguous() for x in (slots, old_positions, new_positions, old_attention_factor, new_attention_factor))
     grid = (slots.numel(), triton.cdiv(num_layers, LAYERS_PER_PROGRAM))
     # Without scales the kernel never reads them: any tensor stands in.
     scales = k_cache if k_scale is None else k_scale
