@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from bounded_streams import long_text_ids, stream_checking_positions
@@ -354,7 +355,7 @@ def greedy_choice(scores: list[float], count: int) -> list[int]:
     return sorted(chosen)
 
 
-def test_choice_on_the_device_is_the_greedy_choice(monkeypatch):
+def test_the_vectorized_choice_is_the_greedy_choice(monkeypatch):
     # Where no few blocks stand out (the standout rule's case is the next test's). What greedy_choice spells out:
     monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", None)
     assert (recall_module.RECALL_FOLLOWING_BLOCKS, recall_module.RECALL_PRECEDING_BLOCKS) == (1, 1)
@@ -363,9 +364,9 @@ def test_choice_on_the_device_is_the_greedy_choice(monkeypatch):
         num_blocks = rng.randint(1, 24)
         scores = [rng.random() for _ in range(num_blocks)]
         count = rng.randint(1, num_blocks + 2)
-        chosen = recall_module.choose_blocks(torch.tensor(scores), count)
+        chosen = recall_module.choose_blocks(np.asarray(scores), count)
         assert chosen.tolist() == greedy_choice(scores, count), (scores, count)
-    assert recall_module.choose_blocks(torch.zeros(0), 4).tolist() == []
+    assert recall_module.choose_blocks(np.zeros(0, dtype=np.float32), 4).tolist() == []
 
 
 def test_the_standout_rule_widens_runs_around_blocks_far_above_the_rest(monkeypatch):
@@ -374,10 +375,10 @@ def test_the_standout_rule_widens_runs_around_blocks_far_above_the_rest(monkeypa
     assert recall_module.runs_around_standouts(scores.numpy(), 5, 3.0) == [1, 2, 3, 4, 5]
     assert recall_module.runs_around_standouts(scores.numpy(), 5, 6.0) is None  # 7 blocks within 6x: more than 5
     monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", 3.0)
-    assert recall_module.choose_blocks(scores, 5).tolist() == [1, 2, 3, 4, 5]
-    assert recall_module.choose_blocks(scores, 10).tolist() == list(range(10))  # room for all: all
+    assert recall_module.choose_blocks(scores.numpy(), 5).tolist() == [1, 2, 3, 4, 5]
+    assert recall_module.choose_blocks(scores.numpy(), 10).tolist() == list(range(10))  # room for all: all
     monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", None)  # off: the greedy choice
-    assert recall_module.choose_blocks(scores, 5).tolist() == greedy_choice(scores.tolist(), 5)
+    assert recall_module.choose_blocks(scores.numpy(), 5).tolist() == greedy_choice(scores.tolist(), 5)
 
 
 def test_recalled_blocks_adjacent_in_host_memory_come_back_in_one_copy(default_llm):

@@ -140,9 +140,11 @@ class RecallArchive:
         # a re-rotation to angle 0 (a zero inv_freq) of the keys just appended, in one launch.
         slots = torch.arange(first, first + n, device=kv.device)
         positions = torch.arange(position, position + n, device=kv.device)
-        factors = inv_freq.new_tensor([attention_factor, 1.0], dtype=torch.float32)
+        # (Filled on the device: a tensor made from Python numbers is a copy the host waits for.)
+        factors = torch.full((2, n), 1.0, device=kv.device)
+        factors[0].fill_(attention_factor)
         rerotate_keys(self._block_view(block_size), slots, positions, positions, inv_freq.expand(n, -1),
-                      torch.zeros_like(inv_freq).expand(n, -1), factors[0].expand(n), factors[1].expand(n))
+                      torch.zeros_like(inv_freq).expand(n, -1), factors[0], factors[1])
         unrotated_bytes = n * num_layers * num_kv_heads * head_dim * keys.element_size()
         # Block-major (one copy per recalled block) and pinned on CUDA, so the copy is queued
         # behind the step and recalls copy back without waiting.
@@ -190,9 +192,10 @@ class RecallArchive:
         """Indices (oldest first) of at most count archived blocks to bring back for queries
         [num_layers, Q, num_heads, head_dim] (before RoPE, this rank's heads) over baseline
         queries (same layout, or None). all_reduce sums a tensor over tensor-parallel ranks,
-        so every rank chooses the same blocks. The choice is made on the device and read once (the
-        recall's one host sync: it copies the blocks from host memory)."""
-        return choose_blocks(self.block_scores(queries, baseline, scale, all_reduce), count).tolist()
+        so every rank chooses the same blocks. The scores are read once (the recall's one host
+        sync: it copies the blocks from host memory) and the choice is made on the host."""
+        scores = self.block_scores(queries, baseline, scale, all_reduce)
+        return choose_blocks(scores.cpu().numpy(), count).tolist()
 
     def block_scores(self, queries: torch.Tensor, baseline: torch.Tensor | None, scale: float,
                      all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -259,31 +262,35 @@ class RecallArchive:
         return self.chunks[at], index - (self._chunk_ends[at - 1] if at else 0)
 
 
-def choose_blocks(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices (ascending, on the device) of min(count, blocks) blocks for scores [blocks]: the
-    best-scored block, then the RECALL_FOLLOWING_BLOCKS after it, then the
-    RECALL_PRECEDING_BLOCKS before it (nearest first), then the next best with its neighbours,
-    ..., blocks not yet taken taken in that order until count are. Made without reading the
-    scores on the host: each block is ranked by the best block that brings it (the best of itself
-    and its neighbours), then by its place among that one's neighbours, and the lowest ranks win."""
-    num_blocks = scores.numel()
+def choose_blocks(scores: np.ndarray, count: int) -> np.ndarray:
+    """Indices (ascending) of min(count, blocks) blocks for scores [blocks] (fp32): the standout
+    rule's choice where it applies (runs_around_standouts), else the best-scored block, then the
+    RECALL_FOLLOWING_BLOCKS after it, then the RECALL_PRECEDING_BLOCKS before it (nearest first),
+    then the next best with its neighbours, ..., blocks not yet taken taken in that order until
+    count are. Array operations, not that loop (a long prompt chooses before each chunk, among
+    thousands of blocks): each block is ranked by the best block that brings it (the best of
+    itself and its neighbours), then by its place among that one's neighbours, and the lowest
+    ranks win."""
+    num_blocks = scores.size
     after, before = RECALL_FOLLOWING_BLOCKS, RECALL_PRECEDING_BLOCKS
     if num_blocks == 0:
-        return torch.empty(0, dtype=torch.int64, device=scores.device)
+        return np.zeros(0, dtype=np.int64)
     if RECALL_STANDOUT_RATIO is not None and num_blocks > count:
-        standout = runs_around_standouts(scores.float().cpu().numpy(), count, RECALL_STANDOUT_RATIO)
+        standout = runs_around_standouts(scores, count, RECALL_STANDOUT_RATIO)
         if standout is not None:
-            return torch.as_tensor(standout, device=scores.device)
-    order = scores.argsort(descending=True)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(num_blocks, device=scores.device)
+            return np.asarray(standout, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(num_blocks, dtype=np.int64)
+    rank[order] = np.arange(num_blocks)
     # Window w of block j holds the ranks of blocks j - after .. j + before (past the ends: ranked last).
-    padded = torch.cat([rank.new_full((after,), num_blocks), rank, rank.new_full((before,), num_blocks)])
-    seed_rank, seed_at = padded.unfold(0, after + before + 1, 1).min(-1)
+    padded = np.concatenate([np.full(after, num_blocks), rank, np.full(before, num_blocks)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, after + before + 1)
+    seed_at = windows.argmin(-1)
+    seed_rank = windows[np.arange(num_blocks), seed_at]
     distance = seed_at - after  # the seed's place from j: < 0 before j (j follows it), > 0 after j
-    place_among_neighbours = torch.where(distance <= 0, -distance, after + distance)
+    place_among_neighbours = np.where(distance <= 0, -distance, after + distance)
     place = seed_rank * (after + before + 1) + place_among_neighbours
-    return place.topk(min(count, num_blocks), largest=False).indices.sort().values
+    return np.sort(np.argsort(place, kind="stable")[: min(count, num_blocks)])
 
 
 def runs_around_standouts(scores: np.ndarray, count: int, ratio: float) -> list[int] | None:

@@ -185,9 +185,11 @@ class LlamaModel:
         rotary_plan = plan_rotary_write_kv(batch.positions, batch.seq_index, batch.inv_freq, batch.attention_factor,
                                            batch.slot_mapping)
         query_capture = capture if isinstance(capture, QueryCapture) else None
+        kept_rows = [(None, None)] * cfg.num_layers
         if query_capture is not None:
             query_capture.buffer = h.new_empty(cfg.num_layers, query_capture.num_rows, self.num_local_heads,
                                                cfg.head_dim)
+            kept_rows = [(rows, query_capture.token_rows) for rows in query_capture.buffer.unbind(0)]
         for i, layer in enumerate(self.layers):
             if keep_going is not None and not keep_going():
                 raise ForwardStopped(i, len(self.layers))
@@ -197,12 +199,11 @@ class LlamaModel:
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_local_kv_heads, cfg.head_dim)
             if isinstance(capture, Capture):
                 capture.add(q, k, v)
-            kept = (None, None) if query_capture is None else (query_capture.buffer[i], query_capture.token_rows)
             k_cache, k_scale, v_cache, v_scale = caches[i]
             # RoPE on q and k in place, then k and v to their cache slots: one launch on CUDA.
             rotary_write_kv(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions,
                             batch.seq_index, batch.inv_freq, batch.attention_factor, k_scale, v_scale,
-                            rotary_plan, *kept)
+                            rotary_plan, *kept_rows[i])
             attn = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.max_query_len, batch.max_seq_len,
                                    batch.slot_bias, batch.num_decode_seqs, batch.long_chunks, attention_plan,
