@@ -189,7 +189,8 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
         for name in policy_names:
             recalled.clear()
             policy = policies(window, retrieve)[name]
-            forgotten = ops.archive_budget.num_forgotten_blocks
+            budget = ops.archive_budget
+            forgotten, forgotten_in_use = budget.num_forgotten_blocks, budget.num_forgotten_in_use_blocks
             outputs = llm.generate([c[0] for c in cases], params, context=ContextParams(context_policy=policy))
             result = {"accuracy": accuracy(outputs)}
             if policy.get("retrieve"):
@@ -200,11 +201,14 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
                     brought = {start // block for start in recalled.get(out.request_id, [])}
                     shares.append(len(needle_blocks & brought) / len(needle_blocks))
                 result["needle_block_recall"] = sum(shares) / trials
-                # Blocks the archive budget dropped: a needle among them was never recallable.
-                result["archive_forgotten_blocks"] = ops.archive_budget.num_forgotten_blocks - forgotten
-                if result["archive_forgotten_blocks"]:
+                # Blocks the archive budget dropped: those of the earlier cells' finished streams
+                # (idle), and of this cell's streams (in use: a needle among them was never recallable).
+                result["archive_forgotten_blocks"] = budget.num_forgotten_blocks - forgotten
+                result["archive_forgotten_in_use_blocks"] = budget.num_forgotten_in_use_blocks - forgotten_in_use
+                if result["archive_forgotten_in_use_blocks"]:
                     print(f"warning: {window}/{length}/{depth} {name}: the archive budget forgot "
-                          f"{result['archive_forgotten_blocks']} blocks (raise retrieval_archive_bytes)", flush=True)
+                          f"{result['archive_forgotten_in_use_blocks']} blocks of the cell's streams "
+                          "(raise retrieval_archive_bytes)", flush=True)
             result["trials"] = per_trial(outputs, shares if policy.get("retrieve") else None)
             cell[name] = result
     finally:

@@ -236,9 +236,11 @@ def test_archive_budget_takes_from_idle_archives_before_the_long_prompt_in_use(d
     budget.track(running)
     assert (finished.num_blocks, running.num_blocks) == (0, 5)  # the idle archive went whole
     assert running.block(0)[1] == 0
+    assert (budget.num_forgotten_blocks, budget.num_forgotten_in_use_blocks) == (2, 0)
     running.add(kv, 80, 80, plan, inv_freq, factor)
     budget.track(running)  # nothing idle is left: now the running archive forgets its oldest block
     assert running.num_blocks == 5 and running.block(0)[1] == 16
+    assert (budget.num_forgotten_blocks, budget.num_forgotten_in_use_blocks) == (3, 1)
 
 
 NEEDLE = " Grandma's secret ingredient for her famous tomato soup is smoked paprika from Hungary. "

@@ -332,6 +332,8 @@ class ArchiveBudget:
         # Archived blocks forgotten to stay within the budget: a stream can no longer recall them
         # (a metric, and what a benchmark checks before blaming the retriever for a lost needle).
         self.num_forgotten_blocks = 0
+        # Of those, the ones taken from archives in use (not idle: a prompt being read).
+        self.num_forgotten_in_use_blocks = 0
 
     def next_step(self) -> None:
         self.step += 1
@@ -346,14 +348,20 @@ class ArchiveBudget:
             victim = self._victim()
             if victim is None:
                 break
-            self.num_forgotten_blocks += victim.drop_oldest()
+            in_use = not self._idle(victim)
+            dropped = victim.drop_oldest()
+            self.num_forgotten_blocks += dropped
+            self.num_forgotten_in_use_blocks += dropped if in_use else 0
 
     def _victim(self) -> "RecallArchive | None":
         holding = [a for a in self.archives if a.chunks]
-        idle = [a for a in holding if a.last_step < self.step - self.IDLE_STEPS]
+        idle = [a for a in holding if self._idle(a)]
         if idle:
             return min(idle, key=lambda a: a.last_step)
         return max(holding, key=lambda a: a.num_bytes, default=None)
+
+    def _idle(self, archive: RecallArchive) -> bool:
+        return archive.last_step < self.step - self.IDLE_STEPS
 
     @property
     def num_bytes(self) -> int:
