@@ -35,10 +35,10 @@ first token of a long prompt pays it before every chunk): evicted blocks go to p
 memory by copies queued on the stream (nothing waits for them) and their scoring keys are
 rotated back in one re-rotation launch; the queries are kept by the rotary kernel as it runs
 (models/llama.py, QueryCapture); on a GPU one kernel scores every layer (its blocks' best logits,
-kernels/block_max_logits.py) over scoring keys kept head-major (read in place); the choice is
-made on the device, and the chosen blocks come back in one copy per run of consecutive blocks
-and one re-rotation. The host reads the choice once, where it must (it copies the blocks from
-host memory).
+kernels/block_max_logits.py) over scoring keys kept head-major (read in place); the host reads
+the scores once, where it must (it copies the blocks from host memory), and chooses with array
+operations; the chosen blocks come back in one copy per run of consecutive blocks and one
+re-rotation.
 """
 
 import bisect
