@@ -165,8 +165,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="32768")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--retrieve", type=int, default=256)
-    parser.add_argument("--runs", type=int, default=3,
-                        help="timed runs per mode (median), after one warm-up on CUDA; 0: count only")
+    parser.add_argument("--runs", type=int, default=5,
+                        help="rounds of one timed run per mode, interleaved (medians; the overhead is the median of "
+                             "the rounds' ratios), after one warm-up on CUDA; 0: count only")
     parser.add_argument("--no-counts", action="store_true", help="time only (no counted run)")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode steps beside a prefill")
     parser.add_argument("--out", default="")
@@ -188,21 +189,27 @@ def main() -> None:
     for length in lengths:
         prompt = next(iter(texts.values()))[:length]
         per_length = result["lengths"][str(length)] = {}
-        for mode in MODES:
-            policy, switched_off = policies[mode]
-            if cuda and args.runs:
-                run_prompt(llm, prompt, policy, switched_off)  # compiles what this length needs
-            timed = [run_prompt(llm, prompt, policy, switched_off) for _ in range(args.runs)]
-            if not timed:
-                continue
+        if cuda and args.runs:
+            for mode in MODES:  # compiles what this length needs
+                run_prompt(llm, prompt, *policies[mode])
+        # Rounds of one run per mode, interleaved: a host whose speed drifts between calls (measured: the
+        # same steps at 11.6 and 25.6 ms in one lease) drifts alike for the modes of a round.
+        rounds = [{mode: run_prompt(llm, prompt, *policies[mode]) for mode in MODES} for _ in range(args.runs)]
+        for mode in MODES if rounds else ():
+            timed = [r[mode] for r in rounds]
             seconds = sorted(t for t, _ in timed)[len(timed) // 2]
             steps = timed[0][1]
-            entry = per_length[mode] = {"seconds": seconds, "steps": steps, "ms_per_step": 1000 * seconds / steps}
+            entry = per_length[mode] = {"seconds": seconds, "steps": steps, "ms_per_step": 1000 * seconds / steps,
+                                        "runs": [t for t, _ in timed]}
             print(f"{length} {mode}: {seconds:.3f} s, {steps} steps, {entry['ms_per_step']:.2f} ms/step", flush=True)
-        if args.runs:
-            off = per_length["retrieve, archive and recall off"]["seconds"]
-            per_length["retrieval_overhead"] = per_length["retrieve"]["seconds"] / off - 1
-            print(f"{length}: retrieval adds {per_length['retrieval_overhead']:.0%}", flush=True)
+        if rounds:
+            # Each round's ratio, then the median: what the rounds' shared drift cancels out of.
+            off = "retrieve, archive and recall off"
+            ratios = sorted(r["retrieve"][0] / r[off][0] - 1 for r in rounds)
+            per_length["retrieval_overhead_per_round"] = ratios
+            per_length["retrieval_overhead"] = ratios[len(ratios) // 2]
+            print(f"{length}: retrieval adds {per_length['retrieval_overhead']:.0%} (median of {len(ratios)} "
+                  f"rounds: {', '.join(f'{r:.0%}' for r in ratios)})", flush=True)
         if not args.no_counts:
             for mode in MODES:
                 policy, switched_off = policies[mode]
