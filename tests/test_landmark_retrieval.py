@@ -374,8 +374,9 @@ def test_the_vectorized_choice_is_the_greedy_choice(monkeypatch):
 def test_the_standout_rule_widens_runs_around_blocks_far_above_the_rest(monkeypatch):
     scores = torch.tensor([1.0, 1.2, 0.9, 6.0, 5.0, 1.1, 0.8, 1.3, 1.0, 0.7])
     # Only blocks 3 and 4 score within 3x of the best: runs around them, the best (3) widened first: 2, 5, 1.
-    assert recall_module.runs_around_standouts(scores.numpy(), 5, 3.0) == [1, 2, 3, 4, 5]
-    assert recall_module.runs_around_standouts(scores.numpy(), 5, 6.0) is None  # 7 blocks within 6x: more than 5
+    order = np.argsort(-scores.numpy(), kind="stable")
+    assert recall_module.runs_around_standouts(scores.numpy(), order, 5, 3.0) == [1, 2, 3, 4, 5]
+    assert recall_module.runs_around_standouts(scores.numpy(), order, 5, 6.0) is None  # 7 within 6x: more than 5
     monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", 3.0)
     assert recall_module.choose_blocks(scores.numpy(), 5).tolist() == [1, 2, 3, 4, 5]
     assert recall_module.choose_blocks(scores.numpy(), 10).tolist() == list(range(10))  # room for all: all

@@ -239,8 +239,9 @@ class ModelRunner:
             ops.recorded = None
             keep_going = None
         # Retrieval keeps queries of prompt chunks for the next chunk's selection.
-        return self.run(self.upload(host, previous_tokens),
-                        ops.query_capture(step, self.chunk_starts, host.int64[0].size), keep_going)
+        num_tokens = host.int64[0].size  # (input_ids)
+        return self.run(self.upload(host, previous_tokens), ops.query_capture(step, self.chunk_starts, num_tokens),
+                        keep_going)
 
     def run(self, batch: ForwardBatch, capture=None, keep_going: Callable[[], bool] | None = None) -> torch.Tensor:
         self.cache_ops.clear_written_slots(batch)

@@ -263,7 +263,7 @@ class RecallArchive:
 
 
 def choose_blocks(scores: np.ndarray, count: int) -> np.ndarray:
-    """Indices (ascending) of min(count, blocks) blocks for scores [blocks] (fp32): the standout
+    """Indices (ascending) of min(count, blocks) blocks for scores [blocks]: the standout
     rule's choice where it applies (runs_around_standouts), else the best-scored block, then the
     RECALL_FOLLOWING_BLOCKS after it, then the RECALL_PRECEDING_BLOCKS before it (nearest first),
     then the next best with its neighbours, ..., blocks not yet taken taken in that order until
@@ -275,11 +275,11 @@ def choose_blocks(scores: np.ndarray, count: int) -> np.ndarray:
     after, before = RECALL_FOLLOWING_BLOCKS, RECALL_PRECEDING_BLOCKS
     if num_blocks == 0:
         return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")
     if RECALL_STANDOUT_RATIO is not None and num_blocks > count:
-        standout = runs_around_standouts(scores, count, RECALL_STANDOUT_RATIO)
+        standout = runs_around_standouts(scores, order, count, RECALL_STANDOUT_RATIO)
         if standout is not None:
             return np.asarray(standout, dtype=np.int64)
-    order = np.argsort(-scores, kind="stable")
     rank = np.empty(num_blocks, dtype=np.int64)
     rank[order] = np.arange(num_blocks)
     # Window w of block j holds the ranks of blocks j - after .. j + before (past the ends: ranked last).
@@ -293,11 +293,11 @@ def choose_blocks(scores: np.ndarray, count: int) -> np.ndarray:
     return np.sort(np.argsort(place, kind="stable")[: min(count, num_blocks)])
 
 
-def runs_around_standouts(scores: np.ndarray, count: int, ratio: float) -> list[int] | None:
+def runs_around_standouts(scores: np.ndarray, order: np.ndarray, count: int, ratio: float) -> list[int] | None:
     """The standout rule's choice (RECALL_STANDOUT_RATIO), or None where more than count blocks
     score within a factor `ratio` of the best: those blocks, each widened one block at a time on
-    both sides (the best first) until count blocks are taken; ascending."""
-    order = np.argsort(-scores, kind="stable")
+    both sides (the best first) until count blocks are taken; ascending. order: the blocks by
+    falling score."""
     ranked = scores[order]
     below = np.flatnonzero(ranked < ranked[0] / ratio)
     if not below.size or below[0] > count:

@@ -53,8 +53,8 @@ def _block_max_logits_kernel(q_ptr, k_ptr, out_ptr, scale,
 
 def block_max_logits_triton(queries: torch.Tensor, keys: torch.Tensor, block_size: int,
                             scale: float) -> torch.Tensor:
-    """As block_max_logits_reference; keys' last dimension must be contiguous-friendly (any
-    strides work). block_size a power of two, at most KEYS_PER_PROGRAM."""
+    """As block_max_logits_reference (queries and keys of any strides); block_size a power of
+    two, at most KEYS_PER_PROGRAM."""
     num_layers, num_rows, num_heads, head_dim = queries.shape
     num_kv_heads, num_keys = keys.shape[1], keys.shape[2]
     group = num_heads // num_kv_heads

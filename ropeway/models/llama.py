@@ -42,14 +42,12 @@ class ForwardStopped(Exception):
 
 @dataclass
 class Capture:
-    """Per-layer projections before RoPE of every token of a forward pass (landmark summaries
-    take keys and values): copies, for RoPE then rotates q and k in place."""
-    queries: list[torch.Tensor] = field(default_factory=list)
+    """Per-layer keys before RoPE, and values, of every token of a forward pass (what landmark
+    summaries are made of): copies, for RoPE then rotates k in place."""
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.queries.append(q.clone())
+    def add(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.keys.append(k.clone())
         self.values.append(v.clone())
 
@@ -165,8 +163,8 @@ class LlamaModel:
         """Logits (fp32) [len(batch.logits_indices), vocab]. kv_cache is
         [num_layers, 2, num_blocks, block_size, num_local_kv_heads, head_dim], or an fp8 pool
         [num_layers, 2, num_blocks, block bytes] (kernels/fp8_kv.py). capture, if given,
-        receives each layer's queries and keys before RoPE, and values, of this rank's heads
-        (a QueryCapture: queries of some tokens).
+        receives each layer's keys before RoPE and values (a Capture), or queries before RoPE of
+        some tokens (a QueryCapture), of this rank's heads.
         keep_going, if given, is asked before each layer; False raises ForwardStopped (a long
         prompt chunk on CPU runs for seconds, and nobody may want it any more). Under tensor
         parallelism every rank runs the same batch on its own slice of the cache
@@ -198,7 +196,7 @@ class LlamaModel:
             k = qkv[:, self.q_size : self.q_size + self.kv_size].view(num_tokens, self.num_local_kv_heads, cfg.head_dim)
             v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_local_kv_heads, cfg.head_dim)
             if isinstance(capture, Capture):
-                capture.add(q, k, v)
+                capture.add(k, v)
             k_cache, k_scale, v_cache, v_scale = caches[i]
             # RoPE on q and k in place, then k and v to their cache slots: one launch on CUDA.
             rotary_write_kv(q, k, v, k_cache, v_cache, batch.slot_mapping, batch.positions,
