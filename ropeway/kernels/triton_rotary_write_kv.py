@@ -39,17 +39,14 @@ def _rotary_write_kv_kernel(
     cos, sin = token_cos_sin(token, positions_ptr, seq_index_ptr, inv_freq_ptr, factor_ptr,
                              stride_freq, stride_freq_d, HALF, BLOCK_HALF)
 
-    if CAPTURE:
-        q_heads = tl.arange(0, BLOCK_HQ)
-        q_rows = q_ptr + token * stride_qt + q_heads * stride_qh
-        q1, q2 = load_halves(q_rows, q_heads < num_q_heads, stride_qd, HALF, BLOCK_HALF)
+    q_heads = tl.arange(0, BLOCK_HQ)
+    q_rows = q_ptr + token * stride_qt + q_heads * stride_qh
+    q1, q2 = load_halves(q_rows, q_heads < num_q_heads, stride_qd, HALF, BLOCK_HALF)
+    if CAPTURE:  # the queries as they are before RoPE, to the token's capture row if it has one
         capture_row = tl.load(capture_rows_ptr + token).to(tl.int64)
         store_halves(capture_ptr + capture_row * stride_cr + q_heads * stride_ch,
                      q_heads < tl.where(capture_row >= 0, num_q_heads, 0), stride_cd, q1, q2, HALF, BLOCK_HALF)
-        store_rotated(q_rows, q_heads < num_q_heads, stride_qd, q1, q2, cos, sin, HALF, BLOCK_HALF)
-    else:
-        rotate_heads(q_ptr, token, stride_qt, stride_qh, stride_qd, num_q_heads, cos, sin, HALF, BLOCK_HALF,
-                     BLOCK_HQ)
+    store_rotated(q_rows, q_heads < num_q_heads, stride_qd, q1, q2, cos, sin, HALF, BLOCK_HALF)
     # Keys: rotated in place (rounded to k's dtype, as the reference does) and, unless the
     # token is padding, also stored to its cache slot.
     r1, r2 = rotate_heads(k_ptr, token, stride_kt, stride_kh, stride_kd, num_kv_heads, cos, sin,
