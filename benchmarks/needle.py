@@ -164,13 +164,6 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
     block = llm.engine.config.block_size
     cell = {}
     ops = llm.engine.runner.cache_ops
-    recall = ops.recall
-    recalled: dict[str, list[int]] = {}
-
-    def record(item):
-        recall(item)
-        if item.samples:
-            recalled[item.seq.request_id] = list(item.seq.archive.recalled_tokens)
 
     def correct(outputs) -> list[bool]:
         return [answer.lower() in out.outputs[0].text.lower() for out, (_, _, _, answer) in zip(outputs, cases)]
@@ -184,8 +177,7 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
                  **({"needle_block_share": shares[i]} if shares else {})}
                 for i, (label, out, ok) in enumerate(zip(labels, outputs, correct(outputs)))]
 
-    ops.recall = record
-    try:
+    with recording_recalls(llm) as recalled:
         for name in policy_names:
             recalled.clear()
             policy = policies(window, retrieve)[name]
@@ -194,12 +186,8 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
             outputs = llm.generate([c[0] for c in cases], params, context=ContextParams(context_policy=policy))
             result = {"accuracy": accuracy(outputs)}
             if policy.get("retrieve"):
-                shares = []
-                for out, (_, (first, last), _, _) in zip(outputs, cases):
-                    needle_blocks = set(range(first // block, (last - 1) // block + 1))
-                    # Blocks are aligned with the stream after the sink blocks, which are whole blocks.
-                    brought = {start // block for start in recalled.get(out.request_id, [])}
-                    shares.append(len(needle_blocks & brought) / len(needle_blocks))
+                shares = [needle_block_share(span, recalled.get(out.request_id, []), block)
+                          for out, (_, span, _, _) in zip(outputs, cases)]
                 result["needle_block_recall"] = sum(shares) / trials
                 # Blocks the archive budget dropped: those of the earlier cells' finished streams
                 # (idle), and of this cell's streams (in use: a needle among them was never recallable).
@@ -211,11 +199,38 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
                           "(raise retrieval_archive_bytes)", flush=True)
             result["trials"] = per_trial(outputs, shares if policy.get("retrieve") else None)
             cell[name] = result
-    finally:
-        ops.recall = recall
     oracle = llm.generate([c[2] for c in cases], params)
     cell["oracle"] = {"accuracy": accuracy(oracle), "trials": per_trial(oracle)}
     return cell
+
+
+@contextmanager
+def recording_recalls(llm: LLM):
+    """Yields {request id: token index of the first token of each block its last recall (the
+    question's) brought back}, filled while the block runs."""
+    ops = llm.engine.runner.cache_ops
+    original, recalled = ops.recall, {}
+
+    def record(item):
+        original(item)
+        if item.samples:
+            recalled[item.seq.request_id] = list(item.seq.archive.recalled_tokens)
+
+    ops.recall = record
+    try:
+        yield recalled
+    finally:
+        ops.recall = original
+
+
+def needle_block_share(span: tuple[int, int], recalled_tokens: list[int], block_size: int) -> float:
+    """The share of the needle's blocks (token span [first, last) of the stream) among the blocks
+    a recall brought back (their first tokens). Blocks are aligned with the stream after the sink
+    blocks, which are whole blocks."""
+    first, last = span
+    needle_blocks = set(range(first // block_size, (last - 1) // block_size + 1))
+    brought = {start // block_size for start in recalled_tokens}
+    return len(needle_blocks & brought) / len(needle_blocks)
 
 
 @contextmanager

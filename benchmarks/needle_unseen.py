@@ -47,27 +47,17 @@ def main() -> None:
                                       random.Random(f"vim/{depth}/{n}"))
             cases.append((f"{depth}/{answer}", answer, made))
     params = SamplingParams(temperature=0, max_tokens=12)
-    ops = llm.engine.runner.cache_ops
-    recall, recalled = ops.recall, {}
-
-    def record(item):
-        recall(item)
-        if item.samples:
-            recalled[item.seq.request_id] = list(item.seq.archive.recalled_tokens)
-
-    ops.recall = record
     policy = needle.policies(WINDOW, RETRIEVE)["retrieve"]
-    outputs = llm.generate([made[0] for _, _, made in cases], params, context=ContextParams(context_policy=policy))
-    ops.recall = recall
+    with needle.recording_recalls(llm) as recalled:
+        outputs = llm.generate([made[0] for _, _, made in cases], params, context=ContextParams(context_policy=policy))
     oracle = llm.generate([made[2] for _, _, made in cases], params)
     rows = []
+    block = llm.engine.config.block_size
     for (label, answer, made), out, oracle_out in zip(cases, outputs, oracle):
-        first, last = made[1]
-        blocks = set(range(first // 16, (last - 1) // 16 + 1))
-        brought = {start // 16 for start in recalled.get(out.request_id, [])}
         rows.append({"case": label, "retrieve": answer in out.outputs[0].text,
                      "oracle": answer in oracle_out.outputs[0].text,
-                     "needle_block_share": len(blocks & brought) / len(blocks), "text": out.outputs[0].text})
+                     "needle_block_share": needle.needle_block_share(made[1], recalled.get(out.request_id, []), block),
+                     "text": out.outputs[0].text})
         print(rows[-1], flush=True)
     count = len(rows)
     print(f"retrieve {sum(r['retrieve'] for r in rows)}/{count}, oracle {sum(r['oracle'] for r in rows)}/{count},"

@@ -106,7 +106,7 @@ def instrument(llm: LLM, counter: Counter) -> None:
     for name, phase in (("archive_evicted", "archive"), ("apply_eviction", "evict"), ("bring_back", "bring_back"),
                         ("query_capture", "capture"), ("keep_queries", "capture")):
         wrap(ops, name, phase)
-    # (select on code from before the choice moved to the device: the same comparison runs there.)
+    # Scoring and the choice (RecallArchive.choose on older code, which this script may be run on for an A/B).
     wrap(RecallArchive, "choose" if hasattr(RecallArchive, "choose") else "select", "score")
     wrap(llm.engine.runner.model, "forward", "forward")
     wrap(QueryCapture, "queries", "capture")
