@@ -181,9 +181,8 @@ def rerotate_row():
     old_positions = torch.randint(4096, 131072, (slots_count,), device="cuda")
     new_positions = old_positions - 4096
     inv_freq = 1.0 / 500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda") / HEAD_DIM)
-    inv_freq = inv_freq.expand(slots_count, -1).contiguous()
-    factors = torch.ones(slots_count, device="cuda")
-    args = (k_cache, slots, old_positions, new_positions, inv_freq, inv_freq, factors, factors)
+    rows = torch.zeros(slots_count, dtype=torch.int64, device="cuda")  # one plan: the engine's moves name its row
+    args = (k_cache, slots, old_positions, new_positions, rows, rows, inv_freq[None], torch.ones(1, device="cuda"))
     nbytes = 2 * layers * slots_count * KV_HEADS * HEAD_DIM * k_cache.element_size()
     return bandwidth_row(f"re-rotate {layers} layers x {slots_count} slots", nbytes,
                          lambda: rerotate_keys(*args), lambda: rerotate_keys_reference(*args),

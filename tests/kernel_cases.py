@@ -14,6 +14,14 @@ def rope_rows(num_rows: int, head_dim: int, device, generator=None):
     return inv_freq.to(device), factors.to(device)
 
 
+def table_rows(old_inv_freq, new_inv_freq, old_factors, new_factors):
+    """Per-slot RoPE rows as the re-rotation kernels take them: (old rows [N], new rows [N],
+    inv_freq table [2N, D/2], factor table [2N]), every slot's old row, then its new one."""
+    n = old_inv_freq.shape[0]
+    rows = torch.arange(2 * n, device=old_inv_freq.device)
+    return rows[:n], rows[n:], torch.cat([old_inv_freq, new_inv_freq]), torch.cat([old_factors, new_factors])
+
+
 def paged_case(seq_lens, query_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                device, generator=None, tables=None):
     """A paged cache holding each sequence's keys and values in shuffled, non-contiguous

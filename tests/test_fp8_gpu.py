@@ -4,7 +4,7 @@ fp8 cache against its bf16 cache (CUDA graphs, cuDNN long chunks). Skipped witho
 import pytest
 import torch
 
-from kernel_cases import paged_case, rope_rows
+from kernel_cases import paged_case, rope_rows, table_rows
 from ropeway import LLM, EngineConfig, LLMEngine, SamplingParams
 from ropeway.engine import LoadedModel
 from ropeway.kernels import paged_attention, rerotate_keys, rotary_write_kv
@@ -90,13 +90,14 @@ def test_fp8_rerotate_on_cuda_is_as_close_to_the_exact_rotation_as_the_reference
     new_inv_freq, new_factors = rope_rows(500, dim, "cuda")
     k8_in, ks_in = quantize_fp8(keys)
     exact = dequantize_fp8(k8_in, ks_in, torch.float64)
-    rerotate_keys_reference(exact, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
-                            old_factors.double(), new_factors.double())
+    rerotate_keys_reference(exact, slots, old_positions, new_positions,
+                            *table_rows(old_inv_freq, new_inv_freq, old_factors.double(), new_factors.double()))
     errors = []
     for rerotate in (rerotate_keys_reference, rerotate_keys):
         _, (k8, ks, _, _) = fp8_pool(layers, blocks, page, heads, dim, "cuda")
         k8[:], ks[:] = k8_in, ks_in
-        rerotate(k8, slots, old_positions, new_positions, old_inv_freq, new_inv_freq, old_factors, new_factors, ks)
+        rerotate(k8, slots, old_positions, new_positions, *table_rows(old_inv_freq, new_inv_freq, old_factors,
+                                                                      new_factors), ks)
         errors.append(relative_error(dequantize_fp8(k8, ks, torch.float64), exact))
     reference_error, kernel_error = errors
     assert 0 < reference_error < 0.05  # e4m3's rounding, a few percent

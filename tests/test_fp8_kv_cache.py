@@ -5,7 +5,7 @@ reference under TRITON_INTERPRET=1 (conftest), on small grids."""
 import pytest
 import torch
 
-from kernel_cases import paged_case, rope_rows
+from kernel_cases import paged_case, rope_rows, table_rows
 from ropeway.kernels.attention import paged_attention_reference
 from ropeway.kernels.cpu_attention import paged_attention_cpu, plan_cpu_attention
 from ropeway.kernels.fp8_kv import (FP8, allocate_fp8_cache, cache_views, dequantize_fp8, fp8_block_bytes,
@@ -148,8 +148,8 @@ def test_rerotating_an_fp8_key_rounds_once_from_the_exact_turn():
     new_inv_freq, new_factors = rope_rows(7, dim, "cpu", gen)
     index = (slice(None), slots // page, slots % page)
     before = dequantize_fp8(k8[index], ks[index], torch.float64)
-    rerotate_keys_reference(k8, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
-                            old_factors, new_factors, ks)
+    rerotate_keys_reference(k8, slots, old_positions, new_positions,
+                            *table_rows(old_inv_freq, new_inv_freq, old_factors, new_factors), ks)
     delta = (new_positions.double()[:, None] * new_inv_freq.double()
              - old_positions.double()[:, None] * old_inv_freq.double())
     ratio = (new_factors.double() / old_factors.double())[:, None]
@@ -266,7 +266,8 @@ def test_triton_rerotate_requantizes_like_the_reference():
     for rerotate in (rerotate_keys_reference, rerotate_keys_triton):
         pool, (k8, ks, _, _) = fp8_pool(layers, blocks, page, heads, dim)
         k8[:], ks[:] = quantize_fp8(keys)
-        rerotate(k8, slots, old_positions, new_positions, old_inv_freq, new_inv_freq, old_factors, new_factors, ks)
+        rerotate(k8, slots, old_positions, new_positions, *table_rows(old_inv_freq, new_inv_freq, old_factors,
+                                                                      new_factors), ks)
         pools.append(pool)
     k_ref, s_ref = cache_views(pools[0][:, 0], heads, dim)
     k_tri, s_tri = cache_views(pools[1][:, 0], heads, dim)

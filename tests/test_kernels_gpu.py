@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from kernel_cases import paged_case, rope_rows
+from kernel_cases import paged_case, rope_rows, table_rows
 from ropeway.kernels import (apply_rotary, linear, linear_silu_mul, paged_attention, rerotate_keys,
                              rotary_write_kv, silu_mul, write_kv)
 from ropeway.kernels.attention import paged_attention_reference
@@ -75,10 +75,10 @@ def test_rerotate_bf16_by_fp32_angle_difference():
     old_inv_freq, old_factors = rope_rows(n, head_dim, "cuda")
     new_inv_freq, new_factors = rope_rows(n, head_dim, "cuda")
     expected = k_cache.double()
-    rerotate_keys_reference(expected, slots, old_positions, new_positions, old_inv_freq,
-                            new_inv_freq, old_factors.double(), new_factors.double())
-    rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
-                  old_factors, new_factors)
+    rerotate_keys_reference(expected, slots, old_positions, new_positions,
+                            *table_rows(old_inv_freq, new_inv_freq, old_factors.double(), new_factors.double()))
+    rerotate_keys(k_cache, slots, old_positions, new_positions,
+                  *table_rows(old_inv_freq, new_inv_freq, old_factors, new_factors))
     assert relative_error(k_cache, expected) < BF16_ROUNDING
 
 

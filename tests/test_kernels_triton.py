@@ -12,7 +12,7 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-from kernel_cases import paged_case, rope_rows  # noqa: E402
+from kernel_cases import paged_case, rope_rows, table_rows  # noqa: E402
 from ropeway.kernels.attention import paged_attention_reference  # noqa: E402
 from ropeway.kernels.kv_cache import write_kv_reference  # noqa: E402
 from ropeway.kernels.rerotate import rerotate_keys_reference  # noqa: E402
@@ -89,17 +89,17 @@ def test_rerotate_moves_keys_across_rope_rows_in_every_layer(dtype):
     old_inv_freq, old_factors = rope_rows(7, head_dim, "cpu", gen)
     new_inv_freq, new_factors = rope_rows(7, head_dim, "cpu", gen)
     expected = k_cache.clone()
-    rerotate_keys_reference(expected, slots, old_positions, new_positions, old_inv_freq,
-                            new_inv_freq, old_factors, new_factors)
-    rerotate_keys_triton(k_cache, slots, old_positions, new_positions, old_inv_freq,
-                         new_inv_freq, old_factors, new_factors)
+    rows = table_rows(old_inv_freq, new_inv_freq, old_factors, new_factors)
+    rerotate_keys_reference(expected, slots, old_positions, new_positions, *rows)
+    rerotate_keys_triton(k_cache, slots, old_positions, new_positions, *rows)
     assert_close(k_cache, expected, dtype)
 
 
-def test_rerotate_on_head_major_keys_with_broadcast_factors():
+def test_rerotate_on_head_major_keys_with_broadcast_rows():
     """How retrieval rotates archived keys back: a head-major [layers, heads, tokens, dim] buffer
-    seen as blocks, one attention factor broadcast (stride 0) over the slots, a zero inv_freq as
-    the target. The kernel once read such a factor as if it were whole (garbage on the GPU)."""
+    seen as blocks, one RoPE row broadcast (stride 0) over the slots, the row of a zero inv_freq
+    as the target. The kernel once read such a broadcast vector as if it were whole (garbage on
+    the GPU)."""
     gen = torch.Generator().manual_seed(4)
     num_layers, num_kv_heads, capacity, head_dim, page_size = 2, 3, 64, 64, 16
     keys = torch.randn(num_layers, num_kv_heads, capacity, head_dim, generator=gen)
@@ -108,9 +108,9 @@ def test_rerotate_on_head_major_keys_with_broadcast_factors():
     slots = torch.arange(16, 16 + n)
     positions = torch.arange(3000, 3000 + n)
     inv_freq, _ = rope_rows(1, head_dim, "cpu", gen)
-    factors = torch.tensor([1.3, 1.0])
-    args = (slots, positions, positions, inv_freq[0].expand(n, -1), torch.zeros_like(inv_freq[0]).expand(n, -1),
-            factors[0].expand(n), factors[1].expand(n))
+    rows = torch.tensor([0, 1])
+    args = (slots, positions, positions, rows[0].expand(n), rows[1].expand(n),
+            torch.cat([inv_freq, torch.zeros_like(inv_freq)]), torch.tensor([1.3, 1.0]))
     original, expected = keys.clone(), keys.clone()
     rerotate_keys_reference(expected.view(view.shape[:1] + (num_kv_heads, capacity // page_size, page_size, head_dim))
                             .permute(0, 2, 3, 1, 4), *args)

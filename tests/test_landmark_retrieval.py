@@ -14,6 +14,7 @@ from ropeway.engine.recall import ArchiveBudget, RecallArchive
 from ropeway.sampling_params import InvalidParameter
 from ropeway.scheduler import ContextPolicy
 from ropeway.models import rope_parameters
+from ropeway.kernels.rerotate import rerotate_keys_reference
 
 # Block size 16: one sink block, one landmark block, two recall blocks, window 64.
 RETRIEVING = {"type": "landmark", "sinks": 4, "window": 64, "landmarks": 4, "retrieve": 32}
@@ -191,16 +192,29 @@ def plain_prefill_kv(engine, ids: list[int]) -> torch.Tensor:
     return cache
 
 
+def archive_under(archive: RecallArchive, kv: torch.Tensor, position: int, first_token: int, plan) -> None:
+    """archive.add as the engine calls it: keys turned back from plan to angle 0 (RoPE table rows
+    0 and 1 here) by the re-rotation reference."""
+    inv_freq, factor = rope_parameters(plan)
+    n = kv.shape[2] * kv.shape[3]
+    slots, positions = torch.arange(archive.num_tokens, archive.num_tokens + n), torch.arange(position, position + n)
+    tables = torch.stack([inv_freq.float(), torch.zeros_like(inv_freq.float())]), torch.tensor([factor, 1.0])
+
+    def turn_back(view):
+        rerotate_keys_reference(view, slots, positions, positions, torch.zeros(n, dtype=torch.int64),
+                                torch.ones(n, dtype=torch.int64), *tables)
+    archive.add(kv, position, first_token, plan, turn_back)
+
+
 def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(default_llm):
     plan = default_llm.engine.default_rope_plan
-    inv_freq, factor = rope_parameters(plan)
     budget_archives = [RecallArchive(), RecallArchive()]
     kv = torch.randn(2, 2, 1, 16, 3, 64)
     one_chunk = None
     budget = ArchiveBudget(max_bytes=0)
     for archive, chunks in zip(budget_archives, (3, 1)):
         for position in range(chunks):
-            archive.add(kv, 16 * position, 16 * position, plan, inv_freq, factor)
+            archive_under(archive, kv, 16 * position, 16 * position, plan)
         one_chunk = archive.num_bytes // chunks
     budget.max_bytes = 3 * one_chunk
     for archive in budget_archives:
@@ -217,27 +231,26 @@ def test_archive_budget_takes_from_idle_archives_before_the_long_prompt_in_use(d
     """A finished request's archive (kept by the session store) is given up before the distant
     past of a larger archive still being filled, though that one is the largest."""
     plan = default_llm.engine.default_rope_plan
-    inv_freq, factor = rope_parameters(plan)
     kv = torch.randn(2, 2, 1, 16, 3, 64)
     budget = ArchiveBudget(max_bytes=1 << 40)
     finished, running = RecallArchive(), RecallArchive()
     for position in range(2):
-        finished.add(kv, 16 * position, 16 * position, plan, inv_freq, factor)
+        archive_under(finished, kv, 16 * position, 16 * position, plan)
     budget.track(finished)
     one_chunk = finished.num_bytes // 2
     for _ in range(ArchiveBudget.IDLE_STEPS + 1):
         budget.next_step()
     for position in range(4):
-        running.add(kv, 16 * position, 16 * position, plan, inv_freq, factor)
+        archive_under(running, kv, 16 * position, 16 * position, plan)
         budget.track(running)
     budget.max_bytes = 5 * one_chunk
     budget.next_step()
-    running.add(kv, 64, 64, plan, inv_freq, factor)
+    archive_under(running, kv, 64, 64, plan)
     budget.track(running)
     assert (finished.num_blocks, running.num_blocks) == (0, 5)  # the idle archive went whole
     assert running.block(0)[1] == 0
     assert (budget.num_forgotten_blocks, budget.num_forgotten_in_use_blocks) == (2, 0)
-    running.add(kv, 80, 80, plan, inv_freq, factor)
+    archive_under(running, kv, 80, 80, plan)
     budget.track(running)  # nothing idle is left: now the running archive forgets its oldest block
     assert running.num_blocks == 5 and running.block(0)[1] == 16
     assert (budget.num_forgotten_blocks, budget.num_forgotten_in_use_blocks) == (3, 1)
@@ -310,13 +323,12 @@ def test_block_scores_and_choice_match_plain_attention_math(default_llm, layers_
     if layers_per_product == "one":
         monkeypatch.setattr(recall_module, "SCORING_BYTES", {"cpu": 1, "cuda": 1})
     plan = default_llm.engine.default_rope_plan
-    inv_freq, factor = rope_parameters(plan)
     generator = torch.Generator().manual_seed(3)
     num_layers, num_blocks, block_size, num_kv_heads, num_heads, dim = 2, 6, 16, 3, 9, 64
     archive = RecallArchive()
     kv = torch.randn(num_layers, 2, num_blocks, block_size, num_kv_heads, dim, generator=generator)
-    archive.add(kv[:, :, :4], 64, 80, plan, inv_freq, factor)
-    archive.add(kv[:, :, 4:], 128, 144, plan, inv_freq, factor)
+    archive_under(archive, kv[:, :, :4], 64, 80, plan)
+    archive_under(archive, kv[:, :, 4:], 128, 144, plan)
     queries = torch.randn(num_layers, 5, num_heads, dim, generator=generator) * 3
     baseline = torch.randn(num_layers, 4, num_heads, dim, generator=generator) * 3
     scores = archive.block_scores(queries, baseline, 0.125, lambda x: x)
@@ -386,11 +398,10 @@ def test_the_standout_rule_widens_runs_around_blocks_far_above_the_rest(monkeypa
 
 def test_recalled_blocks_adjacent_in_host_memory_come_back_in_one_copy(default_llm):
     plan = default_llm.engine.default_rope_plan
-    inv_freq, factor = rope_parameters(plan)
     archive = RecallArchive()
     kv = torch.randn(2, 2, 2, 16, 3, 64, generator=torch.Generator().manual_seed(1))
     for chunk in range(3):  # blocks 0-5, two per chunk
-        archive.add(kv, 32 * chunk, 32 * chunk, plan, inv_freq, factor)
+        archive_under(archive, kv, 32 * chunk, 32 * chunk, plan)
     archive.drop_oldest()  # blocks 0 and 1 go; 2-5 become 0-3
     assert [archive.first_token(i) for i in (0, 3)] == [32, 80]
     (run,) = archive.runs([0, 1])  # adjacent in one archived chunk: one copy

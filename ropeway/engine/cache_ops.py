@@ -24,6 +24,10 @@ from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence,
 from .landmarks import chunk_summary, rotate_to
 from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
 
+# The RoPE tables' row of angle 0 (inv_freq 0, factor 1; model_runner.py), where archived keys
+# are turned back to for scoring.
+UNROTATED_ROW = 0
+
 # The question's recalled blocks are computed afresh in the region (recompute_region). A module
 # switch so benchmarks can measure what it changes.
 RECOMPUTE_RECALLED = True
@@ -47,6 +51,8 @@ class CacheOps:
         self.kv_cache = runner.kv_cache
         self.block_size = runner.block_size
         self.device = runner.device
+        # The pool's keys of every layer and their fp8 scales (views): made once, as every torch op costs the host.
+        self.pool_keys = self.views(0)
         # Logit bias per cache slot [num_blocks, block_size]: ln(chunk length) on a landmark
         # slot, -inf on an empty region slot, 0 elsewhere. Read only by batches that hold a
         # landmark cache.
@@ -99,19 +105,13 @@ class CacheOps:
             return
         # Slots are worked out on the host and copied without blocking: a pageable copy would
         # wait for the step in flight, stalling the pipelined decode of bounded caches.
-        host_positions = np.arange(move.first_position, move.first_position + count)
-        host_slots = cache_slots(move.block_table, host_positions, self.block_size)
-        both = torch.from_numpy(np.stack([host_positions, host_slots]))
-        if self.device.type == "cuda":
-            both = both.pin_memory().to(self.device, non_blocking=True)
-        positions, slots = both
-        old_inv_freq, old_factor = self.runner.rope_row(move.old_plan)
-        new_inv_freq, new_factor = self.runner.rope_row(move.new_plan)
-        keys, scales = self.views(0)
-        rerotate_keys(keys, slots, positions + move.shift, positions,
-                      old_inv_freq.expand(count, -1), new_inv_freq.expand(count, -1),
-                      torch.full((count,), old_factor, device=self.device),
-                      torch.full((count,), new_factor, device=self.device), scales)
+        positions = np.arange(move.first_position, move.first_position + count)
+        slots = cache_slots(move.block_table, positions, self.block_size)
+        rows = np.full((2, count), [[self.runner.rope_index(move.old_plan)], [self.runner.rope_index(move.new_plan)]])
+        slots_t, old_t, new_t, rows_t = self.runner.upload_arrays([slots, positions + move.shift, positions, rows],
+                                                                  torch.int64)
+        keys, scales = self.pool_keys
+        rerotate_keys(keys, slots_t, old_t, new_t, rows_t[0], rows_t[1], *self.runner.rope_tables, scales)
 
     def views(self, kind: int, blocks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Keys (kind 0) or values (1) of every layer, [num_layers, num_blocks, block_size, Hkv, D],
@@ -143,7 +143,7 @@ class CacheOps:
             keys, values = chunk_summary(self.model, landmark.token_ids, inv_freq, factor, self.block_size)
             block, offset = table[landmark.position // self.block_size], landmark.position % self.block_size
             rotated = rotate_to(keys, landmark.position, inv_freq, factor)
-            write_vectors(*self.views(0), (slice(None), block, offset), rotated)
+            write_vectors(*self.pool_keys, (slice(None), block, offset), rotated)
             write_vectors(*self.views(1), (slice(None), block, offset), values)
             bias[block, offset] = math.log(len(landmark.token_ids))
 
@@ -152,13 +152,24 @@ class CacheOps:
         seq = eviction.seq
         if seq.archive is None:
             seq.archive = RecallArchive()
-        (blocks,) = self.runner.upload_arrays([np.asarray(eviction.archived_blocks, dtype=np.int64)], torch.int64)
-        inv_freq, factor = self.runner.rope_row(eviction.plan)
-        kv = self.kv_cache[:, :, blocks]
+        archive = seq.archive
+        blocks = np.asarray(eviction.archived_blocks, dtype=np.int64)
+        # The new scoring keys' slots (after the archived ones) and positions when evicted, turned
+        # from their plan's RoPE row to the row of angle 0: uploaded with the blocks, in one copy.
+        n = blocks.size * self.block_size
+        position = eviction.archived_position
+        rows = np.full((2, n), [[self.runner.rope_index(eviction.plan)], [UNROTATED_ROW]])
+        blocks_t, slots_t, positions_t, rows_t = self.runner.upload_arrays(
+            [blocks, np.arange(archive.num_tokens, archive.num_tokens + n), np.arange(position, position + n), rows],
+            torch.int64)
+        kv = self.kv_cache[:, :, blocks_t]
         keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype)
-        seq.archive.add(kv, eviction.archived_position, eviction.archived_first_token, eviction.plan, inv_freq,
-                        factor, keys)
-        self.archive_budget.track(seq.archive)
+
+        def turn_back(scoring_keys):
+            rerotate_keys(scoring_keys, slots_t, positions_t, positions_t, rows_t[0], rows_t[1],
+                          *self.runner.rope_tables)
+        archive.add(kv, position, eviction.archived_first_token, eviction.plan, turn_back, keys)
+        self.archive_budget.track(archive)
 
     def clear_written_slots(self, batch: ForwardBatch) -> None:
         """The batch writes tokens into its slots: clear what a region's bias left there."""
@@ -296,7 +307,5 @@ class CacheOps:
             row += len(kv)
         self.kv_cache.index_copy_(2, destination_t, staged.movedim(0, 2))  # whole blocks, fp8 scales included
         self.slot_bias.index_fill_(0, destination_t, 0.0)
-        old_inv_freq, old_factor = self.runner.rope_rows(old_rows_t)
-        new_inv_freq, new_factor = self.runner.rope_rows(new_rows_t)
-        keys, scales = self.views(0)
-        rerotate_keys(keys, slots, old_t, new_t, old_inv_freq, new_inv_freq, old_factor, new_factor, scales)
+        keys, scales = self.pool_keys
+        rerotate_keys(keys, slots, old_t, new_t, old_rows_t, new_rows_t, *self.runner.rope_tables, scales)

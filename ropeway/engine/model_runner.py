@@ -13,7 +13,7 @@ from ropeway.models.forward_batch import block_table_width
 from ropeway.scheduler import RopePlan, SchedulerOutput
 
 from .block_transfers import BlockTransfers
-from .cache_ops import CacheOps
+from .cache_ops import UNROTATED_ROW, CacheOps
 from .host_batch import HostBatch
 from .cuda_graphs import DecodeGraphs
 from .kv_pool import cache_block_views
@@ -21,6 +21,7 @@ from ropeway.arith import round_up
 
 
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
+_ELEMENT_SIZES = {torch.int64: 8, torch.int32: 4}
 
 
 class ModelRunner:
@@ -31,11 +32,13 @@ class ModelRunner:
         self.block_size = block_size
         self.device = model.device
         # Every plan seen so far has a row in these tables, so a step gathers its sequences'
-        # RoPE rows on the device from one index per sequence.
+        # RoPE rows on the device from one index per sequence, and key moves name rows. Row 0
+        # (UNROTATED_ROW: inv_freq 0, factor 1) is angle 0, where archived keys are turned back to.
+        assert UNROTATED_ROW == 0
         self._rope_index: dict[RopePlan, int] = {}
-        self._inv_freq_table = torch.empty(0, model.config.head_dim // 2, dtype=torch.float32, device=self.device)
-        self._attention_factors: list[float] = []
-        self._attention_factor_table = torch.empty(0, dtype=torch.float32, device=self.device)
+        self._inv_freq_table = torch.zeros(1, model.config.head_dim // 2, dtype=torch.float32, device=self.device)
+        self._attention_factors: list[float] = [1.0]
+        self._attention_factor_table = torch.ones(1, dtype=torch.float32, device=self.device)
         self._rope_plans: list[RopePlan] = []  # in the order of their rows
         # Rank 0 under tensor parallelism: the WorkerGroup every step is also sent to.
         self.workers = None
@@ -69,6 +72,11 @@ class ModelRunner:
         """(inv_freq on the device, attention factor)."""
         index = self.rope_index(plan)
         return self._inv_freq_table[index], self._attention_factors[index]
+
+    @property
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inv_freq [P, D/2], attention factor [P]) of every plan's row, on the device."""
+        return self._inv_freq_table, self._attention_factor_table
 
     def rope_rows(self, plan_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inv_freq [N, D/2], attention factor [N]) on the device, of the plans' rows plan_index [N]."""
@@ -192,16 +200,20 @@ class ModelRunner:
             return [torch.from_numpy(a.astype(_NUMPY_DTYPES[dtype], copy=False)) for a in arrays]
         # Each array starts 16-byte aligned: Triton specializes kernels on pointer alignment,
         # and offsets that changed with the batch's sizes recompiled kernels mid-serving.
-        per_16_bytes = 16 // torch.empty(0, dtype=dtype).element_size()
-        sizes = [round_up(a.size, per_16_bytes) for a in arrays]
-        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=True)
+        per_16_bytes = 16 // _ELEMENT_SIZES[dtype]
+        # Each array's part and the padding after it: one split gives every array its view (each
+        # torch op costs the host ~10-40 us on the H200's machines, and a step uploads a dozen arrays).
+        parts = []
+        for a in arrays:
+            parts += [a.size, round_up(a.size, per_16_bytes) - a.size]
+        host = torch.empty(sum(parts), dtype=dtype, pin_memory=True)
         host_array = host.numpy()
         start = 0
-        for a, size in zip(arrays, sizes):
+        for a, padding in zip(arrays, parts[1::2]):
             host_array[start : start + a.size] = a.ravel()
-            start += size
-        device = host.to(self.device, non_blocking=True)
-        return [part[: a.size].view(a.shape) for part, a in zip(device.split(sizes), arrays)]
+            start += a.size + padding
+        views = host.to(self.device, non_blocking=True).split_with_sizes(parts)[::2]
+        return [view if a.ndim == 1 else view.view(a.shape) for view, a in zip(views, arrays)]
 
     @staticmethod
     def logit_rows(step: SchedulerOutput) -> list[int]:

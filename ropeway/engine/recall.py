@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ropeway.kernels import block_max_logits, rerotate_keys
+from ropeway.kernels import block_max_logits
 from ropeway.scheduler import RopePlan
 
 # Queries of a chunk's last tokens score the archive: enough to cover the end of a question
@@ -124,27 +124,21 @@ class RecallArchive:
         """[num_layers, num_kv_heads, archived tokens, head_dim]."""
         return self._scoring_keys[:, :, : self.num_tokens]
 
-    def add(self, kv: torch.Tensor, position: int, first_token: int, plan: RopePlan, inv_freq: torch.Tensor,
-            attention_factor: float, keys: torch.Tensor | None = None) -> None:
+    def add(self, kv: torch.Tensor, position: int, first_token: int, plan: RopePlan,
+            turn_back: Callable[[torch.Tensor], None], keys: torch.Tensor | None = None) -> None:
         """Archive evicted blocks kv [num_layers, 2, n, ...] as the pool holds them (on the
         device) whose first token, token first_token of the stream, sat at cache position
         `position` under plan. keys: their keys as numbers, [num_layers, n, block_size, Hkv, D]
-        in the model's dtype, where the pool is fp8 (else kv[:, 0] is that)."""
+        in the model's dtype, where the pool is fp8 (else kv[:, 0] is that). turn_back(view)
+        re-rotates the new keys, slots num_tokens.. of the scoring keys' block view (as this
+        call found num_tokens), from their positions and plan to angle 0 (and undoes YaRN's
+        scale), in place: scoring keys are keys before RoPE (the caller holds the RoPE tables)."""
         if keys is None:
             keys = kv[:, 0]
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = keys.shape
         n = num_blocks * block_size
-        first = self.num_tokens
         self._append_keys(keys.reshape(num_layers, n, num_kv_heads, head_dim).transpose(1, 2))
-        # Rotated back by each key's angle (and YaRN's scale undone), in place, for scoring only:
-        # a re-rotation to angle 0 (a zero inv_freq) of the keys just appended, in one launch.
-        slots = torch.arange(first, first + n, device=kv.device)
-        positions = torch.arange(position, position + n, device=kv.device)
-        # (Filled on the device: a tensor made from Python numbers is a copy the host waits for.)
-        factors = torch.full((2, n), 1.0, device=kv.device)
-        factors[0].fill_(attention_factor)
-        rerotate_keys(self._block_view(block_size), slots, positions, positions, inv_freq.expand(n, -1),
-                      torch.zeros_like(inv_freq).expand(n, -1), factors[0], factors[1])
+        turn_back(self._block_view(block_size))
         unrotated_bytes = n * num_layers * num_kv_heads * head_dim * keys.element_size()
         # Block-major (one copy per recalled block) and pinned on CUDA, so the copy is queued
         # behind the step and recalls copy back without waiting.
@@ -212,17 +206,17 @@ class RecallArchive:
         per_key = keys.element_size() if keys.device.type == "cpu" else 4 / block_size
         per_layer = queries.shape[1] * num_heads * keys.shape[2] * per_key
         group = max(1, int(SCORING_BYTES.get(keys.device.type, SCORING_BYTES["cpu"]) // per_layer))
-        score = torch.zeros(self.num_blocks, device=keys.device)
+        score = None  # (summed as groups come: on a GPU there is one, and each op costs the host)
         for first in range(0, num_layers, group):
             layers = slice(first, min(first + group, num_layers))
             best = block_max_logits(queries[layers], keys[layers], block_size, scale)  # [l, Hkv, Q, group, blocks]
             shares = all_reduce(best.softmax(-1).sum((1, 3)))  # [l, Q, blocks]
             relevance = shares[:, :num_queries].amax(1)
-            if baseline is None:
-                score += relevance.sum(0)
-                continue
-            prior = shares[:, num_queries:].mean(1)
-            score += (relevance / (prior + 0.1 * prior.mean(-1, keepdim=True))).sum(0)
+            if baseline is not None:
+                prior = shares[:, num_queries:].mean(1)
+                relevance = relevance / torch.add(prior, prior.mean(-1, keepdim=True), alpha=0.1)
+            part = relevance.sum(0)
+            score = part if score is None else score + part
         return score / num_layers
 
     def runs(self, indices: list[int]) -> list[tuple[torch.Tensor, int, RopePlan]]:

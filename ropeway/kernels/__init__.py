@@ -187,16 +187,17 @@ def block_max_logits(queries, keys, block_size, scale):
     return block_max_logits_reference(queries, keys, block_size, scale)
 
 
-def rerotate_keys(k_cache, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
-                  old_attention_factor, new_attention_factor, k_scale=None) -> None:
-    """k_scale: the cache is fp8 (fp8_kv.py); keys are dequantized, rotated, re-quantized."""
+def rerotate_keys(k_cache, slots, old_positions, new_positions, old_rows, new_rows, inv_freq_table, factor_table,
+                  k_scale=None) -> None:
+    """Rows: of the RoPE tables (rerotate.py). k_scale: the cache is fp8 (fp8_kv.py); keys are
+    dequantized, rotated, re-quantized."""
     if k_cache.is_cuda:
         from .triton_rerotate import rerotate_keys_triton
-        rerotate_keys_triton(k_cache, slots, old_positions, new_positions, old_inv_freq,
-                             new_inv_freq, old_attention_factor, new_attention_factor, k_scale)
+        rerotate_keys_triton(k_cache, slots, old_positions, new_positions, old_rows, new_rows, inv_freq_table,
+                             factor_table, k_scale)
     else:
-        rerotate_keys_reference(k_cache, slots, old_positions, new_positions, old_inv_freq,
-                                new_inv_freq, old_attention_factor, new_attention_factor, k_scale)
+        rerotate_keys_reference(k_cache, slots, old_positions, new_positions, old_rows, new_rows, inv_freq_table,
+                                factor_table, k_scale)
 
 
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_rotary_write_kv", "plan_attention", "paged_attention",

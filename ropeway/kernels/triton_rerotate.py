@@ -19,10 +19,10 @@ LAYERS_PER_PROGRAM = 4
 
 @triton.jit
 def _rerotate_kernel(cache_ptr, scale_ptr, slots_ptr, old_positions_ptr, new_positions_ptr,
-                     old_inv_freq_ptr, new_inv_freq_ptr, old_factor_ptr, new_factor_ptr,
+                     old_rows_ptr, new_rows_ptr, inv_freq_ptr, factor_ptr,
                      stride_layer, stride_block, stride_offset, stride_head, stride_dim,
                      stride_s_layer, stride_s_block, stride_s_offset, stride_s_head,
-                     stride_old_freq, stride_old_freq_d, stride_new_freq, stride_new_freq_d,
+                     stride_freq_row, stride_freq_d,
                      page_size, num_layers, num_kv_heads,
                      HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                      LAYERS: tl.constexpr, HAS_SCALES: tl.constexpr):
@@ -44,15 +44,14 @@ def _rerotate_kernel(cache_ptr, scale_ptr, slots_ptr, old_positions_ptr, new_pos
 
     dims = tl.arange(0, BLOCK_HALF)
     dim_mask = dims < HALF
-    old_freq = tl.load(old_inv_freq_ptr + index * stride_old_freq + dims * stride_old_freq_d,
-                       mask=dim_mask, other=0.0)
-    new_freq = tl.load(new_inv_freq_ptr + index * stride_new_freq + dims * stride_new_freq_d,
-                       mask=dim_mask, other=0.0)
+    old_row = tl.load(old_rows_ptr + index).to(tl.int64)
+    new_row = tl.load(new_rows_ptr + index).to(tl.int64)
+    old_freq = tl.load(inv_freq_ptr + old_row * stride_freq_row + dims * stride_freq_d, mask=dim_mask, other=0.0)
+    new_freq = tl.load(inv_freq_ptr + new_row * stride_freq_row + dims * stride_freq_d, mask=dim_mask, other=0.0)
     old_angle = tl.load(old_positions_ptr + index).to(tl.float32) * old_freq.to(tl.float32)
     new_angle = tl.load(new_positions_ptr + index).to(tl.float32) * new_freq.to(tl.float32)
     delta = new_angle - old_angle
-    ratio = (tl.load(new_factor_ptr + index).to(tl.float32)
-             / tl.load(old_factor_ptr + index).to(tl.float32))
+    ratio = tl.load(factor_ptr + new_row).to(tl.float32) / tl.load(factor_ptr + old_row).to(tl.float32)
     r1, r2 = rotate_halves(x1, x2, (tl.cos(delta) * ratio)[None, :], (tl.sin(delta) * ratio)[None, :])
     if HAS_SCALES:
         r1, r2, new_scales = quantize_halves(r1, r2)
@@ -61,24 +60,24 @@ def _rerotate_kernel(cache_ptr, scale_ptr, slots_ptr, old_positions_ptr, new_pos
 
 
 def rerotate_keys_triton(k_cache: torch.Tensor, slots: torch.Tensor, old_positions: torch.Tensor,
-                         new_positions: torch.Tensor, old_inv_freq: torch.Tensor,
-                         new_inv_freq: torch.Tensor, old_attention_factor: torch.Tensor,
-                         new_attention_factor: torch.Tensor, k_scale: torch.Tensor | None = None) -> None:
+                         new_positions: torch.Tensor, old_rows: torch.Tensor, new_rows: torch.Tensor,
+                         inv_freq_table: torch.Tensor, factor_table: torch.Tensor,
+                         k_scale: torch.Tensor | None = None) -> None:
     """k_scale [num_layers, num_blocks, page_size, Hkv] fp32: the cache is fp8."""
     num_layers, _, page_size, num_kv_heads, head_dim = k_cache.shape
     if slots.numel() == 0:
         return
     half = head_dim // 2
-    # The kernel indexes the per-slot vectors densely: a broadcast (stride-0) one is made whole.
-    slots, old_positions, new_positions, old_attention_factor, new_attention_factor = (
-        x.contiguous() for x in (slots, old_positions, new_positions, old_attention_factor, new_attention_factor))
+    # The kernel indexes the per-slot vectors densely: a broadcast (stride-0) one is made whole
+    # (no copy for the dense vectors callers upload).
+    slots, old_positions, new_positions, old_rows, new_rows, factor_table = (
+        x.contiguous() for x in (slots, old_positions, new_positions, old_rows, new_rows, factor_table))
     grid = (slots.numel(), triton.cdiv(num_layers, LAYERS_PER_PROGRAM))
     # Without scales the kernel never reads them: any tensor stands in.
     scales = k_cache if k_scale is None else k_scale
     _rerotate_kernel[grid](
-        k_cache, scales, slots, old_positions, new_positions, old_inv_freq, new_inv_freq,
-        old_attention_factor, new_attention_factor,
-        *k_cache.stride(), *scales.stride()[:4], *old_inv_freq.stride(), *new_inv_freq.stride(),
+        k_cache, scales, slots, old_positions, new_positions, old_rows, new_rows, inv_freq_table, factor_table,
+        *k_cache.stride(), *scales.stride()[:4], *inv_freq_table.stride(),
         page_size, num_layers, num_kv_heads,
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         BLOCK_H=triton.next_power_of_2(num_kv_heads), LAYERS=LAYERS_PER_PROGRAM, HAS_SCALES=k_scale is not None,
