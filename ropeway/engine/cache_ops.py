@@ -238,7 +238,7 @@ class CacheOps:
             n = item.num_new_tokens
             captured = self._capture_rows(np.arange(max(0, n - RECALL_QUERY_TOKENS), n), n)
             self.clear_written_slots(batch)
-            self.model.forward(batch, self.kv_cache, captured)
+            self.model.forward(batch, self.runner.layer_caches, captured)
             queries = captured.queries()
         else:
             queries = archive.queries
@@ -274,7 +274,7 @@ class CacheOps:
         # Logits of no token: only the keys and values it writes are wanted.
         batch = ForwardBatch.one_sequence(ids_t, positions_t, slots_t, table_t, start + count, inv_freq, factor,
                                           positions_t[:0], slot_bias=self.slot_bias)
-        self.model.forward(batch, self.kv_cache)
+        self.model.forward(batch, self.runner.layer_caches)
 
     def bring_back(self, seq, runs: list[tuple[torch.Tensor, int, RopePlan]], region: list[int],
                    first_block: int) -> None:

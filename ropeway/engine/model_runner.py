@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from ropeway.kernels import is_long_chunk
-from ropeway.models import ForwardBatch, LlamaModel, rope_parameters
+from ropeway.models import ForwardBatch, LayerCaches, LlamaModel, rope_parameters
 from ropeway.models.forward_batch import block_table_width
 from ropeway.scheduler import RopePlan, SchedulerOutput
 
@@ -29,6 +29,7 @@ class ModelRunner:
                  archive_bytes: int = 4 << 30, host_tier_slots: int = 0):
         self.model = model
         self.kv_cache = kv_cache
+        self.layer_caches = LayerCaches(kv_cache, model.num_local_kv_heads, model.config.head_dim)
         self.block_size = block_size
         self.device = model.device
         # Every plan seen so far has a row in these tables, so a step gathers its sequences'
@@ -259,7 +260,7 @@ class ModelRunner:
         self.cache_ops.clear_written_slots(batch)
         if capture is None and self.decode_graphs is not None and self.decode_graphs.fits(batch):
             return self.decode_graphs.run(batch)
-        logits = self.model.forward(batch, self.kv_cache, capture, keep_going)
+        logits = self.model.forward(batch, self.layer_caches, capture, keep_going)
         if capture is not None:
             self.cache_ops.keep_queries(capture)
         return logits

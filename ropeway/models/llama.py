@@ -69,6 +69,17 @@ class QueryCapture:
         return self.buffer.index_select(1, self.order)
 
 
+class LayerCaches:
+    """A KV pool [num_layers, 2, ...] with each layer's (k_cache, k_scale, v_cache, v_scale) views,
+    the scales None unless the pool is fp8 (kernels/fp8_kv.py). The engine makes it once for its
+    pool: made per forward pass, the views cost an eager step's host ~4 torch ops a layer."""
+
+    def __init__(self, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int):
+        self.kv_cache = kv_cache
+        self.layers = [(*cache_views(kv_cache[i, 0], num_kv_heads, head_dim),
+                        *cache_views(kv_cache[i, 1], num_kv_heads, head_dim)) for i in range(kv_cache.shape[0])]
+
+
 class LlamaModel:
     def __init__(self, config: ModelConfig, weights: Mapping[str, torch.Tensor], device: torch.device,
                  tp: TensorParallel | None = None):
@@ -158,11 +169,12 @@ class LlamaModel:
         return self.embed_tokens.dtype
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_cache: torch.Tensor, capture: Capture | QueryCapture | None = None,
+    def forward(self, batch: ForwardBatch, kv_cache: "torch.Tensor | LayerCaches",
+                capture: Capture | QueryCapture | None = None,
                 keep_going: Callable[[], bool] | None = None) -> torch.Tensor:
         """Logits (fp32) [len(batch.logits_indices), vocab]. kv_cache is
         [num_layers, 2, num_blocks, block_size, num_local_kv_heads, head_dim], or an fp8 pool
-        [num_layers, 2, num_blocks, block bytes] (kernels/fp8_kv.py). capture, if given,
+        [num_layers, 2, num_blocks, block bytes] (kernels/fp8_kv.py), or its LayerCaches. capture, if given,
         receives each layer's keys before RoPE and values (a Capture), or queries before RoPE of
         some tokens (a QueryCapture), of this rank's heads.
         keep_going, if given, is asked before each layer; False raises ForwardStopped (a long
@@ -174,9 +186,9 @@ class LlamaModel:
         h = tp.embed(batch.input_ids, self.embed_tokens)
         # The residual stream h is updated in place by the fused add + norm kernels.
         x = rms_norm(h, self.layers[0].input_norm, cfg.rms_norm_eps)
-        # Per layer: (k_cache, k_scale, v_cache, v_scale), the scales None unless the pool is fp8.
-        caches = [(*cache_views(kv_cache[i, 0], self.num_local_kv_heads, cfg.head_dim),
-                   *cache_views(kv_cache[i, 1], self.num_local_kv_heads, cfg.head_dim)) for i in range(cfg.num_layers)]
+        if not isinstance(kv_cache, LayerCaches):
+            kv_cache = LayerCaches(kv_cache, self.num_local_kv_heads, cfg.head_dim)
+        caches = kv_cache.layers
         attention_plan = plan_attention(batch.block_tables, batch.seq_lens, batch.query_start_loc,
                                         caches[0][0].shape[1], batch.slot_bias)
         # The CPU's RoPE + KV-write plan (cos/sin, slots) once for all layers; None on CUDA.
