@@ -107,11 +107,11 @@ class CacheOps:
         # wait for the step in flight, stalling the pipelined decode of bounded caches.
         positions = np.arange(move.first_position, move.first_position + count)
         slots = cache_slots(move.block_table, positions, self.block_size)
-        rows = np.full((2, count), [[self.runner.rope_index(move.old_plan)], [self.runner.rope_index(move.new_plan)]])
-        slots_t, old_t, new_t, rows_t = self.runner.upload_arrays([slots, positions + move.shift, positions, rows],
-                                                                  torch.int64)
+        slots_t, old_t, new_t, old_rows_t, new_rows_t = self.runner.upload_arrays(
+            [slots, positions + move.shift, positions, np.full(count, self.runner.rope_index(move.old_plan)),
+             np.full(count, self.runner.rope_index(move.new_plan))], torch.int64)
         keys, scales = self.pool_keys
-        rerotate_keys(keys, slots_t, old_t, new_t, rows_t[0], rows_t[1], *self.runner.rope_tables, scales)
+        rerotate_keys(keys, slots_t, old_t, new_t, old_rows_t, new_rows_t, *self.runner.rope_tables, scales)
 
     def views(self, kind: int, blocks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Keys (kind 0) or values (1) of every layer, [num_layers, num_blocks, block_size, Hkv, D],
@@ -158,15 +158,16 @@ class CacheOps:
         # from their plan's RoPE row to the row of angle 0: uploaded with the blocks, in one copy.
         n = blocks.size * self.block_size
         position = eviction.archived_position
-        rows = np.full((2, n), [[self.runner.rope_index(eviction.plan)], [UNROTATED_ROW]])
-        blocks_t, slots_t, positions_t, rows_t = self.runner.upload_arrays(
-            [blocks, np.arange(archive.num_tokens, archive.num_tokens + n), np.arange(position, position + n), rows],
-            torch.int64)
-        kv = self.kv_cache[:, :, blocks_t]
-        keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype)
+        blocks_t, slots_t, positions_t, plan_rows_t, unrotated_rows_t = self.runner.upload_arrays(
+            [blocks, np.arange(archive.num_tokens, archive.num_tokens + n), np.arange(position, position + n),
+             np.full(n, self.runner.rope_index(eviction.plan)), np.full(n, UNROTATED_ROW)], torch.int64)
+        kv = self.kv_cache.index_select(2, blocks_t)
+        # Keys as numbers: an fp8 pool's dequantized; else the copy's own (the archive reads kv[:, 0]).
+        fp8 = self.pool_keys[1] is not None
+        keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype) if fp8 else None
 
         def turn_back(scoring_keys):
-            rerotate_keys(scoring_keys, slots_t, positions_t, positions_t, rows_t[0], rows_t[1],
+            rerotate_keys(scoring_keys, slots_t, positions_t, positions_t, plan_rows_t, unrotated_rows_t,
                           *self.runner.rope_tables)
         archive.add(kv, position, eviction.archived_first_token, eviction.plan, turn_back, keys)
         self.archive_budget.track(archive)
@@ -301,10 +302,8 @@ class CacheOps:
         if not count:
             return
         staged = torch.empty((count, *runs[0][0].shape[1:]), dtype=self.kv_cache.dtype, device=self.device)
-        row = 0
-        for kv, _, _ in runs:  # one copy per run of consecutive blocks
-            staged[row : row + len(kv)].copy_(kv, non_blocking=True)  # pinned on CUDA: queued, no wait
-            row += len(kv)
+        for part, (kv, _, _) in zip(staged.split(lengths), runs):  # one copy per run of consecutive blocks
+            part.copy_(kv, non_blocking=True)  # pinned on CUDA: queued, no wait
         self.kv_cache.index_copy_(2, destination_t, staged.movedim(0, 2))  # whole blocks, fp8 scales included
         self.slot_bias.index_fill_(0, destination_t, 0.0)
         keys, scales = self.pool_keys

@@ -100,6 +100,7 @@ class RecallArchive:
         # so that the scoring product reads it without a copy, grown by doubling so that
         # appending a chunk does not copy the whole archive.
         self._scoring_keys: torch.Tensor | None = None
+        self._blocks: torch.Tensor | None = None  # their block view (_block_view), until they are replaced
         self.num_tokens = 0
         self.num_blocks = 0
         self.num_bytes = 0  # host copies and device scoring keys together
@@ -153,10 +154,12 @@ class RecallArchive:
     def _block_view(self, block_size: int) -> torch.Tensor:
         """The scoring keys seen as a cache of blocks, [num_layers, capacity / block_size, block_size,
         num_kv_heads, head_dim]: a view, as kernels that address keys by slot take them."""
-        num_layers, num_kv_heads, capacity, head_dim = self._scoring_keys.shape
-        whole = capacity // block_size
-        return (self._scoring_keys[:, :, : whole * block_size].view(num_layers, num_kv_heads, whole, block_size,
-                                                                    head_dim).permute(0, 2, 3, 1, 4))
+        if self._blocks is None:  # (made once per buffer: a long prompt archives every step)
+            num_layers, num_kv_heads, capacity, head_dim = self._scoring_keys.shape
+            whole = capacity // block_size
+            self._blocks = (self._scoring_keys[:, :, : whole * block_size]
+                            .view(num_layers, num_kv_heads, whole, block_size, head_dim).permute(0, 2, 3, 1, 4))
+        return self._blocks
 
     def _append_keys(self, keys: torch.Tensor) -> None:
         """keys [num_layers, num_kv_heads, n, head_dim] after the archived ones."""
@@ -166,7 +169,7 @@ class RecallArchive:
             grown = keys.new_empty(num_layers, num_kv_heads, max(needed, 2 * self.num_tokens), head_dim)
             if self.num_tokens:
                 grown[:, :, : self.num_tokens] = self._head_major_keys
-            self._scoring_keys = grown
+            self._scoring_keys, self._blocks = grown, None
         self._scoring_keys[:, :, self.num_tokens : needed] = keys
         self.num_tokens = needed
 
@@ -175,7 +178,7 @@ class RecallArchive:
         oldest = self.chunks.pop(0)
         self._chunk_ends = None
         num_tokens = oldest.num_blocks * oldest.block_size
-        self._scoring_keys = self._head_major_keys[:, :, num_tokens:].clone()
+        self._scoring_keys, self._blocks = self._head_major_keys[:, :, num_tokens:].clone(), None
         self.num_tokens -= num_tokens
         self.num_blocks -= oldest.num_blocks
         self.num_bytes -= oldest.kv.nbytes + oldest.scoring_bytes
@@ -209,7 +212,10 @@ class RecallArchive:
         score = None  # (summed as groups come: on a GPU there is one, and each op costs the host)
         for first in range(0, num_layers, group):
             layers = slice(first, min(first + group, num_layers))
-            best = block_max_logits(queries[layers], keys[layers], block_size, scale)  # [l, Hkv, Q, group, blocks]
+            if group >= num_layers:  # (no slices: on a GPU, one group)
+                best = block_max_logits(queries, keys, block_size, scale)
+            else:
+                best = block_max_logits(queries[layers], keys[layers], block_size, scale)  # [l, Hkv, Q, group, blocks]
             shares = all_reduce(best.softmax(-1).sum((1, 3)))  # [l, Q, blocks]
             relevance = shares[:, :num_queries].amax(1)
             if baseline is not None:
