@@ -282,11 +282,12 @@ def choose_blocks(scores: np.ndarray, count: int) -> np.ndarray:
             return np.asarray(standout, dtype=np.int64)
     rank = np.empty(num_blocks, dtype=np.int64)
     rank[order] = np.arange(num_blocks)
-    # Window w of block j holds the ranks of blocks j - after .. j + before (past the ends: ranked last).
+    # Window of block j: the ranks of blocks j - after .. j + before (past the ends: ranked last), as
+    # rows of shifted copies (numpy's sliding_window_view costs more host time than the choice).
     padded = np.concatenate([np.full(after, num_blocks), rank, np.full(before, num_blocks)])
-    windows = np.lib.stride_tricks.sliding_window_view(padded, after + before + 1)
-    seed_at = windows.argmin(-1)
-    seed_rank = windows[np.arange(num_blocks), seed_at]
+    windows = np.stack([padded[shift : shift + num_blocks] for shift in range(after + before + 1)])
+    seed_at = windows.argmin(0)
+    seed_rank = windows[seed_at, np.arange(num_blocks)]
     distance = seed_at - after  # the seed's place from j: < 0 before j (j follows it), > 0 after j
     place_among_neighbours = np.where(distance <= 0, -distance, after + distance)
     place = seed_rank * (after + before + 1) + place_among_neighbours
