@@ -13,14 +13,14 @@ def long_text_ids(tokenizer, count: int) -> list[int]:
     return ids[:count]
 
 
-def stream_checking_positions(llm, policy: dict, prompt: list[int], after_step=None):
+def stream_checking_positions(llm, policy: dict, prompt: list[int], after_step=None, rope_scaling=None):
     """Run one bounded-cache request to the end. Every step must place the new tokens at
     contiguous positions right after the cache and stay within the policy's largest cache.
     Returns the sequence and (tokens computed, blocks in use) before each step."""
     engine = llm.engine
     max_cache = ContextPolicy.from_dict(policy).max_cache_tokens(engine.config.block_size)
     engine.add_request("stream", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                       ContextParams(context_policy=policy))
+                       ContextParams(context_policy=policy, rope_scaling=rope_scaling))
     seq = engine.requests["stream"].choices[0].seq
     upload = engine.runner.upload
     seen = []

@@ -96,10 +96,10 @@ def test_rerotate_moves_keys_across_rope_rows_in_every_layer(dtype):
 
 
 def test_rerotate_on_head_major_keys_with_broadcast_rows():
-    """How retrieval rotates archived keys back: a head-major [layers, heads, tokens, dim] buffer
-    seen as blocks, one RoPE row broadcast (stride 0) over the slots, the row of a zero inv_freq
-    as the target. The kernel once read such a broadcast vector as if it were whole (garbage on
-    the GPU)."""
+    """Retrieval's rotate-back (a head-major [layers, heads, tokens, dim] buffer seen as blocks,
+    turned to the row of a zero inv_freq), with the rows broadcast (stride 0) over the slots: the
+    kernel once read such a broadcast vector as if it were whole (garbage on the GPU). The engine
+    uploads dense rows; broadcast ones must work as well."""
     gen = torch.Generator().manual_seed(4)
     num_layers, num_kv_heads, capacity, head_dim, page_size = 2, 3, 64, 64, 16
     keys = torch.randn(num_layers, num_kv_heads, capacity, head_dim, generator=gen)

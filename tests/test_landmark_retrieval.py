@@ -82,10 +82,12 @@ def test_retrieval_finds_a_passkey_long_evicted_that_landmarks_alone_lose(make_l
     assert llm.engine.block_manager.num_free_blocks == llm.engine.pool.num_blocks
 
 
-def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "yarn", "factor": 4.0}])
+def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm, rope_scaling):
     """A stream of 10x the window in constant blocks; at the end of the prompt the recall
     region holds archived blocks: values as archived, keys moved from their eviction
-    position to their slot (fp64 re-derivation), scoring keys the mean of the keys before RoPE."""
+    position to their slot (fp64 re-derivation), scoring keys the keys before RoPE (YaRN's
+    attention factor undone)."""
     llm = make_llm(prefill_chunk_size=48, max_num_batched_tokens=64)
     engine = llm.engine
     policy = ContextPolicy.from_dict(RETRIEVING)
@@ -105,11 +107,13 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
             recalled.append((slot, engine.kv_cache[:, :, block].clone(), bias))
 
     engine.runner.cache_ops.recall = recall_and_read
-    seq, seen = stream_checking_positions(llm, RETRIEVING, prompt)
+    seq, seen = stream_checking_positions(llm, RETRIEVING, prompt, rope_scaling=rope_scaling)
     settled = [used for computed, used in seen if computed >= policy.max_cache_tokens(16)]
     assert len(settled) > 10 and max(settled) <= cdiv(policy.max_cache_tokens(16), 16)
 
     archive = seq.archive
+    factor = engine.runner.rope_row(seq.rope_plan)[1]
+    assert (factor != 1.0) == (rope_scaling is not None)
     assert archive.num_blocks == seq.num_evicted_tokens // 16 >= 20
     assert len(recalled) == 2 and all(torch.all(bias == 0) for _, _, bias in recalled)
     inv_freq = engine.runner.rope_row(seq.rope_plan)[0].double()
@@ -135,6 +139,7 @@ def test_recalled_blocks_hold_archived_keys_rerotated_to_their_slots(make_llm):
     k = archived[:, 0].double()
     half = k.shape[-1] // 2
     unrotated = torch.cat((k[..., :half] * cos + k[..., half:] * sin, k[..., half:] * cos - k[..., :half] * sin), -1)
+    unrotated /= factor
     assert archive.scoring_keys.shape[1] == archive.num_blocks * 16
     torch.testing.assert_close(archive.scoring_keys[:, 3 * 16 : 4 * 16].double(), unrotated, atol=1e-5, rtol=1e-5)
     assert archive.first_token(3) == 16 + 3 * 16  # after the sink block
@@ -200,7 +205,8 @@ def archive_under(archive: RecallArchive, kv: torch.Tensor, position: int, first
     slots, positions = torch.arange(archive.num_tokens, archive.num_tokens + n), torch.arange(position, position + n)
     tables = torch.stack([inv_freq.float(), torch.zeros_like(inv_freq.float())]), torch.tensor([factor, 1.0])
 
-    def turn_back(view):
+    def turn_back(view, first):
+        assert first == slots[0]
         rerotate_keys_reference(view, slots, positions, positions, torch.zeros(n, dtype=torch.int64),
                                 torch.ones(n, dtype=torch.int64), *tables)
     archive.add(kv, position, first_token, plan, turn_back)
@@ -225,6 +231,31 @@ def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(defau
     assert first.scoring_keys.shape[1] == first.num_tokens == 2 * 16
     assert budget.num_bytes == 3 * one_chunk
     assert budget.num_forgotten_blocks == 1  # counted for the metric
+
+
+def test_keys_archived_after_the_oldest_are_forgotten_are_turned_back_in_place(default_llm):
+    """drop_oldest replaces the scoring keys' buffer (a tight copy, so the next chunk grows it):
+    keys archived after it land after the kept ones, turned back to angle 0 at their own slots,
+    and the kept ones stay as they were."""
+    plan = default_llm.engine.default_rope_plan
+    inv_freq, factor = rope_parameters(plan)
+    generator = torch.Generator().manual_seed(5)
+    kvs = [torch.randn(2, 2, 1, 16, 3, 64, generator=generator) for _ in range(4)]
+    archive = RecallArchive()
+    for chunk, kv in enumerate(kvs[:3]):
+        archive_under(archive, kv, 16 * chunk, 16 * chunk, plan)
+    kept = archive.scoring_keys[:, 16:].clone()
+    archive.drop_oldest()
+    archive_under(archive, kvs[3], 48, 48, plan)
+    angles = torch.arange(48, 64, dtype=torch.float64)[:, None] * inv_freq.double()
+    cos, sin = torch.cos(angles)[None, :, None], torch.sin(angles)[None, :, None]
+    k = kvs[3][:, 0, 0].double()
+    half = k.shape[-1] // 2
+    unrotated = torch.cat((k[..., :half] * cos + k[..., half:] * sin, k[..., half:] * cos - k[..., :half] * sin),
+                          -1) / factor
+    assert archive.num_blocks == 3 and archive.scoring_keys.shape[1] == 48
+    assert torch.equal(archive.scoring_keys[:, :32], kept)
+    torch.testing.assert_close(archive.scoring_keys[:, 32:].double(), unrotated, atol=1e-5, rtol=1e-5)
 
 
 def test_archive_budget_takes_from_idle_archives_before_the_long_prompt_in_use(default_llm):

@@ -166,7 +166,10 @@ class CacheOps:
         fp8 = self.pool_keys[1] is not None
         keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype) if fp8 else None
 
-        def turn_back(scoring_keys):
+        first_slot = archive.num_tokens
+
+        def turn_back(scoring_keys, first):
+            assert first == first_slot  # the slots uploaded above
             rerotate_keys(scoring_keys, slots_t, positions_t, positions_t, plan_rows_t, unrotated_rows_t,
                           *self.runner.rope_tables)
         archive.add(kv, position, eviction.archived_first_token, eviction.plan, turn_back, keys)

@@ -40,7 +40,7 @@ class ModelRunner:
         self._inv_freq_table = torch.zeros(1, model.config.head_dim // 2, dtype=torch.float32, device=self.device)
         self._attention_factors: list[float] = [1.0]
         self._attention_factor_table = torch.ones(1, dtype=torch.float32, device=self.device)
-        self._rope_plans: list[RopePlan] = []  # in the order of their rows
+        self._rope_plans: list[RopePlan] = []  # in the order of their rows (plan i: row i + 1)
         # Rank 0 under tensor parallelism: the WorkerGroup every step is also sent to.
         self.workers = None
         # Everything a step does to the cache besides writing its own tokens' K/V.

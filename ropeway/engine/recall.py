@@ -126,20 +126,21 @@ class RecallArchive:
         return self._scoring_keys[:, :, : self.num_tokens]
 
     def add(self, kv: torch.Tensor, position: int, first_token: int, plan: RopePlan,
-            turn_back: Callable[[torch.Tensor], None], keys: torch.Tensor | None = None) -> None:
+            turn_back: Callable[[torch.Tensor, int], None], keys: torch.Tensor | None = None) -> None:
         """Archive evicted blocks kv [num_layers, 2, n, ...] as the pool holds them (on the
         device) whose first token, token first_token of the stream, sat at cache position
         `position` under plan. keys: their keys as numbers, [num_layers, n, block_size, Hkv, D]
-        in the model's dtype, where the pool is fp8 (else kv[:, 0] is that). turn_back(view)
-        re-rotates the new keys, slots num_tokens.. of the scoring keys' block view (as this
-        call found num_tokens), from their positions and plan to angle 0 (and undoes YaRN's
+        in the model's dtype, where the pool is fp8 (else kv[:, 0] is that). turn_back(view, first)
+        re-rotates the new keys, slots first.. of the scoring keys' block view (first: num_tokens
+        as this call found it), from their positions and plan to angle 0 (and undoes YaRN's
         scale), in place: scoring keys are keys before RoPE (the caller holds the RoPE tables)."""
         if keys is None:
             keys = kv[:, 0]
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = keys.shape
         n = num_blocks * block_size
+        first = self.num_tokens
         self._append_keys(keys.reshape(num_layers, n, num_kv_heads, head_dim).transpose(1, 2))
-        turn_back(self._block_view(block_size))
+        turn_back(self._block_view(block_size), first)
         unrotated_bytes = n * num_layers * num_kv_heads * head_dim * keys.element_size()
         # Block-major (one copy per recalled block) and pinned on CUDA, so the copy is queued
         # behind the step and recalls copy back without waiting.

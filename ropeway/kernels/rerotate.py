@@ -33,8 +33,9 @@ def rerotate_keys_reference(
     block_size = k_cache.shape[2]
     slots = slots.long()
     blocks, offsets = slots // block_size, slots % block_size
-    old_inv_freq, new_inv_freq = inv_freq_table[old_rows.long()], inv_freq_table[new_rows.long()]
-    old_attention_factor, new_attention_factor = factor_table[old_rows.long()], factor_table[new_rows.long()]
+    old_rows, new_rows = old_rows.long(), new_rows.long()
+    old_inv_freq, new_inv_freq = inv_freq_table[old_rows], inv_freq_table[new_rows]
+    old_attention_factor, new_attention_factor = factor_table[old_rows], factor_table[new_rows]
     old_angles = old_positions.to(torch.float32)[:, None] * old_inv_freq.to(torch.float32)
     new_angles = new_positions.to(torch.float32)[:, None] * new_inv_freq.to(torch.float32)
     delta = new_angles - old_angles
