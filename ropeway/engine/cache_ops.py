@@ -157,16 +157,14 @@ class CacheOps:
         # The new scoring keys' slots (after the archived ones) and positions when evicted, turned
         # from their plan's RoPE row to the row of angle 0: uploaded with the blocks, in one copy.
         n = blocks.size * self.block_size
-        position = eviction.archived_position
+        position, first_slot = eviction.archived_position, archive.num_tokens
         blocks_t, slots_t, positions_t, plan_rows_t, unrotated_rows_t = self.runner.upload_arrays(
-            [blocks, np.arange(archive.num_tokens, archive.num_tokens + n), np.arange(position, position + n),
+            [blocks, np.arange(first_slot, first_slot + n), np.arange(position, position + n),
              np.full(n, self.runner.rope_index(eviction.plan)), np.full(n, UNROTATED_ROW)], torch.int64)
         kv = self.kv_cache.index_select(2, blocks_t)
         # Keys as numbers: an fp8 pool's dequantized; else the copy's own (the archive reads kv[:, 0]).
         fp8 = self.pool_keys[1] is not None
         keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype) if fp8 else None
-
-        first_slot = archive.num_tokens
 
         def turn_back(scoring_keys, first):
             assert first == first_slot  # the slots uploaded above
