@@ -139,3 +139,23 @@ def test_n_choices_share_the_prompt_and_differ(make_llm, alone_outputs):
     again = llm.generate([prompt], params)[0]
     assert [c.token_ids for c in again.outputs] == texts
     assert engine.block_manager.num_free_blocks == engine.pool.num_blocks
+
+
+@pytest.mark.parametrize("dtype", ["int64", "int32"])
+def test_uploads_are_packed_16_byte_aligned_and_split_back_into_each_array(dtype):
+    """What a CUDA upload copies: the step's arrays back to back, each starting 16-byte aligned
+    (Triton specializes on pointer alignment), cut back into every array by one split."""
+    import numpy as np
+    import torch
+
+    from ropeway.engine.model_runner import packed_aligned
+
+    torch_dtype = getattr(torch, dtype)
+    arrays = [np.arange(5), np.zeros(0, dtype=np.int64), np.arange(12).reshape(3, 4), np.array(7), np.arange(3) - 9]
+    host, parts = packed_aligned(arrays, torch_dtype)
+    views = host.split_with_sizes(parts)[::2]
+    element = host.element_size()
+    for view, a in zip(views, arrays):
+        assert (view.data_ptr() - host.data_ptr()) % 16 == 0 and view.numel() == a.size
+        assert view.view(a.shape).tolist() == a.tolist()
+    assert host.numel() * element % 16 == 0

@@ -199,20 +199,7 @@ class ModelRunner:
         On CPU the arrays are used in place."""
         if self.device.type == "cpu":
             return [torch.from_numpy(a.astype(_NUMPY_DTYPES[dtype], copy=False)) for a in arrays]
-        # Each array starts 16-byte aligned: Triton specializes kernels on pointer alignment,
-        # and offsets that changed with the batch's sizes recompiled kernels mid-serving.
-        per_16_bytes = 16 // _ELEMENT_SIZES[dtype]
-        # Each array's part and the padding after it: one split gives every array its view (each
-        # torch op costs the host ~10-40 us on the H200's machines, and a step uploads a dozen arrays).
-        parts = []
-        for a in arrays:
-            parts += [a.size, round_up(a.size, per_16_bytes) - a.size]
-        host = torch.empty(sum(parts), dtype=dtype, pin_memory=True)
-        host_array = host.numpy()
-        start = 0
-        for a, padding in zip(arrays, parts[1::2]):
-            host_array[start : start + a.size] = a.ravel()
-            start += a.size + padding
+        host, parts = packed_aligned(arrays, dtype, pin_memory=True)
         views = host.to(self.device, non_blocking=True).split_with_sizes(parts)[::2]
         return [view if a.ndim == 1 else view.view(a.shape) for view, a in zip(views, arrays)]
 
@@ -276,3 +263,24 @@ class ModelRunner:
             previous = torch.empty(step.num_previous_tokens, dtype=torch.int64, device=self.device)
             dist.broadcast(previous, src=0)
         self.run(self.upload(step.batch, previous))
+
+
+def packed_aligned(arrays: list[np.ndarray], dtype: torch.dtype, pin_memory: bool = False
+                   ) -> tuple[torch.Tensor, list[int]]:
+    """The arrays (flattened) back to back in one host tensor of dtype, each starting 16-byte
+    aligned, and the split sizes that cut it into [array, padding, array, padding, ...]: one
+    split_with_sizes gives every array its view (each torch op costs the host ~10-40 us on the
+    H200's machines, and a step uploads a dozen arrays). Aligned because Triton specializes
+    kernels on pointer alignment: offsets that changed with the batch's sizes recompiled kernels
+    mid-serving."""
+    per_16_bytes = 16 // _ELEMENT_SIZES[dtype]
+    parts = []
+    for a in arrays:
+        parts += [a.size, round_up(a.size, per_16_bytes) - a.size]
+    host = torch.empty(sum(parts), dtype=dtype, pin_memory=pin_memory)
+    host_array = host.numpy()
+    start = 0
+    for a, padding in zip(arrays, parts[1::2]):
+        host_array[start : start + a.size] = a.ravel()
+        start += a.size + padding
+    return host, parts
