@@ -76,12 +76,14 @@ def test_cuda_sink_window_stream_equals_cpu():
     assert max(diffs) < 1e-2
 
 
-def test_cuda_retrieving_landmark_stream_equals_cpu():
-    """Landmark summaries, recall from host memory and bias-reading decode graphs on the GPU
-    give the CPU path's tokens."""
+@pytest.mark.parametrize("landmarks", [16, 0])
+def test_cuda_retrieving_landmark_stream_equals_cpu(landmarks):
+    """Landmark summaries (or none: the question's recalled blocks are then computed afresh where
+    they sit), recall from host memory and bias-reading decode graphs on the GPU give the CPU
+    path's tokens."""
     from ropeway import ContextParams
 
-    policy = ContextParams(context_policy={"type": "landmark", "sinks": 4, "window": 64, "landmarks": 16,
+    policy = ContextParams(context_policy={"type": "landmark", "sinks": 4, "window": 64, "landmarks": landmarks,
                                            "retrieve": 32})
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     cpu = LLM(dtype="float32", device="cpu", kv_cache_memory_bytes=1 << 28, max_num_batched_tokens=64)
