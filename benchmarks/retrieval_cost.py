@@ -16,6 +16,10 @@ capture's copies excluded), other (scheduling, batch building, sampling).
   # CPU, a tiny random 30-layer Llama (counts are what matter there; its times are overhead only):
   PYTHONPATH=. python benchmarks/retrieval_cost.py --model /tmp/tiny30 --lengths 8192 --runs 1
 
+Timed runs go in interleaved rounds (--runs); reported: the median of the rounds' ratios (retrieval
+on over archive and recall off) and the median host time retrieval adds per step, which, unlike the
+ratio, does not rise when the forward pass itself gets faster.
+
 Also times, on CUDA, the decode steps of a short stream that does not retrieve beside a
 neighbour prefilling the same prompt (needle.decode_step_seconds) unless --no-decode.
 """
