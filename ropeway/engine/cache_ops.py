@@ -24,10 +24,6 @@ from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence,
 from .landmarks import chunk_summary, rotate_to
 from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
 
-# The RoPE tables' row of angle 0 (inv_freq 0, factor 1; model_runner.py), where archived keys
-# are turned back to for scoring.
-UNROTATED_ROW = 0
-
 # The question's recalled blocks are computed afresh in the region (recompute_region). A module
 # switch so benchmarks can measure what it changes.
 RECOMPUTE_RECALLED = True
@@ -51,8 +47,6 @@ class CacheOps:
         self.kv_cache = runner.kv_cache
         self.block_size = runner.block_size
         self.device = runner.device
-        # The pool's keys of every layer and their fp8 scales (views): made once, as every torch op costs the host.
-        self.pool_keys = self.views(0)
         # Logit bias per cache slot [num_blocks, block_size]: ln(chunk length) on a landmark
         # slot, -inf on an empty region slot, 0 elsewhere. Read only by batches that hold a
         # landmark cache.
@@ -110,7 +104,7 @@ class CacheOps:
         slots_t, old_t, new_t, old_rows_t, new_rows_t = self.runner.upload_arrays(
             [slots, positions + move.shift, positions, np.full(count, self.runner.rope_index(move.old_plan)),
              np.full(count, self.runner.rope_index(move.new_plan))], torch.int64)
-        keys, scales = self.pool_keys
+        keys, scales = self.runner.layer_caches.keys
         rerotate_keys(keys, slots_t, old_t, new_t, old_rows_t, new_rows_t, *self.runner.rope_tables, scales)
 
     def views(self, kind: int, blocks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,7 +137,7 @@ class CacheOps:
             keys, values = chunk_summary(self.model, landmark.token_ids, inv_freq, factor, self.block_size)
             block, offset = table[landmark.position // self.block_size], landmark.position % self.block_size
             rotated = rotate_to(keys, landmark.position, inv_freq, factor)
-            write_vectors(*self.pool_keys, (slice(None), block, offset), rotated)
+            write_vectors(*self.runner.layer_caches.keys, (slice(None), block, offset), rotated)
             write_vectors(*self.views(1), (slice(None), block, offset), values)
             bias[block, offset] = math.log(len(landmark.token_ids))
 
@@ -160,11 +154,9 @@ class CacheOps:
         position, first_slot = eviction.archived_position, archive.num_tokens
         blocks_t, slots_t, positions_t, plan_rows_t, unrotated_rows_t = self.runner.upload_arrays(
             [blocks, np.arange(first_slot, first_slot + n), np.arange(position, position + n),
-             np.full(n, self.runner.rope_index(eviction.plan)), np.full(n, UNROTATED_ROW)], torch.int64)
+             np.full(n, self.runner.rope_index(eviction.plan)), np.full(n, self.runner.UNROTATED_ROW)], torch.int64)
         kv = self.kv_cache.index_select(2, blocks_t)
-        # Keys as numbers: an fp8 pool's dequantized; else the copy's own (the archive reads kv[:, 0]).
-        fp8 = self.pool_keys[1] is not None
-        keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype) if fp8 else None
+        keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype)
 
         def turn_back(scoring_keys, first):
             assert first == first_slot  # the slots uploaded above
@@ -307,5 +299,5 @@ class CacheOps:
             part.copy_(kv, non_blocking=True)  # pinned on CUDA: queued, no wait
         self.kv_cache.index_copy_(2, destination_t, staged.movedim(0, 2))  # whole blocks, fp8 scales included
         self.slot_bias.index_fill_(0, destination_t, 0.0)
-        keys, scales = self.pool_keys
+        keys, scales = self.runner.layer_caches.keys
         rerotate_keys(keys, slots, old_t, new_t, old_rows_t, new_rows_t, *self.runner.rope_tables, scales)

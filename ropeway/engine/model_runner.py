@@ -13,7 +13,7 @@ from ropeway.models.forward_batch import block_table_width
 from ropeway.scheduler import RopePlan, SchedulerOutput
 
 from .block_transfers import BlockTransfers
-from .cache_ops import UNROTATED_ROW, CacheOps
+from .cache_ops import CacheOps
 from .host_batch import HostBatch
 from .cuda_graphs import DecodeGraphs
 from .kv_pool import cache_block_views
@@ -21,10 +21,11 @@ from ropeway.arith import round_up
 
 
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
-_ELEMENT_SIZES = {torch.int64: 8, torch.int32: 4}
 
 
 class ModelRunner:
+    UNROTATED_ROW = 0  # the RoPE tables' row of angle 0 (inv_freq 0, factor 1)
+
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int,
                  archive_bytes: int = 4 << 30, host_tier_slots: int = 0):
         self.model = model
@@ -34,8 +35,7 @@ class ModelRunner:
         self.device = model.device
         # Every plan seen so far has a row in these tables, so a step gathers its sequences'
         # RoPE rows on the device from one index per sequence, and key moves name rows. Row 0
-        # (UNROTATED_ROW: inv_freq 0, factor 1) is angle 0, where archived keys are turned back to.
-        assert UNROTATED_ROW == 0
+        # (UNROTATED_ROW) is angle 0, where retrieval turns archived keys back to for scoring.
         self._rope_index: dict[RopePlan, int] = {}
         self._inv_freq_table = torch.zeros(1, model.config.head_dim // 2, dtype=torch.float32, device=self.device)
         self._attention_factors: list[float] = [1.0]
@@ -273,7 +273,7 @@ def packed_aligned(arrays: list[np.ndarray], dtype: torch.dtype, pin_memory: boo
     H200's machines, and a step uploads a dozen arrays). Aligned because Triton specializes
     kernels on pointer alignment: offsets that changed with the batch's sizes recompiled kernels
     mid-serving."""
-    per_16_bytes = 16 // _ELEMENT_SIZES[dtype]
+    per_16_bytes = 16 // dtype.itemsize
     parts = []
     for a in arrays:
         parts += [a.size, round_up(a.size, per_16_bytes) - a.size]

@@ -213,10 +213,7 @@ class RecallArchive:
         score = None  # (summed as groups come: on a GPU there is one, and each op costs the host)
         for first in range(0, num_layers, group):
             layers = slice(first, min(first + group, num_layers))
-            if group >= num_layers:  # (no slices: on a GPU, one group)
-                best = block_max_logits(queries, keys, block_size, scale)
-            else:
-                best = block_max_logits(queries[layers], keys[layers], block_size, scale)  # [l, Hkv, Q, group, blocks]
+            best = block_max_logits(queries[layers], keys[layers], block_size, scale)  # [l, Hkv, Q, group, blocks]
             shares = all_reduce(best.softmax(-1).sum((1, 3)))  # [l, Q, blocks]
             relevance = shares[:, :num_queries].amax(1)
             if baseline is not None:
