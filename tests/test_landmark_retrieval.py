@@ -12,7 +12,7 @@ from ropeway import ContextParams, SamplingParams
 from ropeway.engine import recall as recall_module
 from ropeway.engine.recall import ArchiveBudget, RecallArchive
 from ropeway.sampling_params import InvalidParameter
-from ropeway.scheduler import ContextPolicy
+from ropeway.scheduler import ContextPolicy, SchedulerOutput
 from ropeway.models import rope_parameters
 from ropeway.kernels.rerotate import rerotate_keys_reference
 
@@ -157,26 +157,61 @@ def test_the_questions_recalled_blocks_are_computed_afresh_where_they_sit(make_l
     seen = {}
     recall = engine.runner.cache_ops.recall
 
-    def recall_and_read(item):
+    def recall_and_note(item):
         recall(item)
         if item.samples:
             seq = item.seq
-            blocks = seq.block_table[1:3]  # after the sink block: the recall region
-            seen.update(tokens=list(seq.archive.recalled_tokens), kv=engine.kv_cache[:, :, blocks].clone(),
+            seen.update(tokens=list(seq.archive.recalled_tokens),
+                        blocks=seq.block_table[1:3],  # after the sink block: the recall region
                         archived=[seq.archive.block(i)[0].clone() for i in range(seq.archive.num_blocks)])
 
-    engine.runner.cache_ops.recall = recall_and_read
+    engine.runner.cache_ops.recall = recall_and_note
     try:
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1),
                      context=ContextParams(context_policy=policy))
     finally:
         engine.runner.cache_ops.recall = recall
+    # The region is computed in the step's own pass, beside the question's chunk: read after it.
+    seen["kv"] = engine.kv_cache[:, :, seen["blocks"]].clone()
     assert len(seen["tokens"]) == 2
     ids = prompt[:size] + [t for first in seen["tokens"] for t in prompt[first : first + size]]
     plain = plain_prefill_kv(engine, ids)  # [layers, 2, 3 blocks, 16, Hkv, D]
     torch.testing.assert_close(seen["kv"], plain[:, :, 1:3], atol=1e-4, rtol=1e-4)
     # And not merely the archived values brought back: those were computed in another context.
     assert not any(torch.allclose(seen["kv"][:, 1, 0], archived[:, 1], atol=1e-3) for archived in seen["archived"])
+
+
+def test_the_region_computed_in_the_questions_own_pass_gives_what_a_pass_of_its_own_first_gives(make_llm):
+    """The recalled region's tokens run in the question chunk's forward pass, as a sequence of
+    their own: the question must read the region exactly as if it had been computed in a pass
+    before the step (what the engine did before, one pass more)."""
+    llm = make_llm(prefill_chunk_size=48, max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    ops = runner.cache_ops
+    policy = {"type": "landmark", "sinks": 4, "window": 64, "retrieve": 32}
+    prompt = long_text_ids(llm.tokenizer, 600)
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=5)
+    merged = llm.generate([prompt], params, context=ContextParams(context_policy=policy))[0].outputs[0]
+    passes = []
+    merge = ops.with_region_recomputes
+
+    def region_first(step, logit_rows):
+        recomputes, ops.region_recomputes = ops.region_recomputes, []
+        if recomputes:
+            passes.append(len(recomputes))
+            runner.run(runner.build_batch(SchedulerOutput(scheduled=recomputes), [0] * len(recomputes)))
+        return step, logit_rows
+
+    ops.with_region_recomputes = region_first
+    try:
+        separate = llm.generate([prompt], params, context=ContextParams(context_policy=policy))[0].outputs[0]
+    finally:
+        ops.with_region_recomputes = merge
+    assert passes == [1]  # the question recalled, and its region was computed on its own
+    assert merged.token_ids == separate.token_ids
+    for ours, theirs in zip(merged.logprobs, separate.logprobs, strict=True):
+        assert [t for t, _, _ in ours.top] == [t for t, _, _ in theirs.top]
+        np.testing.assert_allclose([p for _, _, p in ours.top], [p for _, _, p in theirs.top], atol=1e-4)
 
 
 def plain_prefill_kv(engine, ids: list[int]) -> torch.Tensor:

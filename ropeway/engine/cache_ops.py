@@ -9,6 +9,7 @@ The pool may be fp8 (kernels/fp8_kv.py): keys and values are read through cache_
 where they are read as numbers and quantized where they are written; whole blocks (copies,
 archives, recalls) move as bytes with their scales."""
 
+import dataclasses
 import math
 
 import msgspec
@@ -18,13 +19,13 @@ import torch
 from ropeway.kernels import rerotate_keys
 from ropeway.kernels.fp8_kv import cache_views, read_vectors, write_vectors
 from ropeway.models import ForwardBatch, QueryCapture
-from ropeway.models.forward_batch import block_table_width, cache_slots
+from ropeway.models.forward_batch import cache_slots
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
 from .landmarks import chunk_summary, rotate_to
 from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
 
-# The question's recalled blocks are computed afresh in the region (recompute_region). A module
+# The question's recalled blocks are computed afresh in the region (region_recompute). A module
 # switch so benchmarks can measure what it changes.
 RECOMPUTE_RECALLED = True
 
@@ -38,6 +39,28 @@ class KeyMove(msgspec.Struct, array_like=True):
     shift: int                            # the keys were computed at position + shift
     old_plan: RopePlan
     new_plan: RopePlan
+
+
+@dataclasses.dataclass
+class RegionTokens:
+    """What the runner's batch reads of a sequence, for a recall region's tokens run beside the
+    sequence's chunk: its tokens (all to compute), the region's first position, the sequence's
+    block table, plan and region."""
+    token_ids: np.ndarray
+    num_cached_positions: int
+    block_table: list[int]
+    rope_plan: RopePlan
+    num_region_positions: int
+    num_computed_tokens: int = 0
+    seq_id: int = -1
+
+
+@dataclasses.dataclass
+class RegionRecompute:
+    """A recall region's tokens scheduled as a chunk that samples nothing (like ScheduledSequence)."""
+    seq: RegionTokens
+    num_new_tokens: int
+    samples: bool = False
 
 
 class CacheOps:
@@ -60,6 +83,8 @@ class CacheOps:
         # Under tensor parallelism, the key moves of the step (sent to the other ranks with it).
         self.recorded: list[KeyMove] | None = None
         self._capturing: list[tuple[object, int, int]] = []  # (sequence, baseline rows, query rows) of a step
+        # Recall regions this step's recalls compute afresh, in the step's own batch.
+        self.region_recomputes: list[RegionRecompute] = []
 
     def apply(self, step: SchedulerOutput) -> None:
         self.archive_budget.next_step()
@@ -244,31 +269,35 @@ class CacheOps:
         archive.recalled_tokens = [archive.first_token(index) for index in chosen]
         self.bring_back(seq, archive.runs(chosen), region, first_block)
         if item.samples and RECOMPUTE_RECALLED and not policy.landmarks:
-            self.recompute_region(seq, archive.recalled_tokens, first_block)
+            recompute = self.region_recompute(seq, archive.recalled_tokens, first_block)
+            if recompute is not None:
+                self.region_recomputes.append(recompute)
         self.num_recalls += 1
         self.num_recalled_blocks += len(chosen)
 
-    def recompute_region(self, seq, first_tokens: list[int], first_block: int) -> None:
-        """Compute the recalled blocks' keys and values afresh where they now sit: their tokens
-        at the region's positions, attending to the sinks and to each other (bring_back has just
-        written the region and its slot bias)."""
+    def region_recompute(self, seq, first_tokens: list[int], first_block: int) -> "RegionRecompute | None":
+        """The recalled blocks' tokens (first_tokens: each block's first token index) as a
+        sequence of their own, at the region's positions: the runner adds it to the step's batch.
+        Each layer writes every token's keys and values before any attends, so the prompt's
+        chunk in the same pass sees the region as computed afresh, and the region's tokens see
+        only the sinks and each other (positions below theirs; bring_back has just written the
+        region and its slot bias). One pass fewer than computing the region on its own first."""
         size = self.block_size
         if not first_tokens:
-            return
+            return None
         tokens = np.concatenate([seq.token_ids[first : first + size] for first in first_tokens]).astype(np.int64)
-        count = tokens.size
-        start = first_block * size
-        positions = np.arange(start, start + count)
-        table = np.zeros(block_table_width(len(seq.block_table)), dtype=np.int32)
-        table[: len(seq.block_table)] = seq.block_table
-        slots = cache_slots(table, positions, size)
-        ids_t, positions_t, slots_t = self.runner.upload_arrays([tokens, positions, slots], torch.int64)
-        (table_t,) = self.runner.upload_arrays([table], torch.int32)
-        inv_freq, factor = self.runner.rope_row(seq.rope_plan)
-        # Logits of no token: only the keys and values it writes are wanted.
-        batch = ForwardBatch.one_sequence(ids_t, positions_t, slots_t, table_t, start + count, inv_freq, factor,
-                                          positions_t[:0], slot_bias=self.slot_bias)
-        self.model.forward(batch, self.runner.layer_caches)
+        region = RegionTokens(tokens, first_block * size, seq.block_table, seq.rope_plan, seq.num_region_positions)
+        return RegionRecompute(region, tokens.size)
+
+    def with_region_recomputes(self, step: SchedulerOutput, logit_rows: list[int]
+                               ) -> tuple[SchedulerOutput, list[int]]:
+        """The step as the runner batches it: its sequences, then the recall regions its
+        recalls computed afresh (no logits), taken (once) from this step's apply."""
+        recomputes, self.region_recomputes = self.region_recomputes, []
+        if not recomputes:
+            return step, logit_rows
+        return (dataclasses.replace(step, scheduled=[*step.scheduled, *recomputes]),
+                [*logit_rows, *(0 for _ in recomputes)])
 
     def bring_back(self, seq, runs: list[tuple[torch.Tensor, int, RopePlan]], region: list[int],
                    first_block: int) -> None:

@@ -232,7 +232,8 @@ class ModelRunner:
         if self.workers is not None:
             ops.recorded = []
         ops.apply(step)
-        host = self.host_batch(step, logit_rows, previous[1] if previous else None)
+        batched, batched_rows = ops.with_region_recomputes(step, logit_rows)
+        host = self.host_batch(batched, batched_rows, previous[1] if previous else None)
         previous_tokens = previous[0] if previous else None
         if self.workers is not None:
             self.workers.send_step(self._rope_plans, ops.recorded, host, previous_tokens)
