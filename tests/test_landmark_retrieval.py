@@ -440,10 +440,11 @@ def test_the_vectorized_choice_is_the_greedy_choice(monkeypatch):
     monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", None)
     assert (recall_module.RECALL_FOLLOWING_BLOCKS, recall_module.RECALL_PRECEDING_BLOCKS) == (1, 1)
     rng = random.Random(5)
-    for _ in range(300):
-        num_blocks = rng.randint(1, 24)
-        scores = [rng.random() for _ in range(num_blocks)]
-        count = rng.randint(1, num_blocks + 2)
+    for trial in range(400):
+        # Few blocks, and many with a small count (only the count best are ranked), ties among them.
+        num_blocks = rng.randint(1, 24) if trial % 2 else rng.randint(24, 300)
+        scores = [rng.random() if trial % 4 < 2 else float(rng.randint(0, 4)) for _ in range(num_blocks)]
+        count = rng.randint(1, num_blocks + 2) if trial % 2 else rng.randint(1, 40)
         chosen = recall_module.choose_blocks(np.asarray(scores), count)
         assert chosen.tolist() == greedy_choice(scores, count), (scores, count)
     assert recall_module.choose_blocks(np.zeros(0, dtype=np.float32), 4).tolist() == []
@@ -460,6 +461,16 @@ def test_the_standout_rule_widens_runs_around_blocks_far_above_the_rest(monkeypa
     assert recall_module.choose_blocks(scores.numpy(), 10).tolist() == list(range(10))  # room for all: all
     monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", None)  # off: the greedy choice
     assert recall_module.choose_blocks(scores.numpy(), 5).tolist() == greedy_choice(scores.tolist(), 5)
+    # Among many blocks (only the count + 1 best are sorted), with ties: as the rule over a full sort.
+    rng = np.random.default_rng(3)
+    monkeypatch.setattr(recall_module, "RECALL_STANDOUT_RATIO", 2.0)
+    for trial in range(200):
+        many = rng.integers(0, 3, 500).astype(np.float32)
+        many[rng.integers(0, 500, trial % 5)] = 9.0
+        count = int(rng.integers(1, 30))
+        full = recall_module.runs_around_standouts(many, np.argsort(-many, kind="stable"), count, 2.0)
+        expected = full if full is not None else greedy_choice(many.tolist(), count)
+        assert recall_module.choose_blocks(many, count).tolist() == expected
 
 
 def test_recalled_blocks_adjacent_in_host_memory_come_back_in_one_copy(default_llm):

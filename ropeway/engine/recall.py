@@ -268,35 +268,54 @@ def choose_blocks(scores: np.ndarray, count: int) -> np.ndarray:
     count are. Array operations, not that loop (a long prompt chooses before each chunk, among
     thousands of blocks): each block is ranked by the best block that brings it (the best of
     itself and its neighbours), then by its place among that one's neighbours, and the lowest
-    ranks win."""
+    ranks win. Only the count best blocks can bring a chosen one (each brings at least itself),
+    so only they are ranked and only their neighbourhoods placed: linear in the blocks (a full
+    sort of 8k blocks, at 128k tokens, took ~1 ms of the host per chunk)."""
     num_blocks = scores.size
     after, before = RECALL_FOLLOWING_BLOCKS, RECALL_PRECEDING_BLOCKS
-    if num_blocks == 0:
+    count = min(count, num_blocks)
+    if count == 0:
         return np.zeros(0, dtype=np.int64)
-    order = np.argsort(-scores, kind="stable")
+    # The standout rule looks one block past the count.
+    order = best_first(scores, count + 1)
     if RECALL_STANDOUT_RATIO is not None and num_blocks > count:
         standout = runs_around_standouts(scores, order, count, RECALL_STANDOUT_RATIO)
         if standout is not None:
             return np.asarray(standout, dtype=np.int64)
-    rank = np.empty(num_blocks, dtype=np.int64)
-    rank[order] = np.arange(num_blocks)
-    # Window of block j: the ranks of blocks j - after .. j + before (past the ends: ranked last), as
-    # rows of shifted copies (numpy's sliding_window_view costs more host time than the choice).
-    padded = np.concatenate([np.full(after, num_blocks), rank, np.full(before, num_blocks)])
-    windows = np.stack([padded[shift : shift + num_blocks] for shift in range(after + before + 1)])
+    seeds = order[:count]
+    rank = np.full(num_blocks + after + before, count, dtype=np.int64)  # padded: past the ends, never a seed
+    rank[seeds + after] = np.arange(count)
+    # Blocks a seed may bring, and for each the seeds that may bring it: blocks j - after .. j + before.
+    shifts = np.arange(-after, before + 1)
+    near = np.unique((seeds[:, None] + shifts[None, :]).ravel())
+    near = near[(near >= 0) & (near < num_blocks)]
+    windows = rank[near[None, :] + shifts[:, None] + after]  # [shifts, near]
     seed_at = windows.argmin(0)
-    seed_rank = windows[seed_at, np.arange(num_blocks)]
-    distance = seed_at - after  # the seed's place from j: < 0 before j (j follows it), > 0 after j
+    seed_rank = windows[seed_at, np.arange(near.size)]
+    distance = shifts[seed_at]  # the seed's place from j: < 0 before j (j follows it), > 0 after j
     place_among_neighbours = np.where(distance <= 0, -distance, after + distance)
     place = seed_rank * (after + before + 1) + place_among_neighbours
-    return np.sort(np.argsort(place, kind="stable")[: min(count, num_blocks)])
+    return np.sort(near[np.argsort(place, kind="stable")[:count]])
+
+
+def best_first(scores: np.ndarray, count: int) -> np.ndarray:
+    """The first count indices of a stable sort of scores by falling score (ties: lower index
+    first), without sorting them all."""
+    if count >= scores.size:
+        return np.argsort(-scores, kind="stable")
+    threshold = -np.partition(-scores, count - 1)[count - 1]  # the count-th best score
+    if np.isnan(threshold):
+        return np.argsort(-scores, kind="stable")[:count]
+    above, tied = np.flatnonzero(scores > threshold), np.flatnonzero(scores == threshold)
+    taken = np.concatenate([above, tied[: count - above.size]])
+    return taken[np.argsort(-scores[taken], kind="stable")]
 
 
 def runs_around_standouts(scores: np.ndarray, order: np.ndarray, count: int, ratio: float) -> list[int] | None:
     """The standout rule's choice (RECALL_STANDOUT_RATIO), or None where more than count blocks
     score within a factor `ratio` of the best: those blocks, each widened one block at a time on
     both sides (the best first) until count blocks are taken; ascending. order: the blocks by
-    falling score."""
+    falling score (at least the count + 1 best)."""
     ranked = scores[order]
     below = np.flatnonzero(ranked < ranked[0] / ratio)
     if not below.size or below[0] > count:
