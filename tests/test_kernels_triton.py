@@ -389,6 +389,24 @@ def test_block_max_logits_matches_reference(dtype, name, layers, rows, num_heads
     assert abs(actual[0, 0, 0, 0, 3].item() - plain.item()) < TOLERANCE[dtype] * 8
 
 
+@pytest.mark.parametrize("layers,kv_heads,rows,queries,group,blocks", [
+    (2, 3, 7, 4, 3, 45),    # the default model's grouping; 45 blocks over two tiles; a baseline of 3 rows
+    (1, 4, 5, 5, 1, 300),   # MHA, no baseline (no division); rows of several stats tiles
+    (3, 1, 2, 1, 8, 7),     # one KV head, a group of 8, one scoring and one baseline row
+])
+def test_block_relevance_matches_reference(layers, kv_heads, rows, queries, group, blocks):
+    from ropeway.kernels.block_relevance import block_relevance_reference
+    from ropeway.kernels.triton_block_relevance import block_relevance_triton
+    gen = torch.Generator().manual_seed(layers * 100 + blocks)
+    best = torch.randn(layers, kv_heads, rows, group, blocks, generator=gen) * 4
+    best[0, 0, 0, 0, blocks // 2] += 12  # one block far above the rest in one row
+    floor = 0.1 * kv_heads * group / blocks
+    expected = block_relevance_reference(best, queries, floor, 1 / layers)
+    actual = block_relevance_triton(best, queries, floor, 1 / layers)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+    assert actual.argmax() == expected.argmax()
+
+
 def test_rotary_write_kv_with_only_padding_writes_nothing():
     gen = torch.Generator().manual_seed(8)
     _, q, k, v = fused_qkv_views(4, 4, 2, 64, torch.float32, gen)

@@ -64,6 +64,8 @@ class RegionRecompute:
 
 
 class CacheOps:
+    CAPTURE_LAYOUTS = 64
+
     def __init__(self, runner, archive_bytes: int):
         self.runner = runner
         self.model = runner.model
@@ -85,6 +87,8 @@ class CacheOps:
         self._capturing: list[tuple[object, int, int]] = []  # (sequence, baseline rows, query rows) of a step
         # Recall regions this step's recalls compute afresh, in the step's own batch.
         self.region_recomputes: list[RegionRecompute] = []
+        # Capture index arrays on the device by (batch size, rows), the newest CAPTURE_LAYOUTS.
+        self._capture_indexes: dict[tuple[int, bytes], tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def apply(self, step: SchedulerOutput) -> None:
         self.archive_budget.next_step()
@@ -224,12 +228,19 @@ class CacheOps:
 
     def _capture_rows(self, rows: np.ndarray, num_tokens: int) -> QueryCapture:
         """A QueryCapture of the batch rows `rows` (in order, repeats allowed) of a batch of
-        num_tokens tokens."""
-        kept, order = np.unique(rows, return_inverse=True)
-        token_rows = np.full(num_tokens, -1, dtype=np.int64)
-        token_rows[kept] = np.arange(kept.size)
-        token_rows_t, order_t = self.runner.upload_arrays([token_rows, order], torch.int64)
-        return QueryCapture(token_rows_t, kept.size, order_t)
+        num_tokens tokens. Its index arrays are uploaded once per layout and kept: a long prompt's
+        chunks are mostly alike, and an upload costs the host a few torch ops each step."""
+        key = (num_tokens, rows.tobytes())
+        index = self._capture_indexes.get(key)
+        if index is None:
+            kept, order = np.unique(rows, return_inverse=True)
+            token_rows = np.full(num_tokens, -1, dtype=np.int64)
+            token_rows[kept] = np.arange(kept.size)
+            token_rows_t, order_t = self.runner.upload_arrays([token_rows, order], torch.int64)
+            index = self._capture_indexes[key] = (token_rows_t, kept.size, order_t)
+            if len(self._capture_indexes) > self.CAPTURE_LAYOUTS:
+                del self._capture_indexes[next(iter(self._capture_indexes))]  # the oldest
+        return QueryCapture(*index)
 
     def keep_queries(self, capture: QueryCapture) -> None:
         """Hand each sequence the queries captured for it, for its next chunk's recall."""
@@ -264,8 +275,8 @@ class CacheOps:
         archive.queries = None  # a new turn's prompt is scored by its own queries
         self.archive_budget.touch(archive)
         # The baseline: the latest chunk before this one (never the question being scored).
-        chosen = archive.select(queries, archive.baseline_queries, len(region), self.model.scale,
-                                self.model.tp.all_reduce)  # chosen on the device, read once: the one wait
+        chosen = archive.select(queries, archive.baseline_queries, len(region),
+                                self.model.scale)  # scored on the device, read once: the one wait
         archive.recalled_tokens = [archive.first_token(index) for index in chosen]
         self.bring_back(seq, archive.runs(chosen), region, first_block)
         if item.samples and RECOMPUTE_RECALLED and not policy.landmarks:

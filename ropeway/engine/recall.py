@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ropeway.kernels import block_max_logits
+from ropeway.kernels import block_max_logits, block_relevance
 from ropeway.scheduler import RopePlan
 
 # Queries of a chunk's last tokens score the archive: enough to cover the end of a question
@@ -57,6 +57,9 @@ from ropeway.scheduler import RopePlan
 RECALL_QUERY_TOKENS = 16
 # Queries spread over a prompt chunk stand for ordinary text in the baseline.
 RECALL_BASELINE_TOKENS = 16
+# A block's baseline share is floored at this fraction of the mean block's: a block ordinary text
+# ignores is not made relevant by a division by nearly nothing.
+BASELINE_FLOOR = 0.1
 # Blocks brought back after and before each chosen block (the one after first).
 RECALL_FOLLOWING_BLOCKS = 1
 RECALL_PRECEDING_BLOCKS = 1
@@ -185,26 +188,28 @@ class RecallArchive:
         self.num_bytes -= oldest.kv.nbytes + oldest.scoring_bytes
         return oldest.num_blocks
 
-    def select(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float,
-               all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> list[int]:
+    def select(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float) -> list[int]:
         """Indices (oldest first) of at most count archived blocks to bring back for queries
-        [num_layers, Q, num_heads, head_dim] (before RoPE, this rank's heads) over baseline
-        queries (same layout, or None). all_reduce sums a tensor over tensor-parallel ranks,
-        so every rank chooses the same blocks. The scores are read once (the recall's one host
-        sync: it copies the blocks from host memory) and the choice is made on the host."""
-        scores = self.block_scores(queries, baseline, scale, all_reduce)
+        [num_layers, Q, num_heads, head_dim] (before RoPE) over baseline queries (same layout, or
+        None). The scores are read once (the recall's one host sync: it copies the blocks from
+        host memory) and the choice is made on the host."""
+        scores = self.block_scores(queries, baseline, scale)
         return choose_blocks(scores.cpu().numpy(), count).tolist()
 
-    def block_scores(self, queries: torch.Tensor, baseline: torch.Tensor | None, scale: float,
-                     all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def block_scores(self, queries: torch.Tensor, baseline: torch.Tensor | None, scale: float) -> torch.Tensor:
         """[num_blocks]: per layer, the most attention any one query token would give each
         block (softmax over blocks of each block's best key, summed over heads) over the mean
-        the baseline queries give it; averaged over layers."""
+        the baseline queries give it (plus a tenth of the mean block's); averaged over layers.
+        (Every head's shares are needed: under tensor parallelism, where the landmark policy is
+        refused, ranks would all-reduce the head sums before the division.)"""
         num_layers, num_queries, num_heads, _ = queries.shape
         if baseline is not None:  # scored in the same products
             queries = torch.cat([queries, baseline], 1)
         keys = self._head_major_keys
         block_size = self.chunks[0].block_size
+        # A baseline query's shares over the blocks sum to its number of heads: the mean block's
+        # share is num_heads / blocks.
+        floor = BASELINE_FLOOR * num_heads / self.num_blocks
         # What a layer's product holds at once: its logits in the reference (CPU), the blocks'
         # best logits in the kernel (CUDA).
         per_key = keys.element_size() if keys.device.type == "cpu" else 4 / block_size
@@ -214,14 +219,9 @@ class RecallArchive:
         for first in range(0, num_layers, group):
             layers = slice(first, min(first + group, num_layers))
             best = block_max_logits(queries[layers], keys[layers], block_size, scale)  # [l, Hkv, Q, group, blocks]
-            shares = all_reduce(best.softmax(-1).sum((1, 3)))  # [l, Q, blocks]
-            relevance = shares[:, :num_queries].amax(1)
-            if baseline is not None:
-                prior = shares[:, num_queries:].mean(1)
-                relevance = relevance / torch.add(prior, prior.mean(-1, keepdim=True), alpha=0.1)
-            part = relevance.sum(0)
+            part = block_relevance(best, num_queries, floor, 1 / num_layers)
             score = part if score is None else score + part
-        return score / num_layers
+        return score
 
     def runs(self, indices: list[int]) -> list[tuple[torch.Tensor, int, RopePlan]]:
         """The archived blocks indices (ascending) as runs of blocks adjacent in host memory:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_max_logits import block_max_logits_reference
+from .block_relevance import block_relevance_reference
 from .cpu_attention import paged_attention_cpu, plan_cpu_attention
 from .cpu_linear import linear_packed, pack_linear_weight
 from .cpu_rotary_write_kv import plan_cpu_rotary, rotary_write_kv_cpu
@@ -187,6 +188,15 @@ def block_max_logits(queries, keys, block_size, scale):
     return block_max_logits_reference(queries, keys, block_size, scale)
 
 
+def block_relevance(best, num_queries, floor, weight):
+    """Each block's relevance to the scoring rows over the baseline rows, summed over layers
+    (block_relevance.py says how)."""
+    if best.is_cuda:
+        from .triton_block_relevance import block_relevance_triton
+        return block_relevance_triton(best, num_queries, floor, weight)
+    return block_relevance_reference(best, num_queries, floor, weight)
+
+
 def rerotate_keys(k_cache, slots, old_positions, new_positions, old_rows, new_rows, inv_freq_table, factor_table,
                   k_scale=None) -> None:
     """Rows: of the RoPE tables (rerotate.py). k_scale: the cache is fp8 (fp8_kv.py); keys are
@@ -203,7 +213,7 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_rows, new_ro
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_rotary_write_kv", "plan_attention", "paged_attention",
            "is_long_chunk",
            "warm_up_long_chunk_attention", "warm_up_sampling", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
-           "block_max_logits",
+           "block_max_logits", "block_relevance",
            "filtered_draw", "logprob_terms", "mask_by_bitmask", "linear", "linear_silu_mul", "pack_linear_weight"]
 
 
