@@ -80,6 +80,8 @@ class CacheOps:
         # Until a region is first opened every bias is 0, and steps need not clear any.
         self.bias_written = False
         self.archive_budget = ArchiveBudget(archive_bytes)
+        # Archive copies to host memory go on this stream (CUDA; see to_host).
+        self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.num_recalls = 0          # prompt chunks that brought archived blocks back
         self.num_recalled_blocks = 0
         # Under tensor parallelism, the key moves of the step (sent to the other ranks with it).
@@ -184,15 +186,30 @@ class CacheOps:
         blocks_t, slots_t, positions_t, plan_rows_t, unrotated_rows_t = self.runner.upload_arrays(
             [blocks, np.arange(first_slot, first_slot + n), np.arange(position, position + n),
              np.full(n, self.runner.rope_index(eviction.plan)), np.full(n, self.runner.UNROTATED_ROW)], torch.int64)
-        kv = self.kv_cache.index_select(2, blocks_t)
-        keys = read_vectors(*self.views(0, kv), slice(None), self.model.dtype)
+        gathered = self.runner.layer_caches.blocks_first.index_select(0, blocks_t)  # [n, layers, 2, ...]
+        host = self.to_host(gathered)
+        keys = read_vectors(*self.views(0, gathered.movedim(0, 2)), slice(None), self.model.dtype)
 
         def turn_back(scoring_keys, first):
             assert first == first_slot  # the slots uploaded above
             rerotate_keys(scoring_keys, slots_t, positions_t, positions_t, plan_rows_t, unrotated_rows_t,
                           *self.runner.rope_tables)
-        archive.add(kv, position, eviction.archived_first_token, eviction.plan, turn_back, keys)
+        archive.add(host, keys, position, eviction.archived_first_token, eviction.plan, turn_back)
         self.archive_budget.track(archive)
+
+    def to_host(self, blocks: torch.Tensor) -> torch.Tensor:
+        """A host copy of device blocks. On CUDA it is pinned and queued on a stream of its own, so
+        the recall's wait for its scores (right after) does not wait for it too; bring_back makes
+        the step's stream wait for it before it reads archived blocks."""
+        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=blocks.is_cuda)
+        if self.copy_stream is None:
+            host.copy_(blocks)
+            return host
+        self.copy_stream.wait_stream(torch.cuda.current_stream(blocks.device))
+        with torch.cuda.stream(self.copy_stream):
+            host.copy_(blocks, non_blocking=True)
+        blocks.record_stream(self.copy_stream)  # not reused by the step's stream until copied
+        return host
 
     def clear_written_slots(self, batch: ForwardBatch) -> None:
         """The batch writes tokens into its slots: clear what a region's bias left there."""
@@ -334,6 +351,8 @@ class CacheOps:
         self.slot_bias.index_fill_(0, empty_t, float("-inf"))
         if not count:
             return
+        if self.copy_stream is not None:  # the archive's copies to host memory are done first
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         staged = torch.empty((count, *runs[0][0].shape[1:]), dtype=self.kv_cache.dtype, device=self.device)
         for part, (kv, _, _) in zip(staged.split(lengths), runs):  # one copy per run of consecutive blocks
             part.copy_(kv, non_blocking=True)  # pinned on CUDA: queued, no wait

@@ -128,32 +128,30 @@ class RecallArchive:
         """[num_layers, num_kv_heads, archived tokens, head_dim]."""
         return self._scoring_keys[:, :, : self.num_tokens]
 
-    def add(self, kv: torch.Tensor, position: int, first_token: int, plan: RopePlan,
-            turn_back: Callable[[torch.Tensor, int], None], keys: torch.Tensor | None = None) -> None:
-        """Archive evicted blocks kv [num_layers, 2, n, ...] as the pool holds them (on the
-        device) whose first token, token first_token of the stream, sat at cache position
-        `position` under plan. keys: their keys as numbers, [num_layers, n, block_size, Hkv, D]
-        in the model's dtype, where the pool is fp8 (else kv[:, 0] is that). turn_back(view, first)
-        re-rotates the new keys, slots first.. of the scoring keys' block view (first: num_tokens
-        as this call found it), from their positions and plan to angle 0 (and undoes YaRN's
-        scale), in place: scoring keys are keys before RoPE (the caller holds the RoPE tables)."""
-        if keys is None:
-            keys = kv[:, 0]
+    def add(self, host_blocks: torch.Tensor, keys: torch.Tensor, position: int, first_token: int, plan: RopePlan,
+            turn_back: Callable[[torch.Tensor, int], None]) -> None:
+        """Archive evicted blocks whose first token, token first_token of the stream, sat at cache
+        position `position` under plan. host_blocks: their host copy [n, num_layers, 2, ...],
+        block-major (one copy per recalled block), each block as the pool holds it (its copy may
+        still be in flight: recalls wait for it on the device). keys: their keys as numbers on the
+        device, [num_layers, n, block_size, Hkv, D] in the model's dtype, any strides.
+        turn_back(view, first) re-rotates the new keys, slots first.. of the scoring keys' block
+        view (first: num_tokens as this call found it), from their positions and plan to angle 0
+        (and undoes YaRN's scale), in place: scoring keys are keys before RoPE (the caller holds
+        the RoPE tables)."""
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = keys.shape
         n = num_blocks * block_size
         first = self.num_tokens
-        self._append_keys(keys.reshape(num_layers, n, num_kv_heads, head_dim).transpose(1, 2))
-        turn_back(self._block_view(block_size), first)
+        self._make_room(num_layers, num_kv_heads, n, head_dim, keys.dtype, keys.device)
+        view = self._block_view(block_size)
+        view[:, first // block_size : first // block_size + num_blocks] = keys  # one strided copy
+        self.num_tokens += n
+        turn_back(view, first)
         unrotated_bytes = n * num_layers * num_kv_heads * head_dim * keys.element_size()
-        # Block-major (one copy per recalled block) and pinned on CUDA, so the copy is queued
-        # behind the step and recalls copy back without waiting.
-        blocks = kv.movedim(2, 0)
-        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=blocks.is_cuda)
-        host.copy_(blocks, non_blocking=True)
-        self.chunks.append(ArchivedBlocks(host, block_size, position, plan, first_token, unrotated_bytes))
+        self.chunks.append(ArchivedBlocks(host_blocks, block_size, position, plan, first_token, unrotated_bytes))
         self._chunk_ends = None
         self.num_blocks += num_blocks
-        self.num_bytes += host.nbytes + unrotated_bytes
+        self.num_bytes += host_blocks.nbytes + unrotated_bytes
 
     def _block_view(self, block_size: int) -> torch.Tensor:
         """The scoring keys seen as a cache of blocks, [num_layers, capacity / block_size, block_size,
@@ -165,17 +163,16 @@ class RecallArchive:
                             .view(num_layers, num_kv_heads, whole, block_size, head_dim).permute(0, 2, 3, 1, 4))
         return self._blocks
 
-    def _append_keys(self, keys: torch.Tensor) -> None:
-        """keys [num_layers, num_kv_heads, n, head_dim] after the archived ones."""
-        num_layers, num_kv_heads, n, head_dim = keys.shape
+    def _make_room(self, num_layers: int, num_kv_heads: int, n: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device) -> None:
+        """Room for n more scoring keys (doubling: appending does not copy the whole archive)."""
         needed = self.num_tokens + n
         if self._scoring_keys is None or needed > self._scoring_keys.shape[2]:
-            grown = keys.new_empty(num_layers, num_kv_heads, max(needed, 2 * self.num_tokens), head_dim)
+            grown = torch.empty(num_layers, num_kv_heads, max(needed, 2 * self.num_tokens), head_dim, dtype=dtype,
+                                device=device)
             if self.num_tokens:
                 grown[:, :, : self.num_tokens] = self._head_major_keys
             self._scoring_keys, self._blocks = grown, None
-        self._scoring_keys[:, :, self.num_tokens : needed] = keys
-        self.num_tokens = needed
 
     def drop_oldest(self) -> int:
         """Forget the oldest archived chunk; returns its number of blocks."""

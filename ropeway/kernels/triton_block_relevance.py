@@ -15,7 +15,7 @@ import triton.language as tl
 
 ROWS = 16
 BLOCK_N_STATS = 256
-BLOCK_N = 32
+BLOCK_N = 16
 
 
 @triton.jit
@@ -83,5 +83,5 @@ def block_relevance_triton(best: torch.Tensor, num_queries: int, floor: float, w
     _relevance_kernel[(triton.cdiv(num_blocks, BLOCK_N),)](
         best, row_max, row_sum, out, num_layers, num_kv_heads, num_rows, group, num_queries, num_blocks,
         floor, weight, HEADS=triton.next_power_of_2(num_kv_heads), ROWS=triton.next_power_of_2(num_rows),
-        GROUP=triton.next_power_of_2(group), BLOCK_N=BLOCK_N, HAS_BASELINE=num_rows > num_queries, num_warps=8)
+        GROUP=triton.next_power_of_2(group), BLOCK_N=BLOCK_N, HAS_BASELINE=num_rows > num_queries, num_warps=4)
     return out
