@@ -113,6 +113,34 @@ def test_block_relevance_equals_the_reference_at_the_default_models_layout():
         assert actual.argmax().item() == 1234
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.uint8])  # the model's dtype, fp8 bytes
+def test_blocks_from_host_copies_what_the_staged_copies_do(pool_dtype):
+    """Archived blocks read from pinned host memory by the kernel, by address: the same pool, byte
+    for byte, as the torch version's staged copies, runs from several host chunks (one block past
+    a chunk's start among them), and every other block untouched."""
+    from ropeway.kernels import blocks_from_host
+    from ropeway.kernels.host_blocks import blocks_from_host_reference
+    shape = (30, 2, 40, 16, 3, 64) if pool_dtype == torch.bfloat16 else (30, 2, 40, 16 * 3 * 68)
+    def host_chunk(n: int) -> torch.Tensor:  # n blocks, block-major, pinned
+        block_shape = (n, *shape[:2], *shape[3:])
+        if pool_dtype == torch.uint8:
+            return torch.randint(0, 255, block_shape, dtype=torch.uint8).pin_memory()
+        return torch.randn(block_shape).to(pool_dtype).pin_memory()
+
+    pool = host_chunk(40).movedim(0, 2).contiguous().cuda()
+    chunks = [host_chunk(5), host_chunk(3)]
+    runs = [chunks[0][1:4], chunks[1][0:3], chunks[0][4:5]]
+    destinations = torch.tensor([20, 3, 31, 9, 10, 11, 39], device="cuda")
+    addresses = torch.tensor([run.data_ptr() + i * run[0].nbytes for run in runs for i in range(len(run))],
+                             device="cuda")
+    expected = pool.clone()
+    blocks_from_host_reference(expected, destinations, runs)
+    blocks_from_host(pool, destinations, runs, addresses)
+    torch.cuda.synchronize()
+    assert torch.equal(pool.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(pool[:, :, 20].cpu().view(torch.uint8), chunks[0][1].view(torch.uint8))
+
+
 def test_rotary_write_kv_capture_bf16_is_exact():
     num_tokens, num_q_heads, num_kv_heads, head_dim = 300, 9, 3, 64
     q = torch.randn(num_tokens, num_q_heads, head_dim, device="cuda", dtype=torch.bfloat16)

@@ -16,7 +16,7 @@ import msgspec
 import numpy as np
 import torch
 
-from ropeway.kernels import rerotate_keys
+from ropeway.kernels import blocks_from_host, rerotate_keys
 from ropeway.kernels.fp8_kv import cache_views, read_vectors, write_vectors
 from ropeway.models import ForwardBatch, QueryCapture
 from ropeway.models.forward_batch import cache_slots
@@ -82,6 +82,7 @@ class CacheOps:
         self.archive_budget = ArchiveBudget(archive_bytes)
         # Archive copies to host memory go on this stream (CUDA; see to_host).
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._read_from_host: list[torch.Tensor] = []  # (see bring_back)
         self.num_recalls = 0          # prompt chunks that brought archived blocks back
         self.num_recalled_blocks = 0
         # Under tensor parallelism, the key moves of the step (sent to the other ranks with it).
@@ -343,20 +344,25 @@ class CacheOps:
         destination = np.asarray(region[:count], dtype=np.int64)
         old_rows = np.repeat([self.runner.rope_index(plan) for _, _, plan in runs],
                              np.asarray(lengths, dtype=np.int64) * size)
-        destination_t, empty_t, slots, old_t, new_t, old_rows_t, new_rows_t = self.runner.upload_arrays(
+        # Each block's host address, for the kernel that reads pinned memory itself.
+        addresses = np.concatenate([kv.data_ptr() + np.arange(len(kv), dtype=np.int64) * kv[0].nbytes
+                                    for kv, _, _ in runs] or [np.zeros(0, dtype=np.int64)])
+        destination_t, empty_t, slots, old_t, new_t, old_rows_t, new_rows_t, addresses_t = self.runner.upload_arrays(
             [destination, np.asarray(region[count:], dtype=np.int64), (destination[:, None] * size + offsets).ravel(),
              old_positions, new_positions.ravel(), old_rows,
-             np.full(count * size, self.runner.rope_index(seq.rope_plan))], torch.int64)
+             np.full(count * size, self.runner.rope_index(seq.rope_plan)), addresses], torch.int64)
         self.bias_written = True  # (a region is open already; said here as well, where the bias is written)
         self.slot_bias.index_fill_(0, empty_t, float("-inf"))
         if not count:
             return
         if self.copy_stream is not None:  # the archive's copies to host memory are done first
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
-        staged = torch.empty((count, *runs[0][0].shape[1:]), dtype=self.kv_cache.dtype, device=self.device)
-        for part, (kv, _, _) in zip(staged.split(lengths), runs):  # one copy per run of consecutive blocks
-            part.copy_(kv, non_blocking=True)  # pinned on CUDA: queued, no wait
-        self.kv_cache.index_copy_(2, destination_t, staged.movedim(0, 2))  # whole blocks, fp8 scales included
+        host_runs = [kv for kv, _, _ in runs]
+        blocks_from_host(self.kv_cache, destination_t, host_runs, addresses_t)  # whole blocks, fp8 scales included
+        # A kernel's reads of pinned memory are not known to its allocator (copies are): the runs
+        # stay referenced until the next recall, which comes after its wait for the device, so an
+        # archive chunk forgotten meanwhile is not handed out again while the kernel reads it.
+        self._read_from_host = host_runs
         self.slot_bias.index_fill_(0, destination_t, 0.0)
         keys, scales = self.runner.layer_caches.keys
         rerotate_keys(keys, slots, old_t, new_t, old_rows_t, new_rows_t, *self.runner.rope_tables, scales)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .block_max_logits import block_max_logits_reference
 from .block_relevance import block_relevance_reference
+from .host_blocks import blocks_from_host_reference
 from .cpu_attention import paged_attention_cpu, plan_cpu_attention
 from .cpu_linear import linear_packed, pack_linear_weight
 from .cpu_rotary_write_kv import plan_cpu_rotary, rotary_write_kv_cpu
@@ -197,6 +198,16 @@ def block_relevance(best, num_queries, floor, weight):
     return block_relevance_reference(best, num_queries, floor, weight)
 
 
+def blocks_from_host(kv_cache, destinations, runs, addresses):
+    """Archived blocks (runs of host tensors; on CUDA read by their blocks' addresses, pinned)
+    into pool blocks `destinations` (host_blocks.py)."""
+    if kv_cache.is_cuda:
+        from .triton_host_blocks import blocks_from_host_triton
+        blocks_from_host_triton(kv_cache, destinations, addresses)
+    else:
+        blocks_from_host_reference(kv_cache, destinations, runs)
+
+
 def rerotate_keys(k_cache, slots, old_positions, new_positions, old_rows, new_rows, inv_freq_table, factor_table,
                   k_scale=None) -> None:
     """Rows: of the RoPE tables (rerotate.py). k_scale: the cache is fp8 (fp8_kv.py); keys are
@@ -213,7 +224,7 @@ def rerotate_keys(k_cache, slots, old_positions, new_positions, old_rows, new_ro
 __all__ = ["apply_rotary", "write_kv", "rotary_write_kv", "plan_rotary_write_kv", "plan_attention", "paged_attention",
            "is_long_chunk",
            "warm_up_long_chunk_attention", "warm_up_sampling", "rms_norm", "add_rms_norm", "silu_mul", "rerotate_keys",
-           "block_max_logits", "block_relevance",
+           "block_max_logits", "block_relevance", "blocks_from_host",
            "filtered_draw", "logprob_terms", "mask_by_bitmask", "linear", "linear_silu_mul", "pack_linear_weight"]
 
 
