@@ -397,7 +397,8 @@ def test_block_scores_and_choice_match_plain_attention_math(default_llm, layers_
     archive_under(archive, kv[:, :, 4:], 128, 144, plan)
     queries = torch.randn(num_layers, 5, num_heads, dim, generator=generator) * 3
     baseline = torch.randn(num_layers, 4, num_heads, dim, generator=generator) * 3
-    scores = archive.block_scores(queries, baseline, 0.125)
+    both = torch.cat([queries, baseline], 1)  # the scoring rows first, then the baseline's
+    scores = archive.block_scores(both, 5, 0.125)
 
     keys = archive.scoring_keys.double().reshape(num_layers, num_blocks, block_size, num_kv_heads, dim)
     expected = torch.zeros(num_blocks, dtype=torch.float64)
@@ -418,10 +419,10 @@ def test_block_scores_and_choice_match_plain_attention_math(default_llm, layers_
 
     order = expected.argsort(descending=True).tolist()
     first = order[0]
-    assert archive.select(queries, baseline, 1, 0.125) == [first]
-    two = archive.select(queries, baseline, 2, 0.125)
+    assert archive.select(both, 5, 1, 0.125) == [first]
+    two = archive.select(both, 5, 2, 0.125)
     assert two == ([first, first + 1] if first + 1 < num_blocks else [first - 1, first])  # its neighbour
-    assert len(archive.select(queries, baseline, 5, 0.125)) == 5
+    assert len(archive.select(both, 5, 5, 0.125)) == 5
 
 
 def greedy_choice(scores: list[float], count: int) -> list[int]:

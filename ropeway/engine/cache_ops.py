@@ -225,11 +225,11 @@ class CacheOps:
         if not (seq.num_computed_tokens < seq.num_prompt_tokens and seq.archive is not None
                 and seq.archive.num_blocks > 0):
             return False
-        return item.samples or seq.archive.queries is not None
+        return item.samples or seq.archive.scoring_pending
 
     def query_capture(self, step: SchedulerOutput, chunk_starts, num_tokens: int) -> QueryCapture | None:
         """A QueryCapture of queries of each retrieving prompt chunk in the step that more of its
-        prompt follows: some spread over the chunk (the baseline), then its last ones (None
+        prompt follows: its last ones, then some spread over the chunk (the baseline) (None
         when there is none: decode steps capture nothing). chunk_starts: each scheduled
         sequence's first row in the batch of num_tokens tokens."""
         rows, self._capturing = [], []
@@ -238,8 +238,8 @@ class CacheOps:
             if seq.context_policy.retrieve and not item.samples and seq.num_computed_tokens < seq.num_prompt_tokens:
                 count = min(RECALL_QUERY_TOKENS, n)
                 spread = np.linspace(0, n - 1, min(RECALL_BASELINE_TOKENS, n)).astype(np.int64)
-                rows += [start + spread, np.arange(start + n - count, start + n)]
-                self._capturing.append((seq, len(spread), count))
+                rows += [np.arange(start + n - count, start + n), start + spread]
+                self._capturing.append((seq, count, len(spread)))
         if not rows:
             return None
         return self._capture_rows(np.concatenate(rows), num_tokens)
@@ -264,12 +264,13 @@ class CacheOps:
         """Hand each sequence the queries captured for it, for its next chunk's recall."""
         queries = capture.queries()
         first = 0
-        for seq, spread, count in self._capturing:
+        for seq, count, spread in self._capturing:
             if seq.archive is None:
                 seq.archive = RecallArchive()
-            seq.archive.baseline_queries = queries[:, first : first + spread]
-            seq.archive.queries = queries[:, first + spread : first + spread + count]
-            first += spread + count
+            archive, rows = seq.archive, count + spread
+            archive.captured = queries if rows == queries.shape[1] else queries[:, first : first + rows]
+            archive.num_scoring, archive.scoring_pending = count, True
+            first += rows
         self._capturing = []
 
     def recall(self, item: ScheduledSequence) -> None:
@@ -288,12 +289,15 @@ class CacheOps:
             self.clear_written_slots(batch)
             self.model.forward(batch, self.runner.layer_caches, captured)
             queries = captured.queries()
+            num_queries = queries.shape[1]
+            # The baseline: the latest chunk before this one (never the question being scored).
+            if archive.captured is not None:
+                queries = torch.cat([queries, archive.baseline_queries], 1)
         else:
-            queries = archive.queries
-        archive.queries = None  # a new turn's prompt is scored by its own queries
+            queries, num_queries = archive.captured, archive.num_scoring
+        archive.scoring_pending = False  # a new turn's prompt is scored by its own queries
         self.archive_budget.touch(archive)
-        # The baseline: the latest chunk before this one (never the question being scored).
-        chosen = archive.select(queries, archive.baseline_queries, len(region),
+        chosen = archive.select(queries, num_queries, len(region),
                                 self.model.scale)  # scored on the device, read once: the one wait
         archive.recalled_tokens = [archive.first_token(index) for index in chosen]
         self.bring_back(seq, archive.runs(chosen), region, first_block)

@@ -108,14 +108,21 @@ class RecallArchive:
         self.num_blocks = 0
         self.num_bytes = 0  # host copies and device scoring keys together
 
-        # Queries [num_layers, Q, num_heads, head_dim] of the last prompt chunk computed: its
-        # last tokens, to score the archive before the next chunk, and tokens spread over it,
-        # the baseline of later scores.
-        self.queries: torch.Tensor | None = None
-        self.baseline_queries: torch.Tensor | None = None
+        # Queries [num_layers, Q + B, num_heads, head_dim] of the last prompt chunk computed: its
+        # last Q tokens' (num_scoring), which score the archive before the next chunk
+        # (scoring_pending until they have), then B tokens' spread over it, the baseline of later
+        # scores. One tensor, in the order scoring reads it: no slices or concatenation per chunk.
+        self.captured: torch.Tensor | None = None
+        self.num_scoring = 0
+        self.scoring_pending = False
         # Token index of the first token of each block the last recall brought back.
         self.recalled_tokens: list[int] = []
         self.last_step = 0  # the engine step that last archived into it or recalled from it (ArchiveBudget)
+
+    @property
+    def baseline_queries(self) -> torch.Tensor | None:
+        """[num_layers, B, num_heads, head_dim]: the last chunk's spread queries (None before any)."""
+        return None if self.captured is None else self.captured[:, self.num_scoring :]
 
     @property
     def scoring_keys(self) -> torch.Tensor | None:
@@ -185,23 +192,22 @@ class RecallArchive:
         self.num_bytes -= oldest.kv.nbytes + oldest.scoring_bytes
         return oldest.num_blocks
 
-    def select(self, queries: torch.Tensor, baseline: torch.Tensor | None, count: int, scale: float) -> list[int]:
+    def select(self, queries: torch.Tensor, num_queries: int, count: int, scale: float) -> list[int]:
         """Indices (oldest first) of at most count archived blocks to bring back for queries
-        [num_layers, Q, num_heads, head_dim] (before RoPE) over baseline queries (same layout, or
-        None). The scores are read once (the recall's one host sync: it copies the blocks from
-        host memory) and the choice is made on the host."""
-        scores = self.block_scores(queries, baseline, scale)
+        [num_layers, R, num_heads, head_dim] (before RoPE): the first num_queries rows score, the
+        rest are the baseline (none: no baseline). The scores are read once (the recall's one host
+        sync: it copies the blocks from host memory) and the choice is made on the host."""
+        scores = self.block_scores(queries, num_queries, scale)
         return choose_blocks(scores.cpu().numpy(), count).tolist()
 
-    def block_scores(self, queries: torch.Tensor, baseline: torch.Tensor | None, scale: float) -> torch.Tensor:
-        """[num_blocks]: per layer, the most attention any one query token would give each
-        block (softmax over blocks of each block's best key, summed over heads) over the mean
-        the baseline queries give it (plus a tenth of the mean block's); averaged over layers.
-        (Every head's shares are needed: under tensor parallelism, where the landmark policy is
-        refused, ranks would all-reduce the head sums before the division.)"""
-        num_layers, num_queries, num_heads, _ = queries.shape
-        if baseline is not None:  # scored in the same products
-            queries = torch.cat([queries, baseline], 1)
+    def block_scores(self, queries: torch.Tensor, num_queries: int, scale: float) -> torch.Tensor:
+        """[num_blocks]: per layer, the most attention any one scoring query (the first
+        num_queries rows of queries) would give each block (softmax over blocks of each block's
+        best key, summed over heads) over the mean the baseline queries (the other rows) give it
+        (plus a tenth of the mean block's); averaged over layers. (Every head's shares are needed:
+        under tensor parallelism, where the landmark policy is refused, ranks would all-reduce the
+        head sums before the division.)"""
+        num_layers, _, num_heads, _ = queries.shape
         keys = self._head_major_keys
         block_size = self.chunks[0].block_size
         # A baseline query's shares over the blocks sum to its number of heads: the mean block's
