@@ -393,6 +393,7 @@ def test_block_max_logits_matches_reference(dtype, name, layers, rows, num_heads
     (2, 3, 7, 4, 3, 45),    # the default model's grouping; 45 blocks over two tiles; a baseline of 3 rows
     (1, 4, 5, 5, 1, 300),   # MHA, no baseline (no division); rows of several stats tiles
     (3, 1, 2, 1, 8, 7),     # one KV head, a group of 8, one scoring and one baseline row
+    (1, 8, 12, 6, 8, 37),   # 8 KV heads of 8: a tile of that many rows takes fewer blocks a program
 ])
 def test_block_relevance_matches_reference(layers, kv_heads, rows, queries, group, blocks):
     from ropeway.kernels.block_relevance import block_relevance_reference

@@ -244,7 +244,7 @@ def archive_under(archive: RecallArchive, kv: torch.Tensor, position: int, first
         assert first == slots[0]
         rerotate_keys_reference(view, slots, positions, positions, torch.zeros(n, dtype=torch.int64),
                                 torch.ones(n, dtype=torch.int64), *tables)
-    archive.add(kv.movedim(2, 0).clone(), kv[:, 0], position, first_token, plan, turn_back)
+    archive.add(kv.movedim(2, 0).contiguous(), kv[:, 0], position, first_token, plan, turn_back)
 
 
 def test_archive_budget_makes_the_largest_archive_forget_its_oldest_blocks(default_llm):

@@ -2,8 +2,8 @@
 evictions of bounded caches (keys moved down and re-rotated), RoPE-plan growths (keys re-rotated
 to the larger plan), landmark summaries written into their slots, evicted blocks archived to
 host memory and the best of them recalled. The runner applies them all, in this order, before
-it builds the step's batch; during the step it captures the queries that the next recall of a
-long prompt scores with.
+it builds the step's batch (a question's recalled region, computed afresh, joins that batch);
+during the step it captures the queries that the next recall of a long prompt scores with.
 
 The pool may be fp8 (kernels/fp8_kv.py): keys and values are read through cache_views, dequantized
 where they are read as numbers and quantized where they are written; whole blocks (copies,
@@ -43,9 +43,10 @@ class KeyMove(msgspec.Struct, array_like=True):
 
 @dataclasses.dataclass
 class RegionTokens:
-    """What the runner's batch reads of a sequence, for a recall region's tokens run beside the
-    sequence's chunk: its tokens (all to compute), the region's first position, the sequence's
-    block table, plan and region."""
+    """What the runner's batch reads of a sequence (ModelRunner.host_batch: a field it starts to
+    read must be given here too), for a recall region's tokens run beside the sequence's chunk:
+    its tokens (all to compute), the region's first position, the sequence's block table, plan
+    and region. The step then runs up to the region's tokens past its token budget."""
     token_ids: np.ndarray
     num_cached_positions: int
     block_table: list[int]
@@ -82,7 +83,7 @@ class CacheOps:
         self.archive_budget = ArchiveBudget(archive_bytes)
         # Archive copies to host memory go on this stream (CUDA; see to_host).
         self.copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._read_from_host: list[torch.Tensor] = []  # (see bring_back)
+        self._host_reads: list[tuple[torch.cuda.Event, list[torch.Tensor]]] = []  # (see bring_back)
         self.num_recalls = 0          # prompt chunks that brought archived blocks back
         self.num_recalled_blocks = 0
         # Under tensor parallelism, the key moves of the step (sent to the other ranks with it).
@@ -95,6 +96,8 @@ class CacheOps:
 
     def apply(self, step: SchedulerOutput) -> None:
         self.archive_budget.next_step()
+        self.region_recomputes = []  # (none left from a step that failed before its batch ran)
+        self._release_host_reads()
         # Evicted blocks go to host memory first: this step may hand them out again.
         for eviction in step.evictions:
             if eviction.archived_blocks:
@@ -202,15 +205,19 @@ class CacheOps:
         """A host copy of device blocks. On CUDA it is pinned and queued on a stream of its own, so
         the recall's wait for its scores (right after) does not wait for it too; bring_back makes
         the step's stream wait for it before it reads archived blocks."""
-        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=blocks.is_cuda)
-        if self.copy_stream is None:
-            host.copy_(blocks)
-            return host
+        if self.copy_stream is None:  # on a CPU the gathered blocks are a copy already
+            return blocks
+        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
         self.copy_stream.wait_stream(torch.cuda.current_stream(blocks.device))
         with torch.cuda.stream(self.copy_stream):
             host.copy_(blocks, non_blocking=True)
         blocks.record_stream(self.copy_stream)  # not reused by the step's stream until copied
         return host
+
+    def _release_host_reads(self) -> None:
+        """Forget the host runs of bring-back kernels that are done (see bring_back)."""
+        while self._host_reads and self._host_reads[0][0].query():
+            self._host_reads.pop(0)
 
     def clear_written_slots(self, batch: ForwardBatch) -> None:
         """The batch writes tokens into its slots: clear what a region's bias left there."""
@@ -363,10 +370,13 @@ class CacheOps:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         host_runs = [kv for kv, _, _ in runs]
         blocks_from_host(self.kv_cache, destination_t, host_runs, addresses_t)  # whole blocks, fp8 scales included
-        # A kernel's reads of pinned memory are not known to its allocator (copies are): the runs
-        # stay referenced until the next recall, which comes after its wait for the device, so an
-        # archive chunk forgotten meanwhile is not handed out again while the kernel reads it.
-        self._read_from_host = host_runs
+        if self.copy_stream is not None:
+            # A kernel's reads of pinned memory are not known to its allocator (copies are): the
+            # runs stay referenced until the kernel is done, so an archive chunk forgotten meanwhile
+            # is not handed out again while it reads it.
+            done = torch.cuda.Event()
+            done.record()
+            self._host_reads.append((done, host_runs))
         self.slot_bias.index_fill_(0, destination_t, 0.0)
         keys, scales = self.runner.layer_caches.keys
         rerotate_keys(keys, slots, old_t, new_t, old_rows_t, new_rows_t, *self.runner.rope_tables, scales)

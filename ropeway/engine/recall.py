@@ -16,8 +16,8 @@ How a block is scored, and why (needle ranks measured on natural text, questions
   needle is one or two tokens in a block of filler, and the mean key (the old score, and
   InfLLM's representative mean) or Quest's per-channel bound blur it into the filler.
 - Per layer, query token and head, a softmax over all archived blocks turns logits into the
-  share of attention each block would draw; shares are summed over heads (the one place
-  tensor-parallel ranks must all-reduce). The most any single query token gives a block, over
+  share of attention each block would draw; shares are summed over heads (where tensor-parallel
+  ranks would have to all-reduce). The most any single query token gives a block, over
   what ordinary text gives it (queries spread over the prompt chunk before, the baseline),
   is its score in that layer; layers are averaged. Some blocks draw attention from any query
   (a text's start, recurring phrases): the baseline discounts them. The max over query tokens
@@ -32,13 +32,14 @@ How a block is scored, and why (needle ranks measured on natural text, questions
 
 What a recall costs is kept to a few device operations whatever the model's depth (the time to
 first token of a long prompt pays it before every chunk): evicted blocks go to pinned host
-memory by copies queued on the stream (nothing waits for them) and their scoring keys are
-rotated back in one re-rotation launch; the queries are kept by the rotary kernel as it runs
-(models/llama.py, QueryCapture); on a GPU one kernel scores every layer (its blocks' best logits,
-kernels/block_max_logits.py) over scoring keys kept head-major (read in place); the host reads
-the scores once, where it must (it copies the blocks from host memory), and chooses with array
-operations; the chosen blocks come back in one copy per run of consecutive blocks and one
-re-rotation.
+memory by copies queued on a stream of their own (nothing waits for them, the scores' read
+included) and their scoring keys are rotated back in one re-rotation launch; the queries are
+kept by the rotary kernel as it runs (models/llama.py, QueryCapture); on a GPU one kernel scores
+every layer (its blocks' best logits, kernels/block_max_logits.py) over scoring keys kept
+head-major (read in place) and two more rank the blocks (kernels/block_relevance.py); the host
+reads the scores once, where it must (it copies the blocks from host memory), and chooses with
+array operations over the best blocks alone; the chosen blocks come back in one launch that
+reads them from pinned host memory (kernels/host_blocks.py) and one re-rotation.
 """
 
 import bisect
@@ -147,6 +148,7 @@ class RecallArchive:
         (and undoes YaRN's scale), in place: scoring keys are keys before RoPE (the caller holds
         the RoPE tables)."""
         num_layers, num_blocks, block_size, num_kv_heads, head_dim = keys.shape
+        assert host_blocks.is_contiguous()  # a block's address is the start plus its index times its bytes
         n = num_blocks * block_size
         first = self.num_tokens
         self._make_room(num_layers, num_kv_heads, n, head_dim, keys.dtype, keys.device)
@@ -196,7 +198,8 @@ class RecallArchive:
         """Indices (oldest first) of at most count archived blocks to bring back for queries
         [num_layers, R, num_heads, head_dim] (before RoPE): the first num_queries rows score, the
         rest are the baseline (none: no baseline). The scores are read once (the recall's one host
-        sync: it copies the blocks from host memory) and the choice is made on the host."""
+        sync: the host makes the choice; CacheOps.bring_back relies on it too, to release the
+        pinned memory its last kernel read) and the choice is made on the host."""
         scores = self.block_scores(queries, num_queries, scale)
         return choose_blocks(scores.cpu().numpy(), count).tolist()
 

@@ -16,6 +16,7 @@ import triton.language as tl
 ROWS = 16
 BLOCK_N_STATS = 256
 BLOCK_N = 16
+TILE = 8192
 
 
 @triton.jit
@@ -80,8 +81,12 @@ def block_relevance_triton(best: torch.Tensor, num_queries: int, floor: float, w
     row_sum = torch.empty_like(row_max)
     _row_stats_kernel[(triton.cdiv(total_rows, ROWS),)](best, row_max, row_sum, total_rows, num_blocks,
                                                         ROWS=ROWS, BLOCK_N=BLOCK_N_STATS, num_warps=4)
-    _relevance_kernel[(triton.cdiv(num_blocks, BLOCK_N),)](
+    heads, rows, members = (triton.next_power_of_2(x) for x in (num_kv_heads, num_rows, group))
+    # A layer's tile is heads * rows * members by block_n: at most TILE values (registers), so
+    # models with more heads per layer take fewer blocks per program.
+    block_n = max(1, min(BLOCK_N, TILE // (heads * rows * members)))
+    _relevance_kernel[(triton.cdiv(num_blocks, block_n),)](
         best, row_max, row_sum, out, num_layers, num_kv_heads, num_rows, group, num_queries, num_blocks,
-        floor, weight, HEADS=triton.next_power_of_2(num_kv_heads), ROWS=triton.next_power_of_2(num_rows),
-        GROUP=triton.next_power_of_2(group), BLOCK_N=BLOCK_N, HAS_BASELINE=num_rows > num_queries, num_warps=4)
+        floor, weight, HEADS=heads, ROWS=rows, GROUP=members, BLOCK_N=block_n,
+        HAS_BASELINE=num_rows > num_queries, num_warps=4)
     return out

@@ -1,9 +1,10 @@
 """Triton copy of archived blocks from pinned host memory into the pool, in one launch.
 
-Pinned host memory is mapped into the GPU's address space (unified addressing), so a kernel can
-read it by address: a program takes one (block, layer and K/V) segment, reads its bytes over the
-bus as 4-byte words and writes them to the pool block. The torch version pays the host a copy
-per run of consecutive blocks, a staging buffer and a scatter (host_blocks.py); same result.
+Pinned host memory is mapped into the GPU's address space (unified addressing: torch pins with
+cudaHostAlloc, whose pointers kernels may use as they are), so a kernel can read it by address: a
+program takes one (block, layer and K/V) segment, reads its bytes over the bus as 4-byte words and
+writes them to the pool block. The torch version pays the host a copy per run of consecutive
+blocks, a staging buffer and a scatter (host_blocks.py); same result.
 """
 
 import torch
