@@ -16,9 +16,10 @@ capture's copies excluded), other (scheduling, batch building, sampling).
   # CPU, a tiny random 30-layer Llama (counts are what matter there; its times are overhead only):
   PYTHONPATH=. python benchmarks/retrieval_cost.py --model /tmp/tiny30 --lengths 8192 --runs 1
 
-Timed runs go in interleaved rounds (--runs); reported: the median of the rounds' ratios (retrieval
-on over archive and recall off) and the median host time retrieval adds per step, which, unlike the
-ratio, does not rise when the forward pass itself gets faster.
+--phase-rounds times each phase by plain clocks (the counted run's dispatch mode roughly doubles
+every op's host time). Timed runs go in interleaved rounds (--runs); reported: the median of the
+rounds' ratios (retrieval on over archive and recall off) and the median host time retrieval adds
+per step, which, unlike the ratio, does not rise when the forward pass itself gets faster.
 
 Also times, on CUDA, the decode steps of a short stream that does not retrieve beside a
 neighbour prefilling the same prompt (needle.decode_step_seconds) unless --no-decode.
@@ -173,6 +174,9 @@ def main() -> None:
                         help="rounds of one timed run per mode, interleaved (medians; the overhead is the median of "
                              "the rounds' ratios), after one warm-up on CUDA; 0: count only")
     parser.add_argument("--no-counts", action="store_true", help="time only (no counted run)")
+    parser.add_argument("--phase-rounds", type=int, default=0,
+                        help="rounds of one run per mode timed per phase by plain clocks (no op counting, whose "
+                             "dispatch overhead inflates host times); medians per step")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode steps beside a prefill")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
@@ -219,6 +223,23 @@ def main() -> None:
             print(f"{length}: retrieval adds {per_length['retrieval_overhead']:.0%} (median of {len(ratios)} "
                   f"rounds: {', '.join(f'{r:.0%}' for r in ratios)}), {added[len(added) // 2]:.2f} ms a step",
                   flush=True)
+        if args.phase_rounds:
+            timed_phases = {mode: [] for mode in MODES}
+            for _ in range(args.phase_rounds):
+                for mode in MODES:
+                    counter = Counter()
+                    instrument_once(llm, counter)  # phases clocked; the dispatch mode is not entered
+                    seconds, steps = run_prompt(llm, prompt, *policies[mode])
+                    nested = sum(c["host_ms"] for phase, c in counter.counts.items() if phase != "other")
+                    counter.counts["other"]["host_ms"] = 1000 * seconds - nested
+                    timed_phases[mode].append({phase: c["host_ms"] / steps for phase, c in counter.counts.items()})
+            for mode, runs in timed_phases.items():
+                phases = sorted({phase for run in runs for phase in run})
+                medians = {phase: round(sorted(run.get(phase, 0.0) for run in runs)[len(runs) // 2], 3)
+                           for phase in phases}
+                per_length.setdefault(mode, {})["phase_ms_per_step"] = medians
+                print(f"{length} {mode} host ms per step by phase (median of {len(runs)}): {json.dumps(medians)}",
+                      flush=True)
         if not args.no_counts:
             for mode in MODES:
                 policy, switched_off = policies[mode]
