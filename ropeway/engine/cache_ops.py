@@ -22,6 +22,7 @@ from ropeway.models import ForwardBatch, QueryCapture
 from ropeway.models.forward_batch import cache_slots
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
 
+from .kv_pool import cache_block_views
 from .landmarks import chunk_summary, rotate_to
 from .recall import RECALL_BASELINE_TOKENS, RECALL_QUERY_TOKENS, ArchiveBudget, RecallArchive
 
@@ -73,6 +74,8 @@ class CacheOps:
         self.kv_cache = runner.kv_cache
         self.block_size = runner.block_size
         self.device = runner.device
+        # The pool block-major, as the host tier moves blocks (the pool's one per-block tensor).
+        (self.pool_blocks,) = cache_block_views(self.kv_cache)
         # Logit bias per cache slot [num_blocks, block_size]: ln(chunk length) on a landmark
         # slot, -inf on an empty region slot, 0 elsewhere. Read only by batches that hold a
         # landmark cache.
@@ -190,7 +193,7 @@ class CacheOps:
         blocks_t, slots_t, positions_t, plan_rows_t, unrotated_rows_t = self.runner.upload_arrays(
             [blocks, np.arange(first_slot, first_slot + n), np.arange(position, position + n),
              np.full(n, self.runner.rope_index(eviction.plan)), np.full(n, self.runner.UNROTATED_ROW)], torch.int64)
-        gathered = self.runner.layer_caches.blocks_first.index_select(0, blocks_t)  # [n, layers, 2, ...]
+        gathered = self.pool_blocks.index_select(0, blocks_t)  # [n, layers, 2, ...]
         host = self.to_host(gathered)
         keys = read_vectors(*self.views(0, gathered.movedim(0, 2)), slice(None), self.model.dtype)
 
@@ -275,7 +278,7 @@ class CacheOps:
             if seq.archive is None:
                 seq.archive = RecallArchive()
             archive, rows = seq.archive, count + spread
-            archive.captured = queries if rows == queries.shape[1] else queries[:, first : first + rows]
+            archive.captured = queries[:, first : first + rows]
             archive.num_scoring, archive.scoring_pending = count, True
             first += rows
         self._capturing = []

@@ -112,7 +112,7 @@ class RecallArchive:
         # Queries [num_layers, Q + B, num_heads, head_dim] of the last prompt chunk computed: its
         # last Q tokens' (num_scoring), which score the archive before the next chunk
         # (scoring_pending until they have), then B tokens' spread over it, the baseline of later
-        # scores. One tensor, in the order scoring reads it: no slices or concatenation per chunk.
+        # scores. One tensor, in the order scoring reads it: one view per chunk, no concatenation.
         self.captured: torch.Tensor | None = None
         self.num_scoring = 0
         self.scoring_pending = False

@@ -71,15 +71,14 @@ class QueryCapture:
 
 class LayerCaches:
     """A KV pool [num_layers, 2, ...] with each layer's (k_cache, k_scale, v_cache, v_scale) views,
-    the pool block-major (blocks_first), and every layer's keys with their scales (keys), the
-    scales None unless the pool is fp8 (kernels/fp8_kv.py). The engine makes it once for its pool:
+    and every layer's keys with their scales (keys), the scales None unless the pool is fp8
+    (kernels/fp8_kv.py). The engine makes it once for its pool:
     made per forward pass or cache operation, the views cost an eager step's host ~4 torch ops a
     layer."""
 
     def __init__(self, kv_cache: torch.Tensor, num_kv_heads: int, head_dim: int):
         self.kv_cache = kv_cache
         self.keys = cache_views(kv_cache[:, 0], num_kv_heads, head_dim)
-        self.blocks_first = kv_cache.movedim(2, 0)  # [num_blocks, num_layers, 2, ...]: a block's bytes per index
         self.layers = [(*cache_views(kv_cache[i, 0], num_kv_heads, head_dim),
                         *cache_views(kv_cache[i, 1], num_kv_heads, head_dim)) for i in range(kv_cache.shape[0])]
 
