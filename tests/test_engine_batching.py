@@ -22,7 +22,7 @@ def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_out
     monkeypatch.setattr(kernels, "LONG_CHUNK_MIN_QUERIES", 16)
     llm = make_llm(max_num_batched_tokens=48, prefill_chunk_size=16, max_num_seqs=8)
     runner = llm.engine.runner
-    reordered, long_chunks_last = [], []
+    reordered, long_chunks_last, decodes_ascending, decodes_resorted = [], [], [], []
     host_batch = runner.host_batch
 
     def recording_host_batch(step, logit_rows, previous_rows=None):
@@ -31,6 +31,10 @@ def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_out
         chunk_before_decode = any(a > 1 and b == 1 for a, b in zip(sizes, sizes[1:]))
         if chunk_before_decode:
             reordered.append(batch.num_decode_seqs == sizes.count(1))
+        scheduled_lens = [item.seq.num_cached_positions + 1 for item in step.scheduled if item.num_new_tokens == 1]
+        batch_lens = batch.int32[3][: len(scheduled_lens)].tolist()
+        decodes_ascending.append(batch_lens == sorted(scheduled_lens))
+        decodes_resorted.append(scheduled_lens != sorted(scheduled_lens))
         if batch.long_chunks:
             _, _, query_start, seq_lens = batch.int32
             starts, seq_lens = query_start.tolist(), seq_lens.tolist()
@@ -49,6 +53,9 @@ def test_mixed_lengths_with_small_chunks_match_one_at_a_time(make_llm, alone_out
     # still reached the right requests.
     assert reordered and all(reordered)
     assert long_chunks_last and all(long_chunks_last)
+    # Decodes ran shortest first (the attention kernel starts the longest), including steps
+    # whose schedule had them in another order.
+    assert all(decodes_ascending) and any(decodes_resorted)
 
 
 def test_long_prompt_never_stalls_decodes_for_more_than_one_chunk(make_llm, alone_outputs):

@@ -47,7 +47,8 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(largest, block_table_width(num_blocks), dtype=torch.int32, device=device)
         self.inv_freq = torch.zeros(largest, model.config.head_dim // 2, dtype=torch.float32, device=device)
         self.attention_factor = torch.ones(largest, dtype=torch.float32, device=device)
-        self.logits_indices = index[:largest]
+        self.logits_indices = index[:largest].clone()
+        self.row_numbers = index[:largest]
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Held around each capture: keeps other threads' CUDA calls (the host tier's copy pump) out of it.
@@ -77,9 +78,13 @@ class DecodeGraphs:
         self.block_tables[:n, : batch.block_tables.shape[1]].copy_(batch.block_tables)
         self.inv_freq[:n].copy_(batch.inv_freq)
         self.attention_factor[:n].copy_(batch.attention_factor)
+        # The batch's rows in scheduled order (the runner orders decodes by length); padding
+        # rows read their own (a larger step may have left its order there).
+        self.logits_indices[:n].copy_(batch.logits_indices)
         if n < bucket:
             self.slot_mapping[n:bucket].fill_(-1)
             self.seq_lens[n:bucket].fill_(1)
+            self.logits_indices[n:bucket].copy_(self.row_numbers[n:bucket])
         graph, logits = self.graphs[key]
         graph.replay()
         self.last_logits = logits
@@ -111,6 +116,7 @@ class DecodeGraphs:
         # All rows padding while warming up and capturing: nothing is written to the cache.
         self.slot_mapping[:bucket].fill_(-1)
         self.seq_lens[:bucket].fill_(1)
+        self.logits_indices[:bucket].copy_(self.row_numbers[:bucket])  # a larger step's order may be there
         batch = self._static_batch(bucket, with_bias)
         # The eager pass compiles and loads the kernels for this grid, outside the capture.
         self.model.forward(batch, self.kv_cache)

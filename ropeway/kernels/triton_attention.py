@@ -162,9 +162,12 @@ def _paged_attention_kernel(
         HAS_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr, FP8_WIDEN: tl.constexpr, SEQ_OFFSET: tl.constexpr,
         PDL: tl.constexpr):
     wait_for_previous_kernel(PDL)
-    # Late tiles of a causal prefill have the most keys: start them first.
-    tile = num_tiles - 1 - tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # Programs start in grid order, KV heads fastest, from the last tile: a causal prefill's
+    # late tiles and a decode batch's last sequences (the runner puts the longest there)
+    # have the most keys, so they start first and short ones fill the tail.
+    tile = num_tiles - 1 - tl.program_id(1)
+    kv_head = tl.program_id(0)
+    num_kv_heads = tl.num_programs(0)
     split = tl.program_id(2)
 
     # With SEQ_OFFSET a launch covers sequences first_seq..first_seq+num_seqs-1 (a mixed
@@ -213,7 +216,7 @@ def _paged_attention_kernel(
     seen_by_all = tl.minimum(kv_hi, context_len + q_first + 1)
     unmasked_hi = kv_lo + tl.maximum(seen_by_all - kv_lo, 0) // BLOCK_N * BLOCK_N
     if NUM_SPLITS > 1:
-        partial_row = (token * (tl.num_programs(1) * GROUP) + head) * NUM_SPLITS + split
+        partial_row = (token * (num_kv_heads * GROUP) + head) * NUM_SPLITS + split
         if kv_lo >= kv_end:
             # A slice past the keys (the split count is sized for the longest context a
             # graph serves): mark it empty for the merge and skip the partial, which would
@@ -427,7 +430,8 @@ def _attend(q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, s
     has_scales = k_scale is not None
     # Without scales the kernel never reads them: any tensor stands in.
     k_scales, v_scales = (k_scale, v_scale) if has_scales else (q, q)
-    _paged_attention_kernel[(num_tiles, num_kv_heads, config.num_splits)](
+    assert num_tiles < 65536, "tiles are the grid's second axis"
+    _paged_attention_kernel[(num_kv_heads, num_tiles, config.num_splits)](
         q, k_cache, v_cache, out, partial_out, partial_lse,
         block_tables, seq_lens, query_start_loc, q if slot_bias is None else slot_bias, k_scales, v_scales,
         scale * LOG2_E, first_seq, num_seqs, num_tiles,
