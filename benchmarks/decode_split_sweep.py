@@ -4,7 +4,8 @@
       [--out results/decode_split_sweep.json]
 
 Each row is a decode batch (B sequences of L cached tokens, GQA 32/8, head dim 128, 16-token
-pages in shuffled order; LOW-HIGH: each sequence's length drawn uniformly, as a serving batch's)
+pages in shuffled order; LOW-HIGH: each sequence's length drawn uniformly, as a serving batch's, and
+by default ordered shortest first, as the model runner orders them)
 launched as a captured decode graph launches it: max_seq_len is the
 pool's capacity (131072), so choose_config's split count is the one the graph gets. Every
 alternative is checked against the default's output before it is timed. --wide also varies warps
@@ -31,6 +32,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="1:1024,32:1024,64:1024,128:1024",
                         help="comma-separated BATCH:LENGTH or BATCH:LOW-HIGH decode batches")
     parser.add_argument("--wide", action="store_true", help="also sweep warps (2, 4, 8) and stages (1-4)")
+    parser.add_argument("--order", choices=["ascending", "drawn"], default="ascending",
+                        help="drawn lengths shortest first, as the model runner orders a step's decodes, or as drawn")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -41,6 +44,8 @@ def main() -> None:
         k_cache, v_cache, tables, _, _ = shuffled_cache(batch, length)
         q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         seq_lens = torch.randint(low, high + 1, (batch,), device="cuda", dtype=torch.int32)
+        if args.order == "ascending":
+            seq_lens = seq_lens.sort().values
         query_start_loc = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
         default = choose_config(q, KV_HEADS, batch, 1, CAPACITY)
 
