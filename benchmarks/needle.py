@@ -89,7 +89,12 @@ NEEDLES = [
                 " the reader to remember. Please read carefully and tell me exactly which number it was."
                 " What is the pass key? The pass key is"}),
 ]
-QUESTION_KINDS = ("short", "repeat", "long")
+# "instructed": the long question's ask, then a format instruction and a generic "Answer:", as
+# evaluation harnesses and users write them: its last 16 tokens name nothing the needle says.
+ANSWER_INSTRUCTION = " Reply with the answer alone: no explanation, no full sentence, nothing else. Answer:"
+for _, _, _questions in NEEDLES:
+    _questions["instructed"] = _questions["long"][: _questions["long"].rindex("?") + 1] + ANSWER_INSTRUCTION
+QUESTION_KINDS = ("short", "repeat", "long", "instructed")
 
 
 def fillers(tokenizer, count: int) -> dict[str, list[int]]:
@@ -155,7 +160,9 @@ def run_cell(llm: LLM, texts: dict, window: int, length: int, depth: float, tria
     for t in range(trials):
         filler = list(texts)[t % len(texts)]
         needle, answer, questions = NEEDLES[(t // len(texts) + t) % len(NEEDLES)]
-        kind = QUESTION_KINDS[t % len(QUESTION_KINDS)]
+        # Kinds rotate against fillers (a Latin square where their counts are equal): every
+        # filler meets every kind of question.
+        kind = QUESTION_KINDS[(t + t // len(texts)) % len(QUESTION_KINDS)]
         prompt, span, oracle = make_prompt(texts[filler], tokenizer.encode(needle),
                                            tokenizer.encode(questions[kind]), length, window, depth, retrieve, rng)
         cases.append((prompt, span, oracle, answer))

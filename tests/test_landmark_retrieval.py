@@ -331,13 +331,18 @@ QUESTIONS = {  # the end of each prompt: a question and the answer's first words
              " was a short remark about cooking that had nothing to do with programming. Please tell me, what"
              " exactly was the secret ingredient that the text said Grandma puts in her famous soup? Answer: The"
              " secret ingredient is"),
+    # The ask, then a format instruction: its last 16 tokens name nothing the needle says.
+    "instructed": (" Question: Somewhere in this manual there was a remark about cooking, about what a grandmother"
+                   " puts into her famous soup. What was it? Reply with the answer alone: no explanation, no full"
+                   " sentence, nothing else. Answer:"),
 }
 
 
 @pytest.mark.slow
 def test_retrieval_brings_back_the_needle_in_natural_text_whatever_the_question(make_llm):
     """Python's documentation with one sentence about soup at a third of it, far outside the
-    window; three questions of 10 to 60 tokens, one repeating the needle's own words. Retrieval
+    window; four questions of 10 to 60 tokens, one repeating the needle's own words, one ending
+    in a format instruction that names nothing the needle says. Retrieval
     without landmark summaries (the default with `retrieve`): the last recall of each prompt
     brings back the block holding the answer, no chunk is re-computed for a summary, and the
     model answers the question that repeats the needle, which it cannot under sink_window."""

@@ -4,6 +4,7 @@ import random
 
 from ropeway.scheduler import (BlockManager, ContextPolicy, RopePlan, Scheduler, SchedulerConfig, Sequence,
                                SequenceStatus)
+from ropeway.scheduler.context_policy import QUESTION_QUERY_TOKENS
 
 PLAN = RopePlan("default", 10000.0, 64, 2048)
 OTHER_PLAN = RopePlan("default", 20000.0, 64, 2048)
@@ -180,3 +181,26 @@ def test_prompt_tokens_beside_decodes_are_capped_and_steps_without_decodes_use_t
     assert mixed_steps >= 9  # 72 prompt tokens, at most 8 a step while `first` decodes
     assert first in sim.finished and len(sim.finished) == 4
     assert sim.bm.num_free_blocks == sim.bm.num_blocks
+
+
+def test_a_retrieving_prompts_last_chunk_holds_the_queries_that_score_for_its_answer():
+    """With retrieve, a prompt's last QUESTION_QUERY_TOKENS tokens score the archive for the answer,
+    and only its last chunk's own queries can: the chunk before stops short, so a prompt that
+    would end in a sliver of its question ends in a chunk that holds them. Without retrieve,
+    the budget alone cuts the chunks."""
+    chunks_by_policy = {}
+    for policy in (ContextPolicy(type="landmark", sinks=4, window=1024, retrieve=64),
+                   ContextPolicy(type="sink_window", sinks=4, window=1024)):
+        scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=256, prefill_chunk_size=256),
+                              BlockManager(256, 16))
+        seq = Sequence(seq_id=0, request_id="0", choice_index=0, prompt_token_ids=list(range(1, 523)),
+                       rope_plan=PLAN, arrival=0, max_total_tokens=530, context_policy=policy)
+        scheduler.add([seq])
+        chunks = []
+        while not seq.prompt_done:
+            plan = scheduler.schedule()
+            scheduler.update_after_step(plan)
+            chunks += [item.num_new_tokens for item in plan.scheduled]
+        chunks_by_policy[policy.type] = chunks
+    assert QUESTION_QUERY_TOKENS == 64
+    assert chunks_by_policy == {"landmark": [256, 202, 64], "sink_window": [256, 256, 10]}

@@ -21,6 +21,7 @@ from ropeway.kernels.fp8_kv import cache_views, read_vectors, write_vectors
 from ropeway.models import ForwardBatch, QueryCapture
 from ropeway.models.forward_batch import cache_slots
 from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
+from ropeway.scheduler.context_policy import QUESTION_QUERY_TOKENS
 
 from .kv_pool import cache_block_views
 from .landmarks import chunk_summary, rotate_to
@@ -295,7 +296,7 @@ class CacheOps:
         if item.samples:
             batch = self.runner.build_batch(SchedulerOutput(scheduled=[item]), [1])
             n = item.num_new_tokens
-            captured = self._capture_rows(np.arange(max(0, n - RECALL_QUERY_TOKENS), n), n)
+            captured = self._capture_rows(np.arange(max(0, n - QUESTION_QUERY_TOKENS), n), n)
             self.clear_written_slots(batch)
             self.model.forward(batch, self.runner.layer_caches, captured)
             queries = captured.queries()

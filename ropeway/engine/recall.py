@@ -53,8 +53,9 @@ import torch
 from ropeway.kernels import block_max_logits, block_relevance
 from ropeway.scheduler import RopePlan
 
-# Queries of a chunk's last tokens score the archive: enough to cover the end of a question
-# and an answer's first words.
+# Queries of a prompt chunk's last tokens score the archive before the next chunk: they stand
+# for the text being read. (A prompt's last chunk is scored by its last QUESTION_QUERY_TOKENS,
+# scheduler/context_policy.py.)
 RECALL_QUERY_TOKENS = 16
 # Queries spread over a prompt chunk stand for ordinary text in the baseline.
 RECALL_BASELINE_TOKENS = 16

@@ -27,6 +27,14 @@ from ropeway.sampling_params import InvalidParameter
 
 POLICY_TYPES = ("none", "sink_window", "landmark")
 DEFAULT_LANDMARKS = 64  # without retrieve
+# With retrieve, the queries of a prompt's last tokens (a question, a chat turn) score the archive
+# for the answer: enough to reach a question's ask when a format instruction follows it ("...
+# What was the code? Reply with the answer alone, nothing else. Answer:", whose last 16 tokens
+# name nothing the needle says), and the scheduler leaves a prompt's last chunk at least this
+# many tokens, so that they are its own. On the CPU needle grid (BENCHMARKS.md, seventeenth
+# session) such questions' needle blocks came back 0.25-0.33 of the time with 16 queries, all of
+# them with 64, the other question kinds alike within a trial.
+QUESTION_QUERY_TOKENS = 64
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ropeway import fault_injection
 
 from .block_manager import BlockManager
+from .context_policy import QUESTION_QUERY_TOKENS
 from .host_admission import BlockLoad, HostAdmission
 from .rope_plan import RopePlan, RopePlanner
 from .sequence import Sequence, SequenceStatus
@@ -451,6 +452,11 @@ class Scheduler:
             if n > room:
                 kept_blocks, _, evictable = self._eviction_room(seq)
                 n = min(n, max(room, policy.eviction_chunk(size)), room - kept_blocks * size + evictable)
+        left = seq.num_uncomputed_tokens - n
+        if policy.retrieve and 0 < left < QUESTION_QUERY_TOKENS < seq.num_uncomputed_tokens:
+            # The last chunk keeps the prompt's last QUESTION_QUERY_TOKENS: they score the archive
+            # for the answer, and only that chunk's own queries do.
+            n = seq.num_uncomputed_tokens - QUESTION_QUERY_TOKENS
         return n
 
     def _eviction_room(self, seq: Sequence) -> tuple[int, int, int]:
