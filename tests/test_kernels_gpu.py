@@ -99,15 +99,16 @@ def test_block_max_logits_bf16_within_a_rounding_of_the_reference():
 
 def test_block_relevance_equals_the_reference_at_the_default_models_layout():
     """Retrieval's ranking from best logits: the kernel against the torch reference at the default
-    model's layout (30 layers, 3 KV heads of 3, 16 scoring + 16 baseline rows) over 2,000 and
-    8,000 blocks (32k and 128k archived tokens): fp32 sums in other orders, the same best blocks."""
+    model's layout (30 layers, 3 KV heads of 3, 16 scoring + 16 baseline rows, and a question's
+    64 + 16) over 2,000 and 8,000 blocks (32k and 128k archived tokens): fp32 sums in other orders,
+    the same best blocks."""
     from ropeway.kernels import block_relevance
     from ropeway.kernels.block_relevance import block_relevance_reference
-    for blocks in (2000, 8000):
-        best = torch.randn(30, 3, 32, 3, blocks, device="cuda") * 3
-        best[:, :, :16, :, 1234] += 4  # a block the scoring rows like
-        expected = block_relevance_reference(best, 16, 0.9 / blocks, 1 / 30)
-        actual = block_relevance(best, 16, 0.9 / blocks, 1 / 30)
+    for blocks, scoring in ((2000, 16), (8000, 16), (8000, 64)):
+        best = torch.randn(30, 3, scoring + 16, 3, blocks, device="cuda") * 3
+        best[:, :, :scoring, :, 1234] += 4  # a block the scoring rows like
+        expected = block_relevance_reference(best, scoring, 0.9 / blocks, 1 / 30)
+        actual = block_relevance(best, scoring, 0.9 / blocks, 1 / 30)
         torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
         assert actual.topk(16).indices.tolist() == expected.topk(16).indices.tolist()
         assert actual.argmax().item() == 1234

@@ -394,6 +394,7 @@ def test_block_max_logits_matches_reference(dtype, name, layers, rows, num_heads
     (1, 4, 5, 5, 1, 300),   # MHA, no baseline (no division); rows of several stats tiles
     (3, 1, 2, 1, 8, 7),     # one KV head, a group of 8, one scoring and one baseline row
     (1, 8, 12, 6, 8, 37),   # 8 KV heads of 8: a tile of that many rows takes fewer blocks a program
+    (1, 3, 80, 64, 3, 21),  # a question's 64 scoring rows and 16 baseline rows (QUESTION_QUERY_TOKENS)
 ])
 def test_block_relevance_matches_reference(layers, kv_heads, rows, queries, group, blocks):
     from ropeway.kernels.block_relevance import block_relevance_reference
