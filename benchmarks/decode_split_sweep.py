@@ -39,9 +39,9 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         batch, lengths = shape.split(":")
-        batch, (low, high) = int(batch), (int(n) for n in (lengths.split("-") * 2)[:2])
-        length = high
-        k_cache, v_cache, tables, _, _ = shuffled_cache(batch, length)
+        low, _, high = lengths.partition("-")
+        batch, low, high = int(batch), int(low), int(high or low)
+        k_cache, v_cache, tables, _, _ = shuffled_cache(batch, high)
         q = torch.randn(batch, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         seq_lens = torch.randint(low, high + 1, (batch,), device="cuda", dtype=torch.int32)
         if args.order == "ascending":

@@ -47,7 +47,8 @@ class WindowProfiler:
     """Wraps engine.step; profiles steps first..last of each (first, last) window."""
 
     def __init__(self, engine, windows: list[tuple[int, int]]):
-        self.engine, self.windows, self.results = engine, windows, []
+        self.engine, self.results = engine, []
+        self.last_of = dict(windows)  # first step -> last step
         self.index, self.prof, self.started, self.plans = 0, None, 0.0, []
         self.cuda = torch.cuda.is_available() and engine.runner.device.type == "cuda"
         self.activity = torch.profiler.ProfilerActivity.CUDA if self.cuda else torch.profiler.ProfilerActivity.CPU
@@ -55,8 +56,7 @@ class WindowProfiler:
         engine.step = self.step
 
     def step(self):
-        first = {a: b for a, b in self.windows}
-        if self.index in first:
+        if self.index in self.last_of:
             self.synchronize()
             self.prof = torch.profiler.profile(activities=[self.activity])
             self.prof.__enter__()
@@ -66,7 +66,7 @@ class WindowProfiler:
         if self.prof is not None and plan is not None:
             self.plans.append((sum(i.num_new_tokens for i in plan.scheduled if i.num_new_tokens > 1),
                                sum(1 for i in plan.scheduled if i.num_new_tokens == 1)))
-        if self.prof is not None and self.index == first.get(self.first):
+        if self.prof is not None and self.index == self.last_of[self.first]:
             self.synchronize()
             steps = self.index - self.first + 1
             wall_ms = (time.perf_counter() - self.started) * 1e3 / steps

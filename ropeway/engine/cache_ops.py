@@ -20,8 +20,8 @@ from ropeway.kernels import blocks_from_host, rerotate_keys
 from ropeway.kernels.fp8_kv import cache_views, read_vectors, write_vectors
 from ropeway.models import ForwardBatch, QueryCapture
 from ropeway.models.forward_batch import cache_slots
-from ropeway.scheduler import Eviction, RopeGrowth, RopePlan, ScheduledSequence, SchedulerOutput
-from ropeway.scheduler.context_policy import QUESTION_QUERY_TOKENS
+from ropeway.scheduler import (QUESTION_QUERY_TOKENS, Eviction, RopeGrowth, RopePlan, ScheduledSequence,
+                               SchedulerOutput)
 
 from .kv_pool import cache_block_views
 from .landmarks import chunk_summary, rotate_to
